@@ -1,0 +1,1 @@
+//! The Skein benchmark harness (to be built with the bench issue).

@@ -1,0 +1,1 @@
+//! The Skein broker (to be built with the broker issue).

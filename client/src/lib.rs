@@ -1,0 +1,1 @@
+//! The native Skein client (to be built with the broker issue).

@@ -1,0 +1,1 @@
+//! The Skein wire protocol (to be specified with the broker issue).

@@ -1,0 +1,1 @@
+//! Replication and the consensus shard (not built yet).

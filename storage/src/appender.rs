@@ -1,0 +1,301 @@
+//! Buffers appended bytes in aligned DMA buffers and turns them into O_DIRECT writes.
+//!
+//! The file is cut into *chunks* of `write_buffer_bytes` (a multiple of the 4 KiB block) at
+//! aligned positions. Appends copy into the last chunk. The flusher asks for the next write
+//! with [`Appender::next_write`]:
+//!
+//! * a full chunk that was never partly written goes to the kernel as is (shared, no copy) and
+//!   comes back to a free list once written. Such writes never overlap anything, so any number
+//!   may be in flight at once, keeping the device queue full;
+//! * the unwritten part of any other chunk is copied into an exact-size buffer, from the block
+//!   that holds its first unwritten byte up to the end of its data, zero-padded to a block; the
+//!   chunk stays in place and keeps filling. Such a write may start by rewriting a block that
+//!   an earlier write left partial, so it is only issued once no write in flight touches that
+//!   block: an older version of a block can never land after a newer one.
+//!
+//! Blocks before the block holding the end of the *written prefix* (the bytes whose writes, and
+//! all writes before them, completed) are never written again: they are *stable*, and only
+//! stable bytes may be read through the page cache (see `Log::read`).
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use glommio::io::{DmaBuffer, DmaFile};
+
+use crate::files::BLOCK_BYTES;
+use crate::io::{align_down, align_up};
+
+struct Chunk {
+    buffer: DmaBuffer,
+    /// File position of `buffer[0]`; block aligned.
+    position: u64,
+    /// Bytes of `buffer` holding data.
+    len: usize,
+    /// Bytes of `buffer` already handed to a write.
+    taken: usize,
+}
+
+/// The buffer of one write.
+pub(crate) enum WriteBuffer {
+    /// A whole chunk, written without a copy; the buffer returns to the free list after.
+    Shared(Rc<DmaBuffer>),
+    /// A copied, exact-size range.
+    Owned(DmaBuffer),
+}
+
+/// One O_DIRECT write handed to the flusher.
+pub(crate) struct Write {
+    pub buffer: WriteBuffer,
+    /// File position (block aligned).
+    pub position: u64,
+    /// Logical end of the data this write carries (the rest of its last block is padding).
+    pub data_end: u64,
+}
+
+impl Write {
+    /// End of the blocks this write touches.
+    pub fn block_end(&self) -> u64 {
+        align_up(self.data_end)
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.buffer {
+            WriteBuffer::Shared(buffer) => buffer.len(),
+            WriteBuffer::Owned(buffer) => buffer.len(),
+        }
+    }
+}
+
+pub(crate) struct Appender {
+    chunk_bytes: usize,
+    chunks: VecDeque<Chunk>,
+    /// Logical end: every byte appended so far.
+    end: u64,
+    /// Logical end of the written prefix.
+    written: u64,
+    /// Bytes `[align_down(end), end)` for the first chunk after a (re)start.
+    carried: Vec<u8>,
+    free: Vec<DmaBuffer>,
+    free_max: usize,
+}
+
+impl Appender {
+    /// An appender whose file holds `end` bytes; `tail_block` is the content of
+    /// `[align_down(end), end)`.
+    pub fn new(chunk_bytes: usize, free_max: usize, end: u64, tail_block: Vec<u8>) -> Appender {
+        assert!(chunk_bytes > 0 && chunk_bytes.is_multiple_of(BLOCK_BYTES));
+        assert_eq!(tail_block.len() as u64, end - align_down(end));
+        Appender {
+            chunk_bytes,
+            chunks: VecDeque::new(),
+            end,
+            written: end,
+            carried: tail_block,
+            free: Vec::new(),
+            free_max,
+        }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Bytes appended but not yet written.
+    pub fn buffered(&self) -> u64 {
+        self.end - self.written
+    }
+
+    /// Whether there are bytes not yet handed to a write.
+    pub fn has_untaken(&self) -> bool {
+        self.chunks.iter().any(|chunk| chunk.taken < chunk.len)
+    }
+
+    fn new_chunk(&mut self, file: &DmaFile) -> Chunk {
+        let position = align_down(self.end);
+        let mut buffer = self.free.pop().unwrap_or_else(|| file.alloc_dma_buffer(self.chunk_bytes));
+        let carried = (self.end - position) as usize;
+        if carried > 0 {
+            // Only for the first chunk after open, truncation or a failed write: chunk
+            // boundaries are otherwise block aligned.
+            assert!(self.chunks.is_empty(), "a chunk boundary is block aligned");
+            assert_eq!(self.carried.len(), carried);
+            buffer.as_bytes_mut()[..carried].copy_from_slice(&self.carried);
+        }
+        Chunk { buffer, position, len: carried, taken: carried }
+    }
+
+    /// Copies `data` into the chunks.
+    pub fn append(&mut self, file: &DmaFile, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.chunks.back().is_none_or(|chunk| chunk.len == self.chunk_bytes) {
+                let chunk = self.new_chunk(file);
+                self.chunks.push_back(chunk);
+            }
+            let chunk = self.chunks.back_mut().expect("pushed above");
+            let count = (self.chunk_bytes - chunk.len).min(data.len());
+            chunk.buffer.as_bytes_mut()[chunk.len..chunk.len + count].copy_from_slice(&data[..count]);
+            chunk.len += count;
+            self.end += count as u64;
+            data = &data[count..];
+        }
+    }
+
+    /// The next write, or `None` if nothing may be written now. `busy_until` is the block end of
+    /// the newest write still in flight (0 if none): a write that would rewrite a block before
+    /// it waits. A partly filled chunk is only written when `allow_partial`.
+    pub fn next_write(&mut self, file: &DmaFile, busy_until: u64, allow_partial: bool) -> Option<Write> {
+        let chunk = self.chunks.front_mut()?;
+        if chunk.taken == chunk.len {
+            return None;
+        }
+        let full = chunk.len == self.chunk_bytes;
+        if full && chunk.taken == 0 {
+            let chunk = self.chunks.pop_front().expect("front exists");
+            let data_end = chunk.position + self.chunk_bytes as u64;
+            return Some(Write {
+                buffer: WriteBuffer::Shared(Rc::new(chunk.buffer)),
+                position: chunk.position,
+                data_end,
+            });
+        }
+        let from = align_down(chunk.taken as u64) as usize;
+        let position = chunk.position + from as u64;
+        if position < busy_until || (!full && !allow_partial) {
+            return None;
+        }
+        let to = align_up(chunk.len as u64) as usize;
+        let mut buffer = file.alloc_dma_buffer(to - from);
+        let target = buffer.as_bytes_mut();
+        target[..chunk.len - from].copy_from_slice(&chunk.buffer.as_bytes()[from..chunk.len]);
+        target[chunk.len - from..].fill(0);
+        chunk.taken = chunk.len;
+        let data_end = chunk.position + chunk.len as u64;
+        if full {
+            let chunk = self.chunks.pop_front().expect("front exists");
+            self.recycle(chunk.buffer);
+        }
+        Some(Write { buffer: WriteBuffer::Owned(buffer), position, data_end })
+    }
+
+    fn recycle(&mut self, buffer: DmaBuffer) {
+        if self.free.len() < self.free_max && buffer.len() == self.chunk_bytes {
+            self.free.push(buffer);
+        }
+    }
+
+    /// The written prefix now ends at `data_end`; `shared` is a completed write's buffer.
+    pub fn written_to(&mut self, data_end: u64) {
+        assert!(data_end >= self.written && data_end <= self.end);
+        self.written = data_end;
+    }
+
+    /// Returns a completed write's chunk buffer to the free list.
+    pub fn give_back(&mut self, buffer: Rc<DmaBuffer>) {
+        if let Ok(buffer) = Rc::try_unwrap(buffer) {
+            self.recycle(buffer);
+        }
+    }
+
+    /// Forgets every byte after `end` (a failed write, with no write in flight any more), so the
+    /// next append continues from there. `tail_block` is the content of
+    /// `[align_down(end), end)`.
+    pub fn reset(&mut self, end: u64, tail_block: Vec<u8>) {
+        assert!(end <= self.written);
+        assert_eq!(tail_block.len() as u64, end - align_down(end));
+        while let Some(chunk) = self.chunks.pop_back() {
+            self.recycle(chunk.buffer);
+        }
+        self.end = end;
+        self.written = end;
+        self.carried = tail_block;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Applies writes to an in-memory "disk", completing them in random order but only issuing
+    /// what `next_write` allows, and checks the disk ends up equal to the appended bytes.
+    #[test]
+    fn writes_reproduce_the_appended_bytes() {
+        glommio::LocalExecutor::default().run(async {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-tmp");
+            std::fs::create_dir_all(&root).unwrap();
+            let dir = tempfile::tempdir_in(root).unwrap();
+            crate::io::prime_executor(dir.path()).await.unwrap();
+            let file = crate::io::open_read_write(&dir.path().join("f"), true).await.unwrap();
+            let mut appender = Appender::new(8192, 2, 4096 + 100, vec![7u8; 100]);
+            let mut expected = vec![0u8; 4096];
+            expected.extend_from_slice(&[7u8; 100]);
+            let mut disk = expected.clone();
+            let mut in_flight: Vec<Write> = Vec::new();
+            let mut seed = 17u64;
+            let next = |seed: &mut u64| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                *seed >> 33
+            };
+            for round in 0..400u32 {
+                let size = next(&mut seed) as usize % 20_000;
+                let data: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_add(round as u8)).collect();
+                appender.append(&file, &data);
+                expected.extend_from_slice(&data);
+                // Issue what may be issued.
+                loop {
+                    let busy_until = in_flight.iter().map(Write::block_end).max().unwrap_or(0);
+                    let allow_partial = in_flight.is_empty() || next(&mut seed) % 2 == 0;
+                    match appender.next_write(&file, busy_until, allow_partial) {
+                        Some(write) => {
+                            assert_eq!(write.position % 4096, 0);
+                            assert_eq!(write.len() % 4096, 0);
+                            in_flight.push(write);
+                        }
+                        None => break,
+                    }
+                }
+                // Complete a random subset, in random order.
+                let completions = next(&mut seed) as usize % (in_flight.len() + 1);
+                for _ in 0..completions {
+                    let at = next(&mut seed) as usize % in_flight.len();
+                    let write = in_flight.remove(at);
+                    let bytes = match &write.buffer {
+                        WriteBuffer::Shared(buffer) => buffer.as_bytes().to_vec(),
+                        WriteBuffer::Owned(buffer) => buffer.as_bytes().to_vec(),
+                    };
+                    let position = write.position as usize;
+                    if disk.len() < position + bytes.len() {
+                        disk.resize(position + bytes.len(), 0);
+                    }
+                    disk[position..position + bytes.len()].copy_from_slice(&bytes);
+                }
+            }
+            for write in in_flight.drain(..) {
+                let bytes = match &write.buffer {
+                    WriteBuffer::Shared(buffer) => buffer.as_bytes().to_vec(),
+                    WriteBuffer::Owned(buffer) => buffer.as_bytes().to_vec(),
+                };
+                let position = write.position as usize;
+                if disk.len() < position + bytes.len() {
+                    disk.resize(position + bytes.len(), 0);
+                }
+                disk[position..position + bytes.len()].copy_from_slice(&bytes);
+            }
+            while let Some(write) = appender.next_write(&file, 0, true) {
+                let bytes = match &write.buffer {
+                    WriteBuffer::Shared(buffer) => buffer.as_bytes().to_vec(),
+                    WriteBuffer::Owned(buffer) => buffer.as_bytes().to_vec(),
+                };
+                let position = write.position as usize;
+                if disk.len() < position + bytes.len() {
+                    disk.resize(position + bytes.len(), 0);
+                }
+                disk[position..position + bytes.len()].copy_from_slice(&bytes);
+            }
+            assert_eq!(&disk[..expected.len()], &expected[..]);
+        });
+    }
+}

@@ -1,0 +1,372 @@
+//! Behaviour of the partition log through its public API, on real O_DIRECT files.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{batch_at, check_records, run, timestamp_for, tmp, Rng};
+use skein_storage::batch::{self, BatchBuilder};
+use skein_storage::{FsyncPolicy, Log, LogConfig, ReadData, StorageError};
+
+async fn append_all(log: &Log, batches: &[u64]) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::new();
+    for &count in batches {
+        let first = log.next_offset();
+        let appended = log.append(batch_at(first, count)).await.unwrap();
+        assert_eq!(appended.base_offset, first);
+        assert_eq!(appended.last_offset, first + count - 1);
+        appended.ack.await.unwrap();
+        ranges.push((appended.base_offset, appended.last_offset));
+    }
+    ranges
+}
+
+async fn read_everything(log: &Log) -> Vec<u64> {
+    let mut offsets = Vec::new();
+    let mut next = log.start_offset();
+    while next < log.visible_offset() {
+        let (bytes, after) = log.read_verified(next, 2000).await.unwrap();
+        assert!(after > next, "reads make progress");
+        let seen = check_records(bytes);
+        assert_eq!(seen.first().copied().map(|first| first <= next), Some(true));
+        offsets.extend(seen.into_iter().filter(|&o| o >= next));
+        next = after;
+    }
+    offsets
+}
+
+#[test]
+fn offsets_are_assigned_in_order_and_read_back() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let log =
+            Log::open(&path, LogConfig { fsync: FsyncPolicy::Always, ..LogConfig::tiny() }).await.unwrap();
+        let mut rng = Rng(1);
+        let counts: Vec<u64> = (0..60).map(|_| 1 + rng.below(9)).collect();
+        let ranges = append_all(&log, &counts).await;
+        let total: u64 = counts.iter().sum();
+        assert_eq!(log.next_offset(), total);
+        assert_eq!(log.visible_offset(), total);
+        assert_eq!(log.synced_offset(), total, "fsync=always acknowledges only synced data");
+        assert_eq!(read_everything(&log).await, (0..total).collect::<Vec<_>>());
+        // A read from the middle of a batch starts at that batch.
+        let (first, last) = ranges[10];
+        if last > first {
+            let slice = log.read(first + 1, 1).await.unwrap();
+            assert_eq!(slice.first_offset, first);
+            assert_eq!(slice.next_offset, last + 1, "at least one whole batch");
+        }
+        // The end of the log reads empty; past it is out of range.
+        assert!(log.read(total, 100).await.unwrap().is_empty());
+        assert!(matches!(log.read(total + 1, 100).await, Err(StorageError::OffsetOutOfRange { .. })));
+        assert!(log.segment_count() > 3, "tiny segments roll: {}", log.segment_count());
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn recent_batches_come_from_memory_older_ones_from_stable_file_ranges() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let config = LogConfig { segment_bytes: 1 << 20, cache_bytes_max: 2048, ..LogConfig::tiny() };
+        let log = Log::open(&path, config).await.unwrap();
+        append_all(&log, &[5; 40]).await;
+        let newest = log.read(log.visible_offset() - 1, 100).await.unwrap();
+        assert!(matches!(newest.data, ReadData::Memory(_)), "the tail is served from the cache");
+        let oldest = log.read(0, 3000).await.unwrap();
+        let ReadData::File { segment, position, len } = oldest.data.clone() else {
+            panic!("old data is served from the segment file");
+        };
+        assert!(log.cache_bytes() <= 2048 + 4096 + 2048, "cache stays bounded: {}", log.cache_bytes());
+        // The same bytes through the page cache (what sendfile would send) and through O_DIRECT.
+        let fd = segment.buffered_fd().unwrap();
+        let mut buffer = vec![0u8; len as usize];
+        let read =
+            unsafe { libc::pread(fd, buffer.as_mut_ptr().cast(), buffer.len(), position as libc::off_t) };
+        assert_eq!(read as usize, buffer.len());
+        let direct = oldest.clone().into_bytes().await.unwrap();
+        assert_eq!(&direct[..], &buffer[..]);
+        let offsets = check_records(direct);
+        assert_eq!(offsets.first(), Some(&0));
+        assert_eq!(offsets.last().map(|o| o + 1), Some(oldest.next_offset));
+        assert!(oldest.len() <= 3000 || offsets.len() == 5, "respects bytes_max unless one batch is larger");
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn close_and_reopen_keeps_every_record_and_the_index() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    let path2 = path.clone();
+    let total = run(move || async move {
+        let log = Log::open(&path, LogConfig::tiny()).await.unwrap();
+        append_all(&log, &[7; 80]).await;
+        let total = log.next_offset();
+        log.close().await.unwrap();
+        total
+    });
+    // Every sealed segment has both index files; names are 20-digit base offsets.
+    let mut names: Vec<String> =
+        std::fs::read_dir(&path2).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    let logs: Vec<&String> = names.iter().filter(|n| n.ends_with(".log")).collect();
+    assert!(logs.len() > 3);
+    for log_name in &logs[..logs.len() - 1] {
+        let stem = log_name.trim_end_matches(".log");
+        assert_eq!(stem.len(), 20);
+        assert!(names.contains(&format!("{stem}.index")), "{stem}.index in {names:?}");
+        assert!(names.contains(&format!("{stem}.timeindex")));
+    }
+    run(move || async move {
+        let log = Log::open(&path2, LogConfig::tiny()).await.unwrap();
+        assert_eq!(log.next_offset(), total);
+        assert_eq!(log.visible_offset(), total);
+        assert_eq!(read_everything(&log).await, (0..total).collect::<Vec<_>>());
+        // Appending continues after the last offset.
+        let appended = log.append(batch_at(total, 3)).await.unwrap();
+        assert_eq!(appended.base_offset, total);
+        appended.ack.await.unwrap();
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn timestamp_lookup_finds_the_first_record_at_or_after() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let log = Log::open(&path, LogConfig::tiny()).await.unwrap();
+        append_all(&log, &[4; 60]).await;
+        let total = log.next_offset();
+        for probe in [0u64, 1, 5, 17, 100, 123, 200, total - 1] {
+            let target = timestamp_for(probe);
+            let expected = (0..total).find(|&o| timestamp_for(o) >= target);
+            assert_eq!(
+                log.offset_for_timestamp(target).await.unwrap(),
+                expected,
+                "timestamp of offset {probe}"
+            );
+        }
+        assert_eq!(log.offset_for_timestamp(i64::MIN).await.unwrap(), Some(0));
+        assert_eq!(log.offset_for_timestamp(timestamp_for(total) + 1000).await.unwrap(), None);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn retention_deletes_whole_sealed_segments_by_size_and_by_age() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let config = LogConfig { retention_bytes_max: Some(40 << 10), ..LogConfig::tiny() };
+        let log = Log::open(&path, config).await.unwrap();
+        append_all(&log, &[8; 120]).await;
+        let before = log.size_bytes();
+        assert!(before > 40 << 10);
+        let outcome = log.enforce_retention(skein_storage::now_ms()).await.unwrap();
+        assert!(outcome.segments_deleted > 0);
+        assert!(log.size_bytes() <= 40 << 10 || log.segment_count() == 1);
+        assert_eq!(outcome.start_offset, log.start_offset());
+        assert_eq!(log.segment_bases()[0], log.start_offset(), "the log starts at a segment base");
+        assert!(matches!(log.read(0, 10).await, Err(StorageError::OffsetOutOfRange { .. })));
+        let rest = read_everything(&log).await;
+        assert_eq!(rest, (log.start_offset()..log.next_offset()).collect::<Vec<_>>());
+        log.close().await.unwrap();
+    });
+    let dir = tmp();
+    let path = dir.path().join("p1");
+    run(move || async move {
+        let config = LogConfig { retention_age_max: Some(Duration::from_secs(3600)), ..LogConfig::tiny() };
+        let log = Log::open(&path, config).await.unwrap();
+        append_all(&log, &[8; 40]).await;
+        let sealed = log.segment_count() - 1;
+        // Records carry timestamps from 2023: an hour later than the newest, all sealed go.
+        let later = timestamp_for(log.next_offset()) + 3_600_001;
+        let outcome = log.enforce_retention(later).await.unwrap();
+        assert_eq!(outcome.segments_deleted, sealed);
+        assert_eq!(log.segment_count(), 1, "the active segment is never deleted");
+        // Nothing is old enough right after the newest record.
+        let now = timestamp_for(log.next_offset());
+        assert_eq!(log.enforce_retention(now).await.unwrap().segments_deleted, 0);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn truncate_drops_whole_batches_and_appends_continue() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    let path2 = path.clone();
+    run(move || async move {
+        let log = Log::open(&path, LogConfig::tiny()).await.unwrap();
+        let ranges = append_all(&log, &[5; 100]).await;
+        let segments_before = log.segment_count();
+        // Inside the active segment, in the middle of a batch: the whole batch goes.
+        let (first, _) = ranges[98];
+        assert_eq!(log.truncate(first + 2).await.unwrap(), first);
+        assert_eq!(log.next_offset(), first);
+        // Deep into a sealed segment.
+        let (first, _) = ranges[20];
+        assert_eq!(log.truncate(first + 1).await.unwrap(), first);
+        assert!(log.segment_count() < segments_before);
+        assert_eq!(read_everything(&log).await, (0..first).collect::<Vec<_>>());
+        // The cut segment is active again: appends go on from the cut.
+        append_all(&log, &[5; 30]).await;
+        assert_eq!(read_everything(&log).await, (0..first + 150).collect::<Vec<_>>());
+        // Truncating at or past the end changes nothing; below the start is refused.
+        assert_eq!(log.truncate(10_000).await.unwrap(), first + 150);
+        log.close().await.unwrap();
+    });
+    run(move || async move {
+        let log = Log::open(&path2, LogConfig::tiny()).await.unwrap();
+        let (_, expected) = (0, log.next_offset());
+        assert_eq!(read_everything(&log).await, (0..expected).collect::<Vec<_>>());
+        // Truncating to the very start empties the log.
+        assert_eq!(log.truncate(0).await.unwrap(), 0);
+        assert_eq!(log.next_offset(), 0);
+        assert!(log.read(0, 100).await.unwrap().is_empty());
+        append_all(&log, &[3]).await;
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn invalid_batches_are_refused_and_nothing_is_written() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let log = Log::open(&path, LogConfig::tiny()).await.unwrap();
+        append_all(&log, &[2]).await;
+        let mut bad_crc = batch_at(2, 2);
+        let last = bad_crc.len() - 1;
+        bad_crc[last] ^= 1;
+        assert!(matches!(
+            log.append(bad_crc).await,
+            Err(StorageError::InvalidBatch(batch::BatchError::CrcMismatch { .. }))
+        ));
+        let mut two = batch_at(2, 1);
+        two.extend_from_slice(&batch_at(3, 1));
+        assert!(matches!(
+            log.append(two).await,
+            Err(StorageError::InvalidBatch(batch::BatchError::TrailingBytes(_)))
+        ));
+        let mut huge = BatchBuilder::new();
+        huge.push(0, None, Some(&vec![0u8; 20 << 10]), &[]);
+        assert!(matches!(
+            log.append(huge.finish()).await,
+            Err(StorageError::InvalidBatch(batch::BatchError::TooLarge { .. }))
+        ));
+        assert!(log.append(BytesMut::from(&b"garbage"[..])).await.is_err());
+        assert_eq!(log.next_offset(), 2, "nothing was written");
+        append_all(&log, &[2]).await;
+        assert_eq!(read_everything(&log).await, vec![0, 1, 2, 3]);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn fsync_policies_ack_at_their_point() {
+    for policy in [FsyncPolicy::Never, FsyncPolicy::Interval(Duration::from_millis(20)), FsyncPolicy::Always]
+    {
+        let dir = tmp();
+        let path = dir.path().join("p0");
+        run(move || async move {
+            let log =
+                Log::open(&path, LogConfig { fsync: policy, segment_bytes: 1 << 20, ..LogConfig::tiny() })
+                    .await
+                    .unwrap();
+            append_all(&log, &[3; 10]).await;
+            assert_eq!(log.visible_offset(), 30);
+            match policy {
+                FsyncPolicy::Always => assert_eq!(log.synced_offset(), 30),
+                FsyncPolicy::Interval(_) => {
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                    assert_eq!(log.synced_offset(), 30, "the interval sync came");
+                }
+                FsyncPolicy::Never => {
+                    log.flush().await.unwrap();
+                    assert_eq!(log.synced_offset(), 30, "flush syncs whatever the policy");
+                }
+            }
+            log.close().await.unwrap();
+        });
+    }
+}
+
+#[test]
+fn many_appends_in_flight_respect_the_buffer_bound() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let config =
+            LogConfig { write_buffered_bytes_max: 8192, fsync: FsyncPolicy::Never, ..LogConfig::tiny() };
+        let log = Log::open(&path, config).await.unwrap();
+        let mut acks = Vec::new();
+        for _ in 0..300 {
+            let first = log.next_offset();
+            acks.push(log.append(batch_at(first, 4)).await.unwrap().ack);
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+        assert_eq!(read_everything(&log).await, (0..1200).collect::<Vec<_>>());
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn long_poll_wakes_when_data_arrives() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let log = std::rc::Rc::new(Log::open(&path, LogConfig::tiny()).await.unwrap());
+        let started = std::time::Instant::now();
+        assert_eq!(log.wait_for_data(0, Duration::from_millis(50)).await, 0);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let writer = log.clone();
+        let task = glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_millis(30)).await;
+            writer.append(batch_at(0, 2)).await.unwrap().ack.await.unwrap();
+        });
+        let started = std::time::Instant::now();
+        assert_eq!(log.wait_for_data(0, Duration::from_secs(10)).await, 2);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        task.await;
+        let log = std::rc::Rc::try_unwrap(log).ok().unwrap();
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn segments_roll_by_age() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let config = LogConfig {
+            segment_age_max: Some(Duration::from_millis(50)),
+            segment_bytes: 1 << 20,
+            ..LogConfig::tiny()
+        };
+        let log = Log::open(&path, config).await.unwrap();
+        append_all(&log, &[2]).await;
+        append_all(&log, &[2]).await;
+        assert_eq!(log.segment_count(), 1);
+        glommio::timer::sleep(Duration::from_millis(60)).await;
+        append_all(&log, &[2]).await;
+        assert_eq!(log.segment_count(), 2);
+        assert_eq!(log.segment_bases(), vec![0, 4]);
+        assert_eq!(read_everything(&log).await, (0..6).collect::<Vec<_>>());
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+#[should_panic(expected = "offset 0")]
+fn the_value_check_catches_a_record_at_the_wrong_offset() {
+    // Records built for offsets 40.. but stamped at 0: the helper every test relies on notices.
+    check_records(batch_at(40, 3).freeze());
+}
