@@ -1,0 +1,152 @@
+//! Numbered wire error codes. A code is never reused for another meaning.
+
+/// An error code carried in responses (per frame, per topic or per partition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    None = 0,
+    /// An unexpected error on the broker; its log says more.
+    Unknown = 1,
+    /// A record batch broke a format rule or failed its CRC; nothing of the request's batch for
+    /// that partition was written.
+    CorruptBatch = 2,
+    /// The topic or partition does not exist (retriable: it may be being created).
+    UnknownTopicOrPartition = 3,
+    /// The topic name is not valid.
+    InvalidTopic = 4,
+    /// A batch is larger than the broker accepts.
+    BatchTooLarge = 5,
+    /// The fetch offset is outside the partition's log.
+    OffsetOutOfRange = 6,
+    /// This broker does not lead the partition (retriable: refresh metadata).
+    NotLeader = 7,
+    /// The request did not complete in time (retriable).
+    RequestTimedOut = 8,
+    TopicAlreadyExists = 9,
+    /// The partition count is not valid.
+    InvalidPartitions = 10,
+    /// The API exists but not at this version.
+    UnsupportedVersion = 11,
+    /// The API key is unknown.
+    UnknownApi = 12,
+    /// The request body does not decode.
+    MalformedRequest = 13,
+    /// The broker's storage failed an I/O operation (retriable).
+    StorageError = 14,
+    /// The broker's disk is full; nothing was written (retriable once space is freed).
+    NotEnoughSpace = 15,
+    /// Too many requests in flight on this connection (retriable).
+    TooManyRequests = 16,
+    /// A topic setting is not valid.
+    InvalidConfig = 17,
+    /// The broker is shutting down (retriable on another broker, or after restart).
+    ShuttingDown = 18,
+    /// Data on the broker's disk failed its check and is not served.
+    CorruptStorage = 19,
+    /// `acks` is not 0, 1 or -1.
+    InvalidRequiredAcks = 20,
+    /// Too many connections to this broker.
+    TooManyConnections = 21,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 22] = [
+        ErrorCode::None,
+        ErrorCode::Unknown,
+        ErrorCode::CorruptBatch,
+        ErrorCode::UnknownTopicOrPartition,
+        ErrorCode::InvalidTopic,
+        ErrorCode::BatchTooLarge,
+        ErrorCode::OffsetOutOfRange,
+        ErrorCode::NotLeader,
+        ErrorCode::RequestTimedOut,
+        ErrorCode::TopicAlreadyExists,
+        ErrorCode::InvalidPartitions,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::UnknownApi,
+        ErrorCode::MalformedRequest,
+        ErrorCode::StorageError,
+        ErrorCode::NotEnoughSpace,
+        ErrorCode::TooManyRequests,
+        ErrorCode::InvalidConfig,
+        ErrorCode::ShuttingDown,
+        ErrorCode::CorruptStorage,
+        ErrorCode::InvalidRequiredAcks,
+        ErrorCode::TooManyConnections,
+    ];
+
+    pub fn from_u16(value: u16) -> Option<ErrorCode> {
+        ErrorCode::ALL.get(value as usize).copied()
+    }
+
+    pub fn is_ok(self) -> bool {
+        self == ErrorCode::None
+    }
+
+    /// Whether the same request may succeed later without change.
+    pub fn is_retriable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::UnknownTopicOrPartition
+                | ErrorCode::NotLeader
+                | ErrorCode::RequestTimedOut
+                | ErrorCode::StorageError
+                | ErrorCode::NotEnoughSpace
+                | ErrorCode::TooManyRequests
+                | ErrorCode::ShuttingDown
+                | ErrorCode::TooManyConnections
+        )
+    }
+
+    /// Whether the client should refresh its metadata before retrying.
+    pub fn needs_metadata_refresh(self) -> bool {
+        matches!(self, ErrorCode::UnknownTopicOrPartition | ErrorCode::NotLeader)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::None => "none",
+            ErrorCode::Unknown => "unknown server error",
+            ErrorCode::CorruptBatch => "corrupt batch",
+            ErrorCode::UnknownTopicOrPartition => "unknown topic or partition",
+            ErrorCode::InvalidTopic => "invalid topic",
+            ErrorCode::BatchTooLarge => "batch too large",
+            ErrorCode::OffsetOutOfRange => "offset out of range",
+            ErrorCode::NotLeader => "not the leader",
+            ErrorCode::RequestTimedOut => "request timed out",
+            ErrorCode::TopicAlreadyExists => "topic already exists",
+            ErrorCode::InvalidPartitions => "invalid partition count",
+            ErrorCode::UnsupportedVersion => "unsupported API version",
+            ErrorCode::UnknownApi => "unknown API",
+            ErrorCode::MalformedRequest => "malformed request",
+            ErrorCode::StorageError => "storage error",
+            ErrorCode::NotEnoughSpace => "not enough space on the broker's disk",
+            ErrorCode::TooManyRequests => "too many requests in flight",
+            ErrorCode::InvalidConfig => "invalid configuration",
+            ErrorCode::ShuttingDown => "broker shutting down",
+            ErrorCode::CorruptStorage => "corrupt data on the broker's disk",
+            ErrorCode::InvalidRequiredAcks => "invalid acks",
+            ErrorCode::TooManyConnections => "too many connections",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name(), *self as u16)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_numbered_in_order_and_round_trip() {
+        for (index, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*code as u16 as usize, index, "{code:?} is numbered by its position");
+            assert_eq!(ErrorCode::from_u16(index as u16), Some(*code));
+        }
+        assert_eq!(ErrorCode::from_u16(ErrorCode::ALL.len() as u16), None);
+    }
+}

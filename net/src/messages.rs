@@ -1,0 +1,921 @@
+//! Request and response bodies of every API, with their encoders and decoders.
+//!
+//! Record data travels as opaque blobs of whole batches in the storage format; the generic
+//! parameter `R` is what holds them: `Bytes` on a client, a byte range while decoding, a file
+//! range on the broker's zero-copy path.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::ErrorCode;
+use crate::frame::{self, RequestHeader};
+use crate::wire::{DecodeError, Reader, Writer};
+
+/// The APIs, by wire key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ApiKey {
+    ApiVersions = 0,
+    Metadata = 1,
+    CreateTopics = 2,
+    DeleteTopics = 3,
+    Produce = 4,
+    Fetch = 5,
+    ListOffsets = 6,
+}
+
+impl ApiKey {
+    pub const ALL: [ApiKey; 7] = [
+        ApiKey::ApiVersions,
+        ApiKey::Metadata,
+        ApiKey::CreateTopics,
+        ApiKey::DeleteTopics,
+        ApiKey::Produce,
+        ApiKey::Fetch,
+        ApiKey::ListOffsets,
+    ];
+
+    pub fn from_u16(value: u16) -> Option<ApiKey> {
+        ApiKey::ALL.get(value as usize).copied()
+    }
+
+    /// The versions this build speaks: `(min, max)`.
+    pub fn versions(self) -> (u16, u16) {
+        (0, 0)
+    }
+}
+
+/// `ListOffsets` timestamp asking for the next offset to be written.
+pub const LATEST_TIMESTAMP: i64 = -1;
+/// `ListOffsets` timestamp asking for the first offset held.
+pub const EARLIEST_TIMESTAMP: i64 = -2;
+
+/// Topic-level grouping used by most APIs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicData<P> {
+    pub name: String,
+    pub partitions: Vec<P>,
+}
+
+fn put_topics<P>(w: &mut Writer, topics: &[TopicData<P>], mut each: impl FnMut(&mut Writer, &P)) {
+    w.array(topics, |w, topic| {
+        w.str(&topic.name);
+        w.array(&topic.partitions, &mut each);
+    });
+}
+
+fn get_topics<P>(
+    r: &mut Reader<'_>,
+    min_partition_bytes: usize,
+    mut each: impl FnMut(&mut Reader<'_>) -> Result<P, DecodeError>,
+) -> Result<Vec<TopicData<P>>, DecodeError> {
+    r.array("topics", 6, |r| {
+        let name = r.str("topic name")?;
+        let partitions = r.array("partitions", min_partition_bytes, &mut each)?;
+        Ok(TopicData { name, partitions })
+    })
+}
+
+fn error_code(r: &mut Reader<'_>, field: &'static str) -> Result<ErrorCode, DecodeError> {
+    let raw = r.u16(field)?;
+    ErrorCode::from_u16(raw).ok_or(DecodeError::Invalid { field, value: raw.into() })
+}
+
+// ---------------------------------------------------------------------------------------------
+// ApiVersions
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiVersionsRequest {
+    pub client_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiVersion {
+    pub api_key: u16,
+    pub min_version: u16,
+    pub max_version: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiVersionsResponse {
+    pub error: ErrorCode,
+    pub broker_version: String,
+    pub apis: Vec<ApiVersion>,
+    pub frame_bytes_max: u32,
+    pub batch_bytes_max: u32,
+}
+
+impl ApiVersionsResponse {
+    pub fn encode(&self, w: &mut Writer) {
+        w.u16(self.error as u16).str(&self.broker_version);
+        w.array(&self.apis, |w, api| {
+            w.u16(api.api_key).u16(api.min_version).u16(api.max_version);
+        });
+        w.u32(self.frame_bytes_max).u32(self.batch_bytes_max);
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(ApiVersionsResponse {
+            error: error_code(r, "error")?,
+            broker_version: r.str("broker version")?,
+            apis: r.array("apis", 6, |r| {
+                Ok(ApiVersion {
+                    api_key: r.u16("api key")?,
+                    min_version: r.u16("min version")?,
+                    max_version: r.u16("max version")?,
+                })
+            })?,
+            frame_bytes_max: r.u32("frame bytes max")?,
+            batch_bytes_max: r.u32("batch bytes max")?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataRequest {
+    /// `None`: every topic.
+    pub topics: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerInfo {
+    pub node_id: u32,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionMetadata {
+    pub partition: u32,
+    pub error: ErrorCode,
+    pub leader: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicMetadata {
+    pub name: String,
+    pub error: ErrorCode,
+    pub partitions: Vec<PartitionMetadata>,
+    /// The topic's settings, as key/value text.
+    pub configs: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataResponse {
+    pub brokers: Vec<BrokerInfo>,
+    pub controller_id: u32,
+    pub topics: Vec<TopicMetadata>,
+}
+
+fn put_configs(w: &mut Writer, configs: &[(String, String)]) {
+    w.array(configs, |w, (key, value)| {
+        w.str(key).str(value);
+    });
+}
+
+fn get_configs(r: &mut Reader<'_>) -> Result<Vec<(String, String)>, DecodeError> {
+    r.array("configs", 4, |r| Ok((r.str("config key")?, r.str("config value")?)))
+}
+
+impl MetadataResponse {
+    pub fn encode(&self, w: &mut Writer) {
+        w.array(&self.brokers, |w, b| {
+            w.u32(b.node_id).str(&b.host).u16(b.port);
+        });
+        w.u32(self.controller_id);
+        w.array(&self.topics, |w, t| {
+            w.str(&t.name).u16(t.error as u16);
+            w.array(&t.partitions, |w, p| {
+                w.u32(p.partition).u16(p.error as u16).u32(p.leader);
+            });
+            put_configs(w, &t.configs);
+        });
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(MetadataResponse {
+            brokers: r.array("brokers", 8, |r| {
+                Ok(BrokerInfo { node_id: r.u32("node id")?, host: r.str("host")?, port: r.u16("port")? })
+            })?,
+            controller_id: r.u32("controller id")?,
+            topics: r.array("topics", 12, |r| {
+                Ok(TopicMetadata {
+                    name: r.str("topic name")?,
+                    error: error_code(r, "topic error")?,
+                    partitions: r.array("partitions", 10, |r| {
+                        Ok(PartitionMetadata {
+                            partition: r.u32("partition")?,
+                            error: error_code(r, "partition error")?,
+                            leader: r.u32("leader")?,
+                        })
+                    })?,
+                    configs: get_configs(r)?,
+                })
+            })?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CreateTopics / DeleteTopics
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTopic {
+    pub name: String,
+    pub partitions: u32,
+    pub configs: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateTopicsRequest {
+    pub topics: Vec<NewTopic>,
+    pub timeout_ms: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteTopicsRequest {
+    pub names: Vec<String>,
+    pub timeout_ms: u32,
+}
+
+/// Per-topic outcome of CreateTopics and DeleteTopics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicResult {
+    pub name: String,
+    pub error: ErrorCode,
+    /// Human-readable detail when `error` is not `None`.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicResults {
+    pub topics: Vec<TopicResult>,
+}
+
+impl TopicResults {
+    pub fn encode(&self, w: &mut Writer) {
+        w.array(&self.topics, |w, t| {
+            w.str(&t.name).u16(t.error as u16).str(&t.message);
+        });
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(TopicResults {
+            topics: r.array("topics", 6, |r| {
+                Ok(TopicResult {
+                    name: r.str("topic name")?,
+                    error: error_code(r, "error")?,
+                    message: r.str("message")?,
+                })
+            })?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Produce
+
+/// `acks` values.
+pub mod acks {
+    pub const NONE: i8 = 0;
+    pub const LEADER: i8 = 1;
+    pub const ALL: i8 = -1;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducePartition<R> {
+    pub partition: u32,
+    /// One or more whole batches in the storage format.
+    pub records: R,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceRequest<R> {
+    pub acks: i8,
+    pub timeout_ms: u32,
+    pub topics: Vec<TopicData<ProducePartition<R>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducePartitionResponse {
+    pub partition: u32,
+    pub error: ErrorCode,
+    /// Offset of the first record written (when `error` is `None`).
+    pub base_offset: u64,
+    /// Offset of the last record written.
+    pub last_offset: u64,
+    pub log_start_offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceResponse {
+    pub topics: Vec<TopicData<ProducePartitionResponse>>,
+}
+
+impl ProduceResponse {
+    pub fn encode(&self, w: &mut Writer) {
+        put_topics(w, &self.topics, |w, p| {
+            w.u32(p.partition)
+                .u16(p.error as u16)
+                .u64(p.base_offset)
+                .u64(p.last_offset)
+                .u64(p.log_start_offset);
+        });
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(ProduceResponse {
+            topics: get_topics(r, 30, |r| {
+                Ok(ProducePartitionResponse {
+                    partition: r.u32("partition")?,
+                    error: error_code(r, "error")?,
+                    base_offset: r.u64("base offset")?,
+                    last_offset: r.u64("last offset")?,
+                    log_start_offset: r.u64("log start offset")?,
+                })
+            })?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fetch
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPartition {
+    pub partition: u32,
+    pub fetch_offset: u64,
+    pub partition_bytes_max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// Long poll: wait up to this long for `min_bytes`.
+    pub max_wait_ms: u32,
+    pub min_bytes: u32,
+    /// Bound on the whole response's record bytes (at least one batch is always returned).
+    pub max_bytes: u32,
+    pub topics: Vec<TopicData<FetchPartition>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPartitionResponse<R> {
+    pub partition: u32,
+    pub error: ErrorCode,
+    /// The offset after the last readable record.
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    /// Whole batches from the one holding the fetch offset (it may start before it).
+    pub records: R,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchResponse<R> {
+    pub topics: Vec<TopicData<FetchPartitionResponse<R>>>,
+}
+
+/// Bytes of a fetch response before each partition's records: partition, error, high
+/// watermark, log start offset, records length.
+pub const FETCH_PARTITION_HEADER_BYTES: usize = 4 + 2 + 8 + 8 + 4;
+
+/// Something that holds record bytes of a known length.
+pub trait RecordsLen {
+    fn records_len(&self) -> usize;
+}
+
+impl RecordsLen for Bytes {
+    fn records_len(&self) -> usize {
+        self.len()
+    }
+}
+
+/// One piece of an encoded response: encoded bytes, or a records part the transport sends its
+/// own way (from memory, or with `sendfile`).
+#[derive(Debug)]
+pub enum Part<R> {
+    Bytes(Bytes),
+    Records(R),
+}
+
+impl<R: RecordsLen> FetchResponse<R> {
+    /// Encodes the whole response frame as parts, so records are never copied into the frame.
+    pub fn encode_parts(self, correlation_id: u32) -> Vec<Part<R>> {
+        let mut parts = Vec::new();
+        let mut body_len = 4usize;
+        for topic in &self.topics {
+            body_len += 2 + topic.name.len() + 4;
+            for partition in &topic.partitions {
+                body_len += FETCH_PARTITION_HEADER_BYTES + partition.records.records_len();
+            }
+        }
+        let mut buf = BytesMut::with_capacity(64 + self.topics.len() * 64);
+        frame::put_response_header(
+            &mut buf,
+            &frame::ResponseHeader { correlation_id, error: 0, flags: 0 },
+            body_len,
+        );
+        let mut w = Writer::with_buffer(buf);
+        w.u32(self.topics.len() as u32);
+        for topic in self.topics {
+            w.str(&topic.name).u32(topic.partitions.len() as u32);
+            for partition in topic.partitions {
+                w.u32(partition.partition)
+                    .u16(partition.error as u16)
+                    .u64(partition.high_watermark)
+                    .u64(partition.log_start_offset)
+                    .u32(partition.records.records_len() as u32);
+                if partition.records.records_len() > 0 {
+                    parts.push(Part::Bytes(w.buf.split().freeze()));
+                    parts.push(Part::Records(partition.records));
+                }
+            }
+        }
+        if !w.buf.is_empty() {
+            parts.push(Part::Bytes(w.buf.freeze()));
+        }
+        parts
+    }
+}
+
+impl FetchResponse<Range<usize>> {
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(FetchResponse {
+            topics: get_topics(r, FETCH_PARTITION_HEADER_BYTES, |r| {
+                Ok(FetchPartitionResponse {
+                    partition: r.u32("partition")?,
+                    error: error_code(r, "error")?,
+                    high_watermark: r.u64("high watermark")?,
+                    log_start_offset: r.u64("log start offset")?,
+                    records: r.blob("records")?,
+                })
+            })?,
+        })
+    }
+}
+
+impl<R> FetchResponse<R> {
+    pub fn map_records<T>(self, mut f: impl FnMut(R) -> T) -> FetchResponse<T> {
+        FetchResponse {
+            topics: self
+                .topics
+                .into_iter()
+                .map(|topic| TopicData {
+                    name: topic.name,
+                    partitions: topic
+                        .partitions
+                        .into_iter()
+                        .map(|p| FetchPartitionResponse {
+                            partition: p.partition,
+                            error: p.error,
+                            high_watermark: p.high_watermark,
+                            log_start_offset: p.log_start_offset,
+                            records: f(p.records),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ListOffsets
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsPartition {
+    pub partition: u32,
+    /// [`LATEST_TIMESTAMP`], [`EARLIEST_TIMESTAMP`], or ms since the epoch.
+    pub timestamp: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsRequest {
+    pub topics: Vec<TopicData<ListOffsetsPartition>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsPartitionResponse {
+    pub partition: u32,
+    pub error: ErrorCode,
+    /// The offset found; −1 when no record is at or after the timestamp.
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsetsResponse {
+    pub topics: Vec<TopicData<ListOffsetsPartitionResponse>>,
+}
+
+impl ListOffsetsResponse {
+    pub fn encode(&self, w: &mut Writer) {
+        put_topics(w, &self.topics, |w, p| {
+            w.u32(p.partition).u16(p.error as u16).i64(p.offset);
+        });
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(ListOffsetsResponse {
+            topics: get_topics(r, 14, |r| {
+                Ok(ListOffsetsPartitionResponse {
+                    partition: r.u32("partition")?,
+                    error: error_code(r, "error")?,
+                    offset: r.i64("offset")?,
+                })
+            })?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// Every request, decoded. `R` holds produce records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<R> {
+    ApiVersions(ApiVersionsRequest),
+    Metadata(MetadataRequest),
+    CreateTopics(CreateTopicsRequest),
+    DeleteTopics(DeleteTopicsRequest),
+    Produce(ProduceRequest<R>),
+    Fetch(FetchRequest),
+    ListOffsets(ListOffsetsRequest),
+}
+
+/// Why a request frame's body could not be turned into a [`Request`]. The broker answers each
+/// with a frame-level error and keeps the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("unknown API key {0}")]
+    UnknownApi(u16),
+    #[error("API {api:?} does not support version {version}")]
+    UnsupportedVersion { api: ApiKey, version: u16 },
+    #[error("malformed {api:?} request: {error}")]
+    Malformed { api: ApiKey, error: DecodeError },
+}
+
+impl RequestError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RequestError::UnknownApi(_) => ErrorCode::UnknownApi,
+            RequestError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            RequestError::Malformed { .. } => ErrorCode::MalformedRequest,
+        }
+    }
+}
+
+/// Encodes produce records (anything that is bytes).
+pub trait RecordsBytes {
+    fn as_record_bytes(&self) -> &[u8];
+}
+
+impl RecordsBytes for Bytes {
+    fn as_record_bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl RecordsBytes for BytesMut {
+    fn as_record_bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl<R> Request<R> {
+    pub fn api_key(&self) -> ApiKey {
+        match self {
+            Request::ApiVersions(_) => ApiKey::ApiVersions,
+            Request::Metadata(_) => ApiKey::Metadata,
+            Request::CreateTopics(_) => ApiKey::CreateTopics,
+            Request::DeleteTopics(_) => ApiKey::DeleteTopics,
+            Request::Produce(_) => ApiKey::Produce,
+            Request::Fetch(_) => ApiKey::Fetch,
+            Request::ListOffsets(_) => ApiKey::ListOffsets,
+        }
+    }
+}
+
+impl<R: RecordsBytes> Request<R> {
+    pub fn encode_body(&self, w: &mut Writer) {
+        match self {
+            Request::ApiVersions(request) => {
+                w.str(&request.client_id);
+            }
+            Request::Metadata(request) => match &request.topics {
+                None => {
+                    w.u32(crate::wire::NULL_LEN);
+                }
+                Some(topics) => {
+                    w.array(topics, |w, t| {
+                        w.str(t);
+                    });
+                }
+            },
+            Request::CreateTopics(request) => {
+                w.array(&request.topics, |w, t| {
+                    w.str(&t.name).u32(t.partitions);
+                    put_configs(w, &t.configs);
+                });
+                w.u32(request.timeout_ms);
+            }
+            Request::DeleteTopics(request) => {
+                w.array(&request.names, |w, t| {
+                    w.str(t);
+                });
+                w.u32(request.timeout_ms);
+            }
+            Request::Produce(request) => {
+                w.i8(request.acks).u32(request.timeout_ms);
+                put_topics(w, &request.topics, |w, p| {
+                    w.u32(p.partition).bytes(p.records.as_record_bytes());
+                });
+            }
+            Request::Fetch(request) => {
+                w.u32(request.max_wait_ms).u32(request.min_bytes).u32(request.max_bytes);
+                put_topics(w, &request.topics, |w, p| {
+                    w.u32(p.partition).u64(p.fetch_offset).u32(p.partition_bytes_max);
+                });
+            }
+            Request::ListOffsets(request) => {
+                put_topics(w, &request.topics, |w, p| {
+                    w.u32(p.partition).i64(p.timestamp);
+                });
+            }
+        }
+    }
+
+    /// A whole request frame.
+    pub fn to_frame(&self, correlation_id: u32, flags: u16) -> BytesMut {
+        let api = self.api_key();
+        let header =
+            RequestHeader { api_key: api as u16, api_version: api.versions().1, flags, correlation_id };
+        frame::encode_request(&header, |w| self.encode_body(w))
+    }
+}
+
+impl Request<Range<usize>> {
+    /// Decodes a request body; produce records come back as ranges of `body`.
+    pub fn decode(header: &RequestHeader, body: &[u8]) -> Result<Request<Range<usize>>, RequestError> {
+        let api = ApiKey::from_u16(header.api_key).ok_or(RequestError::UnknownApi(header.api_key))?;
+        let (min, max) = api.versions();
+        if header.api_version < min || header.api_version > max {
+            return Err(RequestError::UnsupportedVersion { api, version: header.api_version });
+        }
+        let mut r = Reader::new(body);
+        let request = Self::decode_body(api, &mut r).and_then(|request| r.finish().map(|()| request));
+        request.map_err(|error| RequestError::Malformed { api, error })
+    }
+
+    fn decode_body(api: ApiKey, r: &mut Reader<'_>) -> Result<Request<Range<usize>>, DecodeError> {
+        Ok(match api {
+            ApiKey::ApiVersions => {
+                Request::ApiVersions(ApiVersionsRequest { client_id: r.str("client id")? })
+            }
+            ApiKey::Metadata => {
+                let mut peek = r.clone();
+                if peek.u32("topics")? == crate::wire::NULL_LEN {
+                    r.u32("topics")?;
+                    Request::Metadata(MetadataRequest { topics: None })
+                } else {
+                    Request::Metadata(MetadataRequest {
+                        topics: Some(r.array("topics", 2, |r| r.str("topic"))?),
+                    })
+                }
+            }
+            ApiKey::CreateTopics => Request::CreateTopics(CreateTopicsRequest {
+                topics: r.array("topics", 10, |r| {
+                    Ok(NewTopic {
+                        name: r.str("topic name")?,
+                        partitions: r.u32("partitions")?,
+                        configs: get_configs(r)?,
+                    })
+                })?,
+                timeout_ms: r.u32("timeout")?,
+            }),
+            ApiKey::DeleteTopics => Request::DeleteTopics(DeleteTopicsRequest {
+                names: r.array("topics", 2, |r| r.str("topic"))?,
+                timeout_ms: r.u32("timeout")?,
+            }),
+            ApiKey::Produce => Request::Produce(ProduceRequest {
+                acks: r.i8("acks")?,
+                timeout_ms: r.u32("timeout")?,
+                topics: get_topics(r, 8, |r| {
+                    Ok(ProducePartition { partition: r.u32("partition")?, records: r.blob("records")? })
+                })?,
+            }),
+            ApiKey::Fetch => Request::Fetch(FetchRequest {
+                max_wait_ms: r.u32("max wait")?,
+                min_bytes: r.u32("min bytes")?,
+                max_bytes: r.u32("max bytes")?,
+                topics: get_topics(r, 16, |r| {
+                    Ok(FetchPartition {
+                        partition: r.u32("partition")?,
+                        fetch_offset: r.u64("fetch offset")?,
+                        partition_bytes_max: r.u32("partition max bytes")?,
+                    })
+                })?,
+            }),
+            ApiKey::ListOffsets => Request::ListOffsets(ListOffsetsRequest {
+                topics: get_topics(r, 12, |r| {
+                    Ok(ListOffsetsPartition {
+                        partition: r.u32("partition")?,
+                        timestamp: r.i64("timestamp")?,
+                    })
+                })?,
+            }),
+        })
+    }
+}
+
+/// Encodes a response body behind its frame header.
+pub fn encode_response(correlation_id: u32, body: impl FnOnce(&mut Writer)) -> BytesMut {
+    let mut w = Writer::with_buffer(BytesMut::with_capacity(128));
+    w.buf.extend_from_slice(&[0u8; frame::RESPONSE_HEADER_BYTES]);
+    body(&mut w);
+    let mut buf = w.buf;
+    let body_len = buf.len() - frame::RESPONSE_HEADER_BYTES;
+    let mut header = BytesMut::with_capacity(frame::RESPONSE_HEADER_BYTES);
+    frame::put_response_header(
+        &mut header,
+        &frame::ResponseHeader { correlation_id, error: 0, flags: 0 },
+        body_len,
+    );
+    buf[..frame::RESPONSE_HEADER_BYTES].copy_from_slice(&header);
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(request: Request<Bytes>) {
+        let frame = request.to_frame(9, 0);
+        let header = frame::decode_request_header(&frame).unwrap();
+        let body = &frame[frame::REQUEST_HEADER_BYTES..];
+        let decoded = Request::decode(&header, body).unwrap();
+        let frozen = Bytes::copy_from_slice(body);
+        let decoded = match decoded {
+            Request::Produce(p) => Request::Produce(ProduceRequest {
+                acks: p.acks,
+                timeout_ms: p.timeout_ms,
+                topics: p
+                    .topics
+                    .into_iter()
+                    .map(|t| TopicData {
+                        name: t.name,
+                        partitions: t
+                            .partitions
+                            .into_iter()
+                            .map(|p| ProducePartition {
+                                partition: p.partition,
+                                records: frozen.slice(p.records),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }),
+            Request::ApiVersions(r) => Request::ApiVersions(r),
+            Request::Metadata(r) => Request::Metadata(r),
+            Request::CreateTopics(r) => Request::CreateTopics(r),
+            Request::DeleteTopics(r) => Request::DeleteTopics(r),
+            Request::Fetch(r) => Request::Fetch(r),
+            Request::ListOffsets(r) => Request::ListOffsets(r),
+        };
+        assert_eq!(decoded, request);
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        round_trip(Request::ApiVersions(ApiVersionsRequest { client_id: "cli".into() }));
+        round_trip(Request::Metadata(MetadataRequest { topics: None }));
+        round_trip(Request::Metadata(MetadataRequest { topics: Some(vec!["a".into(), "b".into()]) }));
+        round_trip(Request::CreateTopics(CreateTopicsRequest {
+            topics: vec![NewTopic {
+                name: "t".into(),
+                partitions: 4,
+                configs: vec![("retention.ms".into(), "5".into())],
+            }],
+            timeout_ms: 100,
+        }));
+        round_trip(Request::DeleteTopics(DeleteTopicsRequest { names: vec!["t".into()], timeout_ms: 7 }));
+        round_trip(Request::Produce(ProduceRequest {
+            acks: -1,
+            timeout_ms: 30,
+            topics: vec![TopicData {
+                name: "t".into(),
+                partitions: vec![
+                    ProducePartition { partition: 0, records: Bytes::from_static(b"batch-bytes") },
+                    ProducePartition { partition: 3, records: Bytes::new() },
+                ],
+            }],
+        }));
+        round_trip(Request::Fetch(FetchRequest {
+            max_wait_ms: 500,
+            min_bytes: 1,
+            max_bytes: 1 << 20,
+            topics: vec![TopicData {
+                name: "t".into(),
+                partitions: vec![FetchPartition {
+                    partition: 1,
+                    fetch_offset: 99,
+                    partition_bytes_max: 4096,
+                }],
+            }],
+        }));
+        round_trip(Request::ListOffsets(ListOffsetsRequest {
+            topics: vec![TopicData {
+                name: "t".into(),
+                partitions: vec![ListOffsetsPartition { partition: 0, timestamp: EARLIEST_TIMESTAMP }],
+            }],
+        }));
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let metadata = MetadataResponse {
+            brokers: vec![BrokerInfo { node_id: 1, host: "127.0.0.1".into(), port: 9400 }],
+            controller_id: 1,
+            topics: vec![TopicMetadata {
+                name: "t".into(),
+                error: ErrorCode::None,
+                partitions: vec![PartitionMetadata { partition: 0, error: ErrorCode::None, leader: 1 }],
+                configs: vec![("segment.bytes".into(), "1024".into())],
+            }],
+        };
+        let frame = encode_response(5, |w| metadata.encode(w));
+        let header = frame::decode_response_header(&frame);
+        assert_eq!(header.correlation_id, 5);
+        assert_eq!(frame::response_frame_len(&frame, 1 << 20), Ok(Some(frame.len())));
+        let mut r = Reader::new(&frame[frame::RESPONSE_HEADER_BYTES..]);
+        assert_eq!(MetadataResponse::decode(&mut r).unwrap(), metadata);
+        r.finish().unwrap();
+
+        let fetch = FetchResponse {
+            topics: vec![TopicData {
+                name: "t".into(),
+                partitions: vec![
+                    FetchPartitionResponse {
+                        partition: 0,
+                        error: ErrorCode::None,
+                        high_watermark: 10,
+                        log_start_offset: 0,
+                        records: Bytes::from_static(b"abc"),
+                    },
+                    FetchPartitionResponse {
+                        partition: 1,
+                        error: ErrorCode::OffsetOutOfRange,
+                        high_watermark: 3,
+                        log_start_offset: 1,
+                        records: Bytes::new(),
+                    },
+                ],
+            }],
+        };
+        let mut joined = BytesMut::new();
+        for part in fetch.clone().encode_parts(8) {
+            match part {
+                Part::Bytes(b) | Part::Records(b) => joined.extend_from_slice(&b),
+            }
+        }
+        assert_eq!(frame::response_frame_len(&joined, 1 << 20), Ok(Some(joined.len())));
+        let body = Bytes::copy_from_slice(&joined[frame::RESPONSE_HEADER_BYTES..]);
+        let mut r = Reader::new(&body);
+        let decoded = FetchResponse::decode(&mut r).unwrap().map_records(|range| body.slice(range));
+        assert_eq!(decoded, fetch);
+    }
+
+    #[test]
+    fn version_and_api_checks() {
+        let header = RequestHeader { api_key: 99, api_version: 0, flags: 0, correlation_id: 1 };
+        assert_eq!(Request::decode(&header, &[]), Err(RequestError::UnknownApi(99)));
+        let header = RequestHeader { api_key: 4, api_version: 7, flags: 0, correlation_id: 1 };
+        assert!(matches!(Request::decode(&header, &[]), Err(RequestError::UnsupportedVersion { .. })));
+        let header = RequestHeader { api_key: 4, api_version: 0, flags: 0, correlation_id: 1 };
+        assert!(matches!(Request::decode(&header, &[1, 2]), Err(RequestError::Malformed { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(api in 0u16..8, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let header = RequestHeader { api_key: api, api_version: 0, flags: 0, correlation_id: 1 };
+            let _ = Request::decode(&header, &body);
+            let mut r = Reader::new(&body);
+            let _ = FetchResponse::decode(&mut r);
+            let mut r = Reader::new(&body);
+            let _ = MetadataResponse::decode(&mut r);
+            let mut r = Reader::new(&body);
+            let _ = ProduceResponse::decode(&mut r);
+        }
+
+        #[test]
+        fn huge_counts_are_refused_without_allocating(count in 1_000u32..u32::MAX) {
+            let header = RequestHeader { api_key: ApiKey::Fetch as u16, api_version: 0, flags: 0, correlation_id: 1 };
+            let body = [&[0u8; 12][..], &count.to_le_bytes()[..]].concat();
+            prop_assert!(Request::decode(&header, &body).is_err());
+        }
+    }
+}
