@@ -341,6 +341,41 @@ pub fn validate_records(bytes: &[u8], header: &BatchHeader) -> Result<(), BatchE
     Ok(())
 }
 
+/// Exactly one batch whose header rules and CRC were checked: proof, in the type, that
+/// [`validate`] ran, so the log does not check the same bytes twice.
+#[derive(Debug)]
+pub struct ValidatedBatch {
+    bytes: BytesMut,
+    header: BatchHeader,
+}
+
+impl ValidatedBatch {
+    /// Validates `bytes`, which must hold exactly one batch.
+    pub fn new(bytes: BytesMut, size_max: usize) -> Result<ValidatedBatch, BatchError> {
+        let header = validate(&bytes, size_max)?;
+        if header.total_bytes() != bytes.len() {
+            return Err(BatchError::TrailingBytes(bytes.len() - header.total_bytes()));
+        }
+        Ok(ValidatedBatch { bytes, header })
+    }
+
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn into_parts(self) -> (BytesMut, BatchHeader) {
+        (self.bytes, self.header)
+    }
+}
+
 /// Writes the base offset into a batch's header (outside the CRC).
 #[inline]
 pub fn set_base_offset(bytes: &mut [u8], base_offset: u64) {

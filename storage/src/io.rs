@@ -2,6 +2,8 @@
 
 use std::cell::Cell;
 use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use glommio::io::{DmaFile, OpenOptions};
@@ -29,12 +31,37 @@ pub async fn prime_executor(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| StorageError::io("creating directory", dir, e))?;
     let present = std::fs::metadata(&path).map(|m| m.len() >= BLOCK_BYTES as u64).unwrap_or(false);
     if !present {
-        std::fs::write(&path, [0x5a_u8; BLOCK_BYTES]).map_err(|e| StorageError::io("writing", &path, e))?;
+        // Written aside and renamed into place: another shard priming at the same moment must
+        // never see the file empty (that is exactly the state that fools the probe).
+        let unique = format!("{PRIME_FILE}.{}.{:?}", std::process::id(), std::thread::current().id());
+        let tmp = dir.join(unique.replace(['(', ')'], ""));
+        std::fs::write(&tmp, [0x5a_u8; BLOCK_BYTES]).map_err(|e| StorageError::io("writing", &tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StorageError::io("renaming", &tmp, e))?;
     }
-    let file = DmaFile::open(&path).await.map_err(|e| StorageError::io("opening", &path, glommio_io(e)))?;
-    let read = file.read_at_aligned(0, BLOCK_BYTES).await;
-    let _ = file.close().await;
-    read.map_err(|e| StorageError::io("priming O_DIRECT reads on", &path, glommio_io(e)))?;
+    // The probe read goes to glommio's polled ring, whose completions are only reaped when the
+    // reactor runs; an executor that parks with nothing else to do may never look again. A
+    // ticker keeps the reactor turning until the probe is done.
+    let probing = Rc::new(Cell::new(true));
+    let ticker = glommio::spawn_local({
+        let probing = probing.clone();
+        async move {
+            while probing.get() {
+                glommio::timer::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let result: Result<()> = async {
+        let file =
+            DmaFile::open(&path).await.map_err(|e| StorageError::io("opening", &path, glommio_io(e)))?;
+        let read = file.read_at_aligned(0, BLOCK_BYTES).await;
+        let _ = file.close().await;
+        read.map_err(|e| StorageError::io("priming O_DIRECT reads on", &path, glommio_io(e)))?;
+        Ok(())
+    }
+    .await;
+    probing.set(false);
+    ticker.await;
+    result?;
     PRIMED.with(|primed| primed.set(true));
     Ok(())
 }

@@ -880,11 +880,19 @@ impl Log {
     /// caller stamped it. Returns once the batch is buffered (waiting first if more than
     /// `write_buffered_bytes_max` is buffered); await [`Appended::ack`] for durability.
     pub async fn append(&self, batch: BytesMut) -> Result<Appended> {
+        self.append_validated(batch::ValidatedBatch::new(batch, self.shared.config.batch_bytes_max)?).await
+    }
+
+    /// [`Log::append`] for a batch the caller already validated (the broker checks every batch
+    /// of a request before appending any, so that a bad one leaves the partition untouched).
+    pub async fn append_validated(&self, batch: batch::ValidatedBatch) -> Result<Appended> {
         let shared = &self.shared;
-        let header = batch::validate(&batch, shared.config.batch_bytes_max)?;
-        if header.total_bytes() != batch.len() {
-            return Err(BatchError::TrailingBytes(batch.len() - header.total_bytes()).into());
+        if batch.len() > shared.config.batch_bytes_max {
+            return Err(
+                BatchError::TooLarge { size: batch.len(), limit: shared.config.batch_bytes_max }.into()
+            );
         }
+        let (batch, header) = batch.into_parts();
         let _permit = shared.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
         shared.check_usable()?;
         loop {
@@ -1491,6 +1499,12 @@ impl Log {
     /// checkpoint at its end, then stops the flusher. Appends after this fail with
     /// [`StorageError::Closed`].
     pub async fn close(self) -> Result<()> {
+        self.shutdown().await
+    }
+
+    /// [`Log::close`] for a log still shared (`Rc`) with other tasks: they get
+    /// [`StorageError::Closed`] from then on.
+    pub async fn shutdown(&self) -> Result<()> {
         let shared = self.shared.clone();
         let permit = shared.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
         let flushed = shared.barrier().await;
