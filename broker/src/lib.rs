@@ -1,1 +1,42 @@
-//! The Skein broker (to be built with the broker issue).
+//! # skein-broker: the thread-per-core broker
+//!
+//! One glommio executor per core, each pinned to its CPU (a *shard*). Every partition is owned
+//! by exactly one shard ([`shard::owner`]), and only that shard touches its log; shards share
+//! nothing and talk through glommio's lock-free channel mesh. Each shard accepts connections on
+//! the same port (SO_REUSEPORT) and forwards requests for partitions it does not own; the
+//! answer comes back the same way. There is no `Mutex` or `RwLock` on the produce or fetch path.
+//!
+//! * [`server`]: start-up, the shards' main loops, shutdown on SIGINT/SIGTERM.
+//! * [`shard`]: one shard's state and the cross-shard protocol ([`shard::Op`], [`shard::Reply`]).
+//!   Its module docs say which core each structure lives on.
+//! * [`connection`]: framing, pipelining and limits of one client connection.
+//! * [`handlers`]: what each API does.
+//! * [`sendfile`]: how records reach the socket (memory, `sendfile` on the shard, or `sendfile`
+//!   on a blocking thread for ranges not in the page cache).
+//! * [`metadata`]: topics and their settings, stored durably; the interface the Raft controller
+//!   will implement.
+//!
+//! ## How a produced record travels
+//! socket → the accepting shard's reader task frames the request ([`connection`]) → the records
+//! of each partition are carved out of the frame without copying → the owning shard (local, or
+//! through the mesh) checks every batch and appends it to the partition's `Log` (offsets
+//! assigned, copied into O_DIRECT buffers) → the log's flusher writes (and syncs with
+//! `--fsync always`) → the ack resolves → the response goes back through the mesh and out of
+//! the connection's writer, in request order.
+//!
+//! ## Must never
+//! * block a shard on disk I/O (storage goes through io_uring; blocking calls go to
+//!   `spawn_blocking`);
+//! * let one client's bad input touch another client or any stored data.
+
+pub mod config;
+pub mod connection;
+pub mod handlers;
+pub mod metadata;
+mod oneshot;
+pub mod sendfile;
+pub mod server;
+pub mod shard;
+
+pub use config::BrokerConfig;
+pub use server::{run, start, RunningBroker, StartError};

@@ -1,0 +1,82 @@
+//! Broker settings (the `skein broker` flags).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use skein_storage::{FsyncPolicy, LogConfig};
+
+/// Everything a broker needs to start. Shared read-only by every shard.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Number of shards (one glommio executor each, pinned to CPUs `0..cores`).
+    pub cores: usize,
+    pub fsync: FsyncPolicy,
+    pub node_id: u32,
+    /// Largest request frame accepted.
+    pub frame_bytes_max: usize,
+    /// Connections accepted by the whole broker (split evenly across shards).
+    pub connections_max: usize,
+    /// Requests a connection may have in flight before the broker stops reading from it.
+    pub in_flight_max: usize,
+    /// A started frame must be complete within this time (slow-loris protection).
+    pub frame_timeout: Duration,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// How often each shard applies retention to its partitions.
+    pub retention_check: Duration,
+    /// Defaults for new topics (the topic's own settings override them).
+    pub default_segment_bytes: u64,
+    pub default_retention: Option<Duration>,
+    pub default_max_message_bytes: u32,
+    /// Tail cache per partition.
+    pub cache_bytes_per_partition: usize,
+    /// glommio time slice: I/O is submitted and reaped between slices.
+    pub preempt_timer: Duration,
+}
+
+impl BrokerConfig {
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> BrokerConfig {
+        BrokerConfig {
+            data_dir,
+            listen,
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            fsync: FsyncPolicy::Never,
+            node_id: 0,
+            frame_bytes_max: 64 << 20,
+            connections_max: 10_000,
+            in_flight_max: 64,
+            frame_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            retention_check: Duration::from_secs(60),
+            default_segment_bytes: 128 << 20,
+            default_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            default_max_message_bytes: 8 << 20,
+            cache_bytes_per_partition: 4 << 20,
+            preempt_timer: Duration::from_micros(250),
+        }
+    }
+
+    /// The storage settings of one partition of a topic.
+    pub fn log_config(&self, topic: &crate::metadata::TopicConfig) -> LogConfig {
+        let defaults = LogConfig::default();
+        LogConfig {
+            segment_bytes: topic.segment_bytes,
+            segment_age_max: topic.segment_ms.map(Duration::from_millis),
+            fsync: self.fsync,
+            retention_age_max: topic.retention_ms.map(Duration::from_millis),
+            retention_bytes_max: topic.retention_bytes,
+            cache_bytes_max: self.cache_bytes_per_partition,
+            batch_bytes_max: topic.max_message_bytes as usize,
+            preallocate_bytes: defaults.preallocate_bytes.min(topic.segment_bytes / 4 / 4096 * 4096),
+            ..defaults
+        }
+    }
+
+    /// Connections each shard accepts.
+    pub fn connections_per_shard(&self) -> usize {
+        self.connections_max.div_ceil(self.cores).max(1)
+    }
+}

@@ -1,0 +1,205 @@
+//! One client connection: a reader task that frames requests and dispatches them in order, and a
+//! writer task that sends the responses in the same order.
+//!
+//! Limits: a frame longer than `frame_bytes_max` or with a broken header closes the connection
+//! (the stream cannot be trusted after it); at most `in_flight_max` requests wait for their
+//! response (then the reader stops reading: back-pressure, not an unbounded queue); a frame must
+//! arrive completely within `frame_timeout` once started, and an idle connection is closed after
+//! `idle_timeout`.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel;
+use glommio::net::TcpStream;
+use skein_net::frame::{self, FrameError};
+use skein_net::{ErrorCode, Part};
+
+use crate::handlers::{self, Outgoing};
+use crate::sendfile;
+use crate::shard::{LocalFuture, Shard};
+
+/// Bytes read from the socket at a time when no frame size is known yet.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    Closed,
+    Frame(FrameError),
+    Io(std::io::Error),
+    IdleTimeout,
+    FrameTimeout,
+    ShuttingDown,
+}
+
+/// Serves a connection until the client closes it, breaks the framing, or the broker stops.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let socket = stream.as_raw_fd();
+    if let Err(error) = sendfile::set_nonblocking(socket) {
+        tracing::warn!(%error, "could not make a client socket non-blocking");
+        return;
+    }
+    let (mut reader, writer) = stream.split();
+    let (sender, receiver) = local_channel::new_bounded::<LocalFuture<Outgoing>>(shard.config.in_flight_max);
+    let writer_failed = Rc::new(Cell::new(false));
+    let writer_task = glommio::spawn_local(write_loop(writer, socket, receiver, writer_failed.clone()));
+    let end = read_loop(&shard, &mut reader, &sender, &writer_failed).await;
+    match &end {
+        End::Closed | End::ShuttingDown => tracing::debug!(?peer, ?end, "connection ended"),
+        End::Frame(error) => tracing::warn!(?peer, %error, "closing a connection after a framing error"),
+        End::Io(error) => tracing::info!(?peer, %error, "closing a connection after an I/O error"),
+        other => tracing::info!(?peer, end = ?other, "closing a connection"),
+    }
+    drop(sender);
+    writer_task.await;
+}
+
+async fn read_loop(
+    shard: &Rc<Shard>,
+    reader: &mut futures::io::ReadHalf<TcpStream>,
+    sender: &local_channel::LocalSender<LocalFuture<Outgoing>>,
+    writer_failed: &Cell<bool>,
+) -> End {
+    let config = &shard.config;
+    let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    loop {
+        // Take every whole frame already buffered.
+        loop {
+            match frame::request_frame_len(&buffer, config.frame_bytes_max) {
+                Err(error) => return End::Frame(error),
+                Ok(None) => break,
+                Ok(Some(len)) => {
+                    let whole = buffer.split_to(len);
+                    let header = match frame::decode_request_header(&whole) {
+                        Ok(header) => header,
+                        Err(error) => return End::Frame(error),
+                    };
+                    let pending = handlers::handle(shard, header, whole).await;
+                    if sender.send(pending).await.is_err() {
+                        return End::Closed;
+                    }
+                }
+            }
+        }
+        if writer_failed.get() {
+            return End::Closed;
+        }
+        if shard.shutting_down.get() {
+            return End::ShuttingDown;
+        }
+        // Read more: the rest of the current frame if its length is known, else a chunk.
+        let wanted = match buffer.len() {
+            n if n >= frame::LENGTH_BYTES => {
+                let length = u32::from_le_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
+                (length + frame::LENGTH_BYTES).saturating_sub(n).max(READ_CHUNK_BYTES)
+            }
+            _ => READ_CHUNK_BYTES,
+        };
+        let timeout = if buffer.is_empty() { config.idle_timeout } else { config.frame_timeout };
+        let start = buffer.len();
+        buffer.resize(start + wanted, 0);
+        let read = read_with_timeout(reader, &mut buffer[start..], timeout, shard).await;
+        match read {
+            Ok(0) => {
+                buffer.truncate(start);
+                return End::Closed;
+            }
+            Ok(n) => buffer.truncate(start + n),
+            Err(end) => return end,
+        }
+    }
+}
+
+/// Reads once, giving up after `timeout`; wakes every second to notice a broker shutdown.
+async fn read_with_timeout(
+    reader: &mut futures::io::ReadHalf<TcpStream>,
+    target: &mut [u8],
+    timeout: Duration,
+    shard: &Shard,
+) -> Result<usize, End> {
+    let started = std::time::Instant::now();
+    let mut read = std::pin::pin!(reader.read(target));
+    loop {
+        let slice = (timeout.saturating_sub(started.elapsed())).min(Duration::from_secs(1));
+        match glommio::timer::timeout(slice, async { Ok(read.as_mut().await) }).await {
+            Ok(Ok(n)) => return Ok(n),
+            Ok(Err(error)) => return Err(End::Io(error)),
+            Err(_) => {
+                if shard.shutting_down.get() {
+                    return Err(End::ShuttingDown);
+                }
+                if started.elapsed() >= timeout {
+                    return Err(if timeout == shard.config.idle_timeout {
+                        End::IdleTimeout
+                    } else {
+                        End::FrameTimeout
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn write_loop(
+    mut writer: futures::io::WriteHalf<TcpStream>,
+    socket: std::os::fd::RawFd,
+    receiver: local_channel::LocalReceiver<LocalFuture<Outgoing>>,
+    failed: Rc<Cell<bool>>,
+) {
+    while let Some(pending) = receiver.recv().await {
+        let outgoing = pending.await;
+        if failed.get() {
+            continue; // keep draining so the reader is never stuck on a full queue
+        }
+        let result = match outgoing {
+            Outgoing::None => Ok(()),
+            Outgoing::Frame(bytes) => writer.write_all(&bytes).await,
+            Outgoing::Parts(parts) => write_parts(&mut writer, socket, parts).await,
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "writing a response failed; closing the connection");
+            failed.set(true);
+        }
+    }
+    let _ = writer.close().await;
+}
+
+async fn write_parts(
+    writer: &mut futures::io::WriteHalf<TcpStream>,
+    socket: std::os::fd::RawFd,
+    parts: Vec<Part<crate::shard::Records>>,
+) -> std::io::Result<()> {
+    for part in parts {
+        match part {
+            Part::Bytes(bytes) => writer.write_all(&bytes).await?,
+            Part::Records(records) => sendfile::write_records(writer, socket, records).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Answers the first request of a connection over the limit with `TooManyConnections`, then
+/// closes it.
+pub async fn refuse(stream: TcpStream, peer: Option<SocketAddr>) {
+    tracing::warn!(?peer, "connection limit reached; refusing a connection");
+    let mut stream = stream;
+    let mut header = [0u8; frame::REQUEST_HEADER_BYTES];
+    let read =
+        glommio::timer::timeout(Duration::from_secs(2), async { Ok(stream.read_exact(&mut header).await) })
+            .await;
+    let correlation_id = match read {
+        Ok(Ok(())) => u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")),
+        _ => 0,
+    };
+    let response = frame::encode_error_response(correlation_id, ErrorCode::TooManyConnections);
+    let _ = stream.write_all(&response).await;
+    let _ = stream.close().await;
+}

@@ -1,0 +1,378 @@
+//! Turning one decoded request into its response.
+//!
+//! [`handle`] runs in the connection's reader task, in request order. It does the *ordered*
+//! part of a request right away (a produce's appends, so requests on one connection reach each
+//! partition in the order they were sent) and returns the rest as a future; the connection's
+//! writer awaits those futures in order and writes their responses.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use skein_net::frame::{self, RequestHeader};
+use skein_net::{
+    acks, encode_response, ApiKey, ApiVersion, ApiVersionsResponse, BrokerInfo, ErrorCode,
+    FetchPartitionResponse, FetchRequest, FetchResponse, ListOffsetsPartitionResponse, ListOffsetsRequest,
+    ListOffsetsResponse, MetadataRequest, MetadataResponse, Part, PartitionMetadata,
+    ProducePartitionResponse, ProduceRequest, ProduceResponse, Request, TopicData, TopicMetadata,
+    TopicResults,
+};
+
+use crate::shard::{FetchOutcome, LocalFuture, Op, Records, Reply, Shard};
+
+/// What the connection's writer sends for one request.
+pub enum Outgoing {
+    /// Nothing (a produce with `acks=0`).
+    None,
+    Frame(BytesMut),
+    /// A fetch response: encoded bytes and records parts.
+    Parts(Vec<Part<Records>>),
+}
+
+/// Handles one request frame. `frame` is the whole frame, header included.
+pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -> LocalFuture<Outgoing> {
+    let correlation_id = header.correlation_id;
+    let expects_response = header.expects_response();
+    let request = match Request::decode(&header, &frame[frame::REQUEST_HEADER_BYTES..]) {
+        Ok(request) => request,
+        Err(error) => {
+            tracing::info!(%error, correlation_id, "refused a request");
+            let outgoing = if expects_response {
+                Outgoing::Frame(frame::encode_error_response(correlation_id, error.code()))
+            } else {
+                Outgoing::None
+            };
+            return Box::pin(std::future::ready(outgoing));
+        }
+    };
+    let respond = move |body: BytesMut| if expects_response { Outgoing::Frame(body) } else { Outgoing::None };
+    match request {
+        Request::ApiVersions(_) => {
+            let response = ApiVersionsResponse {
+                error: ErrorCode::None,
+                broker_version: env!("CARGO_PKG_VERSION").to_owned(),
+                apis: ApiKey::ALL
+                    .iter()
+                    .map(|api| ApiVersion {
+                        api_key: *api as u16,
+                        min_version: api.versions().0,
+                        max_version: api.versions().1,
+                    })
+                    .collect(),
+                frame_bytes_max: shard.config.frame_bytes_max as u32,
+                batch_bytes_max: shard.config.default_max_message_bytes,
+            };
+            ready(respond(encode_response(correlation_id, |w| response.encode(w))))
+        }
+        Request::Metadata(request) => {
+            let response = metadata(shard, &request);
+            ready(respond(encode_response(correlation_id, |w| response.encode(w))))
+        }
+        Request::CreateTopics(request) => {
+            let shard = shard.clone();
+            Box::pin(async move {
+                let topics = shard.request_create_topics(request.topics).await;
+                respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
+            })
+        }
+        Request::DeleteTopics(request) => {
+            let shard = shard.clone();
+            Box::pin(async move {
+                let topics = shard.request_delete_topics(request.names).await;
+                respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
+            })
+        }
+        Request::Produce(request) => {
+            let completion = produce(shard, request, frame).await;
+            Box::pin(async move {
+                let response = completion.await;
+                respond(encode_response(correlation_id, |w| response.encode(w)))
+            })
+        }
+        Request::Fetch(request) => {
+            let shard = shard.clone();
+            Box::pin(async move {
+                let response = fetch(&shard, request).await;
+                if expects_response {
+                    Outgoing::Parts(response.encode_parts(correlation_id))
+                } else {
+                    Outgoing::None
+                }
+            })
+        }
+        Request::ListOffsets(request) => {
+            let shard = shard.clone();
+            Box::pin(async move {
+                let response = list_offsets(&shard, request).await;
+                respond(encode_response(correlation_id, |w| response.encode(w)))
+            })
+        }
+    }
+}
+
+fn ready(outgoing: Outgoing) -> LocalFuture<Outgoing> {
+    Box::pin(std::future::ready(outgoing))
+}
+
+fn metadata(shard: &Shard, request: &MetadataRequest) -> MetadataResponse {
+    let topics = shard.topics();
+    let (host, port) = shard.advertised.borrow().clone();
+    let node_id = shard.config.node_id;
+    let describe = |name: &str| match topics.get(name) {
+        Some(config) => TopicMetadata {
+            name: name.to_owned(),
+            error: ErrorCode::None,
+            partitions: (0..config.partitions)
+                .map(|partition| PartitionMetadata { partition, error: ErrorCode::None, leader: node_id })
+                .collect(),
+            configs: config.to_configs(),
+        },
+        None => TopicMetadata {
+            name: name.to_owned(),
+            error: ErrorCode::UnknownTopicOrPartition,
+            partitions: Vec::new(),
+            configs: Vec::new(),
+        },
+    };
+    let described = match &request.topics {
+        None => topics.keys().map(|name| describe(name)).collect(),
+        Some(names) => names.iter().map(|name| describe(name)).collect(),
+    };
+    MetadataResponse {
+        brokers: vec![BrokerInfo { node_id, host, port }],
+        controller_id: node_id,
+        topics: described,
+    }
+}
+
+fn partition_exists(shard: &Shard, topic: &str, partition: u32) -> bool {
+    shard.topics().get(topic).is_some_and(|config| partition < config.partitions)
+}
+
+/// Appends every partition's records (in request order, on their owning shards) and returns the
+/// future of the response.
+async fn produce(
+    shard: &Rc<Shard>,
+    request: ProduceRequest<std::ops::Range<usize>>,
+    frame: BytesMut,
+) -> LocalFuture<ProduceResponse> {
+    let valid_acks = matches!(request.acks, acks::NONE | acks::LEADER | acks::ALL);
+    // Carve each partition's records out of the frame, in order, without copying.
+    let mut rest = frame;
+    let mut consumed = 0usize;
+    let mut completions: Vec<(usize, LocalFuture<ProducePartitionResponse>)> = Vec::new();
+    let mut topics = Vec::with_capacity(request.topics.len());
+    for topic in request.topics {
+        let mut partitions = Vec::with_capacity(topic.partitions.len());
+        for partition in topic.partitions {
+            let start = partition.records.start + frame::REQUEST_HEADER_BYTES;
+            let end = partition.records.end + frame::REQUEST_HEADER_BYTES;
+            rest.advance(start - consumed);
+            let records = rest.split_to(end - start);
+            consumed = end;
+            let immediate = |error| ProducePartitionResponse {
+                partition: partition.partition,
+                error,
+                base_offset: 0,
+                last_offset: 0,
+                log_start_offset: 0,
+            };
+            let completion: LocalFuture<ProducePartitionResponse> = if !valid_acks {
+                Box::pin(std::future::ready(immediate(ErrorCode::InvalidRequiredAcks)))
+            } else if !partition_exists(shard, &topic.name, partition.partition) {
+                Box::pin(std::future::ready(immediate(ErrorCode::UnknownTopicOrPartition)))
+            } else {
+                let owner = shard.owner(&topic.name, partition.partition);
+                if owner == shard.id {
+                    shard
+                        .produce(&topic.name, partition.partition, records, request.acks, request.timeout_ms)
+                        .await
+                } else {
+                    let op = Op::Produce {
+                        topic: topic.name.clone(),
+                        partition: partition.partition,
+                        records,
+                        acks: request.acks,
+                        timeout_ms: request.timeout_ms,
+                    };
+                    let reply = shard.call_ordered(owner, op).await;
+                    Box::pin(async move {
+                        match reply.await {
+                            Reply::Produce(response) => response,
+                            other => unreachable!("produce answered with {other:?}"),
+                        }
+                    })
+                }
+            };
+            completions.push((topics.len(), completion));
+            partitions.push(());
+        }
+        topics.push((topic.name, partitions.len()));
+    }
+    Box::pin(async move {
+        let mut by_topic: Vec<TopicData<ProducePartitionResponse>> = topics
+            .iter()
+            .map(|(name, count)| TopicData { name: name.clone(), partitions: Vec::with_capacity(*count) })
+            .collect();
+        let indexes: Vec<usize> = completions.iter().map(|(index, _)| *index).collect();
+        let responses =
+            futures::future::join_all(completions.into_iter().map(|(_, completion)| completion)).await;
+        for (index, response) in indexes.into_iter().zip(responses) {
+            by_topic[index].partitions.push(response);
+        }
+        ProduceResponse { topics: by_topic }
+    })
+}
+
+/// One partition of a fetch, with where its answer goes.
+struct FetchSlot {
+    topic_index: usize,
+    topic: String,
+    partition: u32,
+    offset: u64,
+    partition_bytes_max: u32,
+}
+
+/// Long-poll fetch: reads every partition (grouped by owning shard, this shard first), and if
+/// fewer than `min_bytes` came back, waits for data on any of them, up to `max_wait_ms`.
+async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse<Records> {
+    let deadline = Instant::now() + Duration::from_millis(request.max_wait_ms.into());
+    let mut slots = Vec::new();
+    let topic_names: Vec<String> = request.topics.iter().map(|t| t.name.clone()).collect();
+    for (topic_index, topic) in request.topics.into_iter().enumerate() {
+        for partition in topic.partitions {
+            slots.push(FetchSlot {
+                topic_index,
+                topic: topic.name.clone(),
+                partition: partition.partition,
+                offset: partition.fetch_offset,
+                partition_bytes_max: partition.partition_bytes_max,
+            });
+        }
+    }
+    loop {
+        let outcomes = read_pass(shard, &slots, request.max_bytes).await;
+        let total: usize = outcomes.iter().map(|o| o.records.len()).sum();
+        let failed = outcomes.iter().any(|o| !o.error.is_ok());
+        let now = Instant::now();
+        if total >= request.min_bytes.max(1) as usize
+            || now >= deadline
+            || failed
+            || shard.shutting_down.get()
+        {
+            let mut topics: Vec<TopicData<FetchPartitionResponse<Records>>> = topic_names
+                .iter()
+                .map(|name| TopicData { name: name.clone(), partitions: Vec::new() })
+                .collect();
+            for (slot, outcome) in slots.iter().zip(outcomes) {
+                topics[slot.topic_index].partitions.push(FetchPartitionResponse {
+                    partition: slot.partition,
+                    error: outcome.error,
+                    high_watermark: outcome.high_watermark,
+                    log_start_offset: outcome.log_start_offset,
+                    records: outcome.records,
+                });
+            }
+            return FetchResponse { topics };
+        }
+        drop(outcomes);
+        // Wait for records on any of the partitions, on their shards.
+        let remaining = (deadline - now).as_millis().max(1) as u32;
+        let mut by_owner: BTreeMap<usize, Vec<(String, u32, u64)>> = BTreeMap::new();
+        for slot in &slots {
+            by_owner.entry(shard.owner(&slot.topic, slot.partition)).or_default().push((
+                slot.topic.clone(),
+                slot.partition,
+                slot.offset,
+            ));
+        }
+        let waits: Vec<LocalFuture<Reply>> = by_owner
+            .into_iter()
+            .map(|(owner, partitions)| {
+                let shard = shard.clone();
+                Box::pin(async move {
+                    shard.call(owner, Op::WaitForData { partitions, timeout_ms: remaining }).await
+                }) as LocalFuture<Reply>
+            })
+            .collect();
+        if waits.is_empty() {
+            glommio::timer::sleep(deadline - now).await;
+        } else {
+            futures::future::select_all(waits).await;
+        }
+    }
+}
+
+/// Reads every slot once; the response byte budget is spent in request order, one shard group
+/// at a time (this shard's first).
+async fn read_pass(shard: &Rc<Shard>, slots: &[FetchSlot], max_bytes: u32) -> Vec<FetchOutcome> {
+    let mut outcomes: Vec<Option<FetchOutcome>> = (0..slots.len()).map(|_| None).collect();
+    let mut groups: BTreeMap<(bool, usize), Vec<usize>> = BTreeMap::new();
+    for (index, slot) in slots.iter().enumerate() {
+        if !partition_exists(shard, &slot.topic, slot.partition) {
+            outcomes[index] = Some(FetchOutcome {
+                error: ErrorCode::UnknownTopicOrPartition,
+                high_watermark: 0,
+                log_start_offset: 0,
+                records: Records::Memory(Vec::new()),
+            });
+            continue;
+        }
+        let owner = shard.owner(&slot.topic, slot.partition);
+        groups.entry((owner != shard.id, owner)).or_default().push(index);
+    }
+    let mut budget = max_bytes;
+    for ((_, owner), indexes) in groups {
+        let reads = indexes
+            .iter()
+            .map(|&i| {
+                (slots[i].topic.clone(), slots[i].partition, slots[i].offset, slots[i].partition_bytes_max)
+            })
+            .collect();
+        let results = match shard.call(owner, Op::Fetch { reads, bytes_max: budget }).await {
+            Reply::Fetch(results) => results,
+            other => unreachable!("fetch answered with {other:?}"),
+        };
+        for (index, outcome) in indexes.into_iter().zip(results) {
+            budget = budget.saturating_sub(outcome.records.len() as u32);
+            outcomes[index] = Some(outcome);
+        }
+    }
+    outcomes.into_iter().map(|o| o.expect("every slot answered")).collect()
+}
+
+async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOffsetsResponse {
+    let mut topics = Vec::with_capacity(request.topics.len());
+    for topic in request.topics {
+        let mut partitions = Vec::with_capacity(topic.partitions.len());
+        for partition in topic.partitions {
+            let response = if !partition_exists(shard, &topic.name, partition.partition) {
+                ListOffsetsPartitionResponse {
+                    partition: partition.partition,
+                    error: ErrorCode::UnknownTopicOrPartition,
+                    offset: -1,
+                }
+            } else {
+                let owner = shard.owner(&topic.name, partition.partition);
+                let op = Op::ListOffsets {
+                    topic: topic.name.clone(),
+                    partition: partition.partition,
+                    timestamp: partition.timestamp,
+                };
+                match shard.call(owner, op).await {
+                    Reply::ListOffsets(response) => response,
+                    other => unreachable!("list offsets answered with {other:?}"),
+                }
+            };
+            partitions.push(response);
+        }
+        topics.push(TopicData { name: topic.name, partitions });
+    }
+    ListOffsetsResponse { topics }
+}
+
+/// Frame-level error with no body.
+pub fn error_frame(correlation_id: u32, error: ErrorCode) -> Outgoing {
+    Outgoing::Frame(frame::encode_error_response(correlation_id, error))
+}

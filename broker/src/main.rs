@@ -1,0 +1,423 @@
+//! `skein`: runs a broker, manages topics, produces and consumes from the command line.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::stream::{FuturesUnordered, StreamExt};
+use skein_client::{
+    Acks, Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig,
+    ProducerRecord, SeekTo,
+};
+use skein_storage::FsyncPolicy;
+
+#[derive(Parser, Debug)]
+#[command(name = "skein", version, about = "Skein: a thread-per-core commit log")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a broker.
+    Broker(BrokerArgs),
+    /// Create, list, describe and delete topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Produce one record per line of standard input.
+    Produce(ProduceArgs),
+    /// Print the records of a topic.
+    Consume(ConsumeArgs),
+}
+
+#[derive(Args, Debug)]
+struct BrokerArgs {
+    #[arg(long, default_value = "./skein-data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    listen: SocketAddr,
+    /// Shards (one pinned executor each); default: every CPU.
+    #[arg(long)]
+    cores: Option<usize>,
+    /// always, never or interval:MS
+    #[arg(long, default_value = "never")]
+    fsync: FsyncPolicy,
+    #[arg(long, default_value_t = 0)]
+    node_id: u32,
+    /// Largest request frame (bytes).
+    #[arg(long, default_value_t = 64 << 20)]
+    frame_bytes_max: usize,
+    #[arg(long, default_value_t = 10_000)]
+    connections_max: usize,
+    /// Requests in flight per connection before the broker stops reading it.
+    #[arg(long, default_value_t = 64)]
+    in_flight_max: usize,
+    /// Close connections idle this long (seconds).
+    #[arg(long, default_value_t = 600)]
+    idle_timeout_s: u64,
+    /// How often retention runs (milliseconds).
+    #[arg(long, default_value_t = 60_000)]
+    retention_check_ms: u64,
+    /// Default segment size of new topics (bytes).
+    #[arg(long, default_value_t = 128 << 20)]
+    segment_bytes: u64,
+    /// Default retention of new topics (hours; 0: forever).
+    #[arg(long, default_value_t = 168)]
+    retention_hours: u64,
+    /// Tail cache per partition (bytes).
+    #[arg(long, default_value_t = 4 << 20)]
+    cache_bytes: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Connect {
+    /// Broker address.
+    #[arg(long, env = "SKEIN_BOOTSTRAP", default_value = "127.0.0.1:9400", global = true)]
+    bootstrap: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum TopicCommand {
+    Create {
+        name: String,
+        #[arg(long)]
+        partitions: u32,
+        /// Topic setting, e.g. retention.ms=86400000 (repeatable).
+        #[arg(long = "config", value_parser = parse_key_value)]
+        configs: Vec<(String, String)>,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    List {
+        #[command(flatten)]
+        connect: Connect,
+    },
+    Describe {
+        name: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ProduceArgs {
+    topic: String,
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Split each line into KEY SEP VALUE at the first SEP.
+    #[arg(long)]
+    key_separator: Option<String>,
+    /// 0, 1 or all
+    #[arg(long, default_value = "all")]
+    acks: Acks,
+    /// Print "PARTITION OFFSET" for each acknowledged record, in acknowledgement order.
+    #[arg(long)]
+    report: bool,
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+    #[command(flatten)]
+    connect: Connect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Value,
+    Full,
+}
+
+#[derive(Args, Debug)]
+struct ConsumeArgs {
+    topic: String,
+    #[arg(long)]
+    partition: Option<u32>,
+    /// beginning, end, an offset, or time:EPOCH_MS
+    #[arg(long, default_value = "beginning", value_parser = parse_from)]
+    from: SeekTo,
+    /// Exit after this many records.
+    #[arg(long)]
+    max_messages: Option<u64>,
+    /// Exit when nothing arrives for this long (milliseconds).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    #[arg(long, value_enum, default_value = "value")]
+    format: Format,
+    #[command(flatten)]
+    connect: Connect,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
+}
+
+fn parse_from(text: &str) -> Result<SeekTo, String> {
+    match text {
+        "beginning" => Ok(SeekTo::Beginning),
+        "end" => Ok(SeekTo::End),
+        other => {
+            if let Some(ms) = other.strip_prefix("time:") {
+                ms.parse().map(SeekTo::Timestamp).map_err(|_| format!("invalid timestamp {ms:?}"))
+            } else {
+                other
+                    .parse()
+                    .map(SeekTo::Offset)
+                    .map_err(|_| format!("expected beginning, end, OFFSET or time:MS, got {other:?}"))
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Broker(args) => run_broker(args),
+        command => {
+            init_logging("warn");
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            runtime.block_on(run_client(command))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run_broker(args: BrokerArgs) -> Result<(), String> {
+    init_logging("info");
+    let mut config = skein_broker::BrokerConfig::new(args.data_dir, args.listen);
+    if let Some(cores) = args.cores {
+        if cores == 0 {
+            return Err("--cores must be at least 1".into());
+        }
+        config.cores = cores;
+    }
+    config.fsync = args.fsync;
+    config.node_id = args.node_id;
+    config.frame_bytes_max = args.frame_bytes_max;
+    config.connections_max = args.connections_max;
+    config.in_flight_max = args.in_flight_max.max(1);
+    config.idle_timeout = Duration::from_secs(args.idle_timeout_s.max(1));
+    config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
+    config.default_segment_bytes = args.segment_bytes;
+    config.default_retention =
+        (args.retention_hours > 0).then(|| Duration::from_secs(args.retention_hours * 3600));
+    config.cache_bytes_per_partition = args.cache_bytes;
+    skein_broker::run(config).map_err(|e| e.to_string())
+}
+
+async fn connect(connect: &Connect) -> Result<Client, String> {
+    let mut config = ClientConfig::new(connect.bootstrap.clone());
+    config.client_id = "skein-cli".into();
+    config.connect_timeout = Duration::from_secs(5);
+    Client::connect(config).await.map_err(|e| e.to_string())
+}
+
+async fn run_client(command: Command) -> Result<(), String> {
+    match command {
+        Command::Broker(_) => unreachable!("handled by main"),
+        Command::Topic { command } => topic(command).await,
+        Command::Produce(args) => produce(args).await,
+        Command::Consume(args) => consume(args).await,
+    }
+}
+
+async fn topic(command: TopicCommand) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        TopicCommand::Create { name, partitions, configs, connect: c } => {
+            let admin = Admin::new(connect(&c).await?);
+            let configs: Vec<(&str, &str)> = configs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            admin.create_topic(&name, partitions, &configs).await.map_err(|e| e.to_string())?;
+            writeln!(out, "created topic {name} with {partitions} partitions").map_err(|e| e.to_string())
+        }
+        TopicCommand::List { connect: c } => {
+            let admin = Admin::new(connect(&c).await?);
+            for name in admin.list_topics().await.map_err(|e| e.to_string())? {
+                writeln!(out, "{name}").map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        TopicCommand::Describe { name, connect: c } => {
+            let admin = Admin::new(connect(&c).await?);
+            let description = admin.describe_topic(&name).await.map_err(|e| e.to_string())?;
+            let configs: Vec<String> = description.configs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            writeln!(
+                out,
+                "topic {} partitions {} {}",
+                description.name,
+                description.partitions.len(),
+                configs.join(" ")
+            )
+            .map_err(|e| e.to_string())?;
+            for p in &description.partitions {
+                writeln!(
+                    out,
+                    "  partition {} leader {} start {} end {} records {}",
+                    p.partition,
+                    p.leader,
+                    p.start_offset,
+                    p.end_offset,
+                    p.end_offset - p.start_offset
+                )
+                .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        TopicCommand::Delete { name, connect: c } => {
+            let admin = Admin::new(connect(&c).await?);
+            admin.delete_topic(&name).await.map_err(|e| e.to_string())?;
+            writeln!(out, "deleted topic {name}").map_err(|e| e.to_string())
+        }
+    }
+}
+
+async fn produce(args: ProduceArgs) -> Result<(), String> {
+    let client = connect(&args.connect).await?;
+    client.topic(&args.topic).await.map_err(|e| e.to_string())?;
+    let config = ProducerConfig {
+        acks: args.acks,
+        linger: Duration::from_millis(args.linger_ms),
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::new(client, config);
+    // Lines are read on a blocking thread and handed over one by one.
+    let (lines, mut incoming) = tokio::sync::mpsc::channel::<std::io::Result<String>>(1024);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if lines.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut pending = FuturesUnordered::new();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut failure: Option<ClientError> = None;
+    let mut report =
+        |result: Result<skein_client::RecordMetadata, ClientError>, out: &mut dyn Write| match result {
+            Ok(metadata) => {
+                if args.report {
+                    let offset = metadata.offset.map_or("-".to_owned(), |o| o.to_string());
+                    let _ = writeln!(out, "{} {}", metadata.partition, offset);
+                }
+            }
+            Err(error) => {
+                failure.get_or_insert(error);
+            }
+        };
+    loop {
+        tokio::select! {
+            line = incoming.recv() => {
+                let Some(line) = line else { break };
+                let line = line.map_err(|e| format!("reading standard input: {e}"))?;
+                let mut record = match args.key_separator.as_deref().and_then(|sep| line.split_once(sep)) {
+                    Some((key, value)) => ProducerRecord::new(args.topic.clone(), value.to_owned()).key(key.to_owned()),
+                    None => ProducerRecord::new(args.topic.clone(), line),
+                };
+                if let Some(partition) = args.partition {
+                    record = record.partition(partition);
+                }
+                let delivery = producer.send(record).await.map_err(|e| e.to_string())?;
+                pending.push(delivery);
+            }
+            Some(result) = pending.next(), if !pending.is_empty() => report(result, &mut out),
+        }
+    }
+    producer.flush().await.map_err(|e| e.to_string())?;
+    while let Some(result) = pending.next().await {
+        report(result, &mut out);
+    }
+    out.flush().map_err(|e| e.to_string())?;
+    match failure {
+        Some(error) => Err(error.to_string()),
+        None => Ok(()),
+    }
+}
+
+fn printable(bytes: &Option<bytes::Bytes>) -> String {
+    match bytes {
+        Some(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        None => "(null)".to_owned(),
+    }
+}
+
+async fn consume(args: ConsumeArgs) -> Result<(), String> {
+    let client = connect(&args.connect).await?;
+    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    match args.partition {
+        Some(partition) => consumer.assign(&args.topic, &[partition]).await,
+        None => consumer.assign_all(&args.topic).await,
+    }
+    .map_err(|e| e.to_string())?;
+    consumer.seek_all(args.from).await.map_err(|e| e.to_string())?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut seen = 0u64;
+    let idle = args.timeout_ms.map(Duration::from_millis);
+    let mut last_record = tokio::time::Instant::now();
+    loop {
+        if args.max_messages.is_some_and(|max| seen >= max) {
+            break;
+        }
+        let wait = match idle {
+            Some(idle) => {
+                let left = idle.saturating_sub(last_record.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                left
+            }
+            None => Duration::from_secs(1),
+        };
+        let records = consumer.poll(wait).await.map_err(|e| e.to_string())?;
+        if !records.is_empty() {
+            last_record = tokio::time::Instant::now();
+        }
+        for record in records {
+            if args.max_messages.is_some_and(|max| seen >= max) {
+                break;
+            }
+            let line = match args.format {
+                Format::Value => printable(&record.value),
+                Format::Full => format!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    record.partition,
+                    record.offset,
+                    record.timestamp,
+                    printable(&record.key),
+                    printable(&record.value)
+                ),
+            };
+            writeln!(out, "{line}").map_err(|e| e.to_string())?;
+            seen += 1;
+        }
+        out.flush().map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
+}

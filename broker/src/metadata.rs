@@ -1,0 +1,371 @@
+//! Topic metadata: what topics exist, their partition counts and settings, stored durably in the
+//! data directory.
+//!
+//! A single node is its own controller: shard 0 owns the [`MetadataStore`] and is the only one
+//! that changes it; every shard holds a read-only copy of the topic table, updated by messages
+//! from the controller. The store sits behind the [`MetadataStore`] trait so the Raft-replicated
+//! controller (the consensus shard) can replace the file-backed one.
+//!
+//! # File format (`meta/topics.snapshot`)
+//!
+//! | offset | size | field | notes |
+//! |-------:|-----:|-------|-------|
+//! | 0  | 4 | magic | `"SKMD"` |
+//! | 4  | 2 | version u16 | 1 |
+//! | 6  | 2 | reserved | 0 |
+//! | 8  | 4 | payload_bytes u32 | |
+//! | 12 | 4 | crc u32 | CRC32C of the payload |
+//! | 16 | … | payload | an [`rkyv`] archive of [`Snapshot`], checked with bytecheck on load |
+//!
+//! The file is replaced atomically (written to `topics.snapshot.tmp`, synced, renamed, directory
+//! synced). A snapshot that fails its checks is refused with an error naming the file; the broker
+//! does not start on guessed metadata.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rkyv::{Archive, Deserialize, Serialize};
+use skein_net::ErrorCode;
+
+pub const SNAPSHOT_MAGIC: [u8; 4] = *b"SKMD";
+pub const SNAPSHOT_VERSION: u16 = 1;
+const HEADER_BYTES: usize = 16;
+
+/// Limits on topics.
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+pub const PARTITIONS_MAX: u32 = 10_000;
+
+/// One topic's settings. `None` means unbounded (no age or size limit).
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct TopicConfig {
+    pub partitions: u32,
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub segment_bytes: u64,
+    pub segment_ms: Option<u64>,
+    pub max_message_bytes: u32,
+    pub created_ms: i64,
+}
+
+/// What is persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Archive, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Bumped by every change.
+    pub epoch: u64,
+    pub topics: BTreeMap<String, TopicConfig>,
+}
+
+/// Why a metadata change was refused; each maps to a wire error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataError {
+    #[error("invalid topic name {name:?}: {reason}")]
+    InvalidTopic { name: String, reason: &'static str },
+    #[error("topic {0} already exists")]
+    TopicExists(String),
+    #[error("topic {0} does not exist")]
+    UnknownTopic(String),
+    #[error("invalid partition count {0} (1 to 10000)")]
+    InvalidPartitions(u32),
+    #[error("invalid config {key}={value}: {reason}")]
+    InvalidConfig { key: String, value: String, reason: &'static str },
+    #[error("metadata file {path}: {reason}")]
+    Storage { path: PathBuf, reason: String },
+}
+
+impl MetadataError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MetadataError::InvalidTopic { .. } => ErrorCode::InvalidTopic,
+            MetadataError::TopicExists(_) => ErrorCode::TopicAlreadyExists,
+            MetadataError::UnknownTopic(_) => ErrorCode::UnknownTopicOrPartition,
+            MetadataError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
+            MetadataError::InvalidConfig { .. } => ErrorCode::InvalidConfig,
+            MetadataError::Storage { .. } => ErrorCode::StorageError,
+        }
+    }
+}
+
+/// Checks a topic name: 1–249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
+pub fn validate_topic_name(name: &str) -> Result<(), MetadataError> {
+    let invalid = |reason| Err(MetadataError::InvalidTopic { name: name.to_owned(), reason });
+    if name.is_empty() {
+        return invalid("empty");
+    }
+    if name.len() > TOPIC_NAME_BYTES_MAX {
+        return invalid("longer than 249 characters");
+    }
+    if name == "." || name == ".." {
+        return invalid("'.' and '..' are not allowed");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+        return invalid("only letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// Defaults applied to settings a CreateTopics request leaves out.
+#[derive(Debug, Clone)]
+pub struct TopicDefaults {
+    pub segment_bytes: u64,
+    pub retention_ms: Option<u64>,
+    pub max_message_bytes: u32,
+}
+
+impl TopicConfig {
+    /// Builds a topic's settings from the key/value configs of a CreateTopics request.
+    pub fn from_request(
+        partitions: u32,
+        configs: &[(String, String)],
+        defaults: &TopicDefaults,
+        created_ms: i64,
+    ) -> Result<TopicConfig, MetadataError> {
+        if partitions == 0 || partitions > PARTITIONS_MAX {
+            return Err(MetadataError::InvalidPartitions(partitions));
+        }
+        let mut config = TopicConfig {
+            partitions,
+            retention_ms: defaults.retention_ms,
+            retention_bytes: None,
+            segment_bytes: defaults.segment_bytes,
+            segment_ms: None,
+            max_message_bytes: defaults.max_message_bytes,
+            created_ms,
+        };
+        for (key, value) in configs {
+            let invalid =
+                |reason| MetadataError::InvalidConfig { key: key.clone(), value: value.clone(), reason };
+            let number = value.parse::<i64>().map_err(|_| invalid("not an integer"))?;
+            let optional = |number: i64| -> Result<Option<u64>, MetadataError> {
+                match number {
+                    -1 => Ok(None),
+                    n if n > 0 => Ok(Some(n as u64)),
+                    _ => Err(invalid("must be positive, or -1 for no limit")),
+                }
+            };
+            match key.as_str() {
+                "retention.ms" => config.retention_ms = optional(number)?,
+                "retention.bytes" => config.retention_bytes = optional(number)?,
+                "segment.ms" => config.segment_ms = optional(number)?,
+                "segment.bytes" => {
+                    if !(64 << 10..=(u32::MAX as i64)).contains(&number) {
+                        return Err(invalid("must be between 65536 and 4294967295"));
+                    }
+                    config.segment_bytes = number as u64;
+                }
+                "max.message.bytes" => {
+                    if !(1024..=(256 << 20)).contains(&number) {
+                        return Err(invalid("must be between 1024 and 268435456"));
+                    }
+                    config.max_message_bytes = number as u32;
+                }
+                _ => return Err(invalid("unknown setting")),
+            }
+        }
+        if config.segment_bytes < 4096 + u64::from(config.max_message_bytes) {
+            return Err(MetadataError::InvalidConfig {
+                key: "segment.bytes".into(),
+                value: config.segment_bytes.to_string(),
+                reason: "must hold the segment header and one batch of max.message.bytes",
+            });
+        }
+        Ok(config)
+    }
+
+    /// The settings as key/value text (Metadata responses, `skein topic describe`).
+    pub fn to_configs(&self) -> Vec<(String, String)> {
+        let optional = |value: Option<u64>| value.map_or("-1".to_owned(), |v| v.to_string());
+        vec![
+            ("retention.ms".into(), optional(self.retention_ms)),
+            ("retention.bytes".into(), optional(self.retention_bytes)),
+            ("segment.bytes".into(), self.segment_bytes.to_string()),
+            ("segment.ms".into(), optional(self.segment_ms)),
+            ("max.message.bytes".into(), self.max_message_bytes.to_string()),
+        ]
+    }
+}
+
+/// The controller's view of the metadata: the one interface through which topics change.
+pub trait MetadataStore {
+    fn snapshot(&self) -> &Snapshot;
+    /// Adds a topic durably. The name and config were validated by the caller.
+    fn create_topic(&mut self, name: &str, config: TopicConfig) -> Result<(), MetadataError>;
+    /// Removes a topic durably; returns its settings.
+    fn delete_topic(&mut self, name: &str) -> Result<TopicConfig, MetadataError>;
+}
+
+/// The single-node store: a snapshot file rewritten atomically on every change.
+pub struct FileMetadataStore {
+    path: PathBuf,
+    snapshot: Snapshot,
+}
+
+impl FileMetadataStore {
+    pub fn snapshot_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("meta").join("topics.snapshot")
+    }
+
+    /// Loads the store from the data directory (empty if there is no file yet).
+    pub fn open(data_dir: &Path) -> Result<FileMetadataStore, MetadataError> {
+        let path = Self::snapshot_path(data_dir);
+        let storage_error = |reason: String| MetadataError::Storage { path: path.clone(), reason };
+        let snapshot = match std::fs::read(&path) {
+            Ok(bytes) => decode_snapshot(&bytes).map_err(storage_error)?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Snapshot::default(),
+            Err(error) => return Err(storage_error(error.to_string())),
+        };
+        Ok(FileMetadataStore { path, snapshot })
+    }
+
+    fn persist(&self, snapshot: &Snapshot) -> Result<(), MetadataError> {
+        let bytes = encode_snapshot(snapshot);
+        write_atomically(&self.path, &bytes)
+            .map_err(|error| MetadataError::Storage { path: self.path.clone(), reason: error.to_string() })
+    }
+}
+
+impl MetadataStore for FileMetadataStore {
+    fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    fn create_topic(&mut self, name: &str, config: TopicConfig) -> Result<(), MetadataError> {
+        if self.snapshot.topics.contains_key(name) {
+            return Err(MetadataError::TopicExists(name.to_owned()));
+        }
+        let mut next = self.snapshot.clone();
+        next.epoch += 1;
+        next.topics.insert(name.to_owned(), config);
+        self.persist(&next)?;
+        self.snapshot = next;
+        Ok(())
+    }
+
+    fn delete_topic(&mut self, name: &str) -> Result<TopicConfig, MetadataError> {
+        let mut next = self.snapshot.clone();
+        let config = next.topics.remove(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_owned()))?;
+        next.epoch += 1;
+        self.persist(&next)?;
+        self.snapshot = next;
+        Ok(config)
+    }
+}
+
+/// Serialises a snapshot with its header.
+pub fn encode_snapshot(snapshot: &Snapshot) -> Vec<u8> {
+    let payload = rkyv::to_bytes::<rkyv::rancor::Error>(snapshot).expect("a snapshot always serialises");
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + payload.len());
+    bytes.extend_from_slice(&SNAPSHOT_MAGIC);
+    bytes.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&[0, 0]);
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+/// Checks and decodes a snapshot file; the error says which rule broke.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
+    if bytes.len() < HEADER_BYTES {
+        return Err(format!("{} bytes, shorter than the 16-byte header", bytes.len()));
+    }
+    if bytes[0..4] != SNAPSHOT_MAGIC {
+        return Err(format!("bad magic {:02x?}", &bytes[0..4]));
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != SNAPSHOT_VERSION {
+        return Err(format!("unsupported version {version}"));
+    }
+    if bytes[6..8] != [0, 0] {
+        return Err("reserved header bytes are not zero".to_owned());
+    }
+    let length = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    let payload = &bytes[HEADER_BYTES..];
+    if payload.len() != length {
+        return Err(format!("payload is {} bytes, header says {length}", payload.len()));
+    }
+    let stored = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    let computed = crc32c::crc32c(payload);
+    if stored != computed {
+        return Err(format!("crc mismatch: stored {stored:#010x}, computed {computed:#010x}"));
+    }
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
+    aligned.extend_from_slice(payload);
+    rkyv::from_bytes::<Snapshot, rkyv::rancor::Error>(&aligned)
+        .map_err(|error| format!("invalid archive: {error}"))
+}
+
+/// Replaces `path` with `bytes`: temporary file, fsync, rename, directory fsync.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("metadata files live in a directory");
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> TopicDefaults {
+        TopicDefaults { segment_bytes: 1 << 20, retention_ms: Some(1000), max_message_bytes: 64 << 10 }
+    }
+
+    #[test]
+    fn names_and_configs_are_validated() {
+        assert!(validate_topic_name("orders.v1_eu-2").is_ok());
+        for bad in ["", ".", "..", "a/b", "spaces here", &"x".repeat(250)] {
+            assert!(validate_topic_name(bad).is_err(), "{bad:?}");
+        }
+        let config =
+            TopicConfig::from_request(3, &[("retention.ms".into(), "-1".into())], &defaults(), 0).unwrap();
+        assert_eq!(config.retention_ms, None);
+        assert_eq!(config.partitions, 3);
+        assert!(matches!(
+            TopicConfig::from_request(0, &[], &defaults(), 0),
+            Err(MetadataError::InvalidPartitions(0))
+        ));
+        for (key, value) in
+            [("retention.ms", "x"), ("segment.bytes", "10"), ("nope", "1"), ("retention.bytes", "0")]
+        {
+            assert!(
+                TopicConfig::from_request(1, &[(key.into(), value.into())], &defaults(), 0).is_err(),
+                "{key}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_damage_is_refused() {
+        let mut snapshot = Snapshot { epoch: 7, ..Snapshot::default() };
+        snapshot.topics.insert("t".into(), TopicConfig::from_request(2, &[], &defaults(), 5).unwrap());
+        let bytes = encode_snapshot(&snapshot);
+        assert_eq!(decode_snapshot(&bytes).unwrap(), snapshot);
+        for at in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x20;
+            assert!(decode_snapshot(&damaged).is_err(), "flip at {at} undetected");
+        }
+        assert!(decode_snapshot(&bytes[..10]).is_err());
+    }
+
+    #[test]
+    fn the_file_store_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileMetadataStore::open(dir.path()).unwrap();
+        let config = TopicConfig::from_request(4, &[], &defaults(), 1).unwrap();
+        store.create_topic("a", config.clone()).unwrap();
+        store.create_topic("b", config.clone()).unwrap();
+        assert!(matches!(store.create_topic("a", config.clone()), Err(MetadataError::TopicExists(_))));
+        store.delete_topic("b").unwrap();
+        let reopened = FileMetadataStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.snapshot().topics.keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(reopened.snapshot().epoch, 3);
+    }
+}

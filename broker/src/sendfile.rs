@@ -1,0 +1,162 @@
+//! Sending records to a socket: from memory, or zero-copy from a segment file.
+//!
+//! Which path is taken when:
+//!
+//! * **Tail cache** ([`Records::Memory`]): the newest batches are in the partition's memory;
+//!   they are written from there (no disk I/O, no copy).
+//! * **Segment file, in the page cache** (checked with `preadv2(RWF_NOWAIT)` on the first and
+//!   last byte of the range): `sendfile(2)` on the shard's own thread, with the socket in
+//!   non-blocking mode, in calls of at most 1 MiB, so it never blocks.
+//! * **Segment file, not in the page cache** (data written with O_DIRECT never is, until read):
+//!   `sendfile(2)` still moves the bytes without copying them through user space, but it would
+//!   block on the disk read, so it runs on the executor's blocking-thread pool
+//!   (`spawn_blocking`) while the shard keeps serving everyone else. The read also fills the
+//!   page cache, so the next consumer of the same range takes the path above.
+//!
+//! When the socket's send buffer is full (`EAGAIN`), the next few KiB of the range are read and
+//! written through glommio, which waits for the socket to become writable; then `sendfile`
+//! resumes.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use futures::{AsyncWrite, AsyncWriteExt};
+
+use crate::shard::Records;
+
+/// Largest range handed to one `sendfile` call.
+const SENDFILE_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes written through glommio to wait for writability.
+const NUDGE_BYTES: usize = 16 << 10;
+
+/// Puts a socket in non-blocking mode (glommio's accepted sockets are blocking; its own reads
+/// and writes use MSG_DONTWAIT and keep working).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the byte at `position` of `fd` is in the page cache.
+fn cached(fd: RawFd, position: u64) -> bool {
+    let mut byte = 0u8;
+    let iov = libc::iovec { iov_base: (&mut byte as *mut u8).cast(), iov_len: 1 };
+    // SAFETY: one valid iovec pointing at a live stack byte.
+    let read = unsafe { libc::preadv2(fd, &iov, 1, position as libc::off_t, libc::RWF_NOWAIT) };
+    read == 1
+}
+
+/// One non-blocking `sendfile` call. `Ok(None)` means the socket is full (EAGAIN).
+fn sendfile_once(socket: RawFd, file: RawFd, position: u64, len: usize) -> io::Result<Option<usize>> {
+    let mut offset = position as libc::off_t;
+    // SAFETY: both descriptors are open for the duration of the call; offset is a live local.
+    let sent = unsafe { libc::sendfile(socket, file, &mut offset, len) };
+    if sent >= 0 {
+        return Ok(Some(sent as usize));
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(None),
+        Some(libc::EINTR) => Ok(Some(0)),
+        _ => Err(error),
+    }
+}
+
+fn pread(file: RawFd, position: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buffer = vec![0u8; len];
+    // SAFETY: the buffer is valid for `len` bytes.
+    let read = unsafe { libc::pread(file, buffer.as_mut_ptr().cast(), len, position as libc::off_t) };
+    if read < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buffer.truncate(read as usize);
+    Ok(buffer)
+}
+
+fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: borrowing an open descriptor just to duplicate it.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
+}
+
+/// Writes `records` to the socket behind `writer` (whose descriptor is `socket`).
+pub async fn write_records<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    socket: RawFd,
+    records: Records,
+) -> io::Result<()> {
+    match records {
+        Records::Memory(chunks) => {
+            for chunk in chunks {
+                writer.write_all(&chunk).await?;
+            }
+            Ok(())
+        }
+        Records::File { fd, position, len } => {
+            send_file(writer, socket, Arc::new(fd), position, len as usize).await
+        }
+    }
+}
+
+async fn send_file<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    socket: RawFd,
+    file: Arc<OwnedFd>,
+    position: u64,
+    len: usize,
+) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let end = position + len as u64;
+    let warm = cached(file.as_raw_fd(), position) && cached(file.as_raw_fd(), end - 1);
+    let mut at = position;
+    while at < end {
+        let chunk = ((end - at) as usize).min(SENDFILE_CHUNK_BYTES);
+        let outcome = if warm {
+            sendfile_once(socket, file.as_raw_fd(), at, chunk)?
+        } else {
+            // A descriptor of our own for the blocking thread, so it stays valid even if this
+            // task goes away before the call returns.
+            let socket = dup(socket)?;
+            let file = file.clone();
+            glommio::executor()
+                .spawn_blocking(move || sendfile_once(socket.as_raw_fd(), file.as_raw_fd(), at, chunk))
+                .await?
+        };
+        match outcome {
+            Some(0) => {
+                // EINTR, or the file ended early (it cannot: ranges are stable and the
+                // descriptor keeps a deleted file alive).
+                if at < end && !cached(file.as_raw_fd(), at) && pread(file.as_raw_fd(), at, 1)?.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "segment file ended early"));
+                }
+            }
+            Some(sent) => at += sent as u64,
+            None => {
+                // The socket is full: write the next bytes through glommio, which waits until
+                // the socket can take them.
+                let nudge = ((end - at) as usize).min(NUDGE_BYTES);
+                let bytes = if warm {
+                    pread(file.as_raw_fd(), at, nudge)?
+                } else {
+                    let file = file.clone();
+                    glommio::executor().spawn_blocking(move || pread(file.as_raw_fd(), at, nudge)).await?
+                };
+                if bytes.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "segment file ended early"));
+                }
+                writer.write_all(&bytes).await?;
+                at += bytes.len() as u64;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! Starting and stopping a broker: one pinned glommio executor per shard, a listener per shard
+//! on the same port (SO_REUSEPORT), the cross-shard mesh, retention, and a clean shutdown.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::config::BrokerConfig;
+use crate::connection;
+use crate::metadata::{FileMetadataStore, MetadataError, MetadataStore, TopicConfig};
+use crate::shard::{MeshMessage, Shard};
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("data directory {0} is in use by another broker")]
+    Locked(PathBuf),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error("shard {shard}: {reason}")]
+    Shard { shard: usize, reason: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+enum ShardEvent {
+    Ready,
+    Failed(String),
+}
+
+/// A running broker. Dropping it without [`RunningBroker::stop`] stops it too.
+pub struct RunningBroker {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    executors: Vec<glommio::ExecutorJoinHandle<()>>,
+    _lock: std::fs::File,
+}
+
+impl RunningBroker {
+    /// Stops accepting, lets in-flight requests finish briefly, flushes and closes every log.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for executor in self.executors.drain(..) {
+            let _ = executor.join();
+        }
+    }
+}
+
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StartError::DataDir { path: path.clone(), source })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(StartError::Locked(dir.to_path_buf()));
+    }
+    Ok(file)
+}
+
+/// Removes partition directories of topics the metadata does not know (a deletion that
+/// crashed half way).
+fn remove_unknown_topics(data_dir: &Path, topics: &BTreeMap<String, TopicConfig>) -> Result<(), StartError> {
+    let dir = data_dir.join("topics");
+    std::fs::create_dir_all(&dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
+    let entries =
+        std::fs::read_dir(&dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !topics.contains_key(&name) {
+            tracing::warn!(path = %entry.path().display(), "removing the data of a topic that no longer exists");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Starts a broker and returns once every shard is listening.
+pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+    let lock = lock_data_dir(&data_dir)?;
+    let store = FileMetadataStore::open(&data_dir)?;
+    let topics = store.snapshot().topics.clone();
+    remove_unknown_topics(&data_dir, &topics)?;
+
+    let cores = config.cores.max(1);
+    let config = Arc::new(BrokerConfig { cores, ..config });
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mesh: MeshBuilder<MeshMessage, _> = MeshBuilder::full(cores, 1024);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (events, event_receiver) = mpsc::channel::<(usize, ShardEvent)>();
+    let mut executors = Vec::with_capacity(cores);
+    let mut store = Some(store);
+    // Every shard listens on the same port with SO_REUSEPORT, which would also let this broker
+    // share a port silently with another process that uses SO_REUSEPORT. Bind once without it
+    // first: that fails if anything holds the port, and picks the port when asked for port 0.
+    let addr = probe_listen_address(config.listen)?;
+
+    for id in 0..cores {
+        let shard_config = Arc::clone(&config);
+        let mesh = mesh.clone();
+        let shard_stop = stop.clone();
+        let events = events.clone();
+        let topics = topics.clone();
+        let controller = if id == 0 { store.take() } else { None };
+        let listen = addr;
+        // The executor keeps glommio's long default time slice; the shard's work runs in a task
+        // queue that asks for `preempt_timer` (see `keep_awake`).
+        let builder =
+            LocalExecutorBuilder::new(Placement::Fixed(id % cpus)).name(&format!("skein-shard-{id}"));
+        let handle = builder
+            .spawn(move || async move {
+                let awake = glommio::spawn_local(keep_awake(shard_stop.clone()));
+                let queue = glommio::executor().create_task_queue(
+                    glommio::Shares::default(),
+                    glommio::Latency::Matters(shard_config.preempt_timer),
+                    "shard",
+                );
+                let work = glommio::spawn_local_into(
+                    async move {
+                        let config = Rc::new(BrokerConfig::clone(&shard_config));
+                        if let Err(reason) =
+                            run_shard(id, config, listen, topics, mesh, controller, shard_stop, &events).await
+                        {
+                            let _ = events.send((id, ShardEvent::Failed(reason)));
+                        }
+                    },
+                    queue,
+                )
+                .expect("the queue was just created");
+                work.await;
+                drop(awake);
+            })
+            .map_err(|error| StartError::Shard { shard: id, reason: error.to_string() })?;
+        executors.push(handle);
+    }
+    let mut ready = 0;
+    while ready < cores {
+        match event_receiver.recv_timeout(Duration::from_secs(300)) {
+            Ok((_, ShardEvent::Ready)) => ready += 1,
+            Ok((shard, ShardEvent::Failed(reason))) => return Err(fail(stop, executors, shard, reason)),
+            Err(_) => return Err(fail(stop, executors, 0, "shards did not start within 300 s".into())),
+        }
+    }
+    Ok(RunningBroker { addr, stop, executors, _lock: lock })
+}
+
+/// Checks that nothing holds the address (and resolves port 0). After a crash the kernel may
+/// hold the old listening sockets for a moment (io_uring teardown), so "in use" is retried for
+/// a few seconds before giving up.
+fn probe_listen_address(listen: SocketAddr) -> Result<SocketAddr, StartError> {
+    let started = std::time::Instant::now();
+    loop {
+        match std::net::TcpListener::bind(listen) {
+            Ok(probe) => {
+                return probe.local_addr().map_err(|source| StartError::Listen { addr: listen, source })
+            }
+            Err(source)
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && started.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => return Err(StartError::Listen { addr: listen, source }),
+        }
+    }
+}
+
+fn fail(
+    stop: Arc<AtomicBool>,
+    executors: Vec<glommio::ExecutorJoinHandle<()>>,
+    shard: usize,
+    reason: String,
+) -> StartError {
+    stop.store(true, Ordering::SeqCst);
+    for executor in executors {
+        let _ = executor.join();
+    }
+    StartError::Shard { shard, reason }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_shard(
+    id: usize,
+    config: Rc<BrokerConfig>,
+    listen: SocketAddr,
+    topics: BTreeMap<String, TopicConfig>,
+    mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
+    controller: Option<FileMetadataStore>,
+    stop: Arc<AtomicBool>,
+    events: &mpsc::Sender<(usize, ShardEvent)>,
+) -> Result<(), String> {
+    tracing::debug!(shard = id, "priming");
+    skein_storage::prime_executor(&config.data_dir).await.map_err(|e| e.to_string())?;
+    tracing::debug!(shard = id, "binding");
+    let listener = TcpListener::bind(listen).map_err(|e| format!("binding {listen}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::debug!(shard = id, "joining the mesh");
+    let (senders, mut receivers) = mesh.join().await.map_err(|_| "joining the shard mesh".to_owned())?;
+    assert_eq!(senders.peer_id(), id, "mesh peers are numbered in executor creation order");
+    tracing::debug!(shard = id, "joined");
+    let shard = Rc::new(Shard::new(id, config.clone(), BTreeMap::new(), senders, controller));
+    *shard.advertised.borrow_mut() = advertised(bound);
+    for (name, topic) in &topics {
+        shard.open_topic(name, topic).await.map_err(|e| format!("opening topic {name}: {e}"))?;
+    }
+    for (peer, receiver) in receivers.streams() {
+        glommio::spawn_local(shard.clone().serve_peer(peer, receiver)).detach();
+    }
+    glommio::spawn_local(retention_loop(shard.clone())).detach();
+    let _ = events.send((id, ShardEvent::Ready));
+    tracing::info!(shard = id, %bound, partitions = shard.all_logs().len(), "shard ready");
+
+    // Accept until told to stop.
+    let accept = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                if shard.shutting_down.get() {
+                    break;
+                }
+                let peer = stream.peer_addr().ok();
+                if shard.connections.get() >= shard.config.connections_per_shard() {
+                    glommio::spawn_local(connection::refuse(stream, peer)).detach();
+                    continue;
+                }
+                shard.connections.set(shard.connections.get() + 1);
+                let served = shard.clone();
+                glommio::spawn_local(async move {
+                    connection::serve(served.clone(), stream).await;
+                    served.connections.set(served.connections.get() - 1);
+                })
+                .detach();
+            }
+        })
+    };
+    while !stop.load(Ordering::SeqCst) {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    shard.shutting_down.set(true);
+    drop(accept);
+    // Give connections a moment to finish what they started (they notice the flag within 1 s).
+    for _ in 0..150 {
+        if shard.connections.get() == 0 {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    for (topic, partition, log) in shard.all_logs() {
+        if let Err(error) = log.shutdown().await {
+            tracing::warn!(topic, partition, %error, "closing a partition log");
+        }
+    }
+    tracing::info!(shard = id, "shard stopped");
+    Ok(())
+}
+
+/// A timer that never lets a shard sleep longer than 10 ms. glommio 0.9 can park an executor
+/// that still has work: a shared channel whose other end connected while it slept (it only looks
+/// again when its reactor wakes up), and, rarely, a task made runnable just as the time slice
+/// expired (seen at start-up under CPU contention: a shard that never ran its first task). With
+/// a timer always armed, the reactor always wakes up again.
+async fn keep_awake(stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn advertised(bound: SocketAddr) -> (String, u16) {
+    let host = if bound.ip().is_unspecified() { "127.0.0.1".to_owned() } else { bound.ip().to_string() };
+    (host, bound.port())
+}
+
+async fn retention_loop(shard: Rc<Shard>) {
+    loop {
+        glommio::timer::sleep(shard.config.retention_check).await;
+        if shard.shutting_down.get() {
+            return;
+        }
+        for (topic, partition, log) in shard.all_logs() {
+            match log.enforce_retention(skein_storage::now_ms()).await {
+                Ok(outcome) if outcome.segments_deleted > 0 => tracing::info!(
+                    topic,
+                    partition,
+                    segments = outcome.segments_deleted,
+                    bytes = outcome.bytes_deleted,
+                    start_offset = outcome.start_offset,
+                    "retention deleted segments"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(topic, partition, %error, "retention failed"),
+            }
+        }
+    }
+}
+
+/// Runs a broker until SIGINT or SIGTERM, then stops it cleanly. Prints the listening address
+/// on stdout once ready.
+pub fn run(config: BrokerConfig) -> Result<(), StartError> {
+    // Block the signals before any thread starts, so only `sigwait` below receives them.
+    // SAFETY: plain libc signal-set manipulation on locals.
+    let mut signals: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut signals);
+        libc::sigaddset(&mut signals, libc::SIGINT);
+        libc::sigaddset(&mut signals, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut());
+    }
+    let fsync = config.fsync;
+    let cores = config.cores;
+    let data_dir = config.data_dir.clone();
+    let broker = start(config)?;
+    println!(
+        "skein broker listening on {} ({} shards, fsync={}, data in {})",
+        broker.addr,
+        cores,
+        fsync,
+        data_dir.display()
+    );
+    let mut received: libc::c_int = 0;
+    // SAFETY: waits for one of the blocked signals.
+    unsafe { libc::sigwait(&signals, &mut received) };
+    tracing::info!(signal = received, "stopping");
+    broker.stop();
+    eprintln!("skein broker stopped");
+    Ok(())
+}

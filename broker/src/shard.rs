@@ -1,0 +1,688 @@
+//! One shard: a glommio executor pinned to one CPU, the partitions it owns, its copy of the
+//! topic table, and its end of the cross-shard mesh.
+//!
+//! **Which core each structure lives on.** Everything in [`Shard`] lives on its own shard's
+//! executor thread and is touched by no other thread: the partition logs it owns, the topic
+//! table copy, the pending-reply table, the connection count. Only [`MeshMessage`]s cross
+//! threads, through glommio's lock-free single-producer single-consumer channels (one per
+//! ordered pair of shards). The controller's [`MetadataStore`] lives on shard 0 only.
+//!
+//! A partition is owned by exactly one shard, chosen by [`owner`] from the topic name and the
+//! partition number; only that shard opens its log. A request for a partition owned elsewhere
+//! is forwarded as an [`Op`] and answered with a [`Reply`] through the mesh.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use glommio::channels::channel_mesh::Senders;
+use skein_net::{ErrorCode, ListOffsetsPartitionResponse, NewTopic, ProducePartitionResponse, TopicResult};
+use skein_storage::batch::{self, BatchError, ValidatedBatch};
+use skein_storage::{AppendAck, Log, ReadData, StorageError};
+
+use crate::config::BrokerConfig;
+use crate::metadata::{self, FileMetadataStore, MetadataError, MetadataStore, TopicConfig, TopicDefaults};
+use crate::oneshot;
+
+/// The shard that owns `partition` of `topic`: consecutive partitions of a topic go to
+/// consecutive shards, starting from a shard picked by the topic name's CRC32C. Stable across
+/// restarts as long as the shard count is unchanged.
+pub fn owner(topic: &str, partition: u32, shards: usize) -> usize {
+    (crc32c::crc32c(topic.as_bytes()) as usize).wrapping_add(partition as usize) % shards
+}
+
+/// Where a partition's log lives.
+pub fn partition_dir(data_dir: &std::path::Path, topic: &str, partition: u32) -> PathBuf {
+    data_dir.join("topics").join(topic).join(partition.to_string())
+}
+
+/// Records on their way to a socket, possibly from another shard (hence `Send`): shared memory
+/// from a tail cache, or a stable range of a segment file (a duplicated descriptor, so it stays
+/// valid even if the segment is deleted meanwhile).
+#[derive(Debug)]
+pub enum Records {
+    Memory(Vec<Bytes>),
+    File { fd: OwnedFd, position: u64, len: u32 },
+}
+
+impl Records {
+    pub fn len(&self) -> usize {
+        match self {
+            Records::Memory(chunks) => chunks.iter().map(Bytes::len).sum(),
+            Records::File { len, .. } => *len as usize,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl skein_net::RecordsLen for Records {
+    fn records_len(&self) -> usize {
+        self.len()
+    }
+}
+
+/// One partition's part of a fetch.
+#[derive(Debug)]
+pub struct FetchOutcome {
+    pub error: ErrorCode,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    pub records: Records,
+}
+
+impl FetchOutcome {
+    fn error(error: ErrorCode) -> FetchOutcome {
+        FetchOutcome { error, high_watermark: 0, log_start_offset: 0, records: Records::Memory(Vec::new()) }
+    }
+}
+
+/// What one shard asks another to do.
+#[derive(Debug)]
+pub enum Op {
+    /// Append the records (one or more whole batches) to a partition this shard owns.
+    Produce {
+        topic: String,
+        partition: u32,
+        records: BytesMut,
+        acks: i8,
+        timeout_ms: u32,
+    },
+    /// Read from partitions this shard owns, within a byte budget: `(topic, partition, offset,
+    /// partition bytes max)`.
+    Fetch {
+        reads: Vec<(String, u32, u64, u32)>,
+        bytes_max: u32,
+    },
+    /// Resolve when any of the partitions has records after the offset, or on timeout.
+    WaitForData {
+        partitions: Vec<(String, u32, u64)>,
+        timeout_ms: u32,
+    },
+    ListOffsets {
+        topic: String,
+        partition: u32,
+        timestamp: i64,
+    },
+    /// To the controller: create or delete topics.
+    CreateTopics(Vec<NewTopic>),
+    DeleteTopics(Vec<String>),
+    /// From the controller: a topic was created or deleted; open or close the partitions owned
+    /// here.
+    ApplyCreate {
+        name: String,
+        config: TopicConfig,
+    },
+    ApplyDelete {
+        name: String,
+    },
+}
+
+#[derive(Debug)]
+pub enum Reply {
+    Produce(ProducePartitionResponse),
+    Fetch(Vec<FetchOutcome>),
+    DataArrived,
+    ListOffsets(ListOffsetsPartitionResponse),
+    Topics(Vec<TopicResult>),
+    Applied,
+}
+
+/// What crosses threads.
+#[derive(Debug)]
+pub enum MeshMessage {
+    Request { id: u64, op: Op },
+    Reply { id: u64, reply: Reply },
+}
+
+pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// A produce whose batches are appended (offsets assigned, in order) and whose
+/// acknowledgement can be awaited separately.
+pub type ProduceCompletion = LocalFuture<ProducePartitionResponse>;
+
+/// The state of one shard. Lives on that shard's executor only.
+pub struct Shard {
+    pub id: usize,
+    pub shards: usize,
+    pub config: Rc<BrokerConfig>,
+    /// Every topic's settings (a copy of the controller's table).
+    topics: RefCell<BTreeMap<String, TopicConfig>>,
+    /// The logs of the partitions this shard owns, by topic, indexed by partition.
+    logs: RefCell<HashMap<String, Vec<Option<Rc<Log>>>>>,
+    senders: Senders<MeshMessage>,
+    pending: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
+    next_request_id: Cell<u64>,
+    /// The metadata store, on the controller shard (0) only.
+    controller: RefCell<Option<FileMetadataStore>>,
+    /// Serialises topic changes on the controller.
+    controller_gate: glommio::sync::Semaphore,
+    pub connections: Cell<usize>,
+    pub shutting_down: Cell<bool>,
+    /// The address clients reach this broker at (Metadata responses).
+    pub advertised: RefCell<(String, u16)>,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        config: Rc<BrokerConfig>,
+        topics: BTreeMap<String, TopicConfig>,
+        senders: Senders<MeshMessage>,
+        controller: Option<FileMetadataStore>,
+    ) -> Shard {
+        let advertised = (config.listen.ip().to_string(), config.listen.port());
+        Shard {
+            id,
+            shards: config.cores,
+            config,
+            topics: RefCell::new(topics),
+            logs: RefCell::new(HashMap::new()),
+            senders,
+            pending: RefCell::new(HashMap::new()),
+            next_request_id: Cell::new(0),
+            controller: RefCell::new(controller),
+            controller_gate: glommio::sync::Semaphore::new(1),
+            connections: Cell::new(0),
+            shutting_down: Cell::new(false),
+            advertised: RefCell::new(advertised),
+        }
+    }
+
+    pub fn topics(&self) -> std::cell::Ref<'_, BTreeMap<String, TopicConfig>> {
+        self.topics.borrow()
+    }
+
+    pub fn owner(&self, topic: &str, partition: u32) -> usize {
+        owner(topic, partition, self.shards)
+    }
+
+    /// The log of a partition this shard owns.
+    pub fn log(&self, topic: &str, partition: u32) -> Option<Rc<Log>> {
+        self.logs.borrow().get(topic).and_then(|logs| logs.get(partition as usize).cloned().flatten())
+    }
+
+    /// Every log this shard owns.
+    pub fn all_logs(&self) -> Vec<(String, u32, Rc<Log>)> {
+        let logs = self.logs.borrow();
+        let mut all = Vec::new();
+        for (topic, partitions) in logs.iter() {
+            for (partition, log) in partitions.iter().enumerate() {
+                if let Some(log) = log {
+                    all.push((topic.clone(), partition as u32, log.clone()));
+                }
+            }
+        }
+        all
+    }
+
+    /// Opens the logs of a topic's partitions that this shard owns.
+    pub async fn open_topic(&self, name: &str, config: &TopicConfig) -> Result<(), StorageError> {
+        let mut opened = vec![None; config.partitions as usize];
+        for partition in 0..config.partitions {
+            if self.owner(name, partition) != self.id {
+                continue;
+            }
+            let dir = partition_dir(&self.config.data_dir, name, partition);
+            let log = Log::open(&dir, self.config.log_config(config)).await?;
+            opened[partition as usize] = Some(Rc::new(log));
+        }
+        self.topics.borrow_mut().insert(name.to_owned(), config.clone());
+        self.logs.borrow_mut().insert(name.to_owned(), opened);
+        Ok(())
+    }
+
+    /// Closes the logs of a topic this shard owns and deletes their directories.
+    async fn close_topic(&self, name: &str) {
+        self.topics.borrow_mut().remove(name);
+        let logs = self.logs.borrow_mut().remove(name).unwrap_or_default();
+        for (partition, log) in logs.into_iter().enumerate() {
+            let Some(log) = log else { continue };
+            if let Err(error) = log.shutdown().await {
+                tracing::warn!(topic = name, partition, %error, "closing a deleted partition");
+            }
+            let dir = partition_dir(&self.config.data_dir, name, partition as u32);
+            if let Err(error) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(path = %dir.display(), %error, "removing a deleted partition's directory");
+            }
+        }
+    }
+
+    /// Sends `op` to the shard `target` (or runs it here) and waits for the reply.
+    pub async fn call(self: &Rc<Self>, target: usize, op: Op) -> Reply {
+        if target == self.id {
+            return self.dispatch(op).await.await;
+        }
+        let id = self.next_request_id.get();
+        self.next_request_id.set(id + 1);
+        let (sender, receiver) = oneshot::channel();
+        self.pending.borrow_mut().insert(id, sender);
+        if self.senders.send_to(target, MeshMessage::Request { id, op }).await.is_err() {
+            self.pending.borrow_mut().remove(&id);
+            return Reply::Topics(Vec::new());
+        }
+        receiver.await.expect("every request gets a reply")
+    }
+
+    /// Sends `op` to `target` and returns once it is *dispatched* there (for a produce: once its
+    /// batches are appended, in order); the returned future gives the reply. Requests from one
+    /// connection to one shard are dispatched in the order they were sent.
+    pub async fn call_ordered(self: &Rc<Self>, target: usize, op: Op) -> LocalFuture<Reply> {
+        if target == self.id {
+            return self.dispatch(op).await;
+        }
+        let id = self.next_request_id.get();
+        self.next_request_id.set(id + 1);
+        let (sender, receiver) = oneshot::channel();
+        self.pending.borrow_mut().insert(id, sender);
+        if self.senders.send_to(target, MeshMessage::Request { id, op }).await.is_err() {
+            self.pending.borrow_mut().remove(&id);
+            return Box::pin(async { Reply::Topics(Vec::new()) });
+        }
+        Box::pin(async move { receiver.await.expect("every request gets a reply") })
+    }
+
+    /// Serves the messages from one peer shard, forever (until the mesh closes).
+    pub async fn serve_peer(
+        self: Rc<Self>,
+        peer: usize,
+        receiver: glommio::channels::shared_channel::ConnectedReceiver<MeshMessage>,
+    ) {
+        while let Some(message) = receiver.recv().await {
+            match message {
+                MeshMessage::Request { id, op } => {
+                    // Dispatch inline, in arrival order (produce appends happen here); run the
+                    // rest in its own task so this loop never waits on another shard.
+                    let completion = self.dispatch(op).await;
+                    let shard = self.clone();
+                    glommio::spawn_local(async move {
+                        let reply = completion.await;
+                        let _ = shard.senders.send_to(peer, MeshMessage::Reply { id, reply }).await;
+                    })
+                    .detach();
+                }
+                MeshMessage::Reply { id, reply } => {
+                    if let Some(sender) = self.pending.borrow_mut().remove(&id) {
+                        sender.send(reply);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the ordered part of `op` now and returns the rest as a future.
+    async fn dispatch(self: &Rc<Self>, op: Op) -> LocalFuture<Reply> {
+        match op {
+            Op::Produce { topic, partition, records, acks, timeout_ms } => {
+                let completion = self.produce(&topic, partition, records, acks, timeout_ms).await;
+                Box::pin(async move { Reply::Produce(completion.await) })
+            }
+            Op::Fetch { reads, bytes_max } => {
+                let shard = self.clone();
+                Box::pin(async move { Reply::Fetch(shard.fetch(reads, bytes_max).await) })
+            }
+            Op::WaitForData { partitions, timeout_ms } => {
+                let shard = self.clone();
+                Box::pin(async move {
+                    shard.wait_for_data(partitions, Duration::from_millis(timeout_ms.into())).await;
+                    Reply::DataArrived
+                })
+            }
+            Op::ListOffsets { topic, partition, timestamp } => {
+                let shard = self.clone();
+                Box::pin(
+                    async move { Reply::ListOffsets(shard.list_offsets(&topic, partition, timestamp).await) },
+                )
+            }
+            Op::CreateTopics(topics) => {
+                let shard = self.clone();
+                Box::pin(async move { Reply::Topics(shard.create_topics(topics).await) })
+            }
+            Op::DeleteTopics(names) => {
+                let shard = self.clone();
+                Box::pin(async move { Reply::Topics(shard.delete_topics(names).await) })
+            }
+            Op::ApplyCreate { name, config } => {
+                let shard = self.clone();
+                Box::pin(async move {
+                    if let Err(error) = shard.open_topic(&name, &config).await {
+                        tracing::error!(topic = name, %error, "could not open a new topic's partitions");
+                    }
+                    Reply::Applied
+                })
+            }
+            Op::ApplyDelete { name } => {
+                let shard = self.clone();
+                Box::pin(async move {
+                    shard.close_topic(&name).await;
+                    Reply::Applied
+                })
+            }
+        }
+    }
+
+    /// Appends a partition's records. Every batch is checked before any is appended, so bad
+    /// input leaves the partition untouched. Returns once the batches are appended (offsets
+    /// assigned); the future resolves with the response once they are acknowledged.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: BytesMut,
+        acks: i8,
+        timeout_ms: u32,
+    ) -> ProduceCompletion {
+        let respond = move |error: ErrorCode, base_offset: u64, last_offset: u64, log_start_offset: u64| {
+            ProducePartitionResponse { partition, error, base_offset, last_offset, log_start_offset }
+        };
+        let Some(log) = self.log(topic, partition) else {
+            return Box::pin(std::future::ready(respond(ErrorCode::UnknownTopicOrPartition, 0, 0, 0)));
+        };
+        let batches = match split_batches(records, log.config().batch_bytes_max) {
+            Ok(batches) => batches,
+            Err(error) => {
+                tracing::info!(topic, partition, %error, "refused a produce batch");
+                let code = match error {
+                    BatchError::TooLarge { .. } => ErrorCode::BatchTooLarge,
+                    _ => ErrorCode::CorruptBatch,
+                };
+                return Box::pin(std::future::ready(respond(code, 0, 0, log.start_offset())));
+            }
+        };
+        let mut acks_pending: Vec<AppendAck> = Vec::with_capacity(batches.len());
+        let (mut base_offset, mut last_offset) = (None, 0);
+        for batch in batches {
+            match log.append_validated(batch).await {
+                Ok(appended) => {
+                    base_offset.get_or_insert(appended.base_offset);
+                    last_offset = appended.last_offset;
+                    acks_pending.push(appended.ack);
+                }
+                Err(error) => {
+                    let code = storage_error_code(&error);
+                    tracing::warn!(topic, partition, %error, "append failed");
+                    return Box::pin(std::future::ready(respond(code, 0, 0, log.start_offset())));
+                }
+            }
+        }
+        let base_offset = base_offset.expect("at least one batch");
+        let log_start = log.start_offset();
+        if acks == skein_net::acks::NONE {
+            return Box::pin(std::future::ready(respond(
+                ErrorCode::None,
+                base_offset,
+                last_offset,
+                log_start,
+            )));
+        }
+        let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
+        Box::pin(async move {
+            let all = futures::future::try_join_all(acks_pending);
+            match glommio::timer::timeout(timeout, async { Ok(all.await) }).await {
+                Ok(Ok(_)) => respond(ErrorCode::None, base_offset, last_offset, log_start),
+                Ok(Err(error)) => respond(storage_error_code(&error), 0, 0, log_start),
+                Err(_) => respond(ErrorCode::RequestTimedOut, 0, 0, log_start),
+            }
+        })
+    }
+
+    /// Reads from partitions this shard owns, each within its own limit and all within
+    /// `bytes_max` (the first partition with data always gets at least one batch).
+    pub async fn fetch(&self, reads: Vec<(String, u32, u64, u32)>, bytes_max: u32) -> Vec<FetchOutcome> {
+        let mut outcomes = Vec::with_capacity(reads.len());
+        let mut budget = bytes_max as usize;
+        for (topic, partition, offset, partition_max) in reads {
+            let Some(log) = self.log(&topic, partition) else {
+                outcomes.push(FetchOutcome::error(ErrorCode::UnknownTopicOrPartition));
+                continue;
+            };
+            let high_watermark = log.visible_offset();
+            let log_start_offset = log.start_offset();
+            let limit = (partition_max as usize).min(budget);
+            if limit == 0 || offset == high_watermark {
+                outcomes.push(FetchOutcome {
+                    error: ErrorCode::None,
+                    high_watermark,
+                    log_start_offset,
+                    records: Records::Memory(Vec::new()),
+                });
+                continue;
+            }
+            let outcome = match log.read(offset, limit).await {
+                Ok(slice) => {
+                    let records = match slice.data {
+                        ReadData::Empty => Ok(Records::Memory(Vec::new())),
+                        ReadData::Memory(chunks) => Ok(Records::Memory(chunks)),
+                        ReadData::File { segment, position, len } => segment
+                            .buffered_fd()
+                            .and_then(|fd| {
+                                // SAFETY: the descriptor is open for as long as `segment` lives;
+                                // it is only borrowed here to duplicate it.
+                                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                                borrowed.try_clone_to_owned().map_err(|e| StorageError::Io {
+                                    op: "duplicating a descriptor of",
+                                    path: segment.path().to_path_buf(),
+                                    source: std::sync::Arc::new(e),
+                                })
+                            })
+                            .map(|fd| Records::File { fd, position, len }),
+                    };
+                    match records {
+                        Ok(records) => {
+                            budget = budget.saturating_sub(records.len());
+                            FetchOutcome { error: ErrorCode::None, high_watermark, log_start_offset, records }
+                        }
+                        Err(error) => FetchOutcome::error(storage_error_code(&error)),
+                    }
+                }
+                Err(error) => {
+                    if !matches!(error, StorageError::OffsetOutOfRange { .. }) {
+                        tracing::warn!(topic, partition, %error, "fetch failed");
+                    }
+                    FetchOutcome {
+                        records: Records::Memory(Vec::new()),
+                        ..FetchOutcome::error(storage_error_code(&error))
+                    }
+                }
+            };
+            let outcome = FetchOutcome { high_watermark, log_start_offset, ..outcome };
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    /// Waits until any listed partition has records after its offset, or `timeout` passes.
+    pub async fn wait_for_data(&self, partitions: Vec<(String, u32, u64)>, timeout: Duration) {
+        let waits: Vec<LocalFuture<u64>> = partitions
+            .into_iter()
+            .filter_map(|(topic, partition, offset)| {
+                let log = self.log(&topic, partition)?;
+                Some(Box::pin(async move { log.wait_for_data(offset, timeout).await }) as LocalFuture<u64>)
+            })
+            .collect();
+        if waits.is_empty() {
+            glommio::timer::sleep(timeout).await;
+            return;
+        }
+        futures::future::select_all(waits).await;
+    }
+
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: i64,
+    ) -> ListOffsetsPartitionResponse {
+        let respond = |error, offset| ListOffsetsPartitionResponse { partition, error, offset };
+        let Some(log) = self.log(topic, partition) else {
+            return respond(ErrorCode::UnknownTopicOrPartition, -1);
+        };
+        match timestamp {
+            skein_net::LATEST_TIMESTAMP => respond(ErrorCode::None, log.visible_offset() as i64),
+            skein_net::EARLIEST_TIMESTAMP => respond(ErrorCode::None, log.start_offset() as i64),
+            t if t < 0 => respond(ErrorCode::MalformedRequest, -1),
+            t => match log.offset_for_timestamp(t).await {
+                Ok(found) => respond(ErrorCode::None, found.map_or(-1, |o| o as i64)),
+                Err(error) => respond(storage_error_code(&error), -1),
+            },
+        }
+    }
+
+    /// On the controller: validates, persists and applies on every shard.
+    async fn create_topics(self: &Rc<Self>, topics: Vec<NewTopic>) -> Vec<TopicResult> {
+        let _permit = self.controller_gate.acquire_permit(1).await.expect("never closed");
+        let defaults = TopicDefaults {
+            segment_bytes: self.config.default_segment_bytes,
+            retention_ms: self.config.default_retention.map(|d| d.as_millis() as u64),
+            max_message_bytes: self.config.default_max_message_bytes,
+        };
+        let mut results = Vec::with_capacity(topics.len());
+        for topic in topics {
+            let outcome = async {
+                metadata::validate_topic_name(&topic.name)?;
+                let config = TopicConfig::from_request(
+                    topic.partitions,
+                    &topic.configs,
+                    &defaults,
+                    skein_storage::now_ms(),
+                )?;
+                let (name, stored) = (topic.name.clone(), config.clone());
+                self.persist(move |store| store.create_topic(&name, stored)).await?;
+                Ok::<_, MetadataError>(config)
+            }
+            .await;
+            match outcome {
+                Ok(config) => {
+                    self.broadcast(|| Op::ApplyCreate { name: topic.name.clone(), config: config.clone() })
+                        .await;
+                    tracing::info!(topic = topic.name, partitions = config.partitions, "topic created");
+                    results.push(TopicResult {
+                        name: topic.name,
+                        error: ErrorCode::None,
+                        message: String::new(),
+                    });
+                }
+                Err(error) => results.push(TopicResult {
+                    name: topic.name,
+                    error: error.code(),
+                    message: error.to_string(),
+                }),
+            }
+        }
+        results
+    }
+
+    async fn delete_topics(self: &Rc<Self>, names: Vec<String>) -> Vec<TopicResult> {
+        let _permit = self.controller_gate.acquire_permit(1).await.expect("never closed");
+        let mut results = Vec::with_capacity(names.len());
+        for name in names {
+            let deleted = name.clone();
+            match self.persist(move |store| store.delete_topic(&deleted).map(|_| ())).await {
+                Ok(()) => {
+                    self.broadcast(|| Op::ApplyDelete { name: name.clone() }).await;
+                    let _ = std::fs::remove_dir_all(self.config.data_dir.join("topics").join(&name));
+                    tracing::info!(topic = name, "topic deleted");
+                    results.push(TopicResult { name, error: ErrorCode::None, message: String::new() });
+                }
+                Err(error) => {
+                    results.push(TopicResult { name, error: error.code(), message: error.to_string() })
+                }
+            }
+        }
+        results
+    }
+
+    /// Runs a change on the metadata store off the executor thread (it writes and syncs files).
+    async fn persist(
+        &self,
+        change: impl FnOnce(&mut FileMetadataStore) -> Result<(), MetadataError> + Send + 'static,
+    ) -> Result<(), MetadataError> {
+        let mut store = self.controller.borrow_mut().take().expect("this shard is the controller");
+        let (store, result) = glommio::executor()
+            .spawn_blocking(move || {
+                let result = change(&mut store);
+                (store, result)
+            })
+            .await;
+        *self.controller.borrow_mut() = Some(store);
+        result
+    }
+
+    /// Sends an op to every shard (this one included) and waits for all to apply it.
+    async fn broadcast(self: &Rc<Self>, op: impl Fn() -> Op) {
+        let calls: Vec<_> = (0..self.shards).map(|target| self.call(target, op())).collect();
+        futures::future::join_all(calls).await;
+    }
+
+    /// Forwards topic creation to the controller shard.
+    pub async fn request_create_topics(self: &Rc<Self>, topics: Vec<NewTopic>) -> Vec<TopicResult> {
+        match self.call(0, Op::CreateTopics(topics)).await {
+            Reply::Topics(results) => results,
+            other => unreachable!("create topics answered with {other:?}"),
+        }
+    }
+
+    pub async fn request_delete_topics(self: &Rc<Self>, names: Vec<String>) -> Vec<TopicResult> {
+        match self.call(0, Op::DeleteTopics(names)).await {
+            Reply::Topics(results) => results,
+            other => unreachable!("delete topics answered with {other:?}"),
+        }
+    }
+}
+
+/// Splits a produce request's records into whole batches, checking each (header rules, CRC,
+/// size) before any is appended.
+pub fn split_batches(mut records: BytesMut, size_max: usize) -> Result<Vec<ValidatedBatch>, BatchError> {
+    let mut batches = Vec::new();
+    if records.is_empty() {
+        return Err(BatchError::Truncated { needed: batch::BATCH_HEADER_BYTES, available: 0 });
+    }
+    while !records.is_empty() {
+        let header = batch::BatchHeader::parse(&records, size_max)?;
+        if header.total_bytes() > records.len() {
+            return Err(BatchError::Truncated { needed: header.total_bytes(), available: records.len() });
+        }
+        let one = records.split_to(header.total_bytes());
+        batches.push(ValidatedBatch::new(one, size_max)?);
+    }
+    Ok(batches)
+}
+
+/// The wire code for a storage error.
+pub fn storage_error_code(error: &StorageError) -> ErrorCode {
+    match error {
+        StorageError::NoSpace { .. } => ErrorCode::NotEnoughSpace,
+        StorageError::InvalidBatch(BatchError::TooLarge { .. }) => ErrorCode::BatchTooLarge,
+        StorageError::InvalidBatch(_) => ErrorCode::CorruptBatch,
+        StorageError::Corruption { .. } => ErrorCode::CorruptStorage,
+        StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        StorageError::Closed => ErrorCode::ShuttingDown,
+        StorageError::WriteAborted(inner) | StorageError::Failed(inner) => storage_error_code(inner),
+        StorageError::Io { .. } | StorageError::Config(_) => ErrorCode::StorageError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_spread_over_shards() {
+        for shards in 1..5 {
+            let mut counts = vec![0; shards];
+            for partition in 0..(shards as u32 * 10) {
+                counts[owner("orders", partition, shards)] += 1;
+            }
+            assert!(counts.iter().all(|&c| c == 10), "{counts:?}");
+        }
+        assert_eq!(owner("t", 3, 4), owner("t", 3, 4));
+    }
+}

@@ -1,0 +1,257 @@
+//! Bad input over a raw socket: each case gets a numbered error (or the connection closed for
+//! framing errors), nothing is written, and another client round-trips afterwards.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use common::Broker;
+use skein_client::{
+    Admin, Client, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, SeekTo,
+};
+use skein_net::frame::{self, RequestHeader};
+use skein_net::{
+    ApiVersionsRequest, ErrorCode, FetchPartition, FetchRequest, FetchResponse, ProducePartition,
+    ProduceRequest, ProduceResponse, Reader, Request, TopicData,
+};
+use skein_storage::batch::BatchBuilder;
+
+fn connect(broker: &Broker) -> TcpStream {
+    let stream = TcpStream::connect(&broker.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+}
+
+/// Reads one response frame: `Some((header, body))`, or `None` if the broker closed.
+fn read_response(stream: &mut TcpStream) -> Option<(frame::ResponseHeader, Bytes)> {
+    let mut length = [0u8; 4];
+    if stream.read_exact(&mut length).is_err() {
+        return None;
+    }
+    let length = u32::from_le_bytes(length) as usize;
+    let mut rest = vec![0u8; length];
+    stream.read_exact(&mut rest).ok()?;
+    let mut whole = BytesMut::new();
+    whole.extend_from_slice(&(length as u32).to_le_bytes());
+    whole.extend_from_slice(&rest);
+    let header = frame::decode_response_header(&whole);
+    Some((header, whole.freeze().slice(frame::RESPONSE_HEADER_BYTES..)))
+}
+
+fn assert_closed(stream: &mut TcpStream, case: &str) {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("{case}: expected the broker to close the connection, got {other:?}"),
+    }
+}
+
+fn raw_header(api_key: u16, api_version: u16, flags: u16, correlation_id: u32) -> RequestHeader {
+    RequestHeader { api_key, api_version, flags, correlation_id }
+}
+
+fn produce_frame(topic: &str, partition: u32, records: Bytes, acks: i8, correlation_id: u32) -> BytesMut {
+    Request::Produce(ProduceRequest {
+        acks,
+        timeout_ms: 5000,
+        topics: vec![TopicData {
+            name: topic.into(),
+            partitions: vec![ProducePartition { partition, records }],
+        }],
+    })
+    .to_frame(correlation_id, 0)
+}
+
+fn produce_error(stream: &mut TcpStream, frame: &[u8]) -> ErrorCode {
+    stream.write_all(frame).unwrap();
+    let (header, body) = read_response(stream).expect("a produce response");
+    assert_eq!(header.error, 0);
+    let response = ProduceResponse::decode(&mut Reader::new(&body)).unwrap();
+    response.topics[0].partitions[0].error
+}
+
+fn good_batch(value: &[u8]) -> Bytes {
+    let mut builder = BatchBuilder::new();
+    builder.push(1, None, Some(value), &[]);
+    builder.finish().freeze()
+}
+
+/// Another client round-trips a record: the broker still serves everyone.
+async fn round_trip(client: &Client, marker: &str) {
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    let metadata =
+        producer.send(ProducerRecord::new("t", marker.to_owned()).partition(0)).await.unwrap().await.unwrap();
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer.assign("t", &[0]).await.unwrap();
+    consumer.seek("t", 0, SeekTo::Offset(metadata.offset.unwrap())).await.unwrap();
+    let records = consumer.poll(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(records[0].value.as_deref(), Some(marker.as_bytes()), "round trip after {marker}");
+}
+
+async fn end_offset(client: &Client) -> u64 {
+    Admin::new(client.clone()).describe_topic("t").await.unwrap().partitions[0].end_offset
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_only_their_own_connection() {
+    let broker = Broker::start(&["--frame-bytes-max", "1048576"]);
+    let client = broker.client().await;
+    Admin::new(client.clone()).create_topic("t", 1, &[("max.message.bytes", "65536")]).await.unwrap();
+    // A long-lived healthy connection that must survive every case.
+    let mut healthy = connect(&broker);
+    let api_versions = Request::<Bytes>::ApiVersions(ApiVersionsRequest { client_id: "healthy".into() });
+
+    let good = api_versions.to_frame(1, 0);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("bad magic", {
+            let mut f = good.to_vec();
+            f[4] = b'X';
+            f
+        }),
+        ("unknown header version", {
+            let mut f = good.to_vec();
+            f[5] = 9;
+            f
+        }),
+        ("unknown flag bits", {
+            let mut f = good.to_vec();
+            f[10] = 0x80;
+            f
+        }),
+        ("length shorter than a header", vec![4, 0, 0, 0, b'S', 1, 0, 0]),
+        ("length above the frame limit", {
+            let mut f = good.to_vec();
+            f[..4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+            f
+        }),
+        ("random bytes", (0..200u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
+    ];
+    for (case, bytes) in cases {
+        let before = end_offset(&client).await;
+        let mut stream = connect(&broker);
+        stream.write_all(&bytes).unwrap();
+        assert_closed(&mut stream, case);
+        assert_eq!(end_offset(&client).await, before, "{case}: nothing written");
+        round_trip(&client, case).await;
+    }
+    // A truncated frame followed by a close.
+    let mut stream = connect(&broker);
+    stream.write_all(&good[..good.len() - 3]).unwrap();
+    drop(stream);
+    round_trip(&client, "truncated").await;
+
+    healthy.write_all(&api_versions.to_frame(77, 0)).unwrap();
+    let (header, _) = read_response(&mut healthy).expect("the healthy connection still answers");
+    assert_eq!(header.correlation_id, 77);
+    let log = broker.log();
+    assert!(log.contains("framing error"), "the broker logs framing errors");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_numbered_errors_and_write_nothing() {
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    Admin::new(client.clone()).create_topic("t", 1, &[("max.message.bytes", "65536")]).await.unwrap();
+    round_trip(&client, "before").await;
+    let before = end_offset(&client).await;
+    let mut stream = connect(&broker);
+
+    // Frame-level errors keep the connection.
+    stream.write_all(&frame::encode_request(&raw_header(99, 0, 0, 5), |_| {})).unwrap();
+    let (header, _) = read_response(&mut stream).unwrap();
+    assert_eq!((header.correlation_id, header.error), (5, ErrorCode::UnknownApi as u16));
+    stream.write_all(&frame::encode_request(&raw_header(4, 7, 0, 6), |_| {})).unwrap();
+    let (header, _) = read_response(&mut stream).unwrap();
+    assert_eq!((header.correlation_id, header.error), (6, ErrorCode::UnsupportedVersion as u16));
+    stream
+        .write_all(&frame::encode_request(&raw_header(4, 0, 0, 7), |w| {
+            w.u8(1).u8(2).u8(3);
+        }))
+        .unwrap();
+    let (header, _) = read_response(&mut stream).unwrap();
+    assert_eq!((header.correlation_id, header.error), (7, ErrorCode::MalformedRequest as u16));
+
+    // Partition-level errors.
+    let mut bad_crc = good_batch(b"payload").to_vec();
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 1;
+    assert_eq!(
+        produce_error(&mut stream, &produce_frame("t", 0, bad_crc.into(), -1, 8)),
+        ErrorCode::CorruptBatch
+    );
+    assert_eq!(
+        produce_error(&mut stream, &produce_frame("t", 0, Bytes::from_static(b"not a batch"), -1, 9)),
+        ErrorCode::CorruptBatch
+    );
+    assert_eq!(
+        produce_error(&mut stream, &produce_frame("t", 0, Bytes::new(), -1, 10)),
+        ErrorCode::CorruptBatch
+    );
+    // A good batch followed by a bad one: neither is written.
+    let mut mixed = good_batch(b"first").to_vec();
+    mixed.extend_from_slice(b"garbage after");
+    assert_eq!(
+        produce_error(&mut stream, &produce_frame("t", 0, mixed.into(), -1, 11)),
+        ErrorCode::CorruptBatch
+    );
+    let huge = good_batch(&vec![7u8; 100_000]);
+    assert_eq!(produce_error(&mut stream, &produce_frame("t", 0, huge, -1, 12)), ErrorCode::BatchTooLarge);
+    assert_eq!(
+        produce_error(&mut stream, &produce_frame("missing", 0, good_batch(b"x"), -1, 13)),
+        ErrorCode::UnknownTopicOrPartition
+    );
+    assert_eq!(
+        produce_error(&mut stream, &produce_frame("t", 9, good_batch(b"x"), -1, 14)),
+        ErrorCode::UnknownTopicOrPartition
+    );
+    assert_eq!(
+        produce_error(&mut stream, &produce_frame("t", 0, good_batch(b"x"), 5, 15)),
+        ErrorCode::InvalidRequiredAcks
+    );
+    assert_eq!(end_offset(&client).await, before, "nothing was written");
+
+    // A fetch for a missing topic, and one beyond the end of the log.
+    let fetch = Request::<Bytes>::Fetch(FetchRequest {
+        max_wait_ms: 0,
+        min_bytes: 1,
+        max_bytes: 1 << 20,
+        topics: vec![
+            TopicData {
+                name: "missing".into(),
+                partitions: vec![FetchPartition { partition: 0, fetch_offset: 0, partition_bytes_max: 1024 }],
+            },
+            TopicData {
+                name: "t".into(),
+                partitions: vec![FetchPartition {
+                    partition: 0,
+                    fetch_offset: 1_000_000,
+                    partition_bytes_max: 1024,
+                }],
+            },
+        ],
+    });
+    stream.write_all(&fetch.to_frame(16, 0)).unwrap();
+    let (header, body) = read_response(&mut stream).unwrap();
+    assert_eq!(header.correlation_id, 16);
+    let response = FetchResponse::decode(&mut Reader::new(&body)).unwrap();
+    assert_eq!(response.topics[0].partitions[0].error, ErrorCode::UnknownTopicOrPartition);
+    assert_eq!(response.topics[1].partitions[0].error, ErrorCode::OffsetOutOfRange);
+
+    // Pipelined requests are answered in order.
+    let mut pipelined = Vec::new();
+    for id in 100..110u32 {
+        pipelined.extend_from_slice(
+            &Request::<Bytes>::ApiVersions(ApiVersionsRequest { client_id: "p".into() }).to_frame(id, 0),
+        );
+    }
+    stream.write_all(&pipelined).unwrap();
+    for id in 100..110u32 {
+        assert_eq!(read_response(&mut stream).unwrap().0.correlation_id, id);
+    }
+    round_trip(&client, "after").await;
+    assert!(broker.log().contains("refused"), "the broker logs refused input");
+}

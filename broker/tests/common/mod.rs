@@ -1,0 +1,203 @@
+//! A real `skein broker` process for tests: temporary data directory, ephemeral port on
+//! 127.0.0.1, killed when dropped (even when the test fails).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use skein_client::{Client, ClientConfig};
+
+pub struct Broker {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    extra: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn skein() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_skein"))
+}
+
+fn test_root() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&root).unwrap();
+    root
+}
+
+impl Broker {
+    /// Starts a broker with 2 shards and `extra` flags.
+    pub fn start(extra: &[&str]) -> Broker {
+        let dir = tempfile::tempdir_in(test_root()).unwrap();
+        let data_dir = dir.path().join("data");
+        let mut broker = Broker {
+            child: None,
+            addr: String::new(),
+            data_dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _dir: Some(dir),
+        };
+        broker.launch("127.0.0.1:0");
+        broker
+    }
+
+    fn launch(&mut self, listen: &str) {
+        let mut command = skein();
+        command
+            .args(["broker", "--cores", "2", "--listen", listen, "--data-dir"])
+            .arg(&self.data_dir)
+            .args(&self.extra)
+            .env("RUST_LOG", "info,skein_broker::server=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("skein broker starts");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log_path = self.data_dir.with_extension("log");
+        std::thread::spawn(move || {
+            let mut log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).unwrap();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                use std::io::Write;
+                let _ = writeln!(log, "{line}");
+            }
+        });
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        let line = receiver.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            if std::env::var_os("SKEIN_DEBUG_HANG").is_some() {
+                let out = Command::new("gdb")
+                    .args(["-batch", "-ex", "thread apply all bt 30", "-p", &child.id().to_string()])
+                    .output();
+                if let Ok(out) = out {
+                    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+                }
+            }
+            let _ = child.kill();
+            panic!("the broker did not start; its log: {}", self.log())
+        });
+        let addr = line
+            .split_whitespace()
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .expect("listening address")
+            .to_owned();
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(ClientConfig::new(self.addr.clone())).await.expect("client connects")
+    }
+
+    /// SIGTERM and wait; returns the exit status's success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, wait, and wait for the port to be released: the kernel tears a dead process's
+    /// io_uring down in the background, and until then an accept in flight keeps the listening
+    /// sockets alive (connections land there and are reset).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let started = Instant::now();
+            while std::net::TcpListener::bind(&self.addr).is_err()
+                && started.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts again on the same data directory and port.
+    pub fn restart(&mut self) {
+        let addr = self.addr.clone();
+        for attempt in 0..50 {
+            self.launch_checked(&addr);
+            if self.child.is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
+        }
+        panic!("the broker did not restart on {addr}: {}", self.log());
+    }
+
+    fn launch_checked(&mut self, listen: &str) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.launch(listen)));
+        if result.is_err() {
+            self.child = None;
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the CLI with `args` against `broker`, feeding `stdin`; returns (success, stdout, stderr).
+pub fn cli(broker: &Broker, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = skein()
+        .args(args)
+        .env("SKEIN_BOOTSTRAP", &broker.addr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_owned();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(stdin.as_bytes());
+    });
+    let pid = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    let output = match receiver.recv_timeout(Duration::from_secs(60)) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            // SAFETY: killing our own child process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("skein {args:?} did not finish in 60 s");
+        }
+    };
+    writer.join().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

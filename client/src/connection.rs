@@ -1,0 +1,214 @@
+//! One TCP connection to a broker, shared by any number of tasks: requests are pipelined and
+//! matched to responses by correlation id. A writer task and a reader task own the two halves
+//! of the socket, so a large request being written never stops responses from being read.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use skein_net::frame::{self, flags};
+use skein_net::{ErrorCode, Request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::error::{ClientError, Result};
+
+type Pending = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Result<Bytes>>>>>>;
+
+/// Largest response frame accepted.
+const RESPONSE_BYTES_MAX: usize = 256 << 20;
+
+/// A pipelined connection.
+#[derive(Debug)]
+pub struct Connection {
+    addr: String,
+    outgoing: mpsc::Sender<BytesMut>,
+    pending: Pending,
+    next_correlation: AtomicU32,
+    in_flight: Arc<Semaphore>,
+    request_timeout: Duration,
+}
+
+impl Connection {
+    /// Connects and starts the connection's reader and writer tasks.
+    pub async fn connect(
+        addr: &str,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+        in_flight_max: usize,
+    ) -> Result<Connection> {
+        let connect_error = |reason: String| ClientError::Connect { addr: addr.to_owned(), reason };
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_error(format!("no answer within {connect_timeout:?}")))?
+            .map_err(|e| connect_error(e.to_string()))?;
+        stream.set_nodelay(true).map_err(|e| connect_error(e.to_string()))?;
+        let (mut reader, mut writer) = stream.into_split();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let (outgoing, mut queue) = mpsc::channel::<BytesMut>(1024);
+
+        let writer_pending = pending.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = queue.recv().await {
+                if let Err(error) = writer.write_all(&frame).await {
+                    fail_all(&writer_pending, ClientError::ConnectionLost(error.to_string()));
+                    return;
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+
+        let reader_pending = pending.clone();
+        tokio::spawn(async move {
+            let error = read_responses(&mut reader, &reader_pending).await;
+            fail_all(&reader_pending, error);
+        });
+
+        Ok(Connection {
+            addr: addr.to_owned(),
+            outgoing,
+            pending,
+            next_correlation: AtomicU32::new(1),
+            in_flight: Arc::new(Semaphore::new(in_flight_max)),
+            request_timeout,
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether the connection broke (its tasks ended).
+    pub fn is_closed(&self) -> bool {
+        self.outgoing.is_closed() || self.pending.lock().expect("not poisoned").is_none()
+    }
+
+    /// Sends a request and returns the response body. A frame-level error becomes
+    /// [`ClientError::Broker`].
+    pub async fn request(&self, request: &Request<Bytes>) -> Result<Bytes> {
+        self.submit(request).await?.await
+    }
+
+    /// Queues a request on the connection and returns the future of its response. Requests are
+    /// written in the order `submit` is called, which the broker keeps when it applies them.
+    pub async fn submit(&self, request: &Request<Bytes>) -> Result<ResponseFuture> {
+        let permit = self.in_flight.clone().acquire_owned().await.map_err(|_| ClientError::Closed)?;
+        let correlation = self.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().expect("not poisoned");
+            let Some(map) = pending.as_mut() else {
+                return Err(ClientError::ConnectionLost("connection closed".into()));
+            };
+            map.insert(correlation, sender);
+        }
+        let frame = request.to_frame(correlation, 0);
+        if self.outgoing.send(frame).await.is_err() {
+            self.forget(correlation);
+            return Err(ClientError::ConnectionLost("connection closed".into()));
+        }
+        Ok(ResponseFuture {
+            receiver,
+            timeout: Box::pin(tokio::time::sleep(self.request_timeout)),
+            request_timeout: self.request_timeout,
+            pending: self.pending.clone(),
+            correlation,
+            _permit: permit,
+        })
+    }
+
+    /// Sends a request that gets no response (produce with `acks=0`).
+    pub async fn send_only(&self, request: &Request<Bytes>) -> Result<()> {
+        let correlation = self.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let frame = request.to_frame(correlation, flags::NO_RESPONSE);
+        self.outgoing.send(frame).await.map_err(|_| ClientError::ConnectionLost("connection closed".into()))
+    }
+
+    fn forget(&self, correlation: u32) {
+        if let Some(map) = self.pending.lock().expect("not poisoned").as_mut() {
+            map.remove(&correlation);
+        }
+    }
+}
+
+/// The response to a submitted request.
+pub struct ResponseFuture {
+    receiver: oneshot::Receiver<Result<Bytes>>,
+    timeout: std::pin::Pin<Box<tokio::time::Sleep>>,
+    request_timeout: Duration,
+    pending: Pending,
+    correlation: u32,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::future::Future for ResponseFuture {
+    type Output = Result<Bytes>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Bytes>> {
+        use std::task::Poll;
+        if let Poll::Ready(result) = std::pin::Pin::new(&mut self.receiver).poll(cx) {
+            return Poll::Ready(
+                result.unwrap_or(Err(ClientError::ConnectionLost("connection closed".into()))),
+            );
+        }
+        if self.timeout.as_mut().poll(cx).is_ready() {
+            if let Some(map) = self.pending.lock().expect("not poisoned").as_mut() {
+                map.remove(&self.correlation);
+            }
+            return Poll::Ready(Err(ClientError::Timeout(self.request_timeout)));
+        }
+        Poll::Pending
+    }
+}
+
+fn fail_all(pending: &Pending, error: ClientError) {
+    let waiting = pending.lock().expect("not poisoned").take();
+    for (_, sender) in waiting.into_iter().flatten() {
+        let _ = sender.send(Err(error.clone()));
+    }
+}
+
+async fn read_responses(reader: &mut tokio::net::tcp::OwnedReadHalf, pending: &Pending) -> ClientError {
+    let mut buffer = BytesMut::with_capacity(64 << 10);
+    loop {
+        loop {
+            match frame::response_frame_len(&buffer, RESPONSE_BYTES_MAX) {
+                Err(error) => return ClientError::Protocol(error.to_string()),
+                Ok(None) => break,
+                Ok(Some(len)) => {
+                    let whole = buffer.split_to(len).freeze();
+                    let header = frame::decode_response_header(&whole);
+                    let sender = pending
+                        .lock()
+                        .expect("not poisoned")
+                        .as_mut()
+                        .and_then(|map| map.remove(&header.correlation_id));
+                    let Some(sender) = sender else { continue };
+                    let result = match ErrorCode::from_u16(header.error) {
+                        Some(ErrorCode::None) => Ok(whole.slice(frame::RESPONSE_HEADER_BYTES..)),
+                        Some(code) => Err(ClientError::broker(code, "request refused")),
+                        None => Err(ClientError::broker(
+                            ErrorCode::Unknown,
+                            format!("error code {}", header.error),
+                        )),
+                    };
+                    let _ = sender.send(result);
+                }
+            }
+        }
+        if buffer.capacity() - buffer.len() < 16 << 10 {
+            buffer.reserve(64 << 10);
+        }
+        match reader.read_buf(&mut buffer).await {
+            Ok(0) => return ClientError::ConnectionLost("the broker closed the connection".into()),
+            Ok(_) => {}
+            Err(error) => return ClientError::ConnectionLost(error.to_string()),
+        }
+    }
+}
