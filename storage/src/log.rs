@@ -101,6 +101,8 @@ struct PendingAck {
 
 struct Barrier {
     next_offset: u64,
+    /// Resolved at the synced mark; otherwise at the written mark.
+    sync: bool,
     reply: oneshot::Sender<Result<()>>,
 }
 
@@ -163,8 +165,13 @@ struct Shared {
     directory: glommio::io::Directory,
     /// A segment was created since the directory was last synced: the next sync syncs it too.
     directory_sync_pending: Cell<bool>,
-    /// Index files of sealed segments being written in the background.
+    /// Work on sealed segments running in the background (index files, syncs).
     index_writes: RefCell<Vec<glommio::Task<()>>>,
+    /// The last checkpoint written, as (segment, position): it only moves forward, except when a
+    /// truncation cuts below it.
+    checkpoint_mark: Cell<(u64, u64)>,
+    /// Serialises checkpoint writes (the flusher and background seals both write it).
+    checkpoint_gate: Semaphore,
     /// Set when the flusher is waiting for the checkpoint write, so close waits for it.
     checkpoint_busy: Cell<bool>,
 }
@@ -292,10 +299,11 @@ impl State {
     }
 
     fn resolve_barriers(&mut self) {
-        let synced = self.synced.offset;
+        let (synced, written) = (self.synced.offset, self.written.offset);
         let mut index = 0;
         while index < self.barriers.len() {
-            if self.barriers[index].next_offset <= synced {
+            let barrier = &self.barriers[index];
+            if barrier.next_offset <= if barrier.sync { synced } else { written } {
                 let barrier = self.barriers.swap_remove(index);
                 let _ = barrier.reply.send(Ok(()));
             } else {
@@ -353,7 +361,22 @@ impl Shared {
         }
     }
 
+    /// Records that everything before (`tail_base_offset`, `recovery_position`) is synced.
+    /// Ignored if an equal or later point is already recorded.
     async fn write_checkpoint(&self, tail_base_offset: u64, recovery_position: u64) -> Result<()> {
+        self.store_checkpoint(tail_base_offset, recovery_position, false).await
+    }
+
+    async fn store_checkpoint(
+        &self,
+        tail_base_offset: u64,
+        recovery_position: u64,
+        backwards: bool,
+    ) -> Result<()> {
+        let _permit = self.checkpoint_gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
+        if !backwards && (tail_base_offset, recovery_position) <= self.checkpoint_mark.get() {
+            return Ok(());
+        }
         let checkpoint = Checkpoint { tail_base_offset, recovery_position, written_ms: now_ms() };
         dio::write_block_padded(&self.checkpoint_file, &self.checkpoint_path, 0, &checkpoint.encode())
             .await?;
@@ -362,22 +385,29 @@ impl Shared {
             .await
             .map_err(|e| StorageError::io("syncing", &self.checkpoint_path, glommio_io(e)))?;
         self.state.borrow_mut().last_checkpoint = Some(Instant::now());
+        self.checkpoint_mark.set((tail_base_offset, recovery_position));
         Ok(())
     }
 
     /// Waits until everything appended so far is written and synced.
     async fn barrier(&self) -> Result<()> {
+        self.wait_for(true).await
+    }
+
+    /// Waits until everything appended so far is written (`sync`: and synced).
+    async fn wait_for(&self, sync: bool) -> Result<()> {
         let receiver = {
             let mut state = self.state.borrow_mut();
             if let Some(error) = &state.failed {
                 return Err(failed_error(error));
             }
-            if state.synced.offset == state.next_offset && !state.active.appender.has_untaken() {
+            let reached = if sync { state.synced.offset } else { state.written.offset };
+            if reached == state.next_offset && !state.active.appender.has_untaken() {
                 return Ok(());
             }
             let (reply, receiver) = oneshot::channel();
             let next_offset = state.next_offset;
-            state.barriers.push(Barrier { next_offset, reply });
+            state.barriers.push(Barrier { next_offset, sync, reply });
             receiver
         };
         self.wake_flusher.notify_all();
@@ -578,6 +608,7 @@ impl Flusher {
         }
         let (active_base, stable) = (state.active.file.base_offset(), state.stable_position());
         state.cache.evict(active_base, stable);
+        state.resolve_barriers();
         drop(state);
         shared.progress.notify_all();
     }
@@ -591,11 +622,11 @@ impl Flusher {
         if state.failed.is_some() {
             return;
         }
+        state.resolve_barriers();
         if state.written.offset <= state.synced.offset {
-            state.resolve_barriers();
             return;
         }
-        let due = !state.barriers.is_empty()
+        let due = state.barriers.iter().any(|b| b.sync)
             || match self.shared.config.fsync {
                 FsyncPolicy::Always => true,
                 FsyncPolicy::Interval(every) => state.last_sync.elapsed() >= every,
@@ -791,30 +822,83 @@ impl Log {
             }
         }
 
-        let (tail_base, sealed_bases) = bases.split_last().expect("at least one segment");
+        // Segments before the checkpoint's segment were synced before it existed: they are
+        // sealed and strict. From the checkpoint's segment on (every segment when there is no
+        // checkpoint), segments are scanned: strict up to the recovery position, lenient after.
+        let first_scanned = match checkpoint {
+            Some(c) if bases.binary_search(&c.tail_base_offset).is_ok() => c.tail_base_offset,
+            _ => bases[0],
+        };
         let mut sealed = BTreeMap::new();
         let mut expected_base: Option<u64> = None;
-        for &base in sealed_bases {
+        for &base in bases.iter().filter(|&&b| b < first_scanned) {
             let item = open_sealed(&dir, base, &config).await?;
             check_continuity(&dir, base, expected_base)?;
             expected_base = Some(item.summary.next_offset);
             sealed.insert(base, item);
         }
-        check_continuity(&dir, *tail_base, expected_base)?;
-        let recovery_position = checkpoint
-            .filter(|c| c.tail_base_offset == *tail_base)
-            .map_or(SEGMENT_HEADER_BYTES, |c| c.recovery_position.max(SEGMENT_HEADER_BYTES));
-        let active = recover_tail(&dir, *tail_base, recovery_position, &config).await?;
+        let scanned: Vec<u64> = bases.iter().copied().filter(|&b| b >= first_scanned).collect();
+        let mut tail: Option<RecoveredSegment> = None;
+        // Whether the previous scanned segment was covered by the checkpoint to its end.
+        let mut previous_strict = true;
+        for (index, &base) in scanned.iter().enumerate() {
+            if let Some(expected) = expected_base {
+                if expected != base {
+                    if tail.is_some() && !previous_strict {
+                        // The segment before ends early, in bytes never synced, yet a later one
+                        // exists: what came after was lost too; the earlier segment is the tail.
+                        remove_torn_segments(&dir, &scanned[index..], "an earlier segment lost its end")?;
+                        break;
+                    }
+                    check_continuity(&dir, base, expected_base)?;
+                }
+            }
+            let strict_end = match checkpoint {
+                Some(c) if c.tail_base_offset == base => c.recovery_position.max(SEGMENT_HEADER_BYTES),
+                _ => SEGMENT_HEADER_BYTES,
+            };
+            let recovered = recover_segment(&dir, base, strict_end, &config).await?;
+            let last = index + 1 == scanned.len();
+            if recovered.torn && !last {
+                remove_torn_segments(&dir, &scanned[index + 1..], "they follow a torn segment")?;
+            }
+            if let Some(previous) = tail.take() {
+                let item = seal_recovered(previous).await?;
+                sealed.insert(item.file.base_offset(), item);
+            }
+            expected_base = Some(recovered.next_offset);
+            previous_strict = strict_end >= recovered.end;
+            let torn = recovered.torn;
+            tail = Some(recovered);
+            if torn {
+                break;
+            }
+        }
+        let recovered = tail.expect("at least one segment is scanned");
+        let tail_block = if recovered.end.is_multiple_of(files::BLOCK_BYTES as u64) {
+            Vec::new()
+        } else {
+            let block = align_down(recovered.end);
+            recovered.file.read(block, (recovered.end - block) as usize).await?.to_vec()
+        };
+        let active = Active {
+            file: Rc::new(recovered.file),
+            allocated: recovered.end,
+            created_ms: recovered.created_ms,
+            max_timestamp: recovered.max_timestamp,
+            index: recovered.entries,
+            appender: Appender::new(config.write_buffer_bytes, FREE_BUFFERS_MAX, recovered.end, tail_block),
+        };
         let mark = Mark {
-            offset: active.1.next_offset,
-            position: active.0.appender.end(),
-            max_timestamp: active.0.max_timestamp,
+            offset: recovered.next_offset,
+            position: active.appender.end(),
+            max_timestamp: active.max_timestamp,
         };
         let loaded: VecDeque<u64> =
             sealed.iter().filter(|(_, s): &(&u64, &Sealed)| s.index.is_some()).map(|(&b, _)| b).collect();
         let state = State {
             sealed,
-            active: active.0,
+            active,
             next_offset: mark.offset,
             written: mark,
             synced: mark,
@@ -837,6 +921,10 @@ impl Log {
             directory,
             directory_sync_pending: Cell::new(false),
             index_writes: RefCell::new(Vec::new()),
+            checkpoint_mark: Cell::new(
+                checkpoint.map_or((0, 0), |c| (c.tail_base_offset, c.recovery_position)),
+            ),
+            checkpoint_gate: Semaphore::new(1),
             dir,
             config,
             state: RefCell::new(state),
@@ -997,9 +1085,12 @@ impl Log {
     /// Seals the active segment and starts a new one. The caller holds the gate.
     async fn roll_locked(&self) -> Result<()> {
         let shared = &self.shared;
-        // Everything in the old segment is written and synced before the new one takes data:
-        // sealed segments are complete on disk.
-        shared.barrier().await?;
+        // Everything in the old segment is written before the new one takes data. With
+        // fsync=always it is synced too, here; otherwise it is synced in the background (as
+        // Kafka flushes rolled segments), and until that sync lands the recovery checkpoint
+        // still points into it, so recovery rescans it leniently.
+        let sync_now = shared.config.fsync.is_always();
+        shared.wait_for(sync_now).await?;
         let (segment, summary, entries) = {
             let state = shared.state.borrow();
             let summary = SegmentSummary {
@@ -1019,12 +1110,30 @@ impl Log {
         // record in it is acknowledged under fsync=always.
         shared.directory_sync_pending.set(true);
         tracing::debug!(path = %segment.path().display(), bytes = summary.log_bytes, "segment sealed");
-        // Index files are an optimisation (rebuilt from the log when missing): write them in
-        // the background.
-        let (index_segment, index_summary, index_entries) =
+        // In the background: sync the sealed segment (unless done above), then record that the
+        // log is synced up to the new segment, and write the index files (an optimisation,
+        // rebuilt from the log when missing).
+        let (sealed_segment, index_summary, index_entries) =
             (segment.clone(), summary.clone(), entries.clone());
+        let background = self.shared.clone();
+        let next_base = summary.next_offset;
         let task = glommio::spawn_local(async move {
-            if let Err(error) = segment::write_index(&index_segment, &index_summary, &index_entries).await {
+            let synced = if sync_now { Ok(()) } else { sealed_segment.sync().await };
+            match synced {
+                Ok(()) => {
+                    if let Err(error) = background.write_checkpoint(next_base, SEGMENT_HEADER_BYTES).await {
+                        tracing::warn!(%error, "could not write the recovery checkpoint");
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "fdatasync of a sealed segment failed; the log refuses further writes until reopened");
+                    let error = Arc::new(error);
+                    let mut state = background.state.borrow_mut();
+                    state.fail_everything(&failed_error(&error));
+                    state.failed = Some(error);
+                }
+            }
+            if let Err(error) = segment::write_index(&sealed_segment, &index_summary, &index_entries).await {
                 tracing::warn!(%error, "could not write a sealed segment's index; it will be rebuilt on open");
             }
         });
@@ -1064,9 +1173,12 @@ impl Log {
         self.roll_locked().await
     }
 
-    /// Waits until every append so far is written and synced, whatever the fsync policy.
+    /// Waits until every append so far is written and synced, whatever the fsync policy
+    /// (sealed segments still syncing in the background included).
     pub async fn flush(&self) -> Result<()> {
-        self.shared.barrier().await
+        self.shared.barrier().await?;
+        self.shared.finish_index_writes().await;
+        self.shared.check_usable()
     }
 
     /// Offset of the first record held (the log start offset).
@@ -1103,6 +1215,24 @@ impl Log {
     pub fn segment_bases(&self) -> Vec<u64> {
         let state = self.shared.state.borrow();
         state.sealed.keys().copied().chain(std::iter::once(state.active.file.base_offset())).collect()
+    }
+
+    /// A one-line summary of the log's marks, for diagnostics.
+    pub fn describe_state(&self) -> String {
+        let state = self.shared.state.borrow();
+        format!(
+            "next={} written={} synced={} visible={} buffered={} untaken={} acks_pending={} barriers={} active_base={} failed={}",
+            state.next_offset,
+            state.written.offset,
+            state.synced.offset,
+            state.visible.offset,
+            state.active.appender.buffered(),
+            state.active.appender.has_untaken(),
+            state.acks.len(),
+            state.barriers.len(),
+            state.active.file.base_offset(),
+            state.failed.is_some()
+        )
     }
 
     /// Bytes held by the tail cache.
@@ -1188,9 +1318,11 @@ impl Log {
                 Some(*state.sealed.range(..=offset).next_back().expect("offset ≥ start").0)
             }
         };
-        // (segment, index, where the readable data ends: position and offset, where the bytes
-        // that will not be written again end)
-        let (segment, index, data_end, stable) = match sealed_base {
+        // (segment, its index if sealed, where the readable data ends: position and offset,
+        // where the bytes that will not be written again end). The active segment's index is
+        // not copied: it is looked at in place, before and after the await (entries below the
+        // readable end never change; a truncation bumps the generation and the read restarts).
+        let (segment, sealed_index, data_end, stable) = match sealed_base {
             Some(base) => {
                 let index = self.sealed_index(base).await?;
                 let state = shared.state.borrow();
@@ -1203,7 +1335,7 @@ impl Log {
                     });
                 };
                 let end = (sealed.summary.log_bytes, sealed.summary.next_offset);
-                (sealed.file.clone(), index, end, end.0)
+                (sealed.file.clone(), Some(index), end, end.0)
             }
             None => {
                 let state = shared.state.borrow();
@@ -1214,21 +1346,44 @@ impl Log {
                         end = (first.position, first.base_offset);
                     }
                 }
-                (state.active.file.clone(), Rc::new(state.active.index.clone()), end, state.stable_position())
+                (state.active.file.clone(), None, end, state.stable_position())
+            }
+        };
+        let with_index = |f: &mut dyn FnMut(&[IndexEntry]) -> (u64, u64)| -> (u64, u64) {
+            match &sealed_index {
+                Some(index) => f(index),
+                None => {
+                    let state = shared.state.borrow();
+                    if Rc::ptr_eq(&state.active.file, &segment) {
+                        f(&state.active.index)
+                    } else {
+                        // Rolled meanwhile: the index moved to the sealed segment.
+                        let moved = state.sealed.get(&segment.base_offset()).and_then(|s| s.index.clone());
+                        f(moved.as_deref().map_or(&[], |v| v.as_slice()))
+                    }
+                }
             }
         };
         let base = segment.base_offset();
         let relative = (offset - base) as u32;
-        let entry_index = index.partition_point(|entry| entry.relative_offset <= relative);
-        let start_position =
-            if entry_index == 0 { SEGMENT_HEADER_BYTES } else { u64::from(index[entry_index - 1].position) };
+        let (start_position, _) = with_index(&mut |index| {
+            let entry_index = index.partition_point(|entry| entry.relative_offset <= relative);
+            let position = if entry_index == 0 {
+                SEGMENT_HEADER_BYTES
+            } else {
+                u64::from(index[entry_index - 1].position)
+            };
+            (position, 0)
+        });
         let (position, header) = segment.find_batch(start_position, offset, data_end.0, size_max).await?;
         let first_end = (position + header.total_bytes() as u64, header.next_offset());
         if first_end.0 > stable {
             // The batch reaches into the block the next write will rewrite, and the cache does
             // not hold it (just after open or truncation): read it with O_DIRECT instead of
             // handing out a page-cache range.
-            let end = batch_boundary(&index, base, position, bytes_max, data_end, first_end);
+            let end = with_index(&mut |index| {
+                batch_boundary(index, base, position, bytes_max, data_end, first_end)
+            });
             let bytes = segment.read(position, (end.0 - position) as usize).await?;
             return Ok(ReadSlice {
                 first_offset: header.base_offset,
@@ -1236,12 +1391,14 @@ impl Log {
                 data: ReadData::Memory(vec![bytes]),
             });
         }
-        let stable_end = if data_end.0 <= stable {
-            data_end
-        } else {
-            boundary_at_or_before(&index, base, stable, first_end)
-        };
-        let end = batch_boundary(&index, base, position, bytes_max, stable_end, first_end);
+        let end = with_index(&mut |index| {
+            let stable_end = if data_end.0 <= stable {
+                data_end
+            } else {
+                boundary_at_or_before(index, base, stable, first_end)
+            };
+            batch_boundary(index, base, position, bytes_max, stable_end, first_end)
+        });
         assert!(end.0 <= data_end.0 && end.0 <= stable, "a file range covers only readable, stable bytes");
         Ok(ReadSlice {
             first_offset: header.base_offset,
@@ -1465,7 +1622,7 @@ impl Log {
             max_timestamp = max_timestamp.max(header.max_timestamp);
             position = at + header.total_bytes() as u64;
         }
-        let tail_block = if cut % files::BLOCK_BYTES as u64 == 0 {
+        let tail_block = if cut.is_multiple_of(files::BLOCK_BYTES as u64) {
             Vec::new()
         } else {
             target.read(align_down(cut), (cut - align_down(cut)) as usize).await?.to_vec()
@@ -1474,7 +1631,7 @@ impl Log {
             Ok(header) => header.created_ms,
             Err(error) => return Err(target.corruption(0, CorruptionKind::Format(error))),
         };
-        shared.write_checkpoint(base, cut).await?;
+        shared.store_checkpoint(base, cut, true).await?;
         let mut state = shared.state.borrow_mut();
         let mark = Mark { offset: new_next, position: cut, max_timestamp };
         state.active = Active {
@@ -1627,43 +1784,47 @@ async fn open_sealed(dir: &Path, base: u64, config: &LogConfig) -> Result<Sealed
     Ok(Sealed { file: Rc::new(file), summary, index })
 }
 
-struct TailInfo {
+/// A segment after recovery: valid up to `end`.
+struct RecoveredSegment {
+    file: SegmentFile,
+    created_ms: i64,
+    end: u64,
     next_offset: u64,
+    max_timestamp: i64,
+    entries: Vec<IndexEntry>,
+    /// The scan stopped at a torn batch (after the strict region): nothing after it is kept.
+    torn: bool,
 }
 
-/// Opens the tail segment and recovers it: strict before `recovery_position`, truncating a torn
-/// tail after it.
-async fn recover_tail(
+/// Scans one segment: every invalid batch before `strict_end` is an error; the first invalid
+/// batch after it ends the log there (the file is cut and the rest logged as torn).
+async fn recover_segment(
     dir: &Path,
     base: u64,
-    recovery_position: u64,
+    strict_end: u64,
     config: &LogConfig,
-) -> Result<(Active, TailInfo)> {
+) -> Result<RecoveredSegment> {
     let file = SegmentFile::open(dir, base).await?;
     let size = file.size().await?;
     let created_ms = match file.read_header().await? {
         Ok(header) => header.created_ms,
-        Err(FormatError::Zero | FormatError::Truncated { .. })
-            if recovery_position <= SEGMENT_HEADER_BYTES =>
-        {
+        Err(FormatError::Zero | FormatError::Truncated { .. }) if strict_end <= SEGMENT_HEADER_BYTES => {
             // Created, but the header never reached the disk (it is synced together with the
             // segment's first records): write it again and recover the rest as usual.
-            tracing::warn!(path = %file.path().display(), size, "rewriting the lost header of the tail segment");
+            tracing::warn!(path = %file.path().display(), size, "rewriting the lost header of a segment");
             let created_ms = now_ms();
             let header = files::SegmentHeader { base_offset: base, created_ms }.encode();
             dio::write_block_padded(file.dma(), file.path(), 0, &header).await?;
-            file.dma()
-                .fdatasync()
-                .await
-                .map_err(|e| StorageError::io("syncing", file.path(), glommio_io(e)))?;
+            file.sync().await?;
             created_ms
         }
         Err(error) => return Err(file.corruption(0, CorruptionKind::Format(error))),
     };
     let outcome = segment::scan(&file, config.index_interval_bytes, config.batch_bytes_max).await?;
     let end = outcome.end_position;
+    let mut torn = false;
     if let Some((position, kind)) = &outcome.invalid {
-        if *position < recovery_position {
+        if *position < strict_end {
             return Err(file.corruption(*position, kind.clone()));
         }
         tracing::warn!(
@@ -1673,25 +1834,44 @@ async fn recover_tail(
         );
         file.truncate(end).await?;
         file.sync().await?;
-    } else if end < recovery_position {
-        return Err(file.corruption(end, CorruptionKind::Shorter { expected: recovery_position, found: end }));
+        torn = true;
+    } else if end < strict_end {
+        return Err(file.corruption(end, CorruptionKind::Shorter { expected: strict_end, found: end }));
     }
     if outcome.zero_tail {
         tracing::debug!(path = %file.path().display(), end, "trimming space allocated ahead of the last batch");
         file.truncate(end).await?;
     }
-    let tail_block = if end % files::BLOCK_BYTES as u64 == 0 {
-        Vec::new()
-    } else {
-        file.read(align_down(end), (end - align_down(end)) as usize).await?.to_vec()
-    };
-    let active = Active {
-        file: Rc::new(file),
-        allocated: end,
+    Ok(RecoveredSegment {
+        file,
         created_ms,
+        end,
+        next_offset: outcome.next_offset,
         max_timestamp: outcome.max_timestamp,
-        index: outcome.entries,
-        appender: Appender::new(config.write_buffer_bytes, FREE_BUFFERS_MAX, end, tail_block),
+        entries: outcome.entries,
+        torn,
+    })
+}
+
+/// A scanned segment that is not the tail: sync its trimmed size, write its index files.
+async fn seal_recovered(recovered: RecoveredSegment) -> Result<Sealed> {
+    recovered.file.sync().await?;
+    let summary = SegmentSummary {
+        base_offset: recovered.file.base_offset(),
+        log_bytes: recovered.end,
+        next_offset: recovered.next_offset,
+        max_timestamp: recovered.max_timestamp,
     };
-    Ok((active, TailInfo { next_offset: outcome.next_offset }))
+    segment::write_index(&recovered.file, &summary, &recovered.entries).await?;
+    Ok(Sealed { file: Rc::new(recovered.file), summary, index: Some(Rc::new(recovered.entries)) })
+}
+
+/// Deletes segments that follow a torn one: none of their bytes was ever synced.
+fn remove_torn_segments(dir: &Path, bases: &[u64], reason: &str) -> Result<()> {
+    for &base in bases {
+        let paths = files::SegmentPaths::new(dir, base);
+        tracing::warn!(path = %paths.log.display(), reason, "removing a segment written after a torn write");
+        segment::remove_files(&paths)?;
+    }
+    dio::sync_dir(dir)
 }

@@ -300,6 +300,51 @@ fn sealed_segments_are_strict_and_their_indexes_are_rebuilt() {
     assert_eq!((offsets.len() as u64, end), (total, total));
 }
 
+#[test]
+fn damage_in_a_segment_after_the_recovery_point_ends_the_log_there() {
+    // fsync=never: rolled segments are synced in the background; without a checkpoint nothing
+    // is known synced, so every segment is rescanned and the first damage ends the log.
+    let config = LogConfig { fsync: FsyncPolicy::Never, ..LogConfig::tiny() };
+    let dir = tmp();
+    let original = dir.path().join("original");
+    let written = write_batches(&original, config.clone(), 80, 11, false);
+    let mut bases: Vec<u64> = std::fs::read_dir(&original)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".log").map(|b| b.parse().unwrap()))
+        .collect();
+    bases.sort_unstable();
+    assert!(bases.len() > 4, "{bases:?}");
+    // Damage a batch in the middle of the third segment.
+    let victim_base = bases[2];
+    let victim = written.iter().filter(|w| w.0 >= victim_base && w.0 < bases[3]).nth(1).copied().unwrap();
+    let copy = dir.path().join("damaged");
+    copy_dir(&original, &copy);
+    std::fs::remove_file(copy.join("checkpoint")).unwrap();
+    let path = segment_path(&copy, victim_base);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(victim.2 + victim.3 / 2) as usize] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let (offsets, end) = open_and_read(&copy, config.clone()).unwrap();
+    assert_eq!(end, victim.0, "the log ends before the damaged batch");
+    assert_eq!(offsets, (0..victim.0).collect::<Vec<_>>());
+    for later in &bases[3..] {
+        assert!(!segment_path(&copy, *later).exists(), "segment {later} after the tear is gone");
+    }
+    // The same damage with the checkpoint in place (it points past the victim): refused.
+    let copy = dir.path().join("damaged-strict");
+    copy_dir(&original, &copy);
+    let path = segment_path(&copy, victim_base);
+    std::fs::write(&path, &bytes).unwrap();
+    match open_and_read(&copy, config) {
+        Err(StorageError::Corruption { path: reported, position, .. }) => {
+            assert_eq!(reported, path);
+            assert_eq!(position, victim.2);
+        }
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+}
+
 const CHILD_DIR: &str = "SKEIN_CRASH_CHILD_DIR";
 const CHILD_SEED: &str = "SKEIN_CRASH_CHILD_SEED";
 

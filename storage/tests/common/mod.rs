@@ -15,11 +15,23 @@ where
     F: Future<Output = T> + 'static,
 {
     let (sender, receiver) = std::sync::mpsc::channel();
+    // glommio 0.9 can park an executor that still has runnable work (see the broker's
+    // `keep_awake`); a timer that is always armed wakes it again within 10 ms.
     let handle = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .io_memory(2 << 20)
-        .preempt_timer(std::time::Duration::from_millis(1))
         .spawn(move || async move {
+            let done = std::rc::Rc::new(std::cell::Cell::new(false));
+            let ticker = glommio::spawn_local({
+                let done = done.clone();
+                async move {
+                    while !done.get() {
+                        glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                }
+            });
             let output = make().await;
+            done.set(true);
+            ticker.await;
             let _ = sender.send(());
             output
         })
