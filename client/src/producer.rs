@@ -14,7 +14,6 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use skein_net::{acks, ErrorCode, ProducePartition, ProduceRequest, ProduceResponse, Request, TopicData};
 use skein_storage::batch::{BatchBuilder, BATCH_HEADER_BYTES};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
 use crate::{decode, now_ms, Client, ClientError, Result};
@@ -96,7 +95,8 @@ impl Default for ProducerConfig {
 /// A record to send.
 #[derive(Debug, Clone)]
 pub struct ProducerRecord {
-    pub topic: String,
+    /// Shared: pass an `Arc<str>` you keep to avoid an allocation per record.
+    pub topic: Arc<str>,
     /// `None`: chosen from the key (same key, same partition), or spread when there is no key.
     pub partition: Option<u32>,
     pub key: Option<Bytes>,
@@ -107,7 +107,7 @@ pub struct ProducerRecord {
 }
 
 impl ProducerRecord {
-    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> ProducerRecord {
+    pub fn new(topic: impl Into<Arc<str>>, value: impl Into<Bytes>) -> ProducerRecord {
         ProducerRecord {
             topic: topic.into(),
             partition: None,
@@ -167,29 +167,34 @@ impl Future for DeliveryFuture {
     }
 }
 
-struct Waiter {
-    reply: oneshot::Sender<Result<RecordMetadata>>,
-    timestamp: i64,
-    _memory: OwnedSemaphorePermit,
+/// How a record's outcome is delivered.
+enum Completion {
+    Future(oneshot::Sender<Result<RecordMetadata>>),
+    Callback(Box<dyn FnOnce(Result<RecordMetadata>) + Send>),
 }
 
-enum Command {
-    /// `batch_bytes`: the batch size for this topic (the producer's, capped by the topic's
-    /// `max.message.bytes`).
-    Append {
-        topic: String,
-        partition: u32,
-        record: ProducerRecord,
-        waiter: Waiter,
-        batch_bytes: usize,
-    },
-    Flush(oneshot::Sender<()>),
+struct Waiter {
+    completion: Completion,
+    timestamp: i64,
+}
+
+impl Waiter {
+    fn complete(self, result: Result<RecordMetadata>) {
+        match self.completion {
+            Completion::Future(sender) => {
+                let _ = sender.send(result);
+            }
+            Completion::Callback(callback) => callback(result),
+        }
+    }
 }
 
 struct OpenBatch {
     builder: BatchBuilder,
     created: Instant,
     waiters: Vec<Waiter>,
+    /// Buffer memory held by the batch's records.
+    memory: usize,
 }
 
 struct SealedBatch {
@@ -198,175 +203,292 @@ struct SealedBatch {
     partition: u32,
     bytes: Bytes,
     waiters: Vec<Waiter>,
+    memory: usize,
 }
 
-/// Sends records to a Skein broker. Cheap to share behind an `Arc`; `send` takes `&self`.
-pub struct Producer {
-    client: Client,
-    config: Arc<ProducerConfig>,
-    commands: mpsc::Sender<Command>,
-    memory: Arc<Semaphore>,
+/// FNV-1a: topic names are short and trusted, and this runs once per record.
+#[derive(Default, Clone, Copy)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &byte in bytes {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
+/// The record accumulator: open batches per partition and sealed batches waiting to be sent.
+/// `send` appends here directly (under one short lock); the sender task drains it.
+#[derive(Default)]
+struct Accumulator {
+    /// Open batches by topic, indexed by partition.
+    open: FastMap<String, Vec<Option<OpenBatch>>>,
+    ready: VecDeque<SealedBatch>,
+    next_sequence: u64,
+    /// Sealed batches not yet completed (sent and answered, or failed).
+    outstanding: BTreeSet<u64>,
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
     /// Records without a key stick to one partition per topic until a batch's worth was sent.
-    sticky: Mutex<HashMap<String, (u32, usize)>>,
-    spread: AtomicU64,
+    sticky: FastMap<String, (u32, usize)>,
+    closed: bool,
+}
+
+impl Accumulator {
+    fn seal(&mut self, topic: &str, partition: u32, batch: OpenBatch) {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.outstanding.insert(sequence);
+        self.ready.push_back(SealedBatch {
+            sequence,
+            topic: topic.to_owned(),
+            partition,
+            bytes: batch.builder.finish().freeze(),
+            waiters: batch.waiters,
+            memory: batch.memory,
+        });
+    }
+
+    /// Seals the batches that waited `linger` (all of them with `force`); returns the earliest
+    /// deadline of those still open.
+    fn seal_expired(&mut self, linger: Duration, force: bool) -> Option<Instant> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (topic, partitions) in &self.open {
+            for (partition, batch) in partitions.iter().enumerate() {
+                if let Some(batch) = batch {
+                    let due = batch.created + linger;
+                    if force || due <= now {
+                        expired.push((topic.clone(), partition as u32));
+                    } else {
+                        next = Some(next.map_or(due, |n| n.min(due)));
+                    }
+                }
+            }
+        }
+        for (topic, partition) in expired {
+            let batch =
+                self.open.get_mut(&topic).and_then(|p| p[partition as usize].take()).expect("listed above");
+            self.seal(&topic, partition, batch);
+        }
+        next
+    }
+}
+
+struct Shared {
+    client: Client,
+    config: ProducerConfig,
+    accumulator: Mutex<Accumulator>,
+    /// Wakes the sender task: a batch was sealed, a batch was opened (linger starts), flush,
+    /// close.
+    wake: tokio::sync::Notify,
+    /// Bytes of records buffered or in flight.
+    memory: Semaphore,
+    topics: Mutex<FastMap<String, Arc<crate::TopicInfo>>>,
+}
+
+/// Sends records to a Skein broker. `send` takes `&self`: share it behind an `Arc`. Dropping
+/// the producer sends what is buffered and stops its background task.
+pub struct Producer {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.shared.accumulator.lock().expect("not poisoned").closed = true;
+        self.shared.wake.notify_one();
+    }
 }
 
 impl Producer {
     pub fn new(client: Client, config: ProducerConfig) -> Producer {
-        let config = Arc::new(config);
-        let (commands, receiver) = mpsc::channel(4096);
-        let memory = Arc::new(Semaphore::new(config.buffer_bytes));
-        tokio::spawn(run_sender(client.clone(), config.clone(), receiver));
-        Producer {
+        let shared = Arc::new(Shared {
             client,
+            memory: Semaphore::new(config.buffer_bytes),
             config,
-            commands,
-            memory,
-            sticky: Mutex::new(HashMap::new()),
-            spread: AtomicU64::new(0),
-        }
+            accumulator: Mutex::new(Accumulator::default()),
+            wake: tokio::sync::Notify::new(),
+            topics: Mutex::new(FastMap::default()),
+        });
+        tokio::spawn(run_sender(shared.clone()));
+        Producer { shared }
     }
 
-    fn choose_partition(
-        &self,
-        record: &ProducerRecord,
-        partitions: u32,
-        size: usize,
-        batch_bytes: usize,
-    ) -> Result<u32> {
-        if let Some(partition) = record.partition {
-            if partition >= partitions {
-                return Err(ClientError::UnknownPartition { topic: record.topic.clone(), partition });
-            }
-            return Ok(partition);
+    async fn topic(&self, name: &str) -> Result<Arc<crate::TopicInfo>> {
+        if let Some(info) = self.shared.topics.lock().expect("not poisoned").get(name) {
+            return Ok(info.clone());
         }
-        if let Some(key) = &record.key {
-            return Ok(crc32c::crc32c(key) % partitions);
-        }
-        let mut sticky = self.sticky.lock().expect("not poisoned");
-        let entry = sticky.entry(record.topic.clone()).or_insert_with(|| {
-            ((self.spread.fetch_add(1, Ordering::Relaxed) % u64::from(partitions)) as u32, 0)
-        });
-        if entry.1 >= batch_bytes || entry.0 >= partitions {
-            entry.0 = (entry.0 + 1) % partitions;
-            entry.1 = 0;
-        }
-        entry.1 += size;
-        Ok(entry.0)
+        let info = self.shared.client.topic(name).await?;
+        self.shared.topics.lock().expect("not poisoned").insert(name.to_owned(), info.clone());
+        Ok(info)
     }
 
     /// Queues a record; the returned future resolves once it is acknowledged. Waits if
     /// `buffer_bytes` of records are already buffered or in flight.
     pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
-        let topic = self.client.topic(&record.topic).await?;
+        let (sender, receiver) = oneshot::channel();
+        self.enqueue(record, Completion::Future(sender)).await?;
+        Ok(DeliveryFuture { receiver })
+    }
+
+    /// Queues a record; `callback` runs with its outcome once it is acknowledged or failed
+    /// for good. Cheaper than a future per record when sending millions (no task is woken per
+    /// record); keep the callback short, it runs on the producer's response path.
+    pub async fn send_with_callback(
+        &self,
+        record: ProducerRecord,
+        callback: impl FnOnce(Result<RecordMetadata>) + Send + 'static,
+    ) -> Result<()> {
+        self.enqueue(record, Completion::Callback(Box::new(callback))).await
+    }
+
+    async fn enqueue(&self, record: ProducerRecord, completion: Completion) -> Result<()> {
+        let shared = &self.shared;
+        let topic = self.topic(&record.topic).await?;
         let size = record.encoded_size();
-        let limit = topic.max_message_bytes().unwrap_or(8 << 20).min(self.config.buffer_bytes);
+        let limit = topic.max_message_bytes().unwrap_or(8 << 20).min(shared.config.buffer_bytes);
         if size + BATCH_HEADER_BYTES > limit {
             return Err(ClientError::RecordTooLarge { size, limit });
         }
-        let batch_bytes = self.config.batch_bytes.min(limit);
-        let partition = self.choose_partition(&record, topic.partitions, size, batch_bytes)?;
-        let memory =
-            self.memory.clone().acquire_many_owned(size as u32).await.map_err(|_| ClientError::Closed)?;
-        let (reply, receiver) = oneshot::channel();
+        let batch_bytes = shared.config.batch_bytes.min(limit);
+        if let Some(partition) = record.partition {
+            if partition >= topic.partitions {
+                return Err(ClientError::UnknownPartition { topic: record.topic.to_string(), partition });
+            }
+        }
+        match shared.memory.try_acquire_many(size as u32) {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                shared.memory.acquire_many(size as u32).await.map_err(|_| ClientError::Closed)?.forget()
+            }
+        }
         let timestamp = record.timestamp.unwrap_or_else(now_ms);
-        let waiter = Waiter { reply, timestamp, _memory: memory };
-        let command = Command::Append { topic: record.topic.clone(), partition, record, waiter, batch_bytes };
-        self.commands.send(command).await.map_err(|_| ClientError::Closed)?;
-        Ok(DeliveryFuture { receiver })
+        let headers: Vec<(&str, Option<&[u8]>)> =
+            record.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        let wake = {
+            let mut accumulator = shared.accumulator.lock().expect("not poisoned");
+            if accumulator.closed {
+                drop(accumulator);
+                shared.memory.add_permits(size);
+                return Err(ClientError::Closed);
+            }
+            let partition = match (record.partition, &record.key) {
+                (Some(partition), _) => partition,
+                (None, Some(key)) => crc32c::crc32c(key) % topic.partitions,
+                (None, None) => {
+                    let spread = &shared.config;
+                    if !accumulator.sticky.contains_key(&*record.topic) {
+                        let start = (now_ms() as u64 % u64::from(topic.partitions)) as u32;
+                        accumulator.sticky.insert(record.topic.to_string(), (start, 0));
+                    }
+                    let entry = accumulator.sticky.get_mut(&*record.topic).expect("inserted above");
+                    if entry.1 >= batch_bytes.min(spread.batch_bytes) || entry.0 >= topic.partitions {
+                        entry.0 = (entry.0 + 1) % topic.partitions;
+                        entry.1 = 0;
+                    }
+                    entry.1 += size;
+                    entry.0
+                }
+            };
+            if !accumulator.open.contains_key(&*record.topic) {
+                accumulator.open.insert(record.topic.to_string(), Vec::new());
+            }
+            let slots = accumulator.open.get_mut(&*record.topic).expect("inserted above");
+            if slots.len() < topic.partitions as usize {
+                slots.resize_with(topic.partitions as usize, || None);
+            }
+            let mut wake = false;
+            if slots[partition as usize].as_ref().is_some_and(|b| b.builder.size_bytes() + size > batch_bytes)
+            {
+                let full = slots[partition as usize].take().expect("checked");
+                accumulator.seal(&record.topic, partition, full);
+                wake = true;
+            }
+            let slots = accumulator.open.get_mut(&*record.topic).expect("inserted above");
+            let batch = slots[partition as usize].get_or_insert_with(|| {
+                wake = true; // a new batch: its linger starts
+                OpenBatch {
+                    builder: BatchBuilder::with_capacity(batch_bytes.min(1 << 20)),
+                    created: Instant::now(),
+                    waiters: Vec::new(),
+                    memory: 0,
+                }
+            });
+            batch.builder.push(timestamp, record.key.as_deref(), record.value.as_deref(), &headers);
+            batch.waiters.push(Waiter { completion, timestamp });
+            batch.memory += size;
+            if batch.builder.size_bytes() >= batch_bytes {
+                let full = slots[partition as usize].take().expect("just used");
+                accumulator.seal(&record.topic, partition, full);
+                wake = true;
+            }
+            wake
+        };
+        if wake {
+            shared.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Sends every buffered record now and waits until all records sent before this call are
     /// acknowledged (or failed).
     pub async fn flush(&self) -> Result<()> {
-        let (reply, receiver) = oneshot::channel();
-        self.commands.send(Command::Flush(reply)).await.map_err(|_| ClientError::Closed)?;
+        let (sender, receiver) = oneshot::channel();
+        {
+            let mut accumulator = self.shared.accumulator.lock().expect("not poisoned");
+            accumulator.seal_expired(Duration::ZERO, true);
+            let target = accumulator.next_sequence;
+            accumulator.flushes.push((target, sender));
+        }
+        self.shared.wake.notify_one();
         receiver.await.map_err(|_| ClientError::Closed)
     }
 }
 
-async fn run_sender(client: Client, config: Arc<ProducerConfig>, mut commands: mpsc::Receiver<Command>) {
-    let mut open: HashMap<(String, u32), OpenBatch> = HashMap::new();
-    let mut ready: VecDeque<SealedBatch> = VecDeque::new();
-    let mut next_sequence = 0u64;
-    let mut outstanding: BTreeSet<u64> = BTreeSet::new();
-    let mut flushes: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
+/// The producer's background task: seals lingering batches, sends sealed ones in order
+/// (bounded by `max_in_flight`), and tracks completion for `flush`.
+async fn run_sender(shared: Arc<Shared>) {
+    let config = &shared.config;
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
-    let (done_sender, mut done) = mpsc::unbounded_channel::<Vec<u64>>();
-    let mut closing = false;
-
-    let seal =
-        |key: (String, u32), batch: OpenBatch, next_sequence: &mut u64, outstanding: &mut BTreeSet<u64>| {
-            let sequence = *next_sequence;
-            *next_sequence += 1;
-            outstanding.insert(sequence);
-            SealedBatch {
-                sequence,
-                topic: key.0,
-                partition: key.1,
-                bytes: batch.builder.finish().freeze(),
-                waiters: batch.waiters,
-            }
-        };
-
+    let (done_sender, mut done) = mpsc::unbounded_channel::<u64>();
     loop {
-        let deadline = open.values().map(|b| b.created + config.linger).min();
-        tokio::select! {
-            command = commands.recv(), if !closing => match command {
-                None => {
-                    closing = true;
-                    for (key, batch) in open.drain() {
-                        ready.push_back(seal(key, batch, &mut next_sequence, &mut outstanding));
-                    }
-                }
-                Some(Command::Append { topic, partition, record, waiter, batch_bytes }) => {
-                    let key = (topic, partition);
-                    let headers: Vec<(&str, Option<&[u8]>)> =
-                        record.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-                    let size = record.encoded_size();
-                    if let Some(batch) = open.get(&key) {
-                        if batch.builder.size_bytes() + size > batch_bytes {
-                            let batch = open.remove(&key).expect("present");
-                            ready.push_back(seal(key.clone(), batch, &mut next_sequence, &mut outstanding));
-                        }
-                    }
-                    let batch = open.entry(key.clone()).or_insert_with(|| OpenBatch {
-                        builder: BatchBuilder::with_capacity(batch_bytes.min(1 << 20)),
-                        created: Instant::now(),
-                        waiters: Vec::new(),
-                    });
-                    batch.builder.push(waiter.timestamp, record.key.as_deref(), record.value.as_deref(), &headers);
-                    batch.waiters.push(waiter);
-                    if batch.builder.size_bytes() >= batch_bytes {
-                        let batch = open.remove(&key).expect("present");
-                        ready.push_back(seal(key, batch, &mut next_sequence, &mut outstanding));
-                    }
-                }
-                Some(Command::Flush(reply)) => {
-                    for (key, batch) in open.drain() {
-                        ready.push_back(seal(key, batch, &mut next_sequence, &mut outstanding));
-                    }
-                    flushes.push((next_sequence, reply));
-                }
-            },
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                let now = Instant::now();
-                let expired: Vec<(String, u32)> =
-                    open.iter().filter(|(_, b)| b.created + config.linger <= now).map(|(k, _)| k.clone()).collect();
-                for key in expired {
-                    let batch = open.remove(&key).expect("present");
-                    ready.push_back(seal(key, batch, &mut next_sequence, &mut outstanding));
+        // Take what is ready, and learn when the next open batch expires.
+        let (ready, next_deadline, finished) = {
+            let mut accumulator = shared.accumulator.lock().expect("not poisoned");
+            let closing = accumulator.closed;
+            let next = accumulator.seal_expired(config.linger, closing);
+            let ready: Vec<SealedBatch> = accumulator.ready.drain(..).collect();
+            let first_outstanding = accumulator.outstanding.first().copied().unwrap_or(u64::MAX);
+            let mut index = 0;
+            while index < accumulator.flushes.len() {
+                if first_outstanding >= accumulator.flushes[index].0 {
+                    let (_, reply) = accumulator.flushes.swap_remove(index);
+                    let _ = reply.send(());
+                } else {
+                    index += 1;
                 }
             }
-            Some(sequences) = done.recv() => {
-                for sequence in sequences {
-                    outstanding.remove(&sequence);
-                }
-            }
+            let finished = closing && accumulator.outstanding.is_empty() && ready.is_empty();
+            (ready, next, finished)
+        };
+        if finished {
+            return;
         }
-        // Send what is ready while requests may be added.
+        let mut ready: VecDeque<SealedBatch> = ready.into();
         while !ready.is_empty() {
-            let Ok(permit) = in_flight.clone().try_acquire_owned() else { break };
+            // Written to the connection here, in seal order, so batches of a partition reach
+            // the broker in the order they were made; only the wait for the answer is spawned.
+            let permit = in_flight.clone().acquire_owned().await.expect("never closed");
             let mut request = Vec::new();
             let mut bytes = 0usize;
             while let Some(batch) = ready.front() {
@@ -376,36 +498,38 @@ async fn run_sender(client: Client, config: Arc<ProducerConfig>, mut commands: m
                 bytes += batch.bytes.len();
                 request.push(ready.pop_front().expect("front exists"));
             }
-            // Written to the connection here, in seal order, so batches of a partition reach
-            // the broker in the order they were made; only the wait for the answer is spawned.
-            let first_try = submit(&client, config.acks.wire(), &request).await;
-            let (client, config, done) = (client.clone(), config.clone(), done_sender.clone());
+            let (produce, _) = produce_request(config.acks.wire(), &request);
+            let first_try = submit(&shared.client, config.acks.wire(), produce).await;
+            let (shared, done) = (shared.clone(), done_sender.clone());
             tokio::spawn(async move {
                 let sequences: Vec<u64> = request.iter().map(|b| b.sequence).collect();
-                send_with_retries(&client, &config, request, first_try).await;
+                send_with_retries(&shared, request, first_try).await;
                 drop(permit);
-                let _ = done.send(sequences);
+                for sequence in sequences {
+                    let _ = done.send(sequence);
+                }
             });
         }
-        let first_outstanding = outstanding.first().copied().unwrap_or(u64::MAX);
-        let mut index = 0;
-        while index < flushes.len() {
-            if first_outstanding >= flushes[index].0 {
-                let (_, reply) = flushes.swap_remove(index);
-                let _ = reply.send(());
-            } else {
-                index += 1;
+        let sleep = async {
+            match next_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
             }
-        }
-        if closing && outstanding.is_empty() && ready.is_empty() {
-            return;
+        };
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = sleep => {}
+            Some(sequence) = done.recv() => {
+                let mut accumulator = shared.accumulator.lock().expect("not poisoned");
+                accumulator.outstanding.remove(&sequence);
+                while let Ok(sequence) = done.try_recv() {
+                    accumulator.outstanding.remove(&sequence);
+                }
+            }
         }
     }
 }
 
-/// The request for `batches`, and where each batch sits in it (topic index, partition index):
-/// the response lists topics and partitions in the same order, and a partition may appear more
-/// than once (several batches of it in one request).
 fn produce_request(acks: i8, batches: &[SealedBatch]) -> (Request<Bytes>, Vec<(usize, usize)>) {
     let mut topics: Vec<TopicData<ProducePartition<Bytes>>> = Vec::new();
     let mut places = Vec::with_capacity(batches.len());
@@ -424,7 +548,7 @@ fn produce_request(acks: i8, batches: &[SealedBatch]) -> (Request<Bytes>, Vec<(u
     (Request::Produce(ProduceRequest { acks, timeout_ms: 30_000, topics }), places)
 }
 
-fn resolve(batch: SealedBatch, result: std::result::Result<Option<u64>, ClientError>) {
+fn resolve(shared: &Shared, batch: SealedBatch, result: std::result::Result<Option<u64>, ClientError>) {
     for (index, waiter) in batch.waiters.into_iter().enumerate() {
         let outcome = match &result {
             Ok(base) => Ok(RecordMetadata {
@@ -434,8 +558,9 @@ fn resolve(batch: SealedBatch, result: std::result::Result<Option<u64>, ClientEr
             }),
             Err(error) => Err(error.clone()),
         };
-        let _ = waiter.reply.send(outcome);
+        waiter.complete(outcome);
     }
+    shared.memory.add_permits(batch.memory);
 }
 
 /// How a produce request went out: with `acks=0` it is done once written; otherwise the
@@ -445,8 +570,7 @@ enum Submitted {
     Waiting(crate::connection::ResponseFuture),
 }
 
-async fn submit(client: &Client, acks: i8, batches: &[SealedBatch]) -> Result<Submitted> {
-    let (request, _) = produce_request(acks, batches);
+async fn submit(client: &Client, acks: i8, request: Request<Bytes>) -> Result<Submitted> {
     let connection = client.connection().await?;
     if acks == skein_net::acks::NONE {
         connection.send_only(&request).await.map(|()| Submitted::Written)
@@ -456,24 +580,20 @@ async fn submit(client: &Client, acks: i8, batches: &[SealedBatch]) -> Result<Su
 }
 
 /// Waits for a request's outcome, retrying the retriable failures; resolves every record.
-async fn send_with_retries(
-    client: &Client,
-    config: &ProducerConfig,
-    mut batches: Vec<SealedBatch>,
-    first_try: Result<Submitted>,
-) {
+async fn send_with_retries(shared: &Shared, mut batches: Vec<SealedBatch>, first_try: Result<Submitted>) {
+    let (client, config) = (&shared.client, &shared.config);
     let acks = config.acks.wire();
     let mut attempt = 0u32;
     let mut submitted = Some(first_try);
     loop {
         let outcome = match submitted.take() {
             Some(outcome) => outcome,
-            None => submit(client, acks, &batches).await,
+            None => submit(client, acks, produce_request(acks, &batches).0).await,
         };
         let response = match outcome {
             Ok(Submitted::Written) => {
                 for batch in batches {
-                    resolve(batch, Ok(None));
+                    resolve(shared, batch, Ok(None));
                 }
                 return;
             }
@@ -488,7 +608,7 @@ async fn send_with_retries(
             }
             Err(error) => {
                 for batch in batches {
-                    resolve(batch, Err(error.clone()));
+                    resolve(shared, batch, Err(error.clone()));
                 }
                 return;
             }
@@ -505,7 +625,7 @@ async fn send_with_retries(
                     match answer {
                         Some(p) if p.error.is_ok() => {
                             let base = p.base_offset;
-                            resolve(batch, Ok(Some(base)));
+                            resolve(shared, batch, Ok(Some(base)));
                         }
                         Some(p) if p.error.is_retriable() && attempt < config.retries => {
                             if p.error.needs_metadata_refresh() {
@@ -515,11 +635,12 @@ async fn send_with_retries(
                         }
                         Some(p) => {
                             let context = format!("producing to {}/{}", batch.topic, batch.partition);
-                            resolve(batch, Err(ClientError::broker(p.error, context)));
+                            resolve(shared, batch, Err(ClientError::broker(p.error, context)));
                         }
                         None => {
                             let context = format!("producing to {}/{}", batch.topic, batch.partition);
                             resolve(
+                                shared,
                                 batch,
                                 Err(ClientError::broker(ErrorCode::Unknown, context + ": no answer")),
                             );
