@@ -51,7 +51,7 @@ impl BrokerConfig {
             frame_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
             retention_check: Duration::from_secs(60),
-            default_segment_bytes: 128 << 20,
+            default_segment_bytes: 1 << 30,
             default_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             default_max_message_bytes: 8 << 20,
             cache_bytes_per_partition: 4 << 20,

@@ -65,7 +65,7 @@ struct BrokerArgs {
     #[arg(long, default_value_t = 60_000)]
     retention_check_ms: u64,
     /// Default segment size of new topics (bytes).
-    #[arg(long, default_value_t = 128 << 20)]
+    #[arg(long, default_value_t = 1 << 30)]
     segment_bytes: u64,
     /// Default retention of new topics (hours; 0: forever).
     #[arg(long, default_value_t = 168)]

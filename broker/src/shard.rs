@@ -424,12 +424,16 @@ impl Shard {
             )));
         }
         let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
+        let log = log.clone();
         Box::pin(async move {
             let all = futures::future::try_join_all(acks_pending);
             match glommio::timer::timeout(timeout, async { Ok(all.await) }).await {
                 Ok(Ok(_)) => respond(ErrorCode::None, base_offset, last_offset, log_start),
                 Ok(Err(error)) => respond(storage_error_code(&error), 0, 0, log_start),
-                Err(_) => respond(ErrorCode::RequestTimedOut, 0, 0, log_start),
+                Err(_) => {
+                    tracing::warn!(state = log.describe_state(), "produce not acknowledged in time");
+                    respond(ErrorCode::RequestTimedOut, 0, 0, log_start)
+                }
             }
         })
     }
