@@ -1,0 +1,186 @@
+//! `skein-bench`: throughput and latency of a Skein broker. See the crate docs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use skein_bench::workload::Workload;
+use skein_bench::{Embedded, Mode, Options};
+use skein_client::Acks;
+use skein_storage::FsyncPolicy;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Produce,
+    Consume,
+    E2e,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "skein-bench",
+    version,
+    about = "Benchmark a Skein broker: throughput and latency percentiles"
+)]
+struct Args {
+    mode: ModeArg,
+    #[arg(long, env = "SKEIN_BOOTSTRAP", default_value = "127.0.0.1:9400")]
+    bootstrap: String,
+    /// Start a broker in this process on a temporary data directory (removed afterwards).
+    #[arg(long)]
+    embedded: bool,
+    /// Shards of the embedded broker (default: every CPU).
+    #[arg(long)]
+    cores: Option<usize>,
+    /// fsync policy of the embedded broker: always, never or interval:MS.
+    #[arg(long, default_value = "never")]
+    fsync: FsyncPolicy,
+    /// Where the embedded broker's temporary data directory goes (not tmpfs).
+    #[arg(long, default_value = ".")]
+    data_dir: PathBuf,
+    /// Segment size of the embedded broker's topics (MiB).
+    #[arg(long)]
+    segment_mib: Option<u64>,
+    /// Time slice of the embedded broker's shards (µs).
+    #[arg(long)]
+    preempt_us: Option<u64>,
+    /// The fsync policy of an external broker, for the report.
+    #[arg(long)]
+    broker_fsync: Option<String>,
+    #[arg(long, default_value = "skein-bench")]
+    topic: String,
+    /// Partitions of the topic when it is created.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    #[arg(long, default_value_t = 1024)]
+    message_size: usize,
+    /// Producer batch size (bytes).
+    #[arg(long, default_value_t = 256 << 10)]
+    batch_bytes: usize,
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
+    /// 0, 1 or all
+    #[arg(long, default_value = "all")]
+    acks: Acks,
+    /// Produce requests in flight per producer.
+    #[arg(long, default_value_t = 5)]
+    max_in_flight: usize,
+    /// Records to send (warm-up included).
+    #[arg(long, conflicts_with = "duration")]
+    messages: Option<u64>,
+    /// Or: run for this many seconds after the warm-up.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds at the start that are not measured.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Cap on records/s for all producers together (measure latency at a fixed load).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Draw keys from this many distinct keys (default: no keys).
+    #[arg(long)]
+    keys: Option<u64>,
+    /// tcp (quic when it exists)
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// tokio worker threads of the load generator (default: every CPU; half of them with
+    /// --rate, so that on a small machine the load generator does not crowd out the broker
+    /// whose latency is being measured).
+    #[arg(long)]
+    client_threads: Option<usize>,
+    /// Write every figure, the parameters, the git commit and the broker's settings as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw throughput over time and the latency percentile curve (SVG).
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    if args.transport != "tcp" {
+        eprintln!("error: transport {:?} is not available yet (only tcp)", args.transport);
+        return ExitCode::FAILURE;
+    }
+    if args.messages.is_none() && args.duration.is_none() {
+        eprintln!("error: give --messages N or --duration SECONDS");
+        return ExitCode::FAILURE;
+    }
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mode = match args.mode {
+        ModeArg::Produce => Mode::Produce,
+        ModeArg::Consume => Mode::Consume,
+        ModeArg::E2e => Mode::E2e,
+    };
+    let options = Options {
+        mode,
+        workload: Workload {
+            bootstrap: args.bootstrap.clone(),
+            topic: args.topic.clone(),
+            partitions: args.partitions,
+            producers: args.producers.max(1),
+            consumers: args.consumers.max(1),
+            message_size: args.message_size.max(if mode == Mode::E2e { 8 } else { 0 }),
+            batch_bytes: args.batch_bytes,
+            linger: Duration::from_millis(args.linger_ms),
+            acks: args.acks,
+            max_in_flight: args.max_in_flight.max(1),
+            messages: args.messages,
+            duration: args.duration.map(Duration::from_secs_f64),
+            warmup: Duration::from_secs_f64(args.warmup.max(0.0)),
+            rate: args.rate,
+            keys: args.keys,
+        },
+        embedded: args.embedded.then(|| Embedded {
+            cores: args.cores.unwrap_or(cpus),
+            fsync: args.fsync,
+            data_parent: args.data_dir.clone(),
+            preempt_timer: args.preempt_us.map(Duration::from_micros),
+            segment_bytes: args.segment_mib.map(|mib| mib << 20),
+        }),
+        broker_fsync: args.broker_fsync.clone(),
+        transport: args.transport.clone(),
+        client_threads: args.client_threads.unwrap_or(if args.rate.is_some() {
+            (cpus / 2).max(1)
+        } else {
+            cpus
+        }),
+        quiet: args.quiet,
+    };
+    let report = match skein_bench::run(options) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", skein_bench::summary(&report));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).expect("a report serialises");
+        if let Err(error) = std::fs::write(path, json + "\n") {
+            eprintln!("error: writing {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(path) = &args.chart {
+        if let Err(error) = skein_bench::chart::draw(&report, path) {
+            eprintln!("error: drawing {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.errors > 0 {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,151 @@
+//! Latency histograms and the throughput timeline.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// A latency histogram in microseconds, 1 µs to 1 hour, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+/// Percentiles of a latency histogram, in microseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub mean: f64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub p9999: u64,
+    pub max: u64,
+}
+
+impl Percentiles {
+    pub fn of(histogram: &Histogram<u64>) -> Percentiles {
+        Percentiles {
+            count: histogram.len(),
+            mean: (histogram.mean() * 10.0).round() / 10.0,
+            p50: histogram.value_at_quantile(0.50),
+            p90: histogram.value_at_quantile(0.90),
+            p99: histogram.value_at_quantile(0.99),
+            p999: histogram.value_at_quantile(0.999),
+            p9999: histogram.value_at_quantile(0.9999),
+            max: histogram.max(),
+        }
+    }
+}
+
+/// The percentile curve for charts: (percentile, latency µs) from p0 up to p99.999.
+pub fn percentile_curve(histogram: &Histogram<u64>) -> Vec<(f64, u64)> {
+    let mut points = Vec::new();
+    if histogram.is_empty() {
+        return points;
+    }
+    // Evenly spaced in "nines": 0, 90, 99, 99.9 … with steps in between.
+    let mut nines = 0.0f64;
+    while nines <= 5.0 {
+        let quantile = 1.0 - 10f64.powf(-nines);
+        points.push((quantile * 100.0, histogram.value_at_quantile(quantile)));
+        nines += 0.1;
+    }
+    points
+}
+
+/// Counters shared by workers: everything (sampled once a second for the timeline) and what
+/// falls in the measured window (after warm-up).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+    pub measured_records: AtomicU64,
+    pub measured_bytes: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(&self, records: u64, bytes: u64, measured: bool) {
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if measured {
+            self.measured_records.fetch_add(records, Ordering::Relaxed);
+            self.measured_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self) -> (u64, u64) {
+        (self.records.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+
+    pub fn measured(&self) -> (u64, u64) {
+        (self.measured_records.load(Ordering::Relaxed), self.measured_bytes.load(Ordering::Relaxed))
+    }
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub second: f64,
+    pub records_per_s: f64,
+    pub mib_per_s: f64,
+}
+
+/// Samples the counters every second, printing progress to stderr unless quiet.
+pub async fn sample_timeline(
+    counters: Arc<Counters>,
+    label: &'static str,
+    quiet: bool,
+    done: Arc<AtomicU64>,
+) -> Vec<Sample> {
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut last = (0u64, 0u64);
+    let mut last_at = started;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    while done.load(Ordering::Relaxed) == 0 {
+        ticker.tick().await;
+        let now = Instant::now();
+        let current = counters.get();
+        let seconds = (now - last_at).as_secs_f64();
+        let sample = Sample {
+            second: (now - started).as_secs_f64(),
+            records_per_s: (current.0 - last.0) as f64 / seconds,
+            mib_per_s: (current.1 - last.1) as f64 / seconds / (1 << 20) as f64,
+        };
+        if !quiet {
+            eprintln!(
+                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s ({} records so far)",
+                sample.second, sample.records_per_s, sample.mib_per_s, current.0
+            );
+        }
+        samples.push(sample);
+        last = current;
+        last_at = now;
+    }
+    samples
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_a_known_distribution() {
+        let mut histogram = new_histogram();
+        for value in 1..=10_000u64 {
+            histogram.record(value).unwrap();
+        }
+        let p = Percentiles::of(&histogram);
+        assert_eq!(p.count, 10_000);
+        assert!((4990..=5010).contains(&p.p50), "{p:?}");
+        assert!((9890..=9910).contains(&p.p99), "{p:?}");
+        assert!(p.max >= 9990);
+        let curve = percentile_curve(&histogram);
+        assert!(curve.windows(2).all(|w| w[0].1 <= w[1].1), "monotonic");
+        assert!(curve.last().unwrap().0 > 99.99);
+    }
+}

@@ -1,0 +1,255 @@
+//! The load: producer and consumer tasks on the native client.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use skein_client::{
+    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig,
+    ProducerRecord, SeekTo,
+};
+
+use crate::stats::{new_histogram, Counters};
+
+/// What one run does.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub bootstrap: String,
+    pub topic: String,
+    pub partitions: u32,
+    pub producers: usize,
+    pub consumers: usize,
+    pub message_size: usize,
+    pub batch_bytes: usize,
+    pub linger: Duration,
+    pub acks: Acks,
+    pub max_in_flight: usize,
+    /// Total records (warm-up included), or run for `duration`.
+    pub messages: Option<u64>,
+    pub duration: Option<Duration>,
+    /// Records sent in the first `warmup` are not measured.
+    pub warmup: Duration,
+    /// Records/s cap for all producers together.
+    pub rate: Option<f64>,
+    /// Keys drawn from this many distinct keys; none without.
+    pub keys: Option<u64>,
+}
+
+/// When the measured part of the run starts, and the stop condition.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    pub started: Instant,
+    pub measure_from: Instant,
+    pub deadline: Option<Instant>,
+}
+
+impl Clock {
+    pub fn new(workload: &Workload) -> Clock {
+        let started = Instant::now();
+        Clock {
+            started,
+            measure_from: started + workload.warmup,
+            deadline: workload.duration.map(|d| started + workload.warmup + d),
+        }
+    }
+
+    pub fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+pub async fn connect(bootstrap: &str) -> Result<Client, ClientError> {
+    let mut config = ClientConfig::new(bootstrap);
+    config.client_id = "skein-bench".into();
+    Client::connect(config).await
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// A small deterministic generator for keys and payload bytes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// What a producer task measured.
+pub struct ProducerOutcome {
+    pub latency: Histogram<u64>,
+    pub sent: u64,
+    pub failed: u64,
+    pub first_error: Option<String>,
+}
+
+/// Shared by a producer task and its records' callbacks.
+struct ProducerStats {
+    latency: Mutex<Histogram<u64>>,
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    counters: Arc<Counters>,
+    measure_from: Instant,
+    message_size: u64,
+}
+
+impl ProducerStats {
+    fn record(&self, sent_at: Instant, result: Result<skein_client::RecordMetadata, ClientError>) {
+        match result {
+            Ok(_) => {
+                let measured = sent_at >= self.measure_from;
+                self.counters.add(1, self.message_size, measured);
+                if measured {
+                    let micros = sent_at.elapsed().as_micros().max(1) as u64;
+                    let _ = self.latency.lock().expect("not poisoned").record(micros);
+                }
+            }
+            Err(error) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.first_error.lock().expect("not poisoned").get_or_insert_with(|| error.to_string());
+            }
+        }
+    }
+}
+
+/// Sends `share` records (or until the deadline), pacing at `rate` if set. With `stamp`, each
+/// value starts with the send time (ns since the epoch) for end-to-end latency. Each record's
+/// acknowledgement is timed in its delivery callback.
+pub async fn produce(
+    workload: Arc<Workload>,
+    clock: Clock,
+    index: usize,
+    share: Option<u64>,
+    counters: Arc<Counters>,
+    stamp: bool,
+) -> Result<ProducerOutcome, ClientError> {
+    let client = connect(&workload.bootstrap).await?;
+    let config = ProducerConfig {
+        acks: workload.acks,
+        batch_bytes: workload.batch_bytes,
+        linger: workload.linger,
+        max_in_flight: workload.max_in_flight,
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::new(client, config);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1));
+    let payload: Bytes = (0..workload.message_size).map(|_| rng.next() as u8).collect::<Vec<u8>>().into();
+    let interval = workload.rate.map(|rate| Duration::from_secs_f64(workload.producers as f64 / rate));
+    let stats = Arc::new(ProducerStats {
+        latency: Mutex::new(new_histogram()),
+        failed: AtomicU64::new(0),
+        first_error: Mutex::new(None),
+        counters,
+        measure_from: clock.measure_from,
+        message_size: workload.message_size as u64,
+    });
+    let paced_from = Instant::now();
+    let mut sent = 0u64;
+    let topic: Arc<str> = workload.topic.as_str().into();
+    loop {
+        if share.is_some_and(|share| sent >= share) || clock.expired() {
+            break;
+        }
+        if let Some(interval) = interval {
+            let due = paced_from + interval.mul_f64(sent as f64);
+            if Instant::now() < due {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
+        let value = if stamp {
+            let mut value = BytesMut::with_capacity(payload.len().max(8));
+            value.put_u64_le(now_ns());
+            value.extend_from_slice(&payload[8.min(payload.len())..]);
+            value.freeze()
+        } else {
+            payload.clone()
+        };
+        let mut message = ProducerRecord::new(topic.clone(), value);
+        if let Some(keys) = workload.keys {
+            message = message.key(format!("key-{}", rng.next() % keys));
+        }
+        let sent_at = Instant::now();
+        let stats = stats.clone();
+        producer.send_with_callback(message, move |result| stats.record(sent_at, result)).await?;
+        sent += 1;
+    }
+    producer.flush().await?;
+    drop(producer);
+    let latency = std::mem::replace(&mut *stats.latency.lock().expect("not poisoned"), new_histogram());
+    let first_error = stats.first_error.lock().expect("not poisoned").clone();
+    Ok(ProducerOutcome { latency, sent, failed: stats.failed.load(Ordering::Relaxed), first_error })
+}
+
+/// What a consumer task measured.
+pub struct ConsumerOutcome {
+    pub latency: Histogram<u64>,
+    pub received: u64,
+}
+
+/// Where a consumer starts and when it stops.
+pub enum ConsumeUntil {
+    /// Read from the beginning until these end offsets (consume mode).
+    Offsets(Vec<(u32, u64)>),
+    /// Read new records, counting them in `received`, until `stop` is set (end-to-end mode).
+    Stop { received: Arc<AtomicU64>, stop: Arc<std::sync::atomic::AtomicBool> },
+}
+
+pub async fn consume(
+    workload: Arc<Workload>,
+    clock: Clock,
+    partitions: Vec<u32>,
+    until: ConsumeUntil,
+    counters: Arc<Counters>,
+    stamped: bool,
+) -> Result<ConsumerOutcome, ClientError> {
+    let client = connect(&workload.bootstrap).await?;
+    let config = ConsumerConfig {
+        fetch_wait_max: Duration::from_millis(100),
+        partition_bytes_max: 4 << 20,
+        fetch_bytes_max: 32 << 20,
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = Consumer::new(client, config);
+    consumer.assign(&workload.topic, &partitions).await?;
+    match &until {
+        ConsumeUntil::Offsets(_) => consumer.seek_all(SeekTo::Beginning).await?,
+        ConsumeUntil::Stop { .. } => consumer.seek_all(SeekTo::End).await?,
+    }
+    let mut outcome = ConsumerOutcome { latency: new_histogram(), received: 0 };
+    loop {
+        let finished = match &until {
+            ConsumeUntil::Offsets(ends) => ends
+                .iter()
+                .all(|(p, end)| consumer.position(&workload.topic, *p).is_some_and(|at| at >= *end)),
+            ConsumeUntil::Stop { stop, .. } => stop.load(Ordering::Relaxed),
+        };
+        if finished || (matches!(until, ConsumeUntil::Offsets(_)) && clock.expired()) {
+            break;
+        }
+        let records = consumer.poll(Duration::from_millis(100)).await?;
+        let now = now_ns();
+        let arrived = Instant::now();
+        let mut bytes = 0u64;
+        for record in &records {
+            let value = record.value.as_deref().unwrap_or_default();
+            bytes += value.len() as u64;
+            if stamped && value.len() >= 8 && arrived >= clock.measure_from {
+                let sent = u64::from_le_bytes(value[..8].try_into().expect("8 bytes"));
+                let _ = outcome.latency.record((now.saturating_sub(sent) / 1000).max(1));
+            }
+        }
+        outcome.received += records.len() as u64;
+        counters.add(records.len() as u64, bytes, arrived >= clock.measure_from);
+        if let ConsumeUntil::Stop { received, .. } = &until {
+            received.fetch_add(records.len() as u64, Ordering::Relaxed);
+        }
+    }
+    Ok(outcome)
+}
