@@ -19,7 +19,7 @@ use skein_net::{
     TopicResults,
 };
 
-use crate::shard::{FetchOutcome, LocalFuture, Op, Records, Reply, Shard};
+use crate::shard::{FetchOutcome, GroupOp, LocalFuture, Op, Records, Reply, Shard};
 
 /// What the connection's writer sends for one request.
 pub enum Outgoing {
@@ -108,7 +108,36 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
                 respond(encode_response(correlation_id, |w| response.encode(w)))
             })
         }
+        Request::InitProducerId(request) => {
+            let shard = shard.clone();
+            Box::pin(async move {
+                let response = shard.request_init_producer_id(request).await;
+                respond(encode_response(correlation_id, |w| response.encode(w)))
+            })
+        }
+        Request::ConsumerGroupHeartbeat(request) => group(shard, correlation_id, GroupOp::Heartbeat(request), respond),
+        Request::OffsetCommit(request) => group(shard, correlation_id, GroupOp::Commit(request), respond),
+        Request::OffsetFetch(request) => group(shard, correlation_id, GroupOp::FetchOffsets(request), respond),
+        Request::DescribeGroup(request) => group(shard, correlation_id, GroupOp::Describe(request.group_id), respond),
+        Request::ListGroups => {
+            let shard = shard.clone();
+            Box::pin(async move {
+                let response = shard.request_list_groups().await;
+                respond(encode_response(correlation_id, |w| response.encode(w)))
+            })
+        }
     }
+}
+
+/// Runs a group request on the group's coordinator shard.
+fn group(
+    shard: &Rc<Shard>,
+    correlation_id: u32,
+    op: GroupOp,
+    respond: impl FnOnce(BytesMut) -> Outgoing + 'static,
+) -> LocalFuture<Outgoing> {
+    let shard = shard.clone();
+    Box::pin(async move { respond(shard.request_group_op(correlation_id, op).await) })
 }
 
 fn ready(outgoing: Outgoing) -> LocalFuture<Outgoing> {

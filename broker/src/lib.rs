@@ -14,7 +14,12 @@
 //! * [`sendfile`]: how records reach the socket (memory, `sendfile` on the shard, or `sendfile`
 //!   on a blocking thread for ranges not in the page cache).
 //! * [`metadata`]: topics and their settings, stored durably; the interface the Raft controller
-//!   will implement.
+//!   will implement; producer ids.
+//! * [`producers`]: idempotent producers: the per-partition table of sequences that turns a
+//!   retried batch into its original offsets, its snapshots and its rebuild from the log.
+//! * [`groups`]: the consumer-group state machine (membership, KIP-848-style incremental
+//!   assignment, commit fencing); [`coordinator`]: serving it on the group's shard;
+//!   [`offsets`]: committed offsets in the internal offsets log, compacted by snapshot.
 //!
 //! ## How a produced record travels
 //! socket → the accepting shard's reader task frames the request ([`connection`]) → the records
@@ -31,9 +36,13 @@
 
 pub mod config;
 pub mod connection;
+pub mod coordinator;
+pub mod groups;
 pub mod handlers;
 pub mod metadata;
+pub mod offsets;
 mod oneshot;
+pub mod producers;
 pub mod sendfile;
 pub mod server;
 pub mod shard;

@@ -15,7 +15,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::BrokerConfig;
 use crate::connection;
-use crate::metadata::{FileMetadataStore, MetadataError, MetadataStore, TopicConfig};
+use crate::metadata::{FileMetadataStore, MetadataError, MetadataStore, ProducerIdAllocator, TopicConfig};
 use crate::shard::{MeshMessage, Shard};
 
 /// Why a broker could not start.
@@ -106,6 +106,7 @@ pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
         .map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
     let lock = lock_data_dir(&data_dir)?;
     let store = FileMetadataStore::open(&data_dir)?;
+    let producer_ids = ProducerIdAllocator::open(&data_dir)?;
     let topics = store.snapshot().topics.clone();
     remove_unknown_topics(&data_dir, &topics)?;
 
@@ -116,7 +117,7 @@ pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
     let stop = Arc::new(AtomicBool::new(false));
     let (events, event_receiver) = mpsc::channel::<(usize, ShardEvent)>();
     let mut executors = Vec::with_capacity(cores);
-    let mut store = Some(store);
+    let mut store = Some((store, producer_ids));
     // Every shard listens on the same port with SO_REUSEPORT, which would also let this broker
     // share a port silently with another process that uses SO_REUSEPORT. Bind once without it
     // first: that fails if anything holds the port, and picks the port when asked for port 0.
@@ -212,7 +213,7 @@ async fn run_shard(
     listen: SocketAddr,
     topics: BTreeMap<String, TopicConfig>,
     mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
-    controller: Option<FileMetadataStore>,
+    controller: Option<(FileMetadataStore, ProducerIdAllocator)>,
     stop: Arc<AtomicBool>,
     events: &mpsc::Sender<(usize, ShardEvent)>,
 ) -> Result<(), String> {
@@ -230,10 +231,12 @@ async fn run_shard(
     for (name, topic) in &topics {
         shard.open_topic(name, topic).await.map_err(|e| format!("opening topic {name}: {e}"))?;
     }
+    shard.open_offsets().await.map_err(|e| format!("opening the committed offsets: {e}"))?;
     for (peer, receiver) in receivers.streams() {
         glommio::spawn_local(shard.clone().serve_peer(peer, receiver)).detach();
     }
     glommio::spawn_local(retention_loop(shard.clone())).detach();
+    glommio::spawn_local(crate::coordinator::coordinator_loop(shard.clone())).detach();
     let _ = events.send((id, ShardEvent::Ready));
     tracing::info!(shard = id, %bound, partitions = shard.all_logs().len(), "shard ready");
 
@@ -280,9 +283,18 @@ async fn run_shard(
         }
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    for (topic, partition, log) in shard.all_logs() {
-        if let Err(error) = log.shutdown().await {
+    for (topic, partition, owned) in shard.all_partitions() {
+        if let Err(error) = owned.snapshot_producers().await {
+            tracing::warn!(topic, partition, error, "writing the producer snapshot");
+        }
+        if let Err(error) = owned.log.shutdown().await {
             tracing::warn!(topic, partition, %error, "closing a partition log");
+        }
+    }
+    let offsets: Vec<_> = shard.offsets.borrow().values().cloned().collect();
+    for partition in offsets {
+        if let Err(error) = partition.log.shutdown().await {
+            tracing::warn!(partition = partition.partition, %error, "closing an offsets log");
         }
     }
     tracing::info!(shard = id, "shard stopped");

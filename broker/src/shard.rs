@@ -22,13 +22,21 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use glommio::channels::channel_mesh::Senders;
-use skein_net::{ErrorCode, ListOffsetsPartitionResponse, NewTopic, ProducePartitionResponse, TopicResult};
+use skein_net::{
+    ErrorCode, GroupListing, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsPartitionResponse,
+    NewTopic, ProducePartitionResponse, TopicResult,
+};
 use skein_storage::batch::{self, BatchError, ValidatedBatch};
 use skein_storage::{AppendAck, Log, ReadData, StorageError};
 
 use crate::config::BrokerConfig;
-use crate::metadata::{self, FileMetadataStore, MetadataError, MetadataStore, TopicConfig, TopicDefaults};
+use crate::groups::Coordinator;
+use crate::metadata::{
+    self, FileMetadataStore, MetadataError, MetadataStore, ProducerIdAllocator, TopicConfig, TopicDefaults,
+};
+use crate::offsets::OffsetsPartition;
 use crate::oneshot;
+use crate::producers::{self, Check, ProducerTable};
 
 /// The shard that owns `partition` of `topic`: consecutive partitions of a topic go to
 /// consecutive shards, starting from a shard picked by the topic name's CRC32C. Stable across
@@ -85,6 +93,26 @@ impl FetchOutcome {
     }
 }
 
+/// A consumer-group request, run on the group's coordinator shard.
+#[derive(Debug)]
+pub enum GroupOp {
+    Heartbeat(skein_net::HeartbeatRequest),
+    Commit(skein_net::OffsetCommitRequest),
+    FetchOffsets(skein_net::OffsetFetchRequest),
+    Describe(String),
+}
+
+impl GroupOp {
+    pub fn group_id(&self) -> &str {
+        match self {
+            GroupOp::Heartbeat(r) => &r.group_id,
+            GroupOp::Commit(r) => &r.group_id,
+            GroupOp::FetchOffsets(r) => &r.group_id,
+            GroupOp::Describe(group) => group,
+        }
+    }
+}
+
 /// What one shard asks another to do.
 #[derive(Debug)]
 pub enum Op {
@@ -124,6 +152,12 @@ pub enum Op {
     ApplyDelete {
         name: String,
     },
+    /// To the controller: a producer id (or the next epoch of one).
+    InitProducerId(InitProducerIdRequest),
+    /// To a group's coordinator shard.
+    Group(GroupOp),
+    /// The groups this shard coordinates.
+    ListGroups,
 }
 
 #[derive(Debug)]
@@ -134,6 +168,48 @@ pub enum Reply {
     ListOffsets(ListOffsetsPartitionResponse),
     Topics(Vec<TopicResult>),
     Applied,
+    ProducerId(InitProducerIdResponse),
+    /// An encoded response body.
+    Body(BytesMut),
+    Groups(Vec<GroupListing>),
+}
+
+/// A partition this shard owns: its log and its idempotent-producer table.
+pub struct Partition {
+    pub log: Rc<Log>,
+    pub producers: RefCell<ProducerTable>,
+    /// Serialises the check-append-record of idempotent batches (and producer snapshots).
+    producer_gate: glommio::sync::Semaphore,
+    snapshotting: Cell<bool>,
+}
+
+impl Partition {
+    pub async fn open(dir: &std::path::Path, config: skein_storage::LogConfig) -> Result<Partition, StorageError> {
+        let log = Log::open(dir, config).await?;
+        let producers = producers::load(&log).await?;
+        Ok(Partition {
+            log: Rc::new(log),
+            producers: RefCell::new(producers),
+            producer_gate: glommio::sync::Semaphore::new(1),
+            snapshotting: Cell::new(false),
+        })
+    }
+
+    /// Writes a producer snapshot covering every batch appended so far.
+    pub async fn snapshot_producers(&self) -> Result<(), String> {
+        let (dir, offset, bytes) = {
+            let _permit = self.producer_gate.acquire_permit(1).await.map_err(|_| "closed".to_owned())?;
+            let mut table = self.producers.borrow_mut();
+            table.expire(skein_storage::now_ms());
+            table.bytes_since_snapshot = 0;
+            let offset = self.log.next_offset();
+            (self.log.dir().to_path_buf(), offset, table.encode(offset))
+        };
+        glommio::executor()
+            .spawn_blocking(move || producers::write_snapshot(&dir, offset, &bytes))
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// What crosses threads.
@@ -156,8 +232,13 @@ pub struct Shard {
     pub config: Rc<BrokerConfig>,
     /// Every topic's settings (a copy of the controller's table).
     topics: RefCell<BTreeMap<String, TopicConfig>>,
-    /// The logs of the partitions this shard owns, by topic, indexed by partition.
-    logs: RefCell<HashMap<String, Vec<Option<Rc<Log>>>>>,
+    /// The partitions this shard owns, by topic, indexed by partition.
+    logs: RefCell<HashMap<String, Vec<Option<Rc<Partition>>>>>,
+    /// The consumer groups this shard coordinates, and the offsets partitions it owns.
+    pub coordinator: RefCell<Coordinator>,
+    pub offsets: RefCell<HashMap<u32, Rc<OffsetsPartition>>>,
+    /// Producer ids, on the controller shard (0) only.
+    producer_ids: RefCell<Option<ProducerIdAllocator>>,
     senders: Senders<MeshMessage>,
     pending: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
     next_request_id: Cell<u64>,
@@ -177,15 +258,23 @@ impl Shard {
         config: Rc<BrokerConfig>,
         topics: BTreeMap<String, TopicConfig>,
         senders: Senders<MeshMessage>,
-        controller: Option<FileMetadataStore>,
+        controller: Option<(FileMetadataStore, ProducerIdAllocator)>,
     ) -> Shard {
         let advertised = (config.listen.ip().to_string(), config.listen.port());
+        let (controller, producer_ids) = match controller {
+            Some((store, ids)) => (Some(store), Some(ids)),
+            None => (None, None),
+        };
+        let member_prefix = format!("{:x}-{id}", skein_storage::now_ms());
         Shard {
             id,
             shards: config.cores,
             config,
             topics: RefCell::new(topics),
             logs: RefCell::new(HashMap::new()),
+            coordinator: RefCell::new(Coordinator::new(member_prefix)),
+            offsets: RefCell::new(HashMap::new()),
+            producer_ids: RefCell::new(producer_ids),
             senders,
             pending: RefCell::new(HashMap::new()),
             next_request_id: Cell::new(0),
@@ -205,9 +294,28 @@ impl Shard {
         owner(topic, partition, self.shards)
     }
 
+    /// A partition this shard owns.
+    pub fn partition(&self, topic: &str, partition: u32) -> Option<Rc<Partition>> {
+        self.logs.borrow().get(topic).and_then(|logs| logs.get(partition as usize).cloned().flatten())
+    }
+
     /// The log of a partition this shard owns.
     pub fn log(&self, topic: &str, partition: u32) -> Option<Rc<Log>> {
-        self.logs.borrow().get(topic).and_then(|logs| logs.get(partition as usize).cloned().flatten())
+        self.partition(topic, partition).map(|p| p.log.clone())
+    }
+
+    /// Every partition this shard owns.
+    pub fn all_partitions(&self) -> Vec<(String, u32, Rc<Partition>)> {
+        let logs = self.logs.borrow();
+        let mut all = Vec::new();
+        for (topic, partitions) in logs.iter() {
+            for (partition, owned) in partitions.iter().enumerate() {
+                if let Some(owned) = owned {
+                    all.push((topic.clone(), partition as u32, owned.clone()));
+                }
+            }
+        }
+        all
     }
 
     /// Every log this shard owns.
@@ -217,7 +325,7 @@ impl Shard {
         for (topic, partitions) in logs.iter() {
             for (partition, log) in partitions.iter().enumerate() {
                 if let Some(log) = log {
-                    all.push((topic.clone(), partition as u32, log.clone()));
+                    all.push((topic.clone(), partition as u32, log.log.clone()));
                 }
             }
         }
@@ -232,8 +340,8 @@ impl Shard {
                 continue;
             }
             let dir = partition_dir(&self.config.data_dir, name, partition);
-            let log = Log::open(&dir, self.config.log_config(config)).await?;
-            opened[partition as usize] = Some(Rc::new(log));
+            let opened_partition = Partition::open(&dir, self.config.log_config(config)).await?;
+            opened[partition as usize] = Some(Rc::new(opened_partition));
         }
         self.topics.borrow_mut().insert(name.to_owned(), config.clone());
         self.logs.borrow_mut().insert(name.to_owned(), opened);
@@ -246,7 +354,7 @@ impl Shard {
         let logs = self.logs.borrow_mut().remove(name).unwrap_or_default();
         for (partition, log) in logs.into_iter().enumerate() {
             let Some(log) = log else { continue };
-            if let Err(error) = log.shutdown().await {
+            if let Err(error) = log.log.shutdown().await {
                 tracing::warn!(topic = name, partition, %error, "closing a deleted partition");
             }
             let dir = partition_dir(&self.config.data_dir, name, partition as u32);
@@ -366,12 +474,24 @@ impl Shard {
                     Reply::Applied
                 })
             }
+            Op::InitProducerId(request) => {
+                let shard = self.clone();
+                Box::pin(async move { Reply::ProducerId(shard.init_producer_id(request).await) })
+            }
+            Op::Group(op) => {
+                let shard = self.clone();
+                Box::pin(async move { Reply::Body(shard.group_op(op).await) })
+            }
+            Op::ListGroups => Box::pin(std::future::ready(Reply::Groups(self.coordinator.borrow().list()))),
         }
     }
 
     /// Appends a partition's records. Every batch is checked before any is appended, so bad
-    /// input leaves the partition untouched. Returns once the batches are appended (offsets
-    /// assigned); the future resolves with the response once they are acknowledged.
+    /// input leaves the partition untouched. Batches of idempotent producers are checked against
+    /// the partition's producer table first: a retry of a batch already written is answered
+    /// with its original offsets and not appended again (see [`crate::producers`]). Returns once
+    /// the batches are appended (offsets assigned); the future resolves with the response once
+    /// they are acknowledged.
     pub async fn produce(
         &self,
         topic: &str,
@@ -383,9 +503,10 @@ impl Shard {
         let respond = move |error: ErrorCode, base_offset: u64, last_offset: u64, log_start_offset: u64| {
             ProducePartitionResponse { partition, error, base_offset, last_offset, log_start_offset }
         };
-        let Some(log) = self.log(topic, partition) else {
+        let Some(owned) = self.partition(topic, partition) else {
             return Box::pin(std::future::ready(respond(ErrorCode::UnknownTopicOrPartition, 0, 0, 0)));
         };
+        let log = owned.log.clone();
         let batches = match split_batches(records, log.config().batch_bytes_max) {
             Ok(batches) => batches,
             Err(error) => {
@@ -397,11 +518,53 @@ impl Shard {
                 return Box::pin(std::future::ready(respond(code, 0, 0, log.start_offset())));
             }
         };
+        let idempotent = batches.iter().any(|b| b.header().producer_id >= 0);
+        let permit = if idempotent {
+            match owned.producer_gate.acquire_permit(1).await {
+                Ok(permit) => Some(permit),
+                Err(_) => return Box::pin(std::future::ready(respond(ErrorCode::ShuttingDown, 0, 0, 0))),
+            }
+        } else {
+            None
+        };
         let mut acks_pending: Vec<AppendAck> = Vec::with_capacity(batches.len());
         let (mut base_offset, mut last_offset) = (None, 0);
+        // The newest offset a duplicate refers to: its acknowledgement is awaited too.
+        let mut duplicate_through: Option<u64> = None;
         for batch in batches {
+            let header = *batch.header();
+            let check = owned.producers.borrow().check(&header);
+            match check {
+                Check::Append => {}
+                Check::Duplicate { base_offset: base, last_offset: last } => {
+                    tracing::debug!(
+                        topic,
+                        partition,
+                        producer = header.producer_id,
+                        base,
+                        "duplicate batch answered with its offsets"
+                    );
+                    base_offset.get_or_insert(base);
+                    last_offset = last;
+                    duplicate_through = Some(duplicate_through.map_or(last, |d: u64| d.max(last)));
+                    continue;
+                }
+                Check::Reject(code) => {
+                    tracing::info!(
+                        topic,
+                        partition,
+                        producer = header.producer_id,
+                        epoch = header.producer_epoch,
+                        sequence = header.base_sequence,
+                        %code,
+                        "refused an idempotent batch"
+                    );
+                    return Box::pin(std::future::ready(respond(code, 0, 0, log.start_offset())));
+                }
+            }
             match log.append_validated(batch).await {
                 Ok(appended) => {
+                    owned.producers.borrow_mut().record(&header, appended.base_offset, skein_storage::now_ms());
                     base_offset.get_or_insert(appended.base_offset);
                     last_offset = appended.last_offset;
                     acks_pending.push(appended.ack);
@@ -412,6 +575,19 @@ impl Shard {
                     return Box::pin(std::future::ready(respond(code, 0, 0, log.start_offset())));
                 }
             }
+        }
+        drop(permit);
+        if owned.producers.borrow().bytes_since_snapshot >= producers::SNAPSHOT_INTERVAL_BYTES
+            && !owned.snapshotting.replace(true)
+        {
+            let owned = owned.clone();
+            glommio::spawn_local(async move {
+                if let Err(error) = owned.snapshot_producers().await {
+                    tracing::warn!(path = %owned.log.dir().display(), error, "writing a producer snapshot");
+                }
+                owned.snapshotting.set(false);
+            })
+            .detach();
         }
         let base_offset = base_offset.expect("at least one batch");
         let log_start = log.start_offset();
@@ -424,13 +600,23 @@ impl Shard {
             )));
         }
         let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
-        let log = log.clone();
         Box::pin(async move {
             let all = futures::future::try_join_all(acks_pending);
-            match glommio::timer::timeout(timeout, async { Ok(all.await) }).await {
-                Ok(Ok(_)) => respond(ErrorCode::None, base_offset, last_offset, log_start),
+            let acknowledged = async {
+                all.await?;
+                // A duplicate is answered once the original is acknowledged.
+                if let Some(through) = duplicate_through {
+                    log.wait_for_data(through, timeout).await;
+                    if log.visible_offset() <= through {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            };
+            match glommio::timer::timeout(timeout, async { Ok(acknowledged.await) }).await {
+                Ok(Ok(true)) => respond(ErrorCode::None, base_offset, last_offset, log_start),
                 Ok(Err(error)) => respond(storage_error_code(&error), 0, 0, log_start),
-                Err(_) => {
+                Ok(Ok(false)) | Err(_) => {
                     tracing::warn!(state = log.describe_state(), "produce not acknowledged in time");
                     respond(ErrorCode::RequestTimedOut, 0, 0, log_start)
                 }
@@ -631,6 +817,40 @@ impl Shard {
         match self.call(0, Op::CreateTopics(topics)).await {
             Reply::Topics(results) => results,
             other => unreachable!("create topics answered with {other:?}"),
+        }
+    }
+
+    /// On the controller: a new producer id, or the next epoch of the one the client holds.
+    async fn init_producer_id(&self, request: InitProducerIdRequest) -> InitProducerIdResponse {
+        let respond = |error, producer_id, producer_epoch| InitProducerIdResponse { error, producer_id, producer_epoch };
+        if request.producer_id >= 0 && (0..i16::MAX).contains(&request.producer_epoch) {
+            return respond(ErrorCode::None, request.producer_id, request.producer_epoch + 1);
+        }
+        let _permit = self.controller_gate.acquire_permit(1).await.expect("never closed");
+        let needs_block = self.producer_ids.borrow().as_ref().expect("this shard is the controller").needs_block();
+        if needs_block {
+            let mut ids = self.producer_ids.borrow_mut().take().expect("this shard is the controller");
+            let (ids, result) = glommio::executor()
+                .spawn_blocking(move || {
+                    let result = ids.reserve_block();
+                    (ids, result)
+                })
+                .await;
+            *self.producer_ids.borrow_mut() = Some(ids);
+            if let Err(error) = result {
+                tracing::error!(%error, "could not reserve producer ids");
+                return respond(error.code(), -1, -1);
+            }
+        }
+        let id = self.producer_ids.borrow_mut().as_mut().expect("this shard is the controller").take();
+        tracing::debug!(producer_id = id, "producer id handed out");
+        respond(ErrorCode::None, id, 0)
+    }
+
+    pub async fn request_init_producer_id(self: &Rc<Self>, request: InitProducerIdRequest) -> InitProducerIdResponse {
+        match self.call(0, Op::InitProducerId(request)).await {
+            Reply::ProducerId(response) => response,
+            _ => InitProducerIdResponse { error: ErrorCode::ShuttingDown, producer_id: -1, producer_epoch: -1 },
         }
     }
 

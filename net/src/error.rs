@@ -47,10 +47,33 @@ pub enum ErrorCode {
     InvalidRequiredAcks = 20,
     /// Too many connections to this broker.
     TooManyConnections = 21,
+    /// An idempotent producer's batch does not follow the last sequence number written for it
+    /// on that partition (an earlier batch is missing: retry in order).
+    OutOfOrderSequence = 22,
+    /// A retry of a batch written too long ago for its offsets to be returned; it is not
+    /// written again.
+    DuplicateSequence = 23,
+    /// A newer epoch of this producer id exists; this producer must stop.
+    ProducerFenced = 24,
+    /// The partition has no state for this producer id and the batch does not start it.
+    UnknownProducerId = 25,
+    /// The group id is not valid.
+    InvalidGroupId = 26,
+    /// The member is not (or no longer) in the group: rejoin with epoch 0.
+    UnknownMemberId = 27,
+    /// The member's epoch is ahead of the coordinator's: rejoin with epoch 0.
+    FencedMemberEpoch = 28,
+    /// The commit's epoch is not the member's current one, or the member does not own the
+    /// partition (it was revoked).
+    StaleMemberEpoch = 29,
+    /// The operation needs a group without members.
+    GroupNotEmpty = 30,
+    /// The group does not exist.
+    GroupIdNotFound = 31,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::CorruptBatch,
@@ -73,6 +96,16 @@ impl ErrorCode {
         ErrorCode::CorruptStorage,
         ErrorCode::InvalidRequiredAcks,
         ErrorCode::TooManyConnections,
+        ErrorCode::OutOfOrderSequence,
+        ErrorCode::DuplicateSequence,
+        ErrorCode::ProducerFenced,
+        ErrorCode::UnknownProducerId,
+        ErrorCode::InvalidGroupId,
+        ErrorCode::UnknownMemberId,
+        ErrorCode::FencedMemberEpoch,
+        ErrorCode::StaleMemberEpoch,
+        ErrorCode::GroupNotEmpty,
+        ErrorCode::GroupIdNotFound,
     ];
 
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
@@ -95,6 +128,7 @@ impl ErrorCode {
                 | ErrorCode::TooManyRequests
                 | ErrorCode::ShuttingDown
                 | ErrorCode::TooManyConnections
+                | ErrorCode::OutOfOrderSequence
         )
     }
 
@@ -127,6 +161,16 @@ impl ErrorCode {
             ErrorCode::CorruptStorage => "corrupt data on the broker's disk",
             ErrorCode::InvalidRequiredAcks => "invalid acks",
             ErrorCode::TooManyConnections => "too many connections",
+            ErrorCode::OutOfOrderSequence => "out of order sequence number",
+            ErrorCode::DuplicateSequence => "duplicate sequence number",
+            ErrorCode::ProducerFenced => "producer fenced by a newer epoch",
+            ErrorCode::UnknownProducerId => "unknown producer id",
+            ErrorCode::InvalidGroupId => "invalid group id",
+            ErrorCode::UnknownMemberId => "unknown member id",
+            ErrorCode::FencedMemberEpoch => "fenced member epoch",
+            ErrorCode::StaleMemberEpoch => "stale member epoch",
+            ErrorCode::GroupNotEmpty => "group not empty",
+            ErrorCode::GroupIdNotFound => "group not found",
         }
     }
 }

@@ -12,9 +12,11 @@
 
 pub mod error;
 pub mod frame;
+pub mod groups;
 pub mod messages;
 pub mod wire;
 
 pub use error::ErrorCode;
+pub use groups::*;
 pub use messages::*;
 pub use wire::{DecodeError, Reader, Writer};

@@ -9,6 +9,9 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::ErrorCode;
+use crate::groups::{
+    DescribeGroupRequest, HeartbeatRequest, InitProducerIdRequest, OffsetCommitRequest, OffsetFetchRequest,
+};
 use crate::frame::{self, RequestHeader};
 use crate::wire::{DecodeError, Reader, Writer};
 
@@ -23,10 +26,16 @@ pub enum ApiKey {
     Produce = 4,
     Fetch = 5,
     ListOffsets = 6,
+    InitProducerId = 7,
+    ConsumerGroupHeartbeat = 8,
+    OffsetCommit = 9,
+    OffsetFetch = 10,
+    ListGroups = 11,
+    DescribeGroup = 12,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 7] = [
+    pub const ALL: [ApiKey; 13] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -34,6 +43,12 @@ impl ApiKey {
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
+        ApiKey::InitProducerId,
+        ApiKey::ConsumerGroupHeartbeat,
+        ApiKey::OffsetCommit,
+        ApiKey::OffsetFetch,
+        ApiKey::ListGroups,
+        ApiKey::DescribeGroup,
     ];
 
     pub fn from_u16(value: u16) -> Option<ApiKey> {
@@ -543,6 +558,12 @@ pub enum Request<R> {
     Produce(ProduceRequest<R>),
     Fetch(FetchRequest),
     ListOffsets(ListOffsetsRequest),
+    InitProducerId(InitProducerIdRequest),
+    ConsumerGroupHeartbeat(HeartbeatRequest),
+    OffsetCommit(OffsetCommitRequest),
+    OffsetFetch(OffsetFetchRequest),
+    ListGroups,
+    DescribeGroup(DescribeGroupRequest),
 }
 
 /// Why a request frame's body could not be turned into a [`Request`]. The broker answers each
@@ -594,6 +615,12 @@ impl<R> Request<R> {
             Request::Produce(_) => ApiKey::Produce,
             Request::Fetch(_) => ApiKey::Fetch,
             Request::ListOffsets(_) => ApiKey::ListOffsets,
+            Request::InitProducerId(_) => ApiKey::InitProducerId,
+            Request::ConsumerGroupHeartbeat(_) => ApiKey::ConsumerGroupHeartbeat,
+            Request::OffsetCommit(_) => ApiKey::OffsetCommit,
+            Request::OffsetFetch(_) => ApiKey::OffsetFetch,
+            Request::ListGroups => ApiKey::ListGroups,
+            Request::DescribeGroup(_) => ApiKey::DescribeGroup,
         }
     }
 }
@@ -644,6 +671,12 @@ impl<R: RecordsBytes> Request<R> {
                     w.u32(p.partition).i64(p.timestamp);
                 });
             }
+            Request::InitProducerId(request) => request.encode(w),
+            Request::ConsumerGroupHeartbeat(request) => request.encode(w),
+            Request::OffsetCommit(request) => request.encode(w),
+            Request::OffsetFetch(request) => request.encode(w),
+            Request::ListGroups => {}
+            Request::DescribeGroup(request) => request.encode(w),
         }
     }
 
@@ -726,6 +759,12 @@ impl Request<Range<usize>> {
                     })
                 })?,
             }),
+            ApiKey::InitProducerId => Request::InitProducerId(InitProducerIdRequest::decode(r)?),
+            ApiKey::ConsumerGroupHeartbeat => Request::ConsumerGroupHeartbeat(HeartbeatRequest::decode(r)?),
+            ApiKey::OffsetCommit => Request::OffsetCommit(OffsetCommitRequest::decode(r)?),
+            ApiKey::OffsetFetch => Request::OffsetFetch(OffsetFetchRequest::decode(r)?),
+            ApiKey::ListGroups => Request::ListGroups,
+            ApiKey::DescribeGroup => Request::DescribeGroup(DescribeGroupRequest::decode(r)?),
         })
     }
 }
@@ -784,6 +823,12 @@ mod tests {
             Request::DeleteTopics(r) => Request::DeleteTopics(r),
             Request::Fetch(r) => Request::Fetch(r),
             Request::ListOffsets(r) => Request::ListOffsets(r),
+            Request::InitProducerId(r) => Request::InitProducerId(r),
+            Request::ConsumerGroupHeartbeat(r) => Request::ConsumerGroupHeartbeat(r),
+            Request::OffsetCommit(r) => Request::OffsetCommit(r),
+            Request::OffsetFetch(r) => Request::OffsetFetch(r),
+            Request::ListGroups => Request::ListGroups,
+            Request::DescribeGroup(r) => Request::DescribeGroup(r),
         };
         assert_eq!(decoded, request);
     }

@@ -1542,6 +1542,42 @@ impl Log {
         Ok(outcome)
     }
 
+    /// Deletes the sealed segments whose every record is below `offset` (oldest first; the
+    /// active segment is never deleted). Compaction by snapshot uses it: once a snapshot of
+    /// the live state is appended at `offset`, everything before it can go.
+    pub async fn delete_segments_before(&self, offset: u64) -> Result<RetentionOutcome> {
+        let shared = &self.shared;
+        let _permit = shared.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
+        shared.finish_index_writes().await;
+        let victims = {
+            let mut state = shared.state.borrow_mut();
+            let bases: Vec<u64> = state.sealed.keys().copied().collect();
+            let mut removed = Vec::new();
+            for (i, base) in bases.iter().enumerate() {
+                // A sealed segment ends where the next one (or the active one) begins.
+                let end = bases.get(i + 1).copied().unwrap_or(state.active.file.base_offset());
+                if end > offset {
+                    break;
+                }
+                let sealed = state.sealed.remove(base).expect("listed above");
+                state.loaded.retain(|b| b != base);
+                removed.push(sealed);
+            }
+            removed
+        };
+        let mut outcome = RetentionOutcome::default();
+        for sealed in &victims {
+            segment::remove_files(sealed.file.paths())?;
+            outcome.segments_deleted += 1;
+            outcome.bytes_deleted += sealed.summary.log_bytes;
+        }
+        if !victims.is_empty() {
+            shared.sync_directory().await?;
+        }
+        outcome.start_offset = self.start_offset();
+        Ok(outcome)
+    }
+
     /// Removes every record at or after `offset`. A batch is never split: if `offset` falls
     /// inside a batch, that whole batch goes. Returns the new next offset. Replication uses it
     /// to drop a diverged tail; it is the one way offsets can be handed out again.

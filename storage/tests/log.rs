@@ -197,6 +197,33 @@ fn retention_deletes_whole_sealed_segments_by_size_and_by_age() {
 }
 
 #[test]
+fn delete_segments_before_keeps_every_segment_holding_a_later_record() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let log = Log::open(&path, LogConfig::tiny()).await.unwrap();
+        append_all(&log, &[8; 60]).await;
+        let bases = log.segment_bases();
+        assert!(bases.len() >= 4, "tiny segments roll: {bases:?}");
+        // A cut inside the third segment keeps it and everything after.
+        let cut = bases[2] + 1;
+        let outcome = log.delete_segments_before(cut).await.unwrap();
+        assert_eq!(outcome.segments_deleted, 2);
+        assert_eq!(log.start_offset(), bases[2]);
+        assert_eq!(read_everything(&log).await, (bases[2]..log.next_offset()).collect::<Vec<_>>());
+        // A cut past the end never removes the active segment.
+        log.delete_segments_before(u64::MAX).await.unwrap();
+        assert_eq!(log.segment_count(), 1);
+        assert_eq!(log.segment_bases()[0], *bases.last().unwrap());
+        log.close().await.unwrap();
+        // And the deletion survives reopening.
+        let log = Log::open(&path, LogConfig::tiny()).await.unwrap();
+        assert_eq!(log.start_offset(), *bases.last().unwrap());
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
 fn truncate_drops_whole_batches_and_appends_continue() {
     let dir = tmp();
     let path = dir.path().join("p0");
