@@ -106,6 +106,9 @@ impl Shard {
                 if codes[index].is_ok() && !self.partition_count(&topic.name).is_some_and(|n| p.partition < n) {
                     codes[index] = ErrorCode::UnknownTopicOrPartition;
                 }
+                if codes[index].is_ok() && p.metadata.len() > offsets::METADATA_BYTES_MAX {
+                    codes[index] = ErrorCode::InvalidConfig;
+                }
                 if codes[index].is_ok() {
                     let committed = Committed { offset: p.offset, metadata: p.metadata.clone(), commit_ms: now };
                     changes.push(((topic.name.clone(), p.partition), Some(committed)));

@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::stream::{FuturesUnordered, StreamExt};
 use skein_client::{
-    Acks, Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig,
-    ProducerRecord, SeekTo,
+    Acks, Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, Producer,
+    ProducerConfig, ProducerRecord, SeekTo,
 };
 use skein_storage::FsyncPolicy;
 
@@ -34,6 +34,37 @@ enum Command {
     Produce(ProduceArgs),
     /// Print the records of a topic.
     Consume(ConsumeArgs),
+    /// List, describe and reset consumer groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// Every group, with its state and member count.
+    List {
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Members, their partitions, and the committed offset and lag of each partition.
+    Describe {
+        group: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Set the committed offsets of every partition of a topic (only while the group is empty).
+    ResetOffsets {
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// earliest, latest, an offset, or time:EPOCH_MS
+        #[arg(long, value_parser = parse_from)]
+        to: SeekTo,
+        #[command(flatten)]
+        connect: Connect,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -141,9 +172,17 @@ struct ConsumeArgs {
     topic: String,
     #[arg(long)]
     partition: Option<u32>,
-    /// beginning, end, an offset, or time:EPOCH_MS
+    /// beginning, end, an offset, or time:EPOCH_MS. With --group: where partitions without a
+    /// committed offset start (beginning or end).
     #[arg(long, default_value = "beginning", value_parser = parse_from)]
     from: SeekTo,
+    /// Join this consumer group: consume the partitions it assigns, from the committed offsets,
+    /// and commit what was printed.
+    #[arg(long, conflicts_with = "partition")]
+    group: Option<String>,
+    /// With --group: the session timeout (milliseconds).
+    #[arg(long, default_value_t = 10_000)]
+    session_timeout_ms: u64,
     /// Exit after this many records.
     #[arg(long)]
     max_messages: Option<u64>,
@@ -164,8 +203,8 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 
 fn parse_from(text: &str) -> Result<SeekTo, String> {
     match text {
-        "beginning" => Ok(SeekTo::Beginning),
-        "end" => Ok(SeekTo::End),
+        "beginning" | "earliest" => Ok(SeekTo::Beginning),
+        "end" | "latest" => Ok(SeekTo::End),
         other => {
             if let Some(ms) = other.strip_prefix("time:") {
                 ms.parse().map(SeekTo::Timestamp).map_err(|_| format!("invalid timestamp {ms:?}"))
@@ -246,6 +285,74 @@ async fn run_client(command: Command) -> Result<(), String> {
         Command::Topic { command } => topic(command).await,
         Command::Produce(args) => produce(args).await,
         Command::Consume(args) => consume(args).await,
+        Command::Group { command } => group(command).await,
+    }
+}
+
+async fn group(command: GroupCommand) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    let io = |e: std::io::Error| e.to_string();
+    match command {
+        GroupCommand::List { connect: c } => {
+            let admin = Admin::new(connect(&c).await?);
+            for group in admin.list_groups().await.map_err(|e| e.to_string())? {
+                writeln!(out, "{}\t{}\t{} members", group.group_id, group.state, group.members).map_err(io)?;
+            }
+            Ok(())
+        }
+        GroupCommand::Describe { group, connect: c } => {
+            let admin = Admin::new(connect(&c).await?);
+            let description = admin.describe_group(&group).await.map_err(|e| e.to_string())?;
+            writeln!(
+                out,
+                "group {} state {} epoch {} members {}",
+                description.group_id,
+                description.state,
+                description.group_epoch,
+                description.members.len()
+            )
+            .map_err(io)?;
+            for member in &description.members {
+                let owned: Vec<String> = member
+                    .assigned
+                    .iter()
+                    .flat_map(|t| t.partitions.iter().map(move |p| format!("{}/{p}", t.topic)))
+                    .collect();
+                writeln!(
+                    out,
+                    "member {} client {} epoch {} partitions {}",
+                    member.member_id,
+                    member.client_id,
+                    member.member_epoch,
+                    if owned.is_empty() { "-".to_owned() } else { owned.join(",") }
+                )
+                .map_err(io)?;
+            }
+            writeln!(out, "TOPIC\tPARTITION\tCOMMITTED\tEND\tLAG\tOWNER").map_err(io)?;
+            let unknown = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+            for p in &description.offsets {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    p.topic,
+                    p.partition,
+                    p.committed,
+                    unknown(p.end_offset),
+                    unknown(p.lag),
+                    p.owner.as_deref().unwrap_or("-")
+                )
+                .map_err(io)?;
+            }
+            Ok(())
+        }
+        GroupCommand::ResetOffsets { group, topic, to, connect: c } => {
+            let admin = Admin::new(connect(&c).await?);
+            let offsets = admin.reset_offsets(&group, &topic, to).await.map_err(|e| e.to_string())?;
+            for (partition, offset) in offsets {
+                writeln!(out, "{topic}\t{partition}\t{offset}").map_err(io)?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -370,13 +477,34 @@ fn printable(bytes: &Option<bytes::Bytes>) -> String {
 
 async fn consume(args: ConsumeArgs) -> Result<(), String> {
     let client = connect(&args.connect).await?;
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
-    match args.partition {
-        Some(partition) => consumer.assign(&args.topic, &[partition]).await,
-        None => consumer.assign_all(&args.topic).await,
+    let mut config = ConsumerConfig::default();
+    if args.group.is_some() {
+        config.start_from = match args.from {
+            SeekTo::Beginning | SeekTo::End => args.from,
+            _ => return Err("with --group, --from is beginning or end (for partitions without a commit)".into()),
+        };
+    }
+    let mut consumer = Consumer::new(client, config);
+    match (&args.group, args.partition) {
+        (Some(group), _) => {
+            let group = GroupConfig {
+                session_timeout: Duration::from_millis(args.session_timeout_ms),
+                // Commits are made here, after printing (at-least-once).
+                auto_commit: None,
+                ..GroupConfig::new(group.clone())
+            };
+            consumer.subscribe(&[&args.topic], group).await
+        }
+        (None, Some(partition)) => consumer.assign(&args.topic, &[partition]).await,
+        (None, None) => consumer.assign_all(&args.topic).await,
     }
     .map_err(|e| e.to_string())?;
-    consumer.seek_all(args.from).await.map_err(|e| e.to_string())?;
+    if args.group.is_none() {
+        consumer.seek_all(args.from).await.map_err(|e| e.to_string())?;
+    }
+    // With a group: the offset after the last printed record of each partition, committed
+    // once printed.
+    let mut printed: std::collections::BTreeMap<(String, u32), u64> = std::collections::BTreeMap::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut seen = 0u64;
     let idle = args.timeout_ms.map(Duration::from_millis);
@@ -415,9 +543,18 @@ async fn consume(args: ConsumeArgs) -> Result<(), String> {
                 ),
             };
             writeln!(out, "{line}").map_err(|e| e.to_string())?;
+            printed.insert((record.topic.clone(), record.partition), record.offset + 1);
             seen += 1;
         }
         out.flush().map_err(|e| e.to_string())?;
+        if args.group.is_some() && !printed.is_empty() {
+            let offsets: Vec<((String, u32), u64)> = std::mem::take(&mut printed).into_iter().collect();
+            if let Err(error) = consumer.commit_offsets(&offsets).await {
+                // Printed but not committed: another member may print these again.
+                eprintln!("warning: commit failed: {error}");
+            }
+        }
     }
-    out.flush().map_err(|e| e.to_string())
+    out.flush().map_err(|e| e.to_string())?;
+    consumer.close().await.map_err(|e| e.to_string())
 }

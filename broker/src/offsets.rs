@@ -54,7 +54,10 @@ pub const KEY_VERSION: u8 = 1;
 pub const VALUE_VERSION: u8 = 1;
 pub const COMPACT_AFTER_BYTES: u64 = 16 << 20;
 const SEGMENT_BYTES: u64 = 8 << 20;
-const SNAPSHOT_BATCH_RECORDS: usize = 2000;
+/// Commits are written in batches of about this size (each record is at most ~4.6 KiB).
+const BATCH_BYTES: usize = 256 << 10;
+/// Largest commit metadata accepted (Kafka's `offset.metadata.max.bytes`).
+pub const METADATA_BYTES_MAX: usize = 4096;
 
 pub fn partition_for_group(group: &str) -> u32 {
     crc32c::crc32c(group.as_bytes()) % OFFSETS_PARTITIONS
@@ -75,6 +78,7 @@ pub fn log_config() -> LogConfig {
         preallocate_bytes: defaults.preallocate_bytes.min(SEGMENT_BYTES / 4),
         retention_age_max: None,
         retention_bytes_max: None,
+        batch_bytes_max: 1 << 20,
         ..defaults
     }
 }
@@ -224,14 +228,17 @@ impl OffsetsPartition {
 
     fn encode(group: &str, changes: &[OffsetChange]) -> Vec<BytesMut> {
         let mut batches = Vec::new();
-        for chunk in changes.chunks(SNAPSHOT_BATCH_RECORDS) {
-            let mut builder = BatchBuilder::new();
-            let now = skein_storage::now_ms();
-            for ((topic, partition), committed) in chunk {
-                let key = encode_key(group, topic, *partition);
-                let value = committed.as_ref().map(encode_value);
-                builder.push(now, Some(&key), value.as_deref(), &[]);
+        let now = skein_storage::now_ms();
+        let mut builder = BatchBuilder::new();
+        for ((topic, partition), committed) in changes {
+            let key = encode_key(group, topic, *partition);
+            let value = committed.as_ref().map(encode_value);
+            builder.push(now, Some(&key), value.as_deref(), &[]);
+            if builder.size_bytes() >= BATCH_BYTES {
+                batches.push(std::mem::take(&mut builder).finish());
             }
+        }
+        if builder.record_count() > 0 {
             batches.push(builder.finish());
         }
         batches

@@ -104,6 +104,10 @@ pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+    // Absolute from here on: glommio's `Directory::open` fails (EBADF) on relative paths.
+    let data_dir = std::fs::canonicalize(&data_dir)
+        .map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+    let config = BrokerConfig { data_dir: data_dir.clone(), ..config };
     let lock = lock_data_dir(&data_dir)?;
     let store = FileMetadataStore::open(&data_dir)?;
     let producer_ids = ProducerIdAllocator::open(&data_dir)?;
@@ -220,7 +224,7 @@ async fn run_shard(
     tracing::debug!(shard = id, "priming");
     skein_storage::prime_executor(&config.data_dir).await.map_err(|e| e.to_string())?;
     tracing::debug!(shard = id, "binding");
-    let listener = TcpListener::bind(listen).map_err(|e| format!("binding {listen}: {e}"))?;
+    let listener = bind_listener(listen).map_err(|e| format!("binding {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::debug!(shard = id, "joining the mesh");
     let (senders, mut receivers) = mesh.join().await.map_err(|_| "joining the shard mesh".to_owned())?;
@@ -299,6 +303,79 @@ async fn run_shard(
     }
     tracing::info!(shard = id, "shard stopped");
     Ok(())
+}
+
+/// A listening socket with SO_REUSEPORT (every shard listens on the port) and SO_REUSEADDR
+/// (glommio's own `bind` omits it: connections it accepted then linger in TIME_WAIT without the
+/// flag and keep a restarted broker off its port for a minute).
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let domain = if addr.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket calls on a descriptor owned here; ownership moves to the listener.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            let set = libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            if set != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        let std_listener = {
+            let socket = std::net::TcpListener::from(owned);
+            // Bind and listen through a sockaddr built by the standard library.
+            let (raw, len) = sockaddr(addr);
+            if libc::bind(fd, &raw as *const libc::sockaddr_storage as *const libc::sockaddr, len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::listen(fd, 1024) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            socket
+        };
+        Ok(TcpListener::from_raw_fd(std_listener.into_raw_fd()))
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid; the variant written fits inside it.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in is smaller than sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 is smaller than sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 /// A timer that never lets a shard sleep longer than 10 ms. glommio 0.9 can park an executor

@@ -1,13 +1,15 @@
-//! Topic administration.
+//! Topic and consumer-group administration.
 
 use skein_net::{
-    CreateTopicsRequest, DeleteTopicsRequest, ErrorCode, ListOffsetsPartition, ListOffsetsRequest,
-    ListOffsetsResponse, NewTopic, Request, TopicData, TopicResults, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
+    CommitPartition, CreateTopicsRequest, DeleteTopicsRequest, DescribeGroupRequest, DescribeGroupResponse,
+    ErrorCode, GroupListing, ListGroupsResponse, ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse,
+    MemberDescription, NewTopic, OffsetCommitRequest, OffsetCommitResponse, Request, TopicData, TopicResults,
+    ADMIN_EPOCH, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
 };
 
-use crate::{decode, Client, ClientError, Result};
+use crate::{decode, Client, ClientError, Consumer, ConsumerConfig, Result, SeekTo, TopicPartition};
 
-/// Creates, deletes, lists and describes topics.
+/// Creates, deletes, lists and describes topics; lists, describes and resets consumer groups.
 #[derive(Debug, Clone)]
 pub struct Admin {
     client: Client,
@@ -130,4 +132,126 @@ impl Admin {
             configs: topic.configs,
         })
     }
+
+    /// Every consumer group the broker knows (with members, or with committed offsets only).
+    pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
+        let body = self.client.request(&Request::ListGroups).await?;
+        let response = decode(&body, ListGroupsResponse::decode)?;
+        if !response.error.is_ok() {
+            return Err(ClientError::broker(response.error, "listing groups"));
+        }
+        Ok(response.groups)
+    }
+
+    /// A group's members and what they own, and its committed offsets with the lag of each
+    /// partition (end offset minus committed offset).
+    pub async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
+        let request = Request::DescribeGroup(DescribeGroupRequest { group_id: group.to_owned() });
+        let body = self.client.request(&request).await?;
+        let response = decode(&body, DescribeGroupResponse::decode)?;
+        if !response.error.is_ok() {
+            return Err(ClientError::broker(response.error, format!("describing group {group}")));
+        }
+        let mut offsets = Vec::new();
+        for topic in &response.offsets {
+            let ends = match self.describe_topic(&topic.name).await {
+                Ok(description) => description.partitions,
+                Err(ClientError::UnknownTopic(_)) => Vec::new(),
+                Err(error) => return Err(error),
+            };
+            for committed in &topic.partitions {
+                let end_offset = ends.iter().find(|p| p.partition == committed.partition).map(|p| p.end_offset);
+                let owner = response
+                    .members
+                    .iter()
+                    .find(|m| {
+                        m.assigned
+                            .iter()
+                            .any(|t| t.topic == topic.name && t.partitions.contains(&committed.partition))
+                    })
+                    .map(|m| m.member_id.clone());
+                let offset = committed.offset.max(0) as u64;
+                offsets.push(PartitionLag {
+                    topic: topic.name.clone(),
+                    partition: committed.partition,
+                    committed: offset,
+                    end_offset,
+                    lag: end_offset.map(|end| end.saturating_sub(offset)),
+                    owner,
+                });
+            }
+        }
+        Ok(GroupDescription {
+            group_id: response.group_id,
+            state: response.state,
+            group_epoch: response.group_epoch,
+            members: response.members,
+            offsets,
+        })
+    }
+
+    /// Sets a group's committed offsets of every partition of `topic` (to the earliest or latest
+    /// offset, an offset, or the first offset at a timestamp). Refused with `GroupNotEmpty` while
+    /// the group has members. Returns `(partition, offset)` as committed.
+    pub async fn reset_offsets(&self, group: &str, topic: &str, to: SeekTo) -> Result<Vec<(u32, u64)>> {
+        let mut reader = Consumer::new(self.client.clone(), ConsumerConfig::default());
+        reader.assign_all(topic).await?;
+        reader.seek_all(to).await?;
+        let offsets: Vec<(u32, u64)> = reader
+            .assignment()
+            .iter()
+            .map(|(_, partition)| (*partition, reader.position(topic, *partition).expect("seeked")))
+            .collect();
+        let request = Request::OffsetCommit(OffsetCommitRequest {
+            group_id: group.to_owned(),
+            member_id: String::new(),
+            member_epoch: ADMIN_EPOCH,
+            topics: vec![TopicData {
+                name: topic.to_owned(),
+                partitions: offsets
+                    .iter()
+                    .map(|&(partition, offset)| CommitPartition { partition, offset, metadata: String::new() })
+                    .collect(),
+            }],
+        });
+        let body = self.client.request(&request).await?;
+        let response = decode(&body, OffsetCommitResponse::decode)?;
+        if !response.error.is_ok() {
+            return Err(ClientError::broker(response.error, format!("resetting the offsets of group {group}")));
+        }
+        for p in response.topics.iter().flat_map(|t| t.partitions.iter()) {
+            if !p.error.is_ok() {
+                return Err(ClientError::broker(p.error, format!("resetting {topic}/{} for group {group}", p.partition)));
+            }
+        }
+        Ok(offsets)
+    }
+
+    /// A group's committed offset of each partition (`None`: no commit).
+    pub async fn committed_offsets(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
+        crate::group::fetch_committed(&self.client, group, partitions).await
+    }
+}
+
+/// One partition of a group, as `describe_group` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: u32,
+    pub committed: u64,
+    /// `None` if the topic no longer exists.
+    pub end_offset: Option<u64>,
+    pub lag: Option<u64>,
+    /// The member that owns the partition now.
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupDescription {
+    pub group_id: String,
+    /// `empty`, `reconciling` or `stable`.
+    pub state: String,
+    pub group_epoch: i32,
+    pub members: Vec<MemberDescription>,
+    pub offsets: Vec<PartitionLag>,
 }

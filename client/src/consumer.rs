@@ -16,6 +16,7 @@ use skein_net::{
 use skein_storage::batch::BatchSplitter;
 use tokio::task::JoinHandle;
 
+use crate::group::GroupState;
 use crate::{decode, Client, ClientError, Result};
 
 #[derive(Debug, Clone)]
@@ -72,19 +73,22 @@ pub struct ConsumerRecord {
     pub headers: Vec<(String, Option<Bytes>)>,
 }
 
-type TopicPartition = (String, u32);
+/// A topic and a partition.
+pub type TopicPartition = (String, u32);
 
 /// A fetch in flight: the positions it asked for, and its task.
 type Prefetch = (HashMap<TopicPartition, u64>, JoinHandle<Result<FetchResponse<Bytes>>>);
 
-/// Reads assigned partitions.
+/// Reads partitions: assigned by the caller ([`Consumer::assign`]) or by a consumer group
+/// ([`Consumer::subscribe`], see [`crate::group`]).
 pub struct Consumer {
-    client: Client,
-    config: ConsumerConfig,
-    assignment: Vec<TopicPartition>,
-    positions: HashMap<TopicPartition, u64>,
-    buffered: VecDeque<ConsumerRecord>,
+    pub(crate) client: Client,
+    pub(crate) config: ConsumerConfig,
+    pub(crate) assignment: Vec<TopicPartition>,
+    pub(crate) positions: HashMap<TopicPartition, u64>,
+    pub(crate) buffered: VecDeque<ConsumerRecord>,
     prefetch: Option<Prefetch>,
+    pub(crate) group: Option<GroupState>,
 }
 
 impl Consumer {
@@ -96,11 +100,24 @@ impl Consumer {
             positions: HashMap::new(),
             buffered: VecDeque::new(),
             prefetch: None,
+            group: None,
         }
     }
 
+    /// Forgets the assignment, positions and buffered records.
+    pub(crate) fn clear_assignment(&mut self) {
+        self.assignment.clear();
+        self.positions.clear();
+        self.buffered.clear();
+        self.cancel_prefetch();
+    }
+
     /// Adds partitions of a topic to the assignment (checked against the topic's metadata).
+    /// Not for a consumer that subscribed to a group (the group assigns its partitions).
     pub async fn assign(&mut self, topic: &str, partitions: &[u32]) -> Result<()> {
+        if self.group.is_some() {
+            return Err(ClientError::Config("a consumer in a group cannot assign partitions itself"));
+        }
         let info = self.client.topic(topic).await?;
         for &partition in partitions {
             if partition >= info.partitions {
@@ -131,7 +148,7 @@ impl Consumer {
         self.positions.get(&(topic.to_owned(), partition)).copied()
     }
 
-    fn cancel_prefetch(&mut self) {
+    pub(crate) fn cancel_prefetch(&mut self) {
         if let Some((_, handle)) = self.prefetch.take() {
             handle.abort();
         }
@@ -159,7 +176,7 @@ impl Consumer {
     }
 
     /// Offsets for partitions from a seek target (ListOffsets).
-    async fn resolve(&self, partitions: &[TopicPartition], to: SeekTo) -> Result<Vec<u64>> {
+    pub(crate) async fn resolve(&self, partitions: &[TopicPartition], to: SeekTo) -> Result<Vec<u64>> {
         let timestamp = match to {
             SeekTo::Offset(offset) => return Ok(vec![offset; partitions.len()]),
             SeekTo::Beginning => EARLIEST_TIMESTAMP,
@@ -250,16 +267,27 @@ impl Consumer {
 
     /// Returns the records available now or within `timeout` (possibly none). Starts the next
     /// fetch before returning, so it is in flight while the caller processes these.
+    ///
+    /// In a group, each call first applies the coordinator's latest assignment and commits
+    /// automatically if it is time (see [`crate::group`]); a long poll returns at least every
+    /// `fetch_wait_max` to do so.
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.auto_commit().await?;
+        self.reconcile_group().await?;
         if !self.buffered.is_empty() {
             return Ok(self.buffered.drain(..).collect());
         }
-        if self.assignment.is_empty() {
-            tokio::time::sleep(timeout).await;
-            return Ok(Vec::new());
+        while self.assignment.is_empty() {
+            let now = tokio::time::Instant::now();
+            if self.group.is_none() || now >= deadline {
+                tokio::time::sleep_until(deadline).await;
+                return Ok(Vec::new());
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(deadline - now)).await;
+            self.reconcile_group().await?;
         }
         self.initialise_positions().await?;
-        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (asked, handle) = match self.prefetch.take() {
                 Some(prefetch) => prefetch,
@@ -288,6 +316,12 @@ impl Consumer {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Vec::new());
+            }
+            if self.group.is_some() {
+                self.reconcile_group().await?;
+                if self.assignment.is_empty() {
+                    return Ok(Vec::new());
+                }
             }
         }
     }

@@ -36,6 +36,7 @@ mod admin;
 mod connection;
 mod consumer;
 mod error;
+pub mod group;
 mod producer;
 
 use std::collections::HashMap;
@@ -48,9 +49,11 @@ use skein_net::{
     Reader, Request,
 };
 
-pub use crate::admin::{Admin, PartitionDescription, TopicDescription};
+pub use crate::admin::{Admin, GroupDescription, PartitionDescription, PartitionLag, TopicDescription};
+pub use skein_net::{GroupListing, MemberDescription};
 pub use crate::connection::Connection;
-pub use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord, SeekTo};
+pub use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord, SeekTo, TopicPartition};
+pub use crate::group::{GroupConfig, RebalanceEvent};
 pub use crate::error::{ClientError, Result};
 pub use crate::producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use skein_net::ErrorCode as BrokerErrorCode;

@@ -9,7 +9,15 @@
 //!   Retriable errors (a full disk, a timeout, a lost connection) are retried up to `retries`
 //!   times with `retry_backoff` between tries: at-least-once, so a retry after a lost response
 //!   may write a record twice, and with more than one request in flight a retried batch may
-//!   land after a later one. Set `max_in_flight = 1` for strict per-partition order.
+//!   land after a later one, unless the producer is idempotent.
+//! * **Idempotent** (`idempotence: true`, the default with `acks=1`/`all`): the producer gets a
+//!   producer id from the broker, and every batch carries it with a per-partition sequence
+//!   number. The broker writes each sequence once and in order: a retry of a batch already
+//!   written is answered with its original offsets, a batch that arrives before an earlier
+//!   one being retried is refused (`OutOfOrderSequence`) and retried after it. So retries
+//!   never duplicate or reorder records, even with `max_in_flight > 1`, across lost responses,
+//!   reconnections and broker restarts. A producer whose id was given a newer epoch elsewhere
+//!   is fenced (`ProducerFenced`, not retried).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
@@ -19,7 +27,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use skein_net::{acks, ErrorCode, ProducePartition, ProduceRequest, ProduceResponse, Request, TopicData};
+use skein_net::{
+    acks, ErrorCode, InitProducerIdRequest, InitProducerIdResponse, ProducePartition, ProduceRequest,
+    ProduceResponse, Request, TopicData,
+};
 use skein_storage::batch::{BatchBuilder, BATCH_HEADER_BYTES};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
@@ -75,6 +86,8 @@ pub struct ProducerConfig {
     pub buffer_bytes: usize,
     /// Largest produce request.
     pub request_bytes_max: usize,
+    /// Exactly-once writes per partition (see the module docs). Ignored with `acks=0`.
+    pub idempotence: bool,
 }
 
 impl Default for ProducerConfig {
@@ -88,6 +101,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             buffer_bytes: 64 << 20,
             request_bytes_max: 8 << 20,
+            idempotence: true,
         }
     }
 }
@@ -241,13 +255,21 @@ struct Accumulator {
     /// Records without a key stick to one partition per topic until a batch's worth was sent.
     sticky: FastMap<String, (u32, usize)>,
     closed: bool,
+    /// The idempotent producer's id and epoch, and the next sequence number per partition.
+    producer: Option<(i64, i16)>,
+    sequences: FastMap<(String, u32), i32>,
 }
 
 impl Accumulator {
-    fn seal(&mut self, topic: &str, partition: u32, batch: OpenBatch) {
+    fn seal(&mut self, topic: &str, partition: u32, mut batch: OpenBatch) {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         self.outstanding.insert(sequence);
+        if let Some((producer_id, epoch)) = self.producer {
+            let next = self.sequences.entry((topic.to_owned(), partition)).or_insert(0);
+            batch.builder.set_producer(producer_id, epoch, *next);
+            *next = next.wrapping_add(batch.builder.record_count() as i32);
+        }
         self.ready.push_back(SealedBatch {
             sequence,
             topic: topic.to_owned(),
@@ -295,6 +317,8 @@ struct Shared {
     /// Bytes of records buffered or in flight.
     memory: Semaphore,
     topics: Mutex<FastMap<String, Arc<crate::TopicInfo>>>,
+    /// The producer id, fetched before the first record of an idempotent producer.
+    producer_id: tokio::sync::OnceCell<(i64, i16)>,
 }
 
 /// Sends records to a Skein broker. `send` takes `&self`: share it behind an `Arc`. Dropping
@@ -319,6 +343,7 @@ impl Producer {
             accumulator: Mutex::new(Accumulator::default()),
             wake: tokio::sync::Notify::new(),
             topics: Mutex::new(FastMap::default()),
+            producer_id: tokio::sync::OnceCell::new(),
         });
         tokio::spawn(run_sender(shared.clone()));
         Producer { shared }
@@ -352,8 +377,33 @@ impl Producer {
         self.enqueue(record, Completion::Callback(Box::new(callback))).await
     }
 
+    /// The idempotent producer's id and epoch (`None` when idempotence is off).
+    pub async fn producer_id(&self) -> Result<Option<(i64, i16)>> {
+        let config = &self.shared.config;
+        if !config.idempotence || config.acks == Acks::None {
+            return Ok(None);
+        }
+        let client = &self.shared.client;
+        let id = self
+            .shared
+            .producer_id
+            .get_or_try_init(|| async {
+                let request = Request::InitProducerId(InitProducerIdRequest { producer_id: -1, producer_epoch: -1 });
+                let body = client.request(&request).await?;
+                let response = decode(&body, InitProducerIdResponse::decode)?;
+                if !response.error.is_ok() {
+                    return Err(ClientError::broker(response.error, "getting a producer id"));
+                }
+                tracing::debug!(producer_id = response.producer_id, epoch = response.producer_epoch, "idempotent producer");
+                Ok((response.producer_id, response.producer_epoch))
+            })
+            .await?;
+        Ok(Some(*id))
+    }
+
     async fn enqueue(&self, record: ProducerRecord, completion: Completion) -> Result<()> {
         let shared = &self.shared;
+        let producer = self.producer_id().await?;
         let topic = self.topic(&record.topic).await?;
         let size = record.encoded_size();
         let limit = topic.max_message_bytes().unwrap_or(8 << 20).min(shared.config.buffer_bytes);
@@ -382,6 +432,7 @@ impl Producer {
                 shared.memory.add_permits(size);
                 return Err(ClientError::Closed);
             }
+            accumulator.producer = producer;
             let partition = match (record.partition, &record.key) {
                 (Some(partition), _) => partition,
                 (None, Some(key)) => crc32c::crc32c(key) % topic.partitions,
@@ -626,6 +677,10 @@ async fn send_with_retries(shared: &Shared, mut batches: Vec<SealedBatch>, first
                         Some(p) if p.error.is_ok() => {
                             let base = p.base_offset;
                             resolve(shared, batch, Ok(Some(base)));
+                        }
+                        Some(p) if p.error == ErrorCode::DuplicateSequence => {
+                            // Written long ago (too long for the broker to remember where).
+                            resolve(shared, batch, Ok(None));
                         }
                         Some(p) if p.error.is_retriable() && attempt < config.retries => {
                             if p.error.needs_metadata_refresh() {
