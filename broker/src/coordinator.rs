@@ -14,7 +14,9 @@ use skein_net::{
 use skein_storage::StorageError;
 
 use crate::groups::{self, Committed, Tp};
-use crate::offsets::{self, OffsetChange, OffsetsPartition, OffsetsState, OFFSETS_LOG_NAME, OFFSETS_PARTITIONS};
+use crate::offsets::{
+    self, OffsetChange, OffsetsPartition, OffsetsState, OFFSETS_LOG_NAME, OFFSETS_PARTITIONS,
+};
 use crate::shard::{owner, GroupOp, Op, Reply, Shard};
 
 /// How often each shard looks for expired members and offsets logs to compact.
@@ -83,7 +85,11 @@ impl Shard {
                 .iter()
                 .map(|t| TopicData {
                     name: t.name.clone(),
-                    partitions: t.partitions.iter().map(|p| PartitionError { partition: p.partition, error }).collect(),
+                    partitions: t
+                        .partitions
+                        .iter()
+                        .map(|p| PartitionError { partition: p.partition, error })
+                        .collect(),
                 })
                 .collect(),
         };
@@ -92,8 +98,12 @@ impl Shard {
             .iter()
             .flat_map(|t| t.partitions.iter().map(move |p| (t.name.clone(), p.partition)))
             .collect();
-        let checked =
-            self.coordinator.borrow().check_commit(&request.group_id, &request.member_id, request.member_epoch, &tps);
+        let checked = self.coordinator.borrow().check_commit(
+            &request.group_id,
+            &request.member_id,
+            request.member_epoch,
+            &tps,
+        );
         let mut codes = match checked {
             Ok(codes) => codes,
             Err(code) => return respond_all(code),
@@ -103,14 +113,16 @@ impl Shard {
         let mut index = 0;
         for topic in &request.topics {
             for p in &topic.partitions {
-                if codes[index].is_ok() && !self.partition_count(&topic.name).is_some_and(|n| p.partition < n) {
+                if codes[index].is_ok() && self.partition_count(&topic.name).is_none_or(|n| p.partition >= n)
+                {
                     codes[index] = ErrorCode::UnknownTopicOrPartition;
                 }
                 if codes[index].is_ok() && p.metadata.len() > offsets::METADATA_BYTES_MAX {
                     codes[index] = ErrorCode::InvalidConfig;
                 }
                 if codes[index].is_ok() {
-                    let committed = Committed { offset: p.offset, metadata: p.metadata.clone(), commit_ms: now };
+                    let committed =
+                        Committed { offset: p.offset, metadata: p.metadata.clone(), commit_ms: now };
                     changes.push(((topic.name.clone(), p.partition), Some(committed)));
                 }
                 index += 1;

@@ -123,7 +123,8 @@ pub fn assign(
     sizes: &BTreeMap<String, u32>,
     previous: &BTreeMap<String, BTreeSet<Tp>>,
 ) -> BTreeMap<String, BTreeSet<Tp>> {
-    let mut result: BTreeMap<String, BTreeSet<Tp>> = members.keys().map(|m| (m.clone(), BTreeSet::new())).collect();
+    let mut result: BTreeMap<String, BTreeSet<Tp>> =
+        members.keys().map(|m| (m.clone(), BTreeSet::new())).collect();
     let all: Vec<Tp> = sizes.iter().flat_map(|(t, n)| (0..*n).map(move |p| (t.clone(), p))).collect();
     let eligible = |member: &str, tp: &Tp| members.get(member).is_some_and(|subs| subs.contains(&tp.0));
     let active = members.values().filter(|subs| subs.iter().any(|t| sizes.contains_key(t))).count().max(1);
@@ -136,7 +137,7 @@ pub fn assign(
             continue;
         }
         for tp in had {
-            if !sizes.get(&tp.0).is_some_and(|n| tp.1 < *n) || !eligible(member, tp) || taken.contains(tp) {
+            if sizes.get(&tp.0).is_none_or(|n| tp.1 >= *n) || !eligible(member, tp) || taken.contains(tp) {
                 continue;
             }
             let count = result[member].len();
@@ -224,7 +225,12 @@ impl Group {
             previous.insert(id.clone(), had);
         }
         self.target = assign(&members, &self.topic_sizes, &previous);
-        tracing::info!(group = self.id, epoch = self.epoch, members = self.members.len(), "new target assignment");
+        tracing::info!(
+            group = self.id,
+            epoch = self.epoch,
+            members = self.members.len(),
+            "new target assignment"
+        );
     }
 
     fn remove_member(&mut self, member_id: &str, sizes: &dyn TopicSizes, why: &str) {
@@ -284,13 +290,21 @@ impl Coordinator {
         self.groups.entry(id.to_owned()).or_insert_with(|| Group::new(id))
     }
 
-    pub fn heartbeat(&mut self, request: &HeartbeatRequest, sizes: &dyn TopicSizes, now: Instant) -> HeartbeatResponse {
+    pub fn heartbeat(
+        &mut self,
+        request: &HeartbeatRequest,
+        sizes: &dyn TopicSizes,
+        now: Instant,
+    ) -> HeartbeatResponse {
         if let Err(code) = validate_group_id(&request.group_id) {
             return HeartbeatResponse::error(code, "group ids are 1 to 249 printable characters");
         }
         let session = Duration::from_millis(request.session_timeout_ms.into());
         if !(SESSION_TIMEOUT_MIN..=SESSION_TIMEOUT_MAX).contains(&session) {
-            return HeartbeatResponse::error(ErrorCode::InvalidConfig, "session timeout must be 500 ms to 300 s");
+            return HeartbeatResponse::error(
+                ErrorCode::InvalidConfig,
+                "session timeout must be 500 ms to 300 s",
+            );
         }
         let rebalance_timeout = Duration::from_millis(request.rebalance_timeout_ms.into()).max(session);
         if request.member_epoch == LEAVE_EPOCH {
@@ -308,7 +322,8 @@ impl Coordinator {
         }
         let subscribed: BTreeSet<String> = request.subscribed_topics.iter().cloned().collect();
         let member_id = if request.member_epoch == JOIN_EPOCH {
-            let group = self.groups.entry(request.group_id.clone()).or_insert_with(|| Group::new(&request.group_id));
+            let group =
+                self.groups.entry(request.group_id.clone()).or_insert_with(|| Group::new(&request.group_id));
             if group.members.len() >= MEMBERS_MAX && !group.members.contains_key(&request.member_id) {
                 return HeartbeatResponse::error(ErrorCode::TooManyConnections, "the group has 1000 members");
             }
@@ -347,7 +362,10 @@ impl Coordinator {
                 return HeartbeatResponse::error(ErrorCode::UnknownMemberId, "no such group member; rejoin");
             };
             if request.member_epoch > member.epoch {
-                return HeartbeatResponse::error(ErrorCode::FencedMemberEpoch, "member epoch ahead of the group's");
+                return HeartbeatResponse::error(
+                    ErrorCode::FencedMemberEpoch,
+                    "member epoch ahead of the group's",
+                );
             }
             member.last_heartbeat = now;
             member.session_timeout = session;
@@ -427,7 +445,11 @@ impl Coordinator {
     pub fn list(&self) -> Vec<GroupListing> {
         self.groups
             .values()
-            .map(|g| GroupListing { group_id: g.id.clone(), state: g.state().to_owned(), members: g.members.len() as u32 })
+            .map(|g| GroupListing {
+                group_id: g.id.clone(),
+                state: g.state().to_owned(),
+                members: g.members.len() as u32,
+            })
             .collect()
     }
 
@@ -558,7 +580,10 @@ mod tests {
             assert!(had.is_subset(&sim.owned), "a staying member keeps its partitions");
             assert_eq!(sim.owned.len(), 3);
         }
-        assert_eq!(c.check_commit("g", &dead.id, dead.epoch, &[("t".into(), 0)]), Err(ErrorCode::UnknownMemberId));
+        assert_eq!(
+            c.check_commit("g", &dead.id, dead.epoch, &[("t".into(), 0)]),
+            Err(ErrorCode::UnknownMemberId)
+        );
     }
 
     #[test]
@@ -587,7 +612,10 @@ mod tests {
         assert_eq!(b.owned.len(), 3);
         no_double_ownership(&[&a, &b]);
         // a commit for a partition a gave up is refused.
-        assert_eq!(c.check_commit("g", &a.id, a.epoch, &revoked[..1]).unwrap(), vec![ErrorCode::StaleMemberEpoch]);
+        assert_eq!(
+            c.check_commit("g", &a.id, a.epoch, &revoked[..1]).unwrap(),
+            vec![ErrorCode::StaleMemberEpoch]
+        );
         assert_eq!(c.check_commit("g", "", -1, &revoked[..1]), Err(ErrorCode::GroupNotEmpty));
         // Both leave: the group is empty and admin commits are accepted.
         for sim in [&a, &b] {

@@ -115,10 +115,16 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
                 respond(encode_response(correlation_id, |w| response.encode(w)))
             })
         }
-        Request::ConsumerGroupHeartbeat(request) => group(shard, correlation_id, GroupOp::Heartbeat(request), respond),
+        Request::ConsumerGroupHeartbeat(request) => {
+            group(shard, correlation_id, GroupOp::Heartbeat(request), respond)
+        }
         Request::OffsetCommit(request) => group(shard, correlation_id, GroupOp::Commit(request), respond),
-        Request::OffsetFetch(request) => group(shard, correlation_id, GroupOp::FetchOffsets(request), respond),
-        Request::DescribeGroup(request) => group(shard, correlation_id, GroupOp::Describe(request.group_id), respond),
+        Request::OffsetFetch(request) => {
+            group(shard, correlation_id, GroupOp::FetchOffsets(request), respond)
+        }
+        Request::DescribeGroup(request) => {
+            group(shard, correlation_id, GroupOp::Describe(request.group_id), respond)
+        }
         Request::ListGroups => {
             let shard = shard.clone();
             Box::pin(async move {

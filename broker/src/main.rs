@@ -296,7 +296,8 @@ async fn group(command: GroupCommand) -> Result<(), String> {
         GroupCommand::List { connect: c } => {
             let admin = Admin::new(connect(&c).await?);
             for group in admin.list_groups().await.map_err(|e| e.to_string())? {
-                writeln!(out, "{}\t{}\t{} members", group.group_id, group.state, group.members).map_err(io)?;
+                writeln!(out, "{}\t{}\t{} members", group.group_id, group.state, group.members)
+                    .map_err(io)?;
             }
             Ok(())
         }
@@ -481,7 +482,11 @@ async fn consume(args: ConsumeArgs) -> Result<(), String> {
     if args.group.is_some() {
         config.start_from = match args.from {
             SeekTo::Beginning | SeekTo::End => args.from,
-            _ => return Err("with --group, --from is beginning or end (for partitions without a commit)".into()),
+            _ => {
+                return Err(
+                    "with --group, --from is beginning or end (for partitions without a commit)".into()
+                )
+            }
         };
     }
     let mut consumer = Consumer::new(client, config);

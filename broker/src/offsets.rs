@@ -169,7 +169,10 @@ pub struct OffsetsPartition {
 
 impl OffsetsPartition {
     /// Opens the partition's log and replays it.
-    pub async fn open(data_dir: &Path, partition: u32) -> Result<(OffsetsPartition, OffsetsState), StorageError> {
+    pub async fn open(
+        data_dir: &Path,
+        partition: u32,
+    ) -> Result<(OffsetsPartition, OffsetsState), StorageError> {
         let dir = offsets_dir(data_dir, partition);
         let log = Log::open(&dir, log_config()).await?;
         let mut state = OffsetsState::new();
@@ -179,7 +182,8 @@ impl OffsetsPartition {
             let (bytes, after) = log.read_verified(next, 4 << 20).await?;
             let mut rest = bytes;
             while !rest.is_empty() {
-                let (batch, tail) = Batch::from_bytes(rest, usize::MAX).map_err(StorageError::InvalidBatch)?;
+                let (batch, tail) =
+                    Batch::from_bytes(rest, usize::MAX).map_err(StorageError::InvalidBatch)?;
                 rest = tail;
                 for record in batch.records() {
                     let record = record.map_err(StorageError::InvalidBatch)?;
@@ -246,7 +250,12 @@ impl OffsetsPartition {
 
     /// Appends a group's changes and waits until they are durable. `apply` runs once they are
     /// appended, in append order (so the in-memory state follows the log's order).
-    pub async fn commit(&self, group: &str, changes: Vec<OffsetChange>, apply: impl FnOnce()) -> Result<(), StorageError> {
+    pub async fn commit(
+        &self,
+        group: &str,
+        changes: Vec<OffsetChange>,
+        apply: impl FnOnce(),
+    ) -> Result<(), StorageError> {
         let _permit = self.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
         let mut acks = Vec::new();
         for batch in Self::encode(group, &changes) {
@@ -275,7 +284,8 @@ impl OffsetsPartition {
         let mut acks = Vec::new();
         let mut records = 0usize;
         for (group, offsets) in &live {
-            let changes: Vec<OffsetChange> = offsets.iter().map(|(tp, c)| (tp.clone(), Some(c.clone()))).collect();
+            let changes: Vec<OffsetChange> =
+                offsets.iter().map(|(tp, c)| (tp.clone(), Some(c.clone()))).collect();
             records += changes.len();
             for batch in Self::encode(group, &changes) {
                 acks.push(self.log.append(batch).await?.ack);

@@ -44,9 +44,10 @@ pub const SNAPSHOT_MAGIC: [u8; 4] = *b"SKPS";
 pub const SNAPSHOT_VERSION: u16 = 1;
 const HEADER_BYTES: usize = 24;
 const EXTENSION: &str = "producers";
-/// Batches remembered per producer for duplicate detection (Kafka keeps 5 too, matching its
-/// `max.in.flight.requests.per.connection` limit for idempotence).
-pub const BATCHES_KEPT: usize = 5;
+/// Batches remembered per producer and partition for duplicate detection. The client keeps at
+/// most this many batches of a partition in flight (`skein_net::IDEMPOTENCE_WINDOW`), so any
+/// retry finds its batch here (Kafka keeps 5, with at most 5 requests of one batch each).
+pub const BATCHES_KEPT: usize = skein_net::IDEMPOTENCE_WINDOW;
 /// Appended bytes between two snapshots: bounds the scan after a crash.
 pub const SNAPSHOT_INTERVAL_BYTES: u64 = 64 << 20;
 pub const SNAPSHOTS_KEPT: usize = 2;
@@ -73,7 +74,10 @@ pub struct ProducerEntry {
 pub enum Check {
     Append,
     /// Already written at these offsets.
-    Duplicate { base_offset: u64, last_offset: u64 },
+    Duplicate {
+        base_offset: u64,
+        last_offset: u64,
+    },
     Reject(ErrorCode),
 }
 
@@ -224,7 +228,8 @@ impl ProducerTable {
         }
         let mut at = 0usize;
         let mut take = |n: usize| -> Result<&[u8], String> {
-            let slice = body.get(at..at + n).ok_or_else(|| format!("truncated at byte {}", HEADER_BYTES + at))?;
+            let slice =
+                body.get(at..at + n).ok_or_else(|| format!("truncated at byte {}", HEADER_BYTES + at))?;
             at += n;
             Ok(slice)
         };
@@ -237,7 +242,8 @@ impl ProducerTable {
             if batches > BATCHES_KEPT {
                 return Err(format!("producer {id} has {batches} batches (at most {BATCHES_KEPT})"));
             }
-            let mut entry = ProducerEntry { epoch, batches: VecDeque::with_capacity(batches), last_update_ms };
+            let mut entry =
+                ProducerEntry { epoch, batches: VecDeque::with_capacity(batches), last_update_ms };
             for _ in 0..batches {
                 entry.batches.push_back(BatchMeta {
                     first_sequence: i32::from_le_bytes(take(4)?.try_into().expect("4")),
@@ -308,7 +314,9 @@ pub async fn load(log: &Log) -> Result<ProducerTable, StorageError> {
                 from = offset.max(log.start_offset());
                 break;
             }
-            Ok(_) => tracing::warn!(path = %path.display(), "producer snapshot names another offset; ignored"),
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "producer snapshot names another offset; ignored")
+            }
             Err(reason) => {
                 tracing::warn!(path = %path.display(), reason, "producer snapshot damaged; ignored (the log is scanned instead)")
             }
@@ -371,17 +379,106 @@ mod tests {
         assert_eq!(table.check(&header(7, 0, 0, 3)), Check::Duplicate { base_offset: 100, last_offset: 102 });
         assert_eq!(table.check(&header(7, 0, 4, 1)), Check::Reject(ErrorCode::OutOfOrderSequence));
         assert_eq!(table.check(&header(7, 0, 3, 2)), Check::Append);
-        for i in 0..6 {
+        let kept = BATCHES_KEPT as i32;
+        for i in 0..kept + 1 {
             table.record(&header(7, 0, 3 + 2 * i, 2), 200 + 2 * i as u64, 1);
         }
         // The first batches fell out of the window: a retry of them is refused, not rewritten.
         assert_eq!(table.check(&header(7, 0, 0, 3)), Check::Reject(ErrorCode::DuplicateSequence));
-        assert_eq!(table.check(&header(7, 0, 13, 2)), Check::Duplicate { base_offset: 210, last_offset: 211 });
+        let newest = 3 + 2 * kept;
+        let at = 200 + 2 * kept as u64;
+        assert_eq!(
+            table.check(&header(7, 0, newest, 2)),
+            Check::Duplicate { base_offset: at, last_offset: at + 1 }
+        );
         // A new epoch restarts at 0 and fences the old one.
         assert_eq!(table.check(&header(7, 1, 4, 1)), Check::Reject(ErrorCode::OutOfOrderSequence));
-        table.record(&header(7, 1, 0, 1), 300, 2);
-        assert_eq!(table.check(&header(7, 0, 15, 1)), Check::Reject(ErrorCode::ProducerFenced));
+        table.record(&header(7, 1, 0, 1), 9000, 2);
+        assert_eq!(table.check(&header(7, 0, newest + 2, 1)), Check::Reject(ErrorCode::ProducerFenced));
         assert_eq!(table.check(&header(7, 1, 1, 1)), Check::Append);
+    }
+
+    /// Runs `make` on a glommio executor with a ticker (glommio 0.9 park bug).
+    fn run<F: std::future::Future<Output = ()> + 'static>(make: impl FnOnce() -> F + Send + 'static) {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(2 << 20)
+            .spawn(move || async move {
+                let done = std::rc::Rc::new(std::cell::Cell::new(false));
+                let ticker = glommio::spawn_local({
+                    let done = done.clone();
+                    async move {
+                        while !done.get() {
+                            glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                        }
+                    }
+                });
+                make().await;
+                done.set(true);
+                ticker.await;
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    async fn append(log: &Log, table: &mut ProducerTable, producer: i64, sequence: i32, records: u32) {
+        let mut builder = skein_storage::batch::BatchBuilder::new().producer(producer, 0, sequence);
+        for i in 0..records {
+            builder.push(1_700_000_000_000, None, Some(format!("v{i}").as_bytes()), &[]);
+        }
+        let batch = builder.finish();
+        let header = BatchHeader::parse(&batch, usize::MAX).unwrap();
+        let appended = log.append(batch).await.unwrap();
+        appended.ack.await.unwrap();
+        table.record(&header, appended.base_offset, 1);
+    }
+
+    #[test]
+    fn the_table_is_rebuilt_from_snapshots_and_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p");
+        run(move || async move {
+            let config = skein_storage::LogConfig::tiny();
+            let log = Log::open(&path, config.clone()).await.unwrap();
+            let mut table = ProducerTable::default();
+            for s in 0..10 {
+                append(&log, &mut table, 1, s * 3, 3).await;
+            }
+            // A snapshot in the middle, then more batches only the log has.
+            write_snapshot(&path, log.next_offset(), &table.encode(log.next_offset())).unwrap();
+            for s in 0..8 {
+                append(&log, &mut table, 2, s * 2, 2).await;
+                append(&log, &mut table, 1, 30 + s, 1).await;
+            }
+            log.close().await.unwrap();
+            let strip = |mut t: ProducerTable| {
+                t.bytes_since_snapshot = 0;
+                for entry in t.entries.values_mut() {
+                    entry.last_update_ms = 0;
+                }
+                t
+            };
+            let log = Log::open(&path, config.clone()).await.unwrap();
+            assert_eq!(strip(load(&log).await.unwrap()), strip(table.clone()), "snapshot + scan");
+            log.close().await.unwrap();
+            // A damaged snapshot is ignored: the whole log is scanned instead.
+            let (_, snapshot) = snapshot_files(&path).pop().unwrap();
+            let mut bytes = std::fs::read(&snapshot).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+            std::fs::write(&snapshot, bytes).unwrap();
+            let log = Log::open(&path, config).await.unwrap();
+            let rebuilt = load(&log).await.unwrap();
+            assert_eq!(strip(rebuilt.clone()), strip(table.clone()), "full scan");
+            assert_eq!(
+                rebuilt.check(&header(1, 0, 37, 1)),
+                Check::Duplicate {
+                    base_offset: rebuilt.get(1).unwrap().batches.back().unwrap().base_offset,
+                    last_offset: rebuilt.get(1).unwrap().batches.back().unwrap().last_offset
+                }
+            );
+            log.close().await.unwrap();
+        });
     }
 
     #[test]

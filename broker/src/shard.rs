@@ -184,7 +184,10 @@ pub struct Partition {
 }
 
 impl Partition {
-    pub async fn open(dir: &std::path::Path, config: skein_storage::LogConfig) -> Result<Partition, StorageError> {
+    pub async fn open(
+        dir: &std::path::Path,
+        config: skein_storage::LogConfig,
+    ) -> Result<Partition, StorageError> {
         let log = Log::open(dir, config).await?;
         let producers = producers::load(&log).await?;
         Ok(Partition {
@@ -537,7 +540,7 @@ impl Shard {
             match check {
                 Check::Append => {}
                 Check::Duplicate { base_offset: base, last_offset: last } => {
-                    tracing::debug!(
+                    tracing::info!(
                         topic,
                         partition,
                         producer = header.producer_id,
@@ -564,7 +567,11 @@ impl Shard {
             }
             match log.append_validated(batch).await {
                 Ok(appended) => {
-                    owned.producers.borrow_mut().record(&header, appended.base_offset, skein_storage::now_ms());
+                    owned.producers.borrow_mut().record(
+                        &header,
+                        appended.base_offset,
+                        skein_storage::now_ms(),
+                    );
                     base_offset.get_or_insert(appended.base_offset);
                     last_offset = appended.last_offset;
                     acks_pending.push(appended.ack);
@@ -822,12 +829,17 @@ impl Shard {
 
     /// On the controller: a new producer id, or the next epoch of the one the client holds.
     async fn init_producer_id(&self, request: InitProducerIdRequest) -> InitProducerIdResponse {
-        let respond = |error, producer_id, producer_epoch| InitProducerIdResponse { error, producer_id, producer_epoch };
+        let respond = |error, producer_id, producer_epoch| InitProducerIdResponse {
+            error,
+            producer_id,
+            producer_epoch,
+        };
         if request.producer_id >= 0 && (0..i16::MAX).contains(&request.producer_epoch) {
             return respond(ErrorCode::None, request.producer_id, request.producer_epoch + 1);
         }
         let _permit = self.controller_gate.acquire_permit(1).await.expect("never closed");
-        let needs_block = self.producer_ids.borrow().as_ref().expect("this shard is the controller").needs_block();
+        let needs_block =
+            self.producer_ids.borrow().as_ref().expect("this shard is the controller").needs_block();
         if needs_block {
             let mut ids = self.producer_ids.borrow_mut().take().expect("this shard is the controller");
             let (ids, result) = glommio::executor()
@@ -847,10 +859,15 @@ impl Shard {
         respond(ErrorCode::None, id, 0)
     }
 
-    pub async fn request_init_producer_id(self: &Rc<Self>, request: InitProducerIdRequest) -> InitProducerIdResponse {
+    pub async fn request_init_producer_id(
+        self: &Rc<Self>,
+        request: InitProducerIdRequest,
+    ) -> InitProducerIdResponse {
         match self.call(0, Op::InitProducerId(request)).await {
             Reply::ProducerId(response) => response,
-            _ => InitProducerIdResponse { error: ErrorCode::ShuttingDown, producer_id: -1, producer_epoch: -1 },
+            _ => {
+                InitProducerIdResponse { error: ErrorCode::ShuttingDown, producer_id: -1, producer_epoch: -1 }
+            }
         }
     }
 

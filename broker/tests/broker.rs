@@ -116,7 +116,9 @@ async fn a_long_poll_fetch_wakes_up_when_data_arrives() {
     );
     consumer.assign_all("waits").await.unwrap();
     consumer.seek_all(SeekTo::End).await.unwrap();
-    let producer_client = client.clone();
+    // Its own connection: responses on one connection come back in request order, so a
+    // request behind the 20 s long poll would wait for it.
+    let producer_client = broker.client().await;
     let writer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let producer = Producer::new(producer_client, ProducerConfig::default());

@@ -60,7 +60,10 @@ impl Drop for Member {
 async fn produce(broker: &Broker, topic: &str, from: u32, count: u32) {
     let producer = Producer::new(broker.client().await, ProducerConfig::default());
     for i in from..from + count {
-        producer.send(ProducerRecord::new(topic.to_owned(), format!("r{i}")).key(format!("k{i}"))).await.unwrap();
+        producer
+            .send(ProducerRecord::new(topic.to_owned(), format!("r{i}")).key(format!("k{i}")))
+            .await
+            .unwrap();
     }
     producer.flush().await.unwrap();
 }
@@ -83,7 +86,9 @@ async fn ownership(admin: &Admin, group: &str) -> BTreeMap<String, BTreeSet<u32>
     description
         .members
         .iter()
-        .map(|m| (m.member_id.clone(), m.assigned.iter().flat_map(|t| t.partitions.iter().copied()).collect()))
+        .map(|m| {
+            (m.member_id.clone(), m.assigned.iter().flat_map(|t| t.partitions.iter().copied()).collect())
+        })
         .collect()
 }
 
@@ -129,7 +134,10 @@ async fn three_members_share_six_partitions_and_survive_a_killed_member() {
     let after = ownership(&admin, "workers").await;
     for (member, partitions) in &after {
         let had = &before_kill[member];
-        assert!(had.is_subset(partitions), "a surviving member keeps its partitions: {had:?} -> {partitions:?}");
+        assert!(
+            had.is_subset(partitions),
+            "a surviving member keeps its partitions: {had:?} -> {partitions:?}"
+        );
     }
 
     // New records are all read by the survivors, nothing lost.
@@ -192,7 +200,8 @@ async fn independent_groups_each_see_every_record_and_commits_survive_restarts()
         consumer.subscribe(&["ledger"], fast_group("billing")).await.unwrap();
         pair.push(consumer);
     }
-    let audit: BTreeSet<u64> = read(&mut solo, 400).await.iter().map(|r| u64::from(r.partition) << 32 | r.offset).collect();
+    let audit: BTreeSet<u64> =
+        read(&mut solo, 400).await.iter().map(|r| u64::from(r.partition) << 32 | r.offset).collect();
     assert_eq!(audit.len(), 400, "group audit saw every record");
     let mut billing = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -230,8 +239,13 @@ async fn independent_groups_each_see_every_record_and_commits_survive_restarts()
         }
         broker.restart();
         let admin = Admin::new(broker.client().await);
-        assert_eq!(admin.committed_offsets("audit", &keys).await.unwrap(), ends, "after restart (kill: {kill})");
-        let groups: Vec<String> = admin.list_groups().await.unwrap().into_iter().map(|g| g.group_id).collect();
+        assert_eq!(
+            admin.committed_offsets("audit", &keys).await.unwrap(),
+            ends,
+            "after restart (kill: {kill})"
+        );
+        let groups: Vec<String> =
+            admin.list_groups().await.unwrap().into_iter().map(|g| g.group_id).collect();
         assert_eq!(groups, vec!["audit".to_owned(), "billing".to_owned()]);
     }
 
@@ -285,8 +299,11 @@ fn group_commands_list_describe_and_reset_offsets() {
     assert!(ok, "{err}");
 
     // Consume 12 records as group "ops", then the rest: no record twice, none missing.
-    let (ok, first, err) =
-        cli(&broker, &["consume", "logs", "--group", "ops", "--max-messages", "12", "--timeout-ms", "3000"], "");
+    let (ok, first, err) = cli(
+        &broker,
+        &["consume", "logs", "--group", "ops", "--max-messages", "12", "--timeout-ms", "3000"],
+        "",
+    );
     assert!(ok, "{err}");
     assert_eq!(first.lines().count(), 12);
     let (ok, rest, err) = cli(&broker, &["consume", "logs", "--group", "ops", "--timeout-ms", "1500"], "");
@@ -309,19 +326,24 @@ fn group_commands_list_describe_and_reset_offsets() {
     assert!(lag_lines.iter().all(|l| l.split('\t').nth(4) == Some("0")), "no lag: {out}");
 
     // Reset to the earliest offsets, to an offset, to a time, to the latest.
-    let (ok, out, err) = cli(&broker, &["group", "reset-offsets", "ops", "--topic", "logs", "--to", "earliest"], "");
+    let (ok, out, err) =
+        cli(&broker, &["group", "reset-offsets", "ops", "--topic", "logs", "--to", "earliest"], "");
     assert!(ok, "{err}");
     assert_eq!(out.lines().collect::<Vec<_>>(), vec!["logs\t0\t0", "logs\t1\t0"]);
     let (ok, again, _) = cli(&broker, &["consume", "logs", "--group", "ops", "--timeout-ms", "1500"], "");
     assert!(ok);
     assert_eq!(again.lines().count(), 22, "everything again after a reset to earliest");
-    let (ok, out, err) =
-        cli(&broker, &["group", "reset-offsets", "ops", "--topic", "logs", "--to", &format!("time:{before}")], "");
+    let (ok, out, err) = cli(
+        &broker,
+        &["group", "reset-offsets", "ops", "--topic", "logs", "--to", &format!("time:{before}")],
+        "",
+    );
     assert!(ok, "{err}");
     let (ok, late, _) = cli(&broker, &["consume", "logs", "--group", "ops", "--timeout-ms", "1500"], "");
     assert!(ok);
     assert_eq!(late.lines().collect::<Vec<_>>(), vec!["late-1", "late-2"], "reset to a time: {out}");
-    let (ok, _, _) = cli(&broker, &["group", "reset-offsets", "ops", "--topic", "logs", "--to", "latest"], "");
+    let (ok, _, _) =
+        cli(&broker, &["group", "reset-offsets", "ops", "--topic", "logs", "--to", "latest"], "");
     assert!(ok);
     let (ok, none, _) = cli(&broker, &["consume", "logs", "--group", "ops", "--timeout-ms", "800"], "");
     assert!(ok);
@@ -334,7 +356,8 @@ fn group_commands_list_describe_and_reset_offsets() {
     let member = Member::start(&broker, "logs", "ops");
     let started = Instant::now();
     let refused = loop {
-        let (ok, _, err) = cli(&broker, &["group", "reset-offsets", "ops", "--topic", "logs", "--to", "earliest"], "");
+        let (ok, _, err) =
+            cli(&broker, &["group", "reset-offsets", "ops", "--topic", "logs", "--to", "earliest"], "");
         if !ok {
             break err;
         }

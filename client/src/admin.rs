@@ -2,9 +2,9 @@
 
 use skein_net::{
     CommitPartition, CreateTopicsRequest, DeleteTopicsRequest, DescribeGroupRequest, DescribeGroupResponse,
-    ErrorCode, GroupListing, ListGroupsResponse, ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse,
-    MemberDescription, NewTopic, OffsetCommitRequest, OffsetCommitResponse, Request, TopicData, TopicResults,
-    ADMIN_EPOCH, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
+    ErrorCode, GroupListing, ListGroupsResponse, ListOffsetsPartition, ListOffsetsRequest,
+    ListOffsetsResponse, MemberDescription, NewTopic, OffsetCommitRequest, OffsetCommitResponse, Request,
+    TopicData, TopicResults, ADMIN_EPOCH, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
 };
 
 use crate::{decode, Client, ClientError, Consumer, ConsumerConfig, Result, SeekTo, TopicPartition};
@@ -160,7 +160,8 @@ impl Admin {
                 Err(error) => return Err(error),
             };
             for committed in &topic.partitions {
-                let end_offset = ends.iter().find(|p| p.partition == committed.partition).map(|p| p.end_offset);
+                let end_offset =
+                    ends.iter().find(|p| p.partition == committed.partition).map(|p| p.end_offset);
                 let owner = response
                     .members
                     .iter()
@@ -210,25 +211,39 @@ impl Admin {
                 name: topic.to_owned(),
                 partitions: offsets
                     .iter()
-                    .map(|&(partition, offset)| CommitPartition { partition, offset, metadata: String::new() })
+                    .map(|&(partition, offset)| CommitPartition {
+                        partition,
+                        offset,
+                        metadata: String::new(),
+                    })
                     .collect(),
             }],
         });
         let body = self.client.request(&request).await?;
         let response = decode(&body, OffsetCommitResponse::decode)?;
         if !response.error.is_ok() {
-            return Err(ClientError::broker(response.error, format!("resetting the offsets of group {group}")));
+            return Err(ClientError::broker(
+                response.error,
+                format!("resetting the offsets of group {group}"),
+            ));
         }
         for p in response.topics.iter().flat_map(|t| t.partitions.iter()) {
             if !p.error.is_ok() {
-                return Err(ClientError::broker(p.error, format!("resetting {topic}/{} for group {group}", p.partition)));
+                return Err(ClientError::broker(
+                    p.error,
+                    format!("resetting {topic}/{} for group {group}", p.partition),
+                ));
             }
         }
         Ok(offsets)
     }
 
     /// A group's committed offset of each partition (`None`: no commit).
-    pub async fn committed_offsets(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
+    pub async fn committed_offsets(
+        &self,
+        group: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Option<u64>>> {
         crate::group::fetch_committed(&self.client, group, partitions).await
     }
 }

@@ -39,8 +39,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use skein_net::{
-    CommitPartition, ErrorCode, HeartbeatRequest, HeartbeatResponse, OffsetCommitRequest, OffsetCommitResponse,
-    OffsetFetchRequest, OffsetFetchResponse, Request, TopicData, TopicPartitions, JOIN_EPOCH, LEAVE_EPOCH,
+    CommitPartition, ErrorCode, HeartbeatRequest, HeartbeatResponse, OffsetCommitRequest,
+    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, Request, TopicData, TopicPartitions,
+    JOIN_EPOCH, LEAVE_EPOCH,
 };
 use tokio::task::JoinHandle;
 
@@ -176,7 +177,10 @@ async fn run_heartbeats(
                     interval = Duration::from_millis(response.heartbeat_interval_ms.max(20).into());
                 }
                 Ok(response)
-                    if matches!(response.error, ErrorCode::UnknownMemberId | ErrorCode::FencedMemberEpoch) =>
+                    if matches!(
+                        response.error,
+                        ErrorCode::UnknownMemberId | ErrorCode::FencedMemberEpoch
+                    ) =>
                 {
                     tracing::info!(group = config.group_id, code = %response.error, "group membership lost; rejoining");
                     let mut state = shared.lock().expect("not poisoned");
@@ -189,7 +193,8 @@ async fn run_heartbeats(
                 Ok(response) if response.error.is_retriable() => interval = Duration::from_millis(200),
                 Ok(response) => {
                     let context = format!("group {}: {}", config.group_id, response.error_message);
-                    shared.lock().expect("not poisoned").fatal = Some(ClientError::broker(response.error, context));
+                    shared.lock().expect("not poisoned").fatal =
+                        Some(ClientError::broker(response.error, context));
                     return;
                 }
                 Err(error) if error.is_retriable() => {
@@ -227,8 +232,14 @@ impl Consumer {
             shared.clone(),
             wake.clone(),
         ));
-        self.group =
-            Some(GroupState { config: group, shared, wake, task, last_commit: Instant::now(), events: VecDeque::new() });
+        self.group = Some(GroupState {
+            config: group,
+            shared,
+            wake,
+            task,
+            last_commit: Instant::now(),
+            events: VecDeque::new(),
+        });
         Ok(())
     }
 
@@ -374,8 +385,9 @@ impl Consumer {
 
     /// Commits explicit offsets (the offset of the next record to read) for owned partitions.
     pub async fn commit_offsets(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<()> {
-        let request =
-            self.commit_request(offsets).ok_or(ClientError::Config("commit needs a consumer that subscribed to a group"))?;
+        let request = self
+            .commit_request(offsets)
+            .ok_or(ClientError::Config("commit needs a consumer that subscribed to a group"))?;
         send_commit(&self.client, request).await
     }
 
@@ -458,12 +470,18 @@ async fn send_commit(client: &Client, request: OffsetCommitRequest) -> Result<()
         match outcome {
             Ok(response) => {
                 if !response.error.is_ok() {
-                    return Err(ClientError::broker(response.error, format!("committing for group {}", request.group_id)));
+                    return Err(ClientError::broker(
+                        response.error,
+                        format!("committing for group {}", request.group_id),
+                    ));
                 }
                 for topic in &response.topics {
                     for p in &topic.partitions {
                         if !p.error.is_ok() {
-                            let context = format!("committing {}/{} for group {}", topic.name, p.partition, request.group_id);
+                            let context = format!(
+                                "committing {}/{} for group {}",
+                                topic.name, p.partition, request.group_id
+                            );
                             return Err(ClientError::broker(p.error, context));
                         }
                     }
@@ -486,8 +504,10 @@ pub(crate) async fn fetch_committed(
     partitions: &[TopicPartition],
 ) -> Result<Vec<Option<u64>>> {
     let wanted: BTreeSet<TopicPartition> = partitions.iter().cloned().collect();
-    let request =
-        Request::OffsetFetch(OffsetFetchRequest { group_id: group_id.to_owned(), topics: Some(to_wire(&wanted)) });
+    let request = Request::OffsetFetch(OffsetFetchRequest {
+        group_id: group_id.to_owned(),
+        topics: Some(to_wire(&wanted)),
+    });
     let body = client.request(&request).await?;
     let response = decode(&body, OffsetFetchResponse::decode)?;
     if !response.error.is_ok() {

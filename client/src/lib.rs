@@ -50,13 +50,13 @@ use skein_net::{
 };
 
 pub use crate::admin::{Admin, GroupDescription, PartitionDescription, PartitionLag, TopicDescription};
-pub use skein_net::{GroupListing, MemberDescription};
 pub use crate::connection::Connection;
 pub use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord, SeekTo, TopicPartition};
-pub use crate::group::{GroupConfig, RebalanceEvent};
 pub use crate::error::{ClientError, Result};
+pub use crate::group::{GroupConfig, RebalanceEvent};
 pub use crate::producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use skein_net::ErrorCode as BrokerErrorCode;
+pub use skein_net::{GroupListing, MemberDescription};
 
 /// How to reach the broker.
 #[derive(Debug, Clone)]
@@ -99,6 +99,10 @@ impl TopicInfo {
 
 /// A handle to a broker: its connection (re-established when lost) and the metadata cache.
 /// Cheap to clone; clones share both.
+///
+/// Requests on one connection are pipelined and answered in order, so a consumer's long poll
+/// (up to `ConsumerConfig::fetch_wait_max`) delays every request sent after it on the same
+/// `Client`: give a producer and a long-polling consumer a `Client` each.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,

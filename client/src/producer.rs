@@ -388,13 +388,18 @@ impl Producer {
             .shared
             .producer_id
             .get_or_try_init(|| async {
-                let request = Request::InitProducerId(InitProducerIdRequest { producer_id: -1, producer_epoch: -1 });
+                let request =
+                    Request::InitProducerId(InitProducerIdRequest { producer_id: -1, producer_epoch: -1 });
                 let body = client.request(&request).await?;
                 let response = decode(&body, InitProducerIdResponse::decode)?;
                 if !response.error.is_ok() {
                     return Err(ClientError::broker(response.error, "getting a producer id"));
                 }
-                tracing::debug!(producer_id = response.producer_id, epoch = response.producer_epoch, "idempotent producer");
+                tracing::debug!(
+                    producer_id = response.producer_id,
+                    epoch = response.producer_epoch,
+                    "idempotent producer"
+                );
                 Ok((response.producer_id, response.producer_epoch))
             })
             .await?;
@@ -510,7 +515,17 @@ impl Producer {
 /// (bounded by `max_in_flight`), and tracks completion for `flush`.
 async fn run_sender(shared: Arc<Shared>) {
     let config = &shared.config;
-    let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+    let idempotent = config.idempotence && config.acks != Acks::None;
+    let max_in_flight = if idempotent {
+        config.max_in_flight.clamp(1, skein_net::IDEMPOTENCE_WINDOW)
+    } else {
+        config.max_in_flight.max(1)
+    };
+    // With idempotence, at most IDEMPOTENCE_WINDOW batches of a partition are in flight, so the
+    // broker still remembers any batch that is retried.
+    let per_partition_max =
+        if idempotent { skein_net::IDEMPOTENCE_WINDOW / max_in_flight } else { usize::MAX };
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let (done_sender, mut done) = mpsc::unbounded_channel::<u64>();
     loop {
         // Take what is ready, and learn when the next open batch expires.
@@ -540,11 +555,19 @@ async fn run_sender(shared: Arc<Shared>) {
             // Written to the connection here, in seal order, so batches of a partition reach
             // the broker in the order they were made; only the wait for the answer is spawned.
             let permit = in_flight.clone().acquire_owned().await.expect("never closed");
-            let mut request = Vec::new();
+            let mut request: Vec<SealedBatch> = Vec::new();
             let mut bytes = 0usize;
+            let mut per_partition: FastMap<(String, u32), usize> = FastMap::default();
             while let Some(batch) = ready.front() {
                 if !request.is_empty() && bytes + batch.bytes.len() > config.request_bytes_max {
                     break;
+                }
+                if idempotent {
+                    let count = per_partition.entry((batch.topic.clone(), batch.partition)).or_default();
+                    if *count >= per_partition_max {
+                        break;
+                    }
+                    *count += 1;
                 }
                 bytes += batch.bytes.len();
                 request.push(ready.pop_front().expect("front exists"));

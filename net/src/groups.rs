@@ -20,9 +20,15 @@ fn put_topic_partitions(w: &mut Writer, topics: &[TopicPartitions]) {
     });
 }
 
-fn get_topic_partitions(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<TopicPartitions>, DecodeError> {
+fn get_topic_partitions(
+    r: &mut Reader<'_>,
+    field: &'static str,
+) -> Result<Vec<TopicPartitions>, DecodeError> {
     r.array(field, 6, |r| {
-        Ok(TopicPartitions { topic: r.str("topic")?, partitions: r.array("partitions", 4, |r| r.u32("partition"))? })
+        Ok(TopicPartitions {
+            topic: r.str("topic")?,
+            partitions: r.array("partitions", 4, |r| r.u32("partition"))?,
+        })
     })
 }
 
@@ -38,6 +44,10 @@ fn get_strings(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<String>, D
 
 // ---------------------------------------------------------------------------------------------
 // InitProducerId
+
+/// Batches of one idempotent producer the broker remembers per partition; a producer keeps at
+/// most this many batches of a partition in flight, so a retry always finds its original.
+pub const IDEMPOTENCE_WINDOW: usize = 64;
 
 /// Asks for a producer id (`producer_id = -1`), or for the next epoch of one the client holds
 /// (after it lost track of its sequence numbers).
@@ -60,7 +70,10 @@ impl InitProducerIdRequest {
     }
 
     pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        Ok(InitProducerIdRequest { producer_id: r.i64("producer id")?, producer_epoch: r.i16("producer epoch")? })
+        Ok(InitProducerIdRequest {
+            producer_id: r.i64("producer id")?,
+            producer_epoch: r.i16("producer epoch")?,
+        })
     }
 }
 
@@ -382,7 +395,11 @@ impl ListGroupsResponse {
         Ok(ListGroupsResponse {
             error: error_code(r, "error")?,
             groups: r.array("groups", 8, |r| {
-                Ok(GroupListing { group_id: r.str("group id")?, state: r.str("state")?, members: r.u32("members")? })
+                Ok(GroupListing {
+                    group_id: r.str("group id")?,
+                    state: r.str("state")?,
+                    members: r.u32("members")?,
+                })
             })?,
         })
     }
@@ -558,7 +575,12 @@ mod tests {
                 }],
                 offsets: vec![TopicData {
                     name: "a".into(),
-                    partitions: vec![CommittedOffset { partition: 0, offset: 5, metadata: String::new(), commit_ms: 1 }],
+                    partitions: vec![CommittedOffset {
+                        partition: 0,
+                        offset: 5,
+                        metadata: String::new(),
+                        commit_ms: 1,
+                    }],
                 }],
             },
             DescribeGroupResponse::encode,

@@ -9,10 +9,10 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use crate::error::ErrorCode;
+use crate::frame::{self, RequestHeader};
 use crate::groups::{
     DescribeGroupRequest, HeartbeatRequest, InitProducerIdRequest, OffsetCommitRequest, OffsetFetchRequest,
 };
-use crate::frame::{self, RequestHeader};
 use crate::wire::{DecodeError, Reader, Writer};
 
 /// The APIs, by wire key.
