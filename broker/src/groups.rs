@@ -299,14 +299,6 @@ impl Coordinator {
         if let Err(code) = validate_group_id(&request.group_id) {
             return HeartbeatResponse::error(code, "group ids are 1 to 249 printable characters");
         }
-        let session = Duration::from_millis(request.session_timeout_ms.into());
-        if !(SESSION_TIMEOUT_MIN..=SESSION_TIMEOUT_MAX).contains(&session) {
-            return HeartbeatResponse::error(
-                ErrorCode::InvalidConfig,
-                "session timeout must be 500 ms to 300 s",
-            );
-        }
-        let rebalance_timeout = Duration::from_millis(request.rebalance_timeout_ms.into()).max(session);
         if request.member_epoch == LEAVE_EPOCH {
             if let Some(group) = self.groups.get_mut(&request.group_id) {
                 group.remove_member(&request.member_id, sizes, "left the group");
@@ -320,6 +312,14 @@ impl Coordinator {
                 assignment: Vec::new(),
             };
         }
+        let session = Duration::from_millis(request.session_timeout_ms.into());
+        if !(SESSION_TIMEOUT_MIN..=SESSION_TIMEOUT_MAX).contains(&session) {
+            return HeartbeatResponse::error(
+                ErrorCode::InvalidConfig,
+                "session timeout must be 500 ms to 300 s",
+            );
+        }
+        let rebalance_timeout = Duration::from_millis(request.rebalance_timeout_ms.into()).max(session);
         let subscribed: BTreeSet<String> = request.subscribed_topics.iter().cloned().collect();
         let member_id = if request.member_epoch == JOIN_EPOCH {
             let group =
@@ -427,6 +427,9 @@ impl Coordinator {
         validate_group_id(group_id)?;
         let group = self.groups.get(group_id);
         if member_id.is_empty() {
+            if member_epoch != skein_net::ADMIN_EPOCH {
+                return Err(ErrorCode::UnknownMemberId);
+            }
             if group.is_some_and(|g| !g.members.is_empty()) {
                 return Err(ErrorCode::GroupNotEmpty);
             }

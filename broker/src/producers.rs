@@ -145,6 +145,32 @@ impl ProducerTable {
         }
     }
 
+    /// Checks every batch of one request before any is appended, as if the earlier ones had
+    /// been appended: a request is written whole or not at all. A batch that repeats an
+    /// earlier one of the same request is refused.
+    pub fn check_all(&self, headers: &[BatchHeader]) -> Vec<Check> {
+        // Offsets of batches only appended in the overlay (far from any real offset, and far
+        // enough from u64::MAX that `record` can add the batch length).
+        const PENDING: u64 = u64::MAX / 2;
+        let mut overlay = ProducerTable::default();
+        for header in headers {
+            if let Some(entry) = self.entries.get(&header.producer_id) {
+                overlay.entries.entry(header.producer_id).or_insert_with(|| entry.clone());
+            }
+        }
+        headers
+            .iter()
+            .map(|header| match overlay.check(header) {
+                Check::Append => {
+                    overlay.record(header, PENDING, 0);
+                    Check::Append
+                }
+                Check::Duplicate { base_offset: PENDING, .. } => Check::Reject(ErrorCode::DuplicateSequence),
+                other => other,
+            })
+            .collect()
+    }
+
     /// Records a batch just appended at `base_offset` (or read back from the log).
     pub fn record(&mut self, header: &BatchHeader, base_offset: u64, now_ms: i64) {
         self.bytes_since_snapshot += header.total_bytes() as u64;
@@ -479,6 +505,26 @@ mod tests {
             );
             log.close().await.unwrap();
         });
+    }
+
+    #[test]
+    fn a_request_is_checked_whole() {
+        let mut table = ProducerTable::default();
+        table.record(&header(7, 0, 0, 2), 10, 1);
+        // A request of the next two batches passes; with a gap in the middle, the later one is
+        // refused (so the caller writes nothing); a batch repeated inside a request is refused.
+        let next = [header(7, 0, 2, 2), header(7, 0, 4, 1)];
+        assert_eq!(table.check_all(&next), vec![Check::Append, Check::Append]);
+        let gap = [header(7, 0, 2, 2), header(7, 0, 9, 1)];
+        assert_eq!(table.check_all(&gap)[1], Check::Reject(ErrorCode::OutOfOrderSequence));
+        let twice = [header(7, 0, 2, 2), header(7, 0, 2, 2)];
+        assert_eq!(table.check_all(&twice)[1], Check::Reject(ErrorCode::DuplicateSequence));
+        let retry = [header(7, 0, 0, 2), header(7, 0, 2, 1)];
+        assert_eq!(
+            table.check_all(&retry),
+            vec![Check::Duplicate { base_offset: 10, last_offset: 11 }, Check::Append]
+        );
+        assert_eq!(table.get(7).unwrap().batches.len(), 1, "checking changes nothing");
     }
 
     #[test]

@@ -534,36 +534,42 @@ impl Shard {
         let (mut base_offset, mut last_offset) = (None, 0);
         // The newest offset a duplicate refers to: its acknowledgement is awaited too.
         let mut duplicate_through: Option<u64> = None;
-        for batch in batches {
+        // Every batch is checked before any is appended: the request is written whole or not.
+        let checks = if idempotent {
+            let headers: Vec<batch::BatchHeader> = batches.iter().map(|b| *b.header()).collect();
+            owned.producers.borrow().check_all(&headers)
+        } else {
+            vec![Check::Append; batches.len()]
+        };
+        if let Some((header, code)) = batches.iter().zip(&checks).find_map(|(b, c)| match c {
+            Check::Reject(code) => Some((*b.header(), *code)),
+            _ => None,
+        }) {
+            tracing::info!(
+                topic,
+                partition,
+                producer = header.producer_id,
+                epoch = header.producer_epoch,
+                sequence = header.base_sequence,
+                %code,
+                "refused an idempotent batch"
+            );
+            return Box::pin(std::future::ready(respond(code, 0, 0, log.start_offset())));
+        }
+        for (batch, check) in batches.into_iter().zip(checks) {
             let header = *batch.header();
-            let check = owned.producers.borrow().check(&header);
-            match check {
-                Check::Append => {}
-                Check::Duplicate { base_offset: base, last_offset: last } => {
-                    tracing::info!(
-                        topic,
-                        partition,
-                        producer = header.producer_id,
-                        base,
-                        "duplicate batch answered with its offsets"
-                    );
-                    base_offset.get_or_insert(base);
-                    last_offset = last;
-                    duplicate_through = Some(duplicate_through.map_or(last, |d: u64| d.max(last)));
-                    continue;
-                }
-                Check::Reject(code) => {
-                    tracing::info!(
-                        topic,
-                        partition,
-                        producer = header.producer_id,
-                        epoch = header.producer_epoch,
-                        sequence = header.base_sequence,
-                        %code,
-                        "refused an idempotent batch"
-                    );
-                    return Box::pin(std::future::ready(respond(code, 0, 0, log.start_offset())));
-                }
+            if let Check::Duplicate { base_offset: base, last_offset: last } = check {
+                tracing::info!(
+                    topic,
+                    partition,
+                    producer = header.producer_id,
+                    base,
+                    "duplicate batch answered with its offsets"
+                );
+                base_offset.get_or_insert(base);
+                last_offset = last;
+                duplicate_through = Some(duplicate_through.map_or(last, |d: u64| d.max(last)));
+                continue;
             }
             match log.append_validated(batch).await {
                 Ok(appended) => {

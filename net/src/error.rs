@@ -63,8 +63,7 @@ pub enum ErrorCode {
     UnknownMemberId = 27,
     /// The member's epoch is ahead of the coordinator's: rejoin with epoch 0.
     FencedMemberEpoch = 28,
-    /// The commit's epoch is not the member's current one, or the member does not own the
-    /// partition (it was revoked).
+    /// The member does not own the partition it commits (it was revoked or never assigned).
     StaleMemberEpoch = 29,
     /// The operation needs a group without members.
     GroupNotEmpty = 30,
