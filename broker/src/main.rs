@@ -92,6 +92,10 @@ struct BrokerArgs {
     /// Close connections idle this long (seconds).
     #[arg(long, default_value_t = 600)]
     idle_timeout_s: u64,
+    /// A frame must arrive completely within this time once started (slow-loris protection,
+    /// milliseconds).
+    #[arg(long, default_value_t = 30_000)]
+    frame_timeout_ms: u64,
     /// How often retention runs (milliseconds).
     #[arg(long, default_value_t = 60_000)]
     retention_check_ms: u64,
@@ -264,6 +268,7 @@ fn run_broker(args: BrokerArgs) -> Result<(), String> {
     config.connections_max = args.connections_max;
     config.in_flight_max = args.in_flight_max.max(1);
     config.idle_timeout = Duration::from_secs(args.idle_timeout_s.max(1));
+    config.frame_timeout = Duration::from_millis(args.frame_timeout_ms.max(10));
     config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
     config.default_segment_bytes = args.segment_bytes;
     config.default_retention =

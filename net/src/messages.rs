@@ -606,6 +606,41 @@ impl RecordsBytes for BytesMut {
 }
 
 impl<R> Request<R> {
+    /// The same request with its produce records turned into something else (for example the
+    /// decoded ranges into shared byte slices of the frame).
+    pub fn map_records<T>(self, mut f: impl FnMut(R) -> T) -> Request<T> {
+        match self {
+            Request::Produce(p) => Request::Produce(ProduceRequest {
+                acks: p.acks,
+                timeout_ms: p.timeout_ms,
+                topics: p
+                    .topics
+                    .into_iter()
+                    .map(|t| TopicData {
+                        name: t.name,
+                        partitions: t
+                            .partitions
+                            .into_iter()
+                            .map(|p| ProducePartition { partition: p.partition, records: f(p.records) })
+                            .collect(),
+                    })
+                    .collect(),
+            }),
+            Request::ApiVersions(r) => Request::ApiVersions(r),
+            Request::Metadata(r) => Request::Metadata(r),
+            Request::CreateTopics(r) => Request::CreateTopics(r),
+            Request::DeleteTopics(r) => Request::DeleteTopics(r),
+            Request::Fetch(r) => Request::Fetch(r),
+            Request::ListOffsets(r) => Request::ListOffsets(r),
+            Request::InitProducerId(r) => Request::InitProducerId(r),
+            Request::ConsumerGroupHeartbeat(r) => Request::ConsumerGroupHeartbeat(r),
+            Request::OffsetCommit(r) => Request::OffsetCommit(r),
+            Request::OffsetFetch(r) => Request::OffsetFetch(r),
+            Request::ListGroups => Request::ListGroups,
+            Request::DescribeGroup(r) => Request::DescribeGroup(r),
+        }
+    }
+
     pub fn api_key(&self) -> ApiKey {
         match self {
             Request::ApiVersions(_) => ApiKey::ApiVersions,
@@ -797,39 +832,7 @@ mod tests {
         let body = &frame[frame::REQUEST_HEADER_BYTES..];
         let decoded = Request::decode(&header, body).unwrap();
         let frozen = Bytes::copy_from_slice(body);
-        let decoded = match decoded {
-            Request::Produce(p) => Request::Produce(ProduceRequest {
-                acks: p.acks,
-                timeout_ms: p.timeout_ms,
-                topics: p
-                    .topics
-                    .into_iter()
-                    .map(|t| TopicData {
-                        name: t.name,
-                        partitions: t
-                            .partitions
-                            .into_iter()
-                            .map(|p| ProducePartition {
-                                partition: p.partition,
-                                records: frozen.slice(p.records),
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            }),
-            Request::ApiVersions(r) => Request::ApiVersions(r),
-            Request::Metadata(r) => Request::Metadata(r),
-            Request::CreateTopics(r) => Request::CreateTopics(r),
-            Request::DeleteTopics(r) => Request::DeleteTopics(r),
-            Request::Fetch(r) => Request::Fetch(r),
-            Request::ListOffsets(r) => Request::ListOffsets(r),
-            Request::InitProducerId(r) => Request::InitProducerId(r),
-            Request::ConsumerGroupHeartbeat(r) => Request::ConsumerGroupHeartbeat(r),
-            Request::OffsetCommit(r) => Request::OffsetCommit(r),
-            Request::OffsetFetch(r) => Request::OffsetFetch(r),
-            Request::ListGroups => Request::ListGroups,
-            Request::DescribeGroup(r) => Request::DescribeGroup(r),
-        };
+        let decoded = decoded.map_records(|range| frozen.slice(range));
         assert_eq!(decoded, request);
     }
 
