@@ -317,8 +317,15 @@ struct Shared {
     /// Bytes of records buffered or in flight.
     memory: Semaphore,
     topics: Mutex<FastMap<String, Arc<crate::TopicInfo>>>,
-    /// The producer id, fetched before the first record of an idempotent producer.
-    producer_id: tokio::sync::OnceCell<(i64, i16)>,
+    /// The producer id and epoch, fetched before the first record of an idempotent producer
+    /// (`init` serialises fetching it).
+    producer_id: Mutex<Option<(i64, i16)>>,
+    init: tokio::sync::Mutex<()>,
+    /// A batch failed for good, leaving a gap in its partition's sequence: the next record
+    /// gets a new epoch, and sequences start again at 0.
+    sequence_broken: std::sync::atomic::AtomicBool,
+    /// Set when the broker fenced this producer: every later send fails with it.
+    fenced: Mutex<Option<ClientError>>,
 }
 
 /// Sends records to a Skein broker. `send` takes `&self`: share it behind an `Arc`. Dropping
@@ -343,7 +350,10 @@ impl Producer {
             accumulator: Mutex::new(Accumulator::default()),
             wake: tokio::sync::Notify::new(),
             topics: Mutex::new(FastMap::default()),
-            producer_id: tokio::sync::OnceCell::new(),
+            producer_id: Mutex::new(None),
+            init: tokio::sync::Mutex::new(()),
+            sequence_broken: std::sync::atomic::AtomicBool::new(false),
+            fenced: Mutex::new(None),
         });
         tokio::spawn(run_sender(shared.clone()));
         Producer { shared }
@@ -378,32 +388,58 @@ impl Producer {
     }
 
     /// The idempotent producer's id and epoch (`None` when idempotence is off).
+    ///
+    /// When a batch failed for good (retries exhausted), its partition's sequence has a gap the
+    /// broker would refuse forever: the producer then asks for the next epoch of its id, and
+    /// sequences start again at 0 (as Kafka does since KIP-360). Batches of the old epoch still
+    /// queued fail (`ProducerFenced` or `OutOfOrderSequence`); nothing is written twice.
     pub async fn producer_id(&self) -> Result<Option<(i64, i16)>> {
-        let config = &self.shared.config;
+        use std::sync::atomic::Ordering;
+        let shared = &self.shared;
+        let config = &shared.config;
         if !config.idempotence || config.acks == Acks::None {
             return Ok(None);
         }
-        let client = &self.shared.client;
-        let id = self
-            .shared
-            .producer_id
-            .get_or_try_init(|| async {
-                let request =
-                    Request::InitProducerId(InitProducerIdRequest { producer_id: -1, producer_epoch: -1 });
-                let body = client.request(&request).await?;
-                let response = decode(&body, InitProducerIdResponse::decode)?;
-                if !response.error.is_ok() {
-                    return Err(ClientError::broker(response.error, "getting a producer id"));
+        if let Some(error) = shared.fenced.lock().expect("not poisoned").clone() {
+            return Err(error);
+        }
+        let current = *shared.producer_id.lock().expect("not poisoned");
+        if current.is_some() && !shared.sequence_broken.load(Ordering::Relaxed) {
+            return Ok(current);
+        }
+        let _init = shared.init.lock().await;
+        let current = *shared.producer_id.lock().expect("not poisoned");
+        let reset = shared.sequence_broken.swap(false, Ordering::Relaxed);
+        if current.is_some() && !reset {
+            return Ok(current);
+        }
+        let (producer_id, producer_epoch) = current.unwrap_or((-1, -1));
+        let request = Request::InitProducerId(InitProducerIdRequest { producer_id, producer_epoch });
+        let answer = async {
+            let body = shared.client.request(&request).await?;
+            let response = decode(&body, InitProducerIdResponse::decode)?;
+            if !response.error.is_ok() {
+                return Err(ClientError::broker(response.error, "getting a producer id"));
+            }
+            Ok((response.producer_id, response.producer_epoch))
+        }
+        .await;
+        let id = match answer {
+            Ok(id) => id,
+            Err(error) => {
+                if reset {
+                    shared.sequence_broken.store(true, Ordering::Relaxed);
                 }
-                tracing::debug!(
-                    producer_id = response.producer_id,
-                    epoch = response.producer_epoch,
-                    "idempotent producer"
-                );
-                Ok((response.producer_id, response.producer_epoch))
-            })
-            .await?;
-        Ok(Some(*id))
+                return Err(error);
+            }
+        };
+        if reset {
+            tracing::warn!(producer_id = id.0, epoch = id.1, "a batch failed for good; new producer epoch");
+        } else {
+            tracing::debug!(producer_id = id.0, epoch = id.1, "idempotent producer");
+        }
+        *shared.producer_id.lock().expect("not poisoned") = Some(id);
+        Ok(Some(id))
     }
 
     async fn enqueue(&self, record: ProducerRecord, completion: Completion) -> Result<()> {
@@ -437,7 +473,11 @@ impl Producer {
                 shared.memory.add_permits(size);
                 return Err(ClientError::Closed);
             }
-            accumulator.producer = producer;
+            if accumulator.producer != producer {
+                // A new id or epoch: every partition's sequence starts again at 0.
+                accumulator.sequences.clear();
+                accumulator.producer = producer;
+            }
             let partition = match (record.partition, &record.key) {
                 (Some(partition), _) => partition,
                 (None, Some(key)) => crc32c::crc32c(key) % topic.partitions,
@@ -623,6 +663,20 @@ fn produce_request(acks: i8, batches: &[SealedBatch]) -> (Request<Bytes>, Vec<(u
 }
 
 fn resolve(shared: &Shared, batch: SealedBatch, result: std::result::Result<Option<u64>, ClientError>) {
+    if let Err(error) = &result {
+        let epoch =
+            skein_storage::batch::BatchHeader::parse(&batch.bytes, usize::MAX).map(|h| h.producer_epoch);
+        let current = shared.producer_id.lock().expect("not poisoned").map(|(_, epoch)| epoch);
+        // A batch of an epoch this producer already left behind changes nothing.
+        let current_epoch = epoch.ok().is_some_and(|e| Some(e) == current);
+        if shared.config.idempotence && shared.config.acks != Acks::None && current_epoch {
+            if error.code() == Some(ErrorCode::ProducerFenced) {
+                *shared.fenced.lock().expect("not poisoned") = Some(error.clone());
+            } else {
+                shared.sequence_broken.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
     for (index, waiter) in batch.waiters.into_iter().enumerate() {
         let outcome = match &result {
             Ok(base) => Ok(RecordMetadata {

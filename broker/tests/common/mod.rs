@@ -157,6 +157,52 @@ impl Broker {
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
+
+    /// The process id of the running broker.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the broker on the same data directory expecting it to refuse (exit non-zero
+    /// within 60 s); returns what it printed on stderr.
+    pub fn start_refused(&mut self) -> String {
+        assert!(self.child.is_none(), "stop the broker first");
+        let mut child = skein()
+            .args(["broker", "--cores", "2", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("skein broker starts");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+                assert!(!status.success(), "the broker exited successfully: {stderr}");
+                return stderr;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the broker did not refuse to start within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The resident memory of a process, in KiB (Linux `/proc`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
 }
 
 impl Drop for Broker {
