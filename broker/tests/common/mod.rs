@@ -158,6 +158,17 @@ impl Broker {
         &self.data_dir
     }
 
+    /// Starts again on the same port once; `Err` with the broker's log if it did not start.
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        let addr = self.addr.clone();
+        self.launch_checked(&addr);
+        if self.child.is_some() {
+            Ok(())
+        } else {
+            Err(self.log())
+        }
+    }
+
     /// The process id of the running broker.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
