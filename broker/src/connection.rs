@@ -25,7 +25,12 @@ use crate::sendfile;
 use crate::shard::{LocalFuture, Shard};
 
 /// Bytes read from the socket at a time when no frame size is known yet.
-const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Read size while no frame is in progress (what an idle connection holds).
+const READ_CHUNK_BYTES: usize = 16 << 10;
+/// Largest read of a frame in progress: a frame's memory grows with the bytes that actually
+/// arrive, never with what its length prefix claims (a slow sender announcing 64 MiB holds
+/// what it sent, not 64 MiB).
+const FRAME_READ_MAX_BYTES: usize = 1 << 20;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -70,6 +75,9 @@ async fn read_loop(
 ) -> End {
     let config = &shard.config;
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    // When the first bytes of the frame in progress arrived: the whole frame must arrive within
+    // `frame_timeout` of it, however it trickles in (slow-loris protection).
+    let mut frame_started: Option<std::time::Instant> = None;
     loop {
         // Take every whole frame already buffered.
         loop {
@@ -77,6 +85,7 @@ async fn read_loop(
                 Err(error) => return End::Frame(error),
                 Ok(None) => break,
                 Ok(Some(len)) => {
+                    frame_started = None;
                     let whole = buffer.split_to(len);
                     let header = match frame::decode_request_header(&whole) {
                         Ok(header) => header,
@@ -99,14 +108,24 @@ async fn read_loop(
         let wanted = match buffer.len() {
             n if n >= frame::LENGTH_BYTES => {
                 let length = u32::from_le_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
-                (length + frame::LENGTH_BYTES).saturating_sub(n).max(READ_CHUNK_BYTES)
+                (length + frame::LENGTH_BYTES).saturating_sub(n).clamp(READ_CHUNK_BYTES, FRAME_READ_MAX_BYTES)
             }
             _ => READ_CHUNK_BYTES,
         };
-        let timeout = if buffer.is_empty() { config.idle_timeout } else { config.frame_timeout };
+        let (timeout, idle) = if buffer.is_empty() {
+            frame_started = None;
+            (config.idle_timeout, true)
+        } else {
+            let started = *frame_started.get_or_insert_with(std::time::Instant::now);
+            let left = config.frame_timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return End::FrameTimeout;
+            }
+            (left, false)
+        };
         let start = buffer.len();
         buffer.resize(start + wanted, 0);
-        let read = read_with_timeout(reader, &mut buffer[start..], timeout, shard).await;
+        let read = read_with_timeout(reader, &mut buffer[start..], timeout, idle, shard).await;
         match read {
             Ok(0) => {
                 buffer.truncate(start);
@@ -123,6 +142,7 @@ async fn read_with_timeout(
     reader: &mut futures::io::ReadHalf<TcpStream>,
     target: &mut [u8],
     timeout: Duration,
+    idle: bool,
     shard: &Shard,
 ) -> Result<usize, End> {
     let started = std::time::Instant::now();
@@ -137,11 +157,7 @@ async fn read_with_timeout(
                     return Err(End::ShuttingDown);
                 }
                 if started.elapsed() >= timeout {
-                    return Err(if timeout == shard.config.idle_timeout {
-                        End::IdleTimeout
-                    } else {
-                        End::FrameTimeout
-                    });
+                    return Err(if idle { End::IdleTimeout } else { End::FrameTimeout });
                 }
             }
         }
