@@ -75,7 +75,8 @@ pub fn log_config() -> LogConfig {
         segment_bytes: SEGMENT_BYTES,
         fsync: FsyncPolicy::Always,
         cache_bytes_max: 1 << 20,
-        preallocate_bytes: defaults.preallocate_bytes.min(SEGMENT_BYTES / 4),
+        // Commits are small: 16 partitions must not reserve much disk up front.
+        preallocate_bytes: 64 << 10,
         retention_age_max: None,
         retention_bytes_max: None,
         batch_bytes_max: 1 << 20,

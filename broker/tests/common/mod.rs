@@ -43,6 +43,19 @@ impl Broker {
         broker
     }
 
+    /// Starts a broker with its data in `data_dir` (which the caller cleans up).
+    pub fn start_at(data_dir: PathBuf, extra: &[&str]) -> Broker {
+        let mut broker = Broker {
+            child: None,
+            addr: String::new(),
+            data_dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _dir: None,
+        };
+        broker.launch("127.0.0.1:0");
+        broker
+    }
+
     fn launch(&mut self, listen: &str) {
         let mut command = skein();
         command
