@@ -66,7 +66,7 @@ async fn write(
             continue;
         }
         sent += 1;
-        if sent % 32 == 0 {
+        if sent.is_multiple_of(32) {
             // About 25,000 records/s per writer: enough load, and a log the checks can read
             // back quickly.
             tokio::time::sleep(Duration::from_millis(1)).await;
