@@ -370,9 +370,12 @@ impl Coordinator {
             member.last_heartbeat = now;
             member.session_timeout = session;
             member.rebalance_timeout = rebalance_timeout;
-            // Partitions the member no longer reports are released.
+            // Partitions it was asked to give up and no longer reports are released. A partition
+            // it does not report but was not asked for stays its own: it may simply not have
+            // applied the answer that gave it yet (the next answer lists it again).
             let reported = from_wire(&request.owned);
-            member.owned.retain(|tp| reported.contains(tp));
+            let revoking = member.revoking.clone();
+            member.owned.retain(|tp| reported.contains(tp) || !revoking.contains(tp));
             member.revoking.retain(|tp| reported.contains(tp));
             let resubscribed = member.subscribed != subscribed;
             member.subscribed = subscribed;
@@ -413,6 +416,8 @@ impl Coordinator {
                 group.remove_member(&member, sizes, why);
             }
         }
+        // A group with neither members nor offsets is forgotten.
+        self.groups.retain(|_, g| !g.members.is_empty() || !g.offsets.is_empty());
     }
 
     /// Checks a commit; `Ok` per partition or the error for it. The caller writes the accepted
@@ -626,6 +631,32 @@ mod tests {
         }
         assert_eq!(c.group("g").unwrap().state(), "empty");
         assert!(c.check_commit("g", "", -1, &revoked[..1]).is_ok());
+    }
+
+    #[test]
+    fn a_partition_not_yet_applied_is_not_given_to_another_member() {
+        let mut c = Coordinator::new("m".into());
+        let now = Instant::now();
+        let a = Sim::join(&mut c, now);
+        assert_eq!(a.owned.len(), 6);
+        let mut b = Sim::join(&mut c, now);
+        // a's heartbeat reports nothing: it has not applied its assignment yet. That releases
+        // nothing, since nothing was asked back.
+        let response = c.heartbeat(&beat(&a.id, a.epoch, &BTreeSet::new()), &sizes, now);
+        assert_eq!(from_wire(&response.assignment).len(), 3, "told to keep three");
+        b.beat(&mut c, now);
+        assert!(b.owned.is_empty(), "b gets nothing while a may still read them: {:?}", b.owned);
+        // Once a reports the three it keeps, the other three are free for b.
+        c.heartbeat(&beat(&a.id, a.epoch, &from_wire(&response.assignment)), &sizes, now);
+        b.beat(&mut c, now);
+        assert_eq!(b.owned.len(), 3);
+        assert!(b.owned.is_disjoint(&from_wire(&response.assignment)));
+        // An empty group with no offsets is forgotten.
+        for id in [&a.id, &b.id] {
+            c.heartbeat(&beat(id, LEAVE_EPOCH, &BTreeSet::new()), &sizes, now);
+        }
+        c.expire(&sizes, now);
+        assert!(c.group("g").is_none());
     }
 
     #[test]

@@ -249,8 +249,9 @@ impl OffsetsPartition {
         batches
     }
 
-    /// Appends a group's changes and waits until they are durable. `apply` runs once they are
-    /// appended, in append order (so the in-memory state follows the log's order).
+    /// Appends a group's changes and waits until they are durable; `apply` then updates the
+    /// in-memory state. The gate is held throughout, so memory follows the log's order and a
+    /// commit that failed is never in memory (nor in a later compaction snapshot).
     pub async fn commit(
         &self,
         group: &str,
@@ -263,11 +264,10 @@ impl OffsetsPartition {
             self.bytes_since_compaction.set(self.bytes_since_compaction.get() + batch.len() as u64);
             acks.push(self.log.append(batch).await?.ack);
         }
-        apply();
-        drop(_permit);
         for ack in acks {
             ack.await?;
         }
+        apply();
         Ok(())
     }
 

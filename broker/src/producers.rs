@@ -4,7 +4,8 @@
 //!
 //! # Rules (checked on the partition's shard before a batch is appended)
 //! * A batch with `producer_id = -1` is not idempotent and is always appended.
-//! * Unknown producer id: the batch must start at sequence 0 (else `UnknownProducerId`).
+//! * Unknown producer id: the batch must start at sequence 0 (else `OutOfOrderSequence`: its
+//!   first batch may still be on its way).
 //! * Older epoch than the table's: `ProducerFenced`. Newer epoch: the sequence restarts at 0.
 //! * Same epoch: a batch equal (first and last sequence) to one of the last
 //!   [`BATCHES_KEPT`] batches is a **duplicate**: the original offsets are returned and nothing
@@ -51,8 +52,9 @@ pub const BATCHES_KEPT: usize = skein_net::IDEMPOTENCE_WINDOW;
 /// Appended bytes between two snapshots: bounds the scan after a crash.
 pub const SNAPSHOT_INTERVAL_BYTES: u64 = 64 << 20;
 pub const SNAPSHOTS_KEPT: usize = 2;
-/// A producer that wrote nothing for this long is forgotten at the next snapshot.
-pub const PRODUCER_EXPIRY_MS: i64 = 7 * 24 * 3600 * 1000;
+/// A producer that wrote nothing for this long is forgotten (Kafka's default too); checked
+/// with retention and at every snapshot.
+pub const PRODUCER_EXPIRY_MS: i64 = 24 * 3600 * 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchMeta {
@@ -111,10 +113,13 @@ impl ProducerTable {
             return Check::Append;
         }
         let Some(entry) = self.entries.get(&header.producer_id) else {
+            // A later batch of a new producer can arrive before its first one (a reconnect
+            // reorders retries): retriable; a producer the table really forgot gives up after
+            // its retries and moves to a new epoch.
             return if header.base_sequence == 0 {
                 Check::Append
             } else {
-                Check::Reject(ErrorCode::UnknownProducerId)
+                Check::Reject(ErrorCode::OutOfOrderSequence)
             };
         };
         if header.producer_epoch < entry.epoch {
@@ -399,7 +404,7 @@ mod tests {
     fn sequences_dedupe_fence_and_detect_gaps() {
         let mut table = ProducerTable::default();
         assert_eq!(table.check(&header(-1, -1, -1, 3)), Check::Append, "non-idempotent batches pass");
-        assert_eq!(table.check(&header(7, 0, 5, 1)), Check::Reject(ErrorCode::UnknownProducerId));
+        assert_eq!(table.check(&header(7, 0, 5, 1)), Check::Reject(ErrorCode::OutOfOrderSequence));
         assert_eq!(table.check(&header(7, 0, 0, 3)), Check::Append);
         table.record(&header(7, 0, 0, 3), 100, 1);
         assert_eq!(table.check(&header(7, 0, 0, 3)), Check::Duplicate { base_offset: 100, last_offset: 102 });

@@ -400,6 +400,9 @@ async fn retention_loop(shard: Rc<Shard>) {
         if shard.shutting_down.get() {
             return;
         }
+        for (_, _, owned) in shard.all_partitions() {
+            owned.producers.borrow_mut().expire(skein_storage::now_ms());
+        }
         for (topic, partition, log) in shard.all_logs() {
             match log.enforce_retention(skein_storage::now_ms()).await {
                 Ok(outcome) if outcome.segments_deleted > 0 => tracing::info!(

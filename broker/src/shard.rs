@@ -198,14 +198,36 @@ impl Partition {
         })
     }
 
-    /// Writes a producer snapshot covering every batch appended so far.
+    /// After a failed write the log handed the unwritten offsets back: the table may name
+    /// batches that are gone, so it is rebuilt from what the log holds.
+    pub async fn rebuild_producers(&self) {
+        let Ok(_permit) = self.producer_gate.acquire_permit(1).await else { return };
+        match producers::load(&self.log).await {
+            Ok(table) => {
+                *self.producers.borrow_mut() = table;
+                tracing::info!(path = %self.log.dir().display(), "producer table rebuilt after a failed write");
+            }
+            Err(error) => {
+                tracing::warn!(path = %self.log.dir().display(), %error, "rebuilding the producer table")
+            }
+        }
+    }
+
+    /// Writes a producer snapshot covering every batch appended so far, once they are all
+    /// written (a snapshot never covers a batch a failed write could still drop).
     pub async fn snapshot_producers(&self) -> Result<(), String> {
         let (dir, offset, bytes) = {
             let _permit = self.producer_gate.acquire_permit(1).await.map_err(|_| "closed".to_owned())?;
+            let offset = self.log.next_offset();
+            if offset > 0 {
+                self.log.wait_for_data(offset - 1, Duration::from_secs(10)).await;
+            }
+            if self.log.visible_offset() < offset {
+                return Err("appends not written in 10 s; snapshot skipped".into());
+            }
             let mut table = self.producers.borrow_mut();
             table.expire(skein_storage::now_ms());
             table.bytes_since_snapshot = 0;
-            let offset = self.log.next_offset();
             (self.log.dir().to_path_buf(), offset, table.encode(offset))
         };
         glommio::executor()
@@ -613,6 +635,7 @@ impl Shard {
             )));
         }
         let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
+        let owned = idempotent.then_some(owned);
         Box::pin(async move {
             let all = futures::future::try_join_all(acks_pending);
             let acknowledged = async {
@@ -628,7 +651,12 @@ impl Shard {
             };
             match glommio::timer::timeout(timeout, async { Ok(acknowledged.await) }).await {
                 Ok(Ok(true)) => respond(ErrorCode::None, base_offset, last_offset, log_start),
-                Ok(Err(error)) => respond(storage_error_code(&error), 0, 0, log_start),
+                Ok(Err(error)) => {
+                    if let Some(owned) = owned {
+                        owned.rebuild_producers().await;
+                    }
+                    respond(storage_error_code(&error), 0, 0, log_start)
+                }
                 Ok(Ok(false)) | Err(_) => {
                     tracing::warn!(state = log.describe_state(), "produce not acknowledged in time");
                     respond(ErrorCode::RequestTimedOut, 0, 0, log_start)

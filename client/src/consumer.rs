@@ -347,8 +347,14 @@ impl Consumer {
                             ?reset,
                             "offset out of range; resetting"
                         );
-                        let offset = self.resolve(std::slice::from_ref(&key), reset).await?[0];
-                        self.positions.insert(key, offset);
+                        // A failure here is retried at the next fetch; the records of the other
+                        // partitions already taken from this response stay buffered.
+                        match self.resolve(std::slice::from_ref(&key), reset).await {
+                            Ok(offsets) => {
+                                self.positions.insert(key, offsets[0]);
+                            }
+                            Err(error) => tracing::warn!(%error, "resetting an out-of-range position failed"),
+                        }
                         continue;
                     }
                     code if code.needs_metadata_refresh() => {

@@ -207,7 +207,14 @@ async fn run_heartbeats(
                 }
             }
         }
-        let _ = tokio::time::timeout(interval, wake.notified()).await;
+        // While the membership is lost nothing is sent until the consumer dropped its
+        // partitions (it wakes this task when it did).
+        let wait = if interval.is_zero() && shared.lock().expect("not poisoned").lost {
+            Duration::from_millis(100)
+        } else {
+            interval
+        };
+        let _ = tokio::time::timeout(wait, wake.notified()).await;
     }
 }
 
@@ -365,11 +372,7 @@ impl Consumer {
 
     /// Like [`Consumer::commit`] but does not wait: the returned task resolves with the outcome.
     pub fn commit_async(&mut self) -> JoinHandle<Result<()>> {
-        let offsets: Vec<(TopicPartition, u64)> = self
-            .assignment
-            .iter()
-            .filter_map(|key| self.positions.get(key).map(|offset| (key.clone(), *offset)))
-            .collect();
+        let offsets = self.committable(&self.assignment);
         let request = self.commit_request(&offsets);
         if let Some(group) = self.group.as_mut() {
             group.last_commit = Instant::now();
@@ -392,11 +395,21 @@ impl Consumer {
     }
 
     async fn commit_partitions(&mut self, partitions: &[TopicPartition]) -> Result<()> {
-        let offsets: Vec<(TopicPartition, u64)> = partitions
-            .iter()
-            .filter_map(|key| self.positions.get(key).map(|offset| (key.clone(), *offset)))
-            .collect();
+        let offsets = self.committable(partitions);
         self.commit_offsets(&offsets).await
+    }
+
+    /// What can be committed for each partition: the position, or the first record fetched but
+    /// not yet returned by `poll` (never past a record the caller did not get).
+    fn committable(&self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, u64)> {
+        partitions
+            .iter()
+            .filter_map(|key| {
+                let position = *self.positions.get(key)?;
+                let buffered = self.buffered.iter().find(|r| r.topic == key.0 && r.partition == key.1);
+                Some((key.clone(), buffered.map_or(position, |r| r.offset.min(position))))
+            })
+            .collect()
     }
 
     fn commit_request(&self, offsets: &[(TopicPartition, u64)]) -> Option<OffsetCommitRequest> {

@@ -473,6 +473,9 @@ impl Producer {
                 shared.memory.add_permits(size);
                 return Err(ClientError::Closed);
             }
+            // The newest id and epoch (another sender may have moved to a new epoch while this
+            // one waited): epochs only go up, and sequences restart only when they do.
+            let producer = producer.and(*shared.producer_id.lock().expect("not poisoned"));
             if accumulator.producer != producer {
                 // A new id or epoch: every partition's sequence starts again at 0.
                 accumulator.sequences.clear();

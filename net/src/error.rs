@@ -55,7 +55,8 @@ pub enum ErrorCode {
     DuplicateSequence = 23,
     /// A newer epoch of this producer id exists; this producer must stop.
     ProducerFenced = 24,
-    /// The partition has no state for this producer id and the batch does not start it.
+    /// Reserved (an unknown producer id whose batch does not start at 0 is answered with
+    /// `OutOfOrderSequence`, since its first batch may still be on its way).
     UnknownProducerId = 25,
     /// The group id is not valid.
     InvalidGroupId = 26,
