@@ -104,10 +104,6 @@ pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
-    // Absolute from here on: glommio's `Directory::open` fails (EBADF) on relative paths.
-    let data_dir = std::fs::canonicalize(&data_dir)
-        .map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
-    let config = BrokerConfig { data_dir: data_dir.clone(), ..config };
     let lock = lock_data_dir(&data_dir)?;
     let store = FileMetadataStore::open(&data_dir)?;
     let producer_ids = ProducerIdAllocator::open(&data_dir)?;

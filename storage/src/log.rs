@@ -756,7 +756,9 @@ impl Flusher {
 impl Log {
     /// Opens (or creates) the log in `dir`, running crash recovery (see the module docs).
     pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log> {
-        let dir = dir.as_ref().to_path_buf();
+        // Absolute: glommio's `Directory::open` fails (EBADF) on a relative path.
+        let dir =
+            std::path::absolute(dir.as_ref()).map_err(|e| StorageError::io("resolving", dir.as_ref(), e))?;
         config.validate().map_err(StorageError::Config)?;
         std::fs::create_dir_all(&dir).map_err(|e| StorageError::io("creating directory", &dir, e))?;
         dio::prime_executor(&dir).await?;
