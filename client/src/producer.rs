@@ -255,9 +255,12 @@ struct Accumulator {
     /// Records without a key stick to one partition per topic until a batch's worth was sent.
     sticky: FastMap<String, (u32, usize)>,
     closed: bool,
-    /// The idempotent producer's id and epoch, and the next sequence number per partition.
+    /// The idempotent producer's id and epoch, and the next sequence number per partition
+    /// (cleared whenever the id or epoch changes).
     producer: Option<(i64, i16)>,
     sequences: FastMap<(String, u32), i32>,
+    /// Set when the broker fenced this producer: every later send fails with it.
+    fenced: Option<ClientError>,
 }
 
 impl Accumulator {
@@ -317,15 +320,11 @@ struct Shared {
     /// Bytes of records buffered or in flight.
     memory: Semaphore,
     topics: Mutex<FastMap<String, Arc<crate::TopicInfo>>>,
-    /// The producer id and epoch, fetched before the first record of an idempotent producer
-    /// (`init` serialises fetching it).
-    producer_id: Mutex<Option<(i64, i16)>>,
+    /// An idempotent producer needs a producer id (before its first record), or a new epoch
+    /// (a batch failed for good, leaving a gap in its partition's sequence). `init` serialises
+    /// asking for it; the id itself lives in the accumulator.
+    needs_id: std::sync::atomic::AtomicBool,
     init: tokio::sync::Mutex<()>,
-    /// A batch failed for good, leaving a gap in its partition's sequence: the next record
-    /// gets a new epoch, and sequences start again at 0.
-    sequence_broken: std::sync::atomic::AtomicBool,
-    /// Set when the broker fenced this producer: every later send fails with it.
-    fenced: Mutex<Option<ClientError>>,
 }
 
 /// Sends records to a Skein broker. `send` takes `&self`: share it behind an `Arc`. Dropping
@@ -343,6 +342,7 @@ impl Drop for Producer {
 
 impl Producer {
     pub fn new(client: Client, config: ProducerConfig) -> Producer {
+        let idempotent = config.idempotence && config.acks != Acks::None;
         let shared = Arc::new(Shared {
             client,
             memory: Semaphore::new(config.buffer_bytes),
@@ -350,10 +350,8 @@ impl Producer {
             accumulator: Mutex::new(Accumulator::default()),
             wake: tokio::sync::Notify::new(),
             topics: Mutex::new(FastMap::default()),
-            producer_id: Mutex::new(None),
+            needs_id: std::sync::atomic::AtomicBool::new(idempotent),
             init: tokio::sync::Mutex::new(()),
-            sequence_broken: std::sync::atomic::AtomicBool::new(false),
-            fenced: Mutex::new(None),
         });
         tokio::spawn(run_sender(shared.clone()));
         Producer { shared }
@@ -394,57 +392,52 @@ impl Producer {
     /// sequences start again at 0 (as Kafka does since KIP-360). Batches of the old epoch still
     /// queued fail (`ProducerFenced` or `OutOfOrderSequence`); nothing is written twice.
     pub async fn producer_id(&self) -> Result<Option<(i64, i16)>> {
+        self.ensure_producer_id().await?;
+        let accumulator = self.shared.accumulator.lock().expect("not poisoned");
+        match &accumulator.fenced {
+            Some(error) => Err(error.clone()),
+            None => Ok(accumulator.producer),
+        }
+    }
+
+    /// Asks the broker for an id, or for the next epoch of the current one, if needed.
+    async fn ensure_producer_id(&self) -> Result<()> {
         use std::sync::atomic::Ordering;
         let shared = &self.shared;
-        let config = &shared.config;
-        if !config.idempotence || config.acks == Acks::None {
-            return Ok(None);
-        }
-        if let Some(error) = shared.fenced.lock().expect("not poisoned").clone() {
-            return Err(error);
-        }
-        let current = *shared.producer_id.lock().expect("not poisoned");
-        if current.is_some() && !shared.sequence_broken.load(Ordering::Relaxed) {
-            return Ok(current);
+        if !shared.needs_id.load(Ordering::Relaxed) {
+            return Ok(());
         }
         let _init = shared.init.lock().await;
-        let current = *shared.producer_id.lock().expect("not poisoned");
-        let reset = shared.sequence_broken.swap(false, Ordering::Relaxed);
-        if current.is_some() && !reset {
-            return Ok(current);
+        if !shared.needs_id.load(Ordering::Relaxed) {
+            return Ok(()); // another sender did it meanwhile
         }
+        let current = shared.accumulator.lock().expect("not poisoned").producer;
         let (producer_id, producer_epoch) = current.unwrap_or((-1, -1));
         let request = Request::InitProducerId(InitProducerIdRequest { producer_id, producer_epoch });
-        let answer = async {
-            let body = shared.client.request(&request).await?;
-            let response = decode(&body, InitProducerIdResponse::decode)?;
-            if !response.error.is_ok() {
-                return Err(ClientError::broker(response.error, "getting a producer id"));
-            }
-            Ok((response.producer_id, response.producer_epoch))
+        let body = shared.client.request(&request).await?;
+        let response = decode(&body, InitProducerIdResponse::decode)?;
+        if !response.error.is_ok() {
+            return Err(ClientError::broker(response.error, "getting a producer id"));
         }
-        .await;
-        let id = match answer {
-            Ok(id) => id,
-            Err(error) => {
-                if reset {
-                    shared.sequence_broken.store(true, Ordering::Relaxed);
-                }
-                return Err(error);
-            }
-        };
-        if reset {
+        let id = (response.producer_id, response.producer_epoch);
+        if current.is_some() {
             tracing::warn!(producer_id = id.0, epoch = id.1, "a batch failed for good; new producer epoch");
         } else {
             tracing::debug!(producer_id = id.0, epoch = id.1, "idempotent producer");
         }
-        *shared.producer_id.lock().expect("not poisoned") = Some(id);
-        Ok(Some(id))
+        {
+            // A new id or epoch: every partition's sequence starts again at 0.
+            let mut accumulator = shared.accumulator.lock().expect("not poisoned");
+            accumulator.producer = Some(id);
+            accumulator.sequences.clear();
+        }
+        shared.needs_id.store(false, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn enqueue(&self, record: ProducerRecord, completion: Completion) -> Result<()> {
         let shared = &self.shared;
-        let producer = self.producer_id().await?;
+        self.ensure_producer_id().await?;
         let topic = self.topic(&record.topic).await?;
         let size = record.encoded_size();
         let limit = topic.max_message_bytes().unwrap_or(8 << 20).min(shared.config.buffer_bytes);
@@ -473,13 +466,10 @@ impl Producer {
                 shared.memory.add_permits(size);
                 return Err(ClientError::Closed);
             }
-            // The newest id and epoch (another sender may have moved to a new epoch while this
-            // one waited): epochs only go up, and sequences restart only when they do.
-            let producer = producer.and(*shared.producer_id.lock().expect("not poisoned"));
-            if accumulator.producer != producer {
-                // A new id or epoch: every partition's sequence starts again at 0.
-                accumulator.sequences.clear();
-                accumulator.producer = producer;
+            if let Some(error) = accumulator.fenced.clone() {
+                drop(accumulator);
+                shared.memory.add_permits(size);
+                return Err(error);
             }
             let partition = match (record.partition, &record.key) {
                 (Some(partition), _) => partition,
@@ -666,17 +656,16 @@ fn produce_request(acks: i8, batches: &[SealedBatch]) -> (Request<Bytes>, Vec<(u
 }
 
 fn resolve(shared: &Shared, batch: SealedBatch, result: std::result::Result<Option<u64>, ClientError>) {
-    if let Err(error) = &result {
+    if let (Err(error), true) = (&result, shared.config.idempotence && shared.config.acks != Acks::None) {
         let epoch =
-            skein_storage::batch::BatchHeader::parse(&batch.bytes, usize::MAX).map(|h| h.producer_epoch);
-        let current = shared.producer_id.lock().expect("not poisoned").map(|(_, epoch)| epoch);
+            skein_storage::batch::BatchHeader::parse(&batch.bytes, usize::MAX).map(|h| h.producer_epoch).ok();
+        let mut accumulator = shared.accumulator.lock().expect("not poisoned");
         // A batch of an epoch this producer already left behind changes nothing.
-        let current_epoch = epoch.ok().is_some_and(|e| Some(e) == current);
-        if shared.config.idempotence && shared.config.acks != Acks::None && current_epoch {
+        if epoch.is_some() && epoch == accumulator.producer.map(|(_, epoch)| epoch) {
             if error.code() == Some(ErrorCode::ProducerFenced) {
-                *shared.fenced.lock().expect("not poisoned") = Some(error.clone());
+                accumulator.fenced = Some(error.clone());
             } else {
-                shared.sequence_broken.store(true, std::sync::atomic::Ordering::Relaxed);
+                shared.needs_id.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
