@@ -100,21 +100,6 @@ pub fn validate_group_id(group: &str) -> Result<(), ErrorCode> {
     }
 }
 
-fn to_wire(partitions: &BTreeSet<Tp>) -> Vec<TopicPartitions> {
-    let mut out: Vec<TopicPartitions> = Vec::new();
-    for (topic, partition) in partitions {
-        match out.last_mut() {
-            Some(last) if &last.topic == topic => last.partitions.push(*partition),
-            _ => out.push(TopicPartitions { topic: topic.clone(), partitions: vec![*partition] }),
-        }
-    }
-    out
-}
-
-fn from_wire(partitions: &[TopicPartitions]) -> BTreeSet<Tp> {
-    partitions.iter().flat_map(|t| t.partitions.iter().map(move |p| (t.topic.clone(), *p))).collect()
-}
-
 /// Sticky balanced assignment: every partition of a subscribed topic goes to one member
 /// subscribed to it; members keep what they had (`previous`) up to their fair share; the rest
 /// goes to the least loaded eligible member.
@@ -373,7 +358,7 @@ impl Coordinator {
             // Partitions it was asked to give up and no longer reports are released. A partition
             // it does not report but was not asked for stays its own: it may simply not have
             // applied the answer that gave it yet (the next answer lists it again).
-            let reported = from_wire(&request.owned);
+            let reported = TopicPartitions::to_pairs::<BTreeSet<Tp>>(&request.owned);
             let revoking = member.revoking.clone();
             member.owned.retain(|tp| reported.contains(tp) || !revoking.contains(tp));
             member.revoking.retain(|tp| reported.contains(tp));
@@ -392,7 +377,7 @@ impl Coordinator {
             member_id: member_id.clone(),
             member_epoch: group.members[&member_id].epoch,
             heartbeat_interval_ms: heartbeat_interval(session).as_millis() as u32,
-            assignment: to_wire(&assignment),
+            assignment: TopicPartitions::from_pairs(&assignment),
         }
     }
 
@@ -485,8 +470,8 @@ impl Coordinator {
                     client_id: m.client_id.clone(),
                     member_epoch: m.epoch,
                     subscribed_topics: m.subscribed.iter().cloned().collect(),
-                    assigned: to_wire(&m.owned),
-                    revoking: to_wire(&m.revoking),
+                    assigned: TopicPartitions::from_pairs(&m.owned),
+                    revoking: TopicPartitions::from_pairs(&m.revoking),
                 })
                 .collect(),
             offsets: crate::offsets::committed_to_wire(group.offsets.iter()),
@@ -515,7 +500,7 @@ mod tests {
             session_timeout_ms: 3000,
             rebalance_timeout_ms: 3000,
             subscribed_topics: vec!["t".into()],
-            owned: to_wire(owned),
+            owned: TopicPartitions::from_pairs(owned),
         }
     }
 
@@ -530,14 +515,18 @@ mod tests {
         fn join(c: &mut Coordinator, now: Instant) -> Sim {
             let r = c.heartbeat(&beat("", 0, &BTreeSet::new()), &sizes, now);
             assert_eq!(r.error, ErrorCode::None);
-            Sim { id: r.member_id, epoch: r.member_epoch, owned: from_wire(&r.assignment) }
+            Sim {
+                id: r.member_id,
+                epoch: r.member_epoch,
+                owned: TopicPartitions::to_pairs::<BTreeSet<Tp>>(&r.assignment),
+            }
         }
 
         fn beat(&mut self, c: &mut Coordinator, now: Instant) -> ErrorCode {
             let r = c.heartbeat(&beat(&self.id, self.epoch, &self.owned), &sizes, now);
             if r.error.is_ok() {
                 self.epoch = r.member_epoch;
-                self.owned = from_wire(&r.assignment);
+                self.owned = TopicPartitions::to_pairs::<BTreeSet<Tp>>(&r.assignment);
             }
             r.error
         }
@@ -608,7 +597,7 @@ mod tests {
         // a is told to give up three; it commits them (allowed while it still owns them)...
         let kept_before = a.owned.clone();
         let response = c.heartbeat(&beat(&a.id, a.epoch, &a.owned), &sizes, now);
-        let keep = from_wire(&response.assignment);
+        let keep = TopicPartitions::to_pairs::<BTreeSet<Tp>>(&response.assignment);
         assert_eq!(keep.len(), 3);
         let revoked: Vec<Tp> = kept_before.difference(&keep).cloned().collect();
         assert_eq!(c.check_commit("g", &a.id, a.epoch, &revoked).unwrap(), vec![ErrorCode::None; 3]);
@@ -643,14 +632,22 @@ mod tests {
         // a's heartbeat reports nothing: it has not applied its assignment yet. That releases
         // nothing, since nothing was asked back.
         let response = c.heartbeat(&beat(&a.id, a.epoch, &BTreeSet::new()), &sizes, now);
-        assert_eq!(from_wire(&response.assignment).len(), 3, "told to keep three");
+        assert_eq!(
+            TopicPartitions::to_pairs::<BTreeSet<Tp>>(&response.assignment).len(),
+            3,
+            "told to keep three"
+        );
         b.beat(&mut c, now);
         assert!(b.owned.is_empty(), "b gets nothing while a may still read them: {:?}", b.owned);
         // Once a reports the three it keeps, the other three are free for b.
-        c.heartbeat(&beat(&a.id, a.epoch, &from_wire(&response.assignment)), &sizes, now);
+        c.heartbeat(
+            &beat(&a.id, a.epoch, &TopicPartitions::to_pairs::<BTreeSet<Tp>>(&response.assignment)),
+            &sizes,
+            now,
+        );
         b.beat(&mut c, now);
         assert_eq!(b.owned.len(), 3);
-        assert!(b.owned.is_disjoint(&from_wire(&response.assignment)));
+        assert!(b.owned.is_disjoint(&TopicPartitions::to_pairs::<BTreeSet<Tp>>(&response.assignment)));
         // An empty group with no offsets is forgotten.
         for id in [&a.id, &b.id] {
             c.heartbeat(&beat(id, LEAVE_EPOCH, &BTreeSet::new()), &sizes, now);

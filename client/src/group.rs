@@ -118,21 +118,6 @@ impl Drop for GroupState {
 
 const EVENTS_KEPT: usize = 1000;
 
-fn to_wire(partitions: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
-    let mut out: Vec<TopicPartitions> = Vec::new();
-    for (topic, partition) in partitions {
-        match out.last_mut() {
-            Some(last) if &last.topic == topic => last.partitions.push(*partition),
-            _ => out.push(TopicPartitions { topic: topic.clone(), partitions: vec![*partition] }),
-        }
-    }
-    out
-}
-
-fn from_wire(partitions: &[TopicPartitions]) -> BTreeSet<TopicPartition> {
-    partitions.iter().flat_map(|t| t.partitions.iter().map(move |p| (t.topic.clone(), *p))).collect()
-}
-
 async fn heartbeat(client: &Client, request: HeartbeatRequest) -> Result<HeartbeatResponse> {
     let body = client.request(&Request::ConsumerGroupHeartbeat(request)).await?;
     decode(&body, HeartbeatResponse::decode)
@@ -163,7 +148,7 @@ async fn run_heartbeats(
                     session_timeout_ms: config.session_timeout.as_millis() as u32,
                     rebalance_timeout_ms: config.rebalance_timeout.as_millis() as u32,
                     subscribed_topics: topics.clone(),
-                    owned: to_wire(&state.owned),
+                    owned: TopicPartitions::from_pairs(&state.owned),
                 })
             }
         };
@@ -173,7 +158,8 @@ async fn run_heartbeats(
                     let mut state = shared.lock().expect("not poisoned");
                     state.member_id = response.member_id;
                     state.member_epoch = response.member_epoch;
-                    state.target = from_wire(&response.assignment);
+                    state.target =
+                        TopicPartitions::to_pairs::<BTreeSet<TopicPartition>>(&response.assignment);
                     interval = Duration::from_millis(response.heartbeat_interval_ms.max(20).into());
                 }
                 Ok(response)
@@ -459,7 +445,7 @@ impl Consumer {
             session_timeout_ms: group.config.session_timeout.as_millis() as u32,
             rebalance_timeout_ms: group.config.rebalance_timeout.as_millis() as u32,
             subscribed_topics: Vec::new(),
-            owned: to_wire(&owned),
+            owned: TopicPartitions::from_pairs(&owned),
         };
         let response = heartbeat(&self.client, request).await?;
         if !response.error.is_ok() {
@@ -519,7 +505,7 @@ pub(crate) async fn fetch_committed(
     let wanted: BTreeSet<TopicPartition> = partitions.iter().cloned().collect();
     let request = Request::OffsetFetch(OffsetFetchRequest {
         group_id: group_id.to_owned(),
-        topics: Some(to_wire(&wanted)),
+        topics: Some(TopicPartitions::from_pairs(&wanted)),
     });
     let body = client.request(&request).await?;
     let response = decode(&body, OffsetFetchResponse::decode)?;

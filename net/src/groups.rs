@@ -101,6 +101,25 @@ pub struct TopicPartitions {
     pub partitions: Vec<u32>,
 }
 
+impl TopicPartitions {
+    /// Groups sorted `(topic, partition)` pairs by topic (a set's order).
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = &'a (String, u32)>) -> Vec<TopicPartitions> {
+        let mut out: Vec<TopicPartitions> = Vec::new();
+        for (topic, partition) in pairs {
+            match out.last_mut() {
+                Some(last) if &last.topic == topic => last.partitions.push(*partition),
+                _ => out.push(TopicPartitions { topic: topic.clone(), partitions: vec![*partition] }),
+            }
+        }
+        out
+    }
+
+    /// The `(topic, partition)` pairs of a list.
+    pub fn to_pairs<C: FromIterator<(String, u32)>>(list: &[TopicPartitions]) -> C {
+        list.iter().flat_map(|t| t.partitions.iter().map(move |p| (t.topic.clone(), *p))).collect()
+    }
+}
+
 /// `member_epoch` in a heartbeat: join the group.
 pub const JOIN_EPOCH: i32 = 0;
 /// `member_epoch` in a heartbeat: leave the group.
