@@ -78,21 +78,29 @@ impl Shard {
     }
 
     async fn commit(&self, request: OffsetCommitRequest) -> OffsetCommitResponse {
-        let respond_all = |error: ErrorCode| OffsetCommitResponse {
-            error,
-            topics: request
-                .topics
-                .iter()
-                .map(|t| TopicData {
-                    name: t.name.clone(),
-                    partitions: t
-                        .partitions
-                        .iter()
-                        .map(|p| PartitionError { partition: p.partition, error })
-                        .collect(),
-                })
-                .collect(),
+        // The response: one code per partition, in request order.
+        let respond = |codes: &[ErrorCode], error: ErrorCode| {
+            let mut codes = codes.iter();
+            OffsetCommitResponse {
+                error,
+                topics: request
+                    .topics
+                    .iter()
+                    .map(|t| TopicData {
+                        name: t.name.clone(),
+                        partitions: t
+                            .partitions
+                            .iter()
+                            .map(|p| PartitionError {
+                                partition: p.partition,
+                                error: codes.next().copied().unwrap_or(error),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }
         };
+        let respond_all = |error: ErrorCode| respond(&[], error);
         let tps: Vec<Tp> = request
             .topics
             .iter()
@@ -133,43 +141,23 @@ impl Shard {
             let Some(log) = self.offsets.borrow().get(&partition).cloned() else {
                 return respond_all(ErrorCode::ShuttingDown);
             };
-            let applied = changes.clone();
-            let group = request.group_id.clone();
             let apply = || {
                 let mut coordinator = self.coordinator.borrow_mut();
-                let offsets = &mut coordinator.group_mut(&group).offsets;
-                for (tp, committed) in applied {
+                let offsets = &mut coordinator.group_mut(&request.group_id).offsets;
+                for (tp, committed) in &changes {
                     match committed {
-                        Some(committed) => offsets.insert(tp, committed),
-                        None => offsets.remove(&tp),
+                        Some(committed) => offsets.insert(tp.clone(), committed.clone()),
+                        None => offsets.remove(tp),
                     };
                 }
             };
-            if let Err(error) = log.commit(&request.group_id, changes, apply).await {
+            if let Err(error) = log.commit(&request.group_id, &changes, apply).await {
                 tracing::warn!(group = request.group_id, %error, "committing offsets failed");
                 let code = crate::shard::storage_error_code(&error);
                 return respond_all(code);
             }
         }
-        let mut index = 0;
-        OffsetCommitResponse {
-            error: ErrorCode::None,
-            topics: request
-                .topics
-                .iter()
-                .map(|t| TopicData {
-                    name: t.name.clone(),
-                    partitions: t
-                        .partitions
-                        .iter()
-                        .map(|p| {
-                            index += 1;
-                            PartitionError { partition: p.partition, error: codes[index - 1] }
-                        })
-                        .collect(),
-                })
-                .collect(),
-        }
+        respond(&codes, ErrorCode::None)
     }
 
     fn fetch_offsets(&self, request: &OffsetFetchRequest) -> OffsetFetchResponse {
@@ -188,20 +176,7 @@ impl Shard {
                     partitions: t
                         .partitions
                         .iter()
-                        .map(|&p| match committed.get(&(t.topic.clone(), p)) {
-                            Some(c) => skein_net::CommittedOffset {
-                                partition: p,
-                                offset: c.offset as i64,
-                                metadata: c.metadata.clone(),
-                                commit_ms: c.commit_ms,
-                            },
-                            None => skein_net::CommittedOffset {
-                                partition: p,
-                                offset: -1,
-                                metadata: String::new(),
-                                commit_ms: -1,
-                            },
-                        })
+                        .map(|&p| offsets::committed_offset(p, committed.get(&(t.topic.clone(), p))))
                         .collect(),
                 })
                 .collect(),

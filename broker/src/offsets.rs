@@ -134,18 +134,26 @@ pub fn decode_value(value: &[u8]) -> Option<Committed> {
     (at == value.len()).then_some(Committed { offset, metadata, commit_ms })
 }
 
+/// A partition's committed offset as the wire gives it (offset -1: no commit).
+pub fn committed_offset(partition: u32, committed: Option<&Committed>) -> CommittedOffset {
+    match committed {
+        Some(c) => CommittedOffset {
+            partition,
+            offset: c.offset as i64,
+            metadata: c.metadata.clone(),
+            commit_ms: c.commit_ms,
+        },
+        None => CommittedOffset { partition, offset: -1, metadata: String::new(), commit_ms: -1 },
+    }
+}
+
 /// One group's committed offsets as the wire lists them.
 pub fn committed_to_wire<'a>(
     offsets: impl Iterator<Item = (&'a Tp, &'a Committed)>,
 ) -> Vec<TopicData<CommittedOffset>> {
     let mut topics: Vec<TopicData<CommittedOffset>> = Vec::new();
     for ((topic, partition), committed) in offsets {
-        let entry = CommittedOffset {
-            partition: *partition,
-            offset: committed.offset as i64,
-            metadata: committed.metadata.clone(),
-            commit_ms: committed.commit_ms,
-        };
+        let entry = committed_offset(*partition, Some(committed));
         match topics.last_mut() {
             Some(last) if &last.name == topic => last.partitions.push(entry),
             _ => topics.push(TopicData { name: topic.clone(), partitions: vec![entry] }),
@@ -255,12 +263,12 @@ impl OffsetsPartition {
     pub async fn commit(
         &self,
         group: &str,
-        changes: Vec<OffsetChange>,
+        changes: &[OffsetChange],
         apply: impl FnOnce(),
     ) -> Result<(), StorageError> {
         let _permit = self.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
         let mut acks = Vec::new();
-        for batch in Self::encode(group, &changes) {
+        for batch in Self::encode(group, changes) {
             self.bytes_since_compaction.set(self.bytes_since_compaction.get() + batch.len() as u64);
             acks.push(self.log.append(batch).await?.ack);
         }
