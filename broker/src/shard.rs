@@ -836,15 +836,7 @@ impl Shard {
         &self,
         change: impl FnOnce(&mut FileMetadataStore) -> Result<(), MetadataError> + Send + 'static,
     ) -> Result<(), MetadataError> {
-        let mut store = self.controller.borrow_mut().take().expect("this shard is the controller");
-        let (store, result) = glommio::executor()
-            .spawn_blocking(move || {
-                let result = change(&mut store);
-                (store, result)
-            })
-            .await;
-        *self.controller.borrow_mut() = Some(store);
-        result
+        off_executor(&self.controller, change).await
     }
 
     /// Sends an op to every shard (this one included) and waits for all to apply it.
@@ -875,15 +867,7 @@ impl Shard {
         let needs_block =
             self.producer_ids.borrow().as_ref().expect("this shard is the controller").needs_block();
         if needs_block {
-            let mut ids = self.producer_ids.borrow_mut().take().expect("this shard is the controller");
-            let (ids, result) = glommio::executor()
-                .spawn_blocking(move || {
-                    let result = ids.reserve_block();
-                    (ids, result)
-                })
-                .await;
-            *self.producer_ids.borrow_mut() = Some(ids);
-            if let Err(error) = result {
+            if let Err(error) = off_executor(&self.producer_ids, ProducerIdAllocator::reserve_block).await {
                 tracing::error!(%error, "could not reserve producer ids");
                 return respond(error.code(), -1, -1);
             }
@@ -911,6 +895,23 @@ impl Shard {
             other => unreachable!("delete topics answered with {other:?}"),
         }
     }
+}
+
+/// Runs `change` on a controller-owned value on the shard's blocking thread (it writes and
+/// syncs files), lending the value out of its cell meanwhile. Callers hold `controller_gate`.
+async fn off_executor<S: Send + 'static, R: Send + 'static>(
+    cell: &RefCell<Option<S>>,
+    change: impl FnOnce(&mut S) -> R + Send + 'static,
+) -> R {
+    let mut value = cell.borrow_mut().take().expect("this shard is the controller");
+    let (value, result) = glommio::executor()
+        .spawn_blocking(move || {
+            let result = change(&mut value);
+            (value, result)
+        })
+        .await;
+    *cell.borrow_mut() = Some(value);
+    result
 }
 
 /// Splits a produce request's records into whole batches, checking each (header rules, CRC,
