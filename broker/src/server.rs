@@ -137,7 +137,7 @@ pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
             LocalExecutorBuilder::new(Placement::Fixed(id % cpus)).name(&format!("skein-shard-{id}"));
         let handle = builder
             .spawn(move || async move {
-                let awake = glommio::spawn_local(keep_awake(shard_stop.clone()));
+                let awake = glommio::spawn_local(keep_awake());
                 let queue = glommio::executor().create_task_queue(
                     glommio::Shares::default(),
                     glommio::Latency::Matters(shard_config.preempt_timer),
@@ -321,8 +321,11 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// again when its reactor wakes up), and, rarely, a task made runnable just as the time slice
 /// expired (seen at start-up under CPU contention: a shard that never ran its first task). With
 /// a timer always armed, the reactor always wakes up again.
-async fn keep_awake(stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
+///
+/// It runs until the shard's work is done (the caller drops it then), shutdown included: a
+/// shard that stops flushing its logs needs the wake-ups as much as one that serves.
+async fn keep_awake() {
+    loop {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
 }
