@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use futures::stream::{FuturesUnordered, StreamExt};
 use skein_client::{
     Acks, Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, Producer,
     ProducerConfig, ProducerRecord, SeekTo,
@@ -161,6 +160,10 @@ struct ProduceArgs {
     report: bool,
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
+    /// A record not acknowledged this long after it was read fails (the command then exits
+    /// non-zero); retries in between ride over broker restarts (milliseconds).
+    #[arg(long, default_value_t = 120_000)]
+    delivery_timeout_ms: u64,
     #[command(flatten)]
     connect: Connect,
 }
@@ -418,6 +421,7 @@ async fn produce(args: ProduceArgs) -> Result<(), String> {
     let config = ProducerConfig {
         acks: args.acks,
         linger: Duration::from_millis(args.linger_ms),
+        delivery_timeout: Duration::from_millis(args.delivery_timeout_ms.max(1)),
         ..ProducerConfig::default()
     };
     let producer = Producer::new(client, config);
@@ -430,46 +434,57 @@ async fn produce(args: ProduceArgs) -> Result<(), String> {
             }
         }
     });
-    let mut pending = FuturesUnordered::new();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut failure: Option<ClientError> = None;
-    let mut report =
-        |result: Result<skein_client::RecordMetadata, ClientError>, out: &mut dyn Write| match result {
-            Ok(metadata) => {
-                if args.report {
+    // Each record's outcome arrives in a callback on the producer's response path, which only
+    // hands it to the printing thread: O(1) per record, and a slow standard output never
+    // holds up the producer.
+    let (outcomes, printed) = std::sync::mpsc::channel::<Result<skein_client::RecordMetadata, ClientError>>();
+    let report = args.report;
+    let printer = std::thread::spawn(move || {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let (mut failed, mut first_failure) = (0u64, None::<ClientError>);
+        for outcome in printed {
+            match outcome {
+                Ok(metadata) if report => {
                     let offset = metadata.offset.map_or("-".to_owned(), |o| o.to_string());
                     let _ = writeln!(out, "{} {}", metadata.partition, offset);
                 }
-            }
-            Err(error) => {
-                failure.get_or_insert(error);
-            }
-        };
-    loop {
-        tokio::select! {
-            line = incoming.recv() => {
-                let Some(line) = line else { break };
-                let line = line.map_err(|e| format!("reading standard input: {e}"))?;
-                let mut record = match args.key_separator.as_deref().and_then(|sep| line.split_once(sep)) {
-                    Some((key, value)) => ProducerRecord::new(args.topic.clone(), value.to_owned()).key(key.to_owned()),
-                    None => ProducerRecord::new(args.topic.clone(), line),
-                };
-                if let Some(partition) = args.partition {
-                    record = record.partition(partition);
+                Ok(_) => {}
+                Err(error) => {
+                    failed += 1;
+                    first_failure.get_or_insert(error);
                 }
-                let delivery = producer.send(record).await.map_err(|e| e.to_string())?;
-                pending.push(delivery);
             }
-            Some(result) = pending.next(), if !pending.is_empty() => report(result, &mut out),
         }
+        let _ = out.flush();
+        (failed, first_failure)
+    });
+    let mut sent = 0u64;
+    while let Some(line) = incoming.recv().await {
+        let line = line.map_err(|e| format!("reading standard input: {e}"))?;
+        let mut record = match args.key_separator.as_deref().and_then(|sep| line.split_once(sep)) {
+            Some((key, value)) => {
+                ProducerRecord::new(args.topic.clone(), value.to_owned()).key(key.to_owned())
+            }
+            None => ProducerRecord::new(args.topic.clone(), line),
+        };
+        if let Some(partition) = args.partition {
+            record = record.partition(partition);
+        }
+        let outcomes = outcomes.clone();
+        producer
+            .send_with_callback(record, move |outcome| {
+                let _ = outcomes.send(outcome);
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        sent += 1;
     }
     producer.flush().await.map_err(|e| e.to_string())?;
-    while let Some(result) = pending.next().await {
-        report(result, &mut out);
-    }
-    out.flush().map_err(|e| e.to_string())?;
-    match failure {
-        Some(error) => Err(error.to_string()),
+    drop(producer);
+    drop(outcomes);
+    let (failed, first_failure) = printer.join().map_err(|_| "the printing thread failed".to_owned())?;
+    match first_failure {
+        Some(error) => Err(format!("{failed} of {sent} records were not acknowledged; the first: {error}")),
         None => Ok(()),
     }
 }

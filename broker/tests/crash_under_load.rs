@@ -1,7 +1,9 @@
 //! kill -9 under load: producers with `acks=1` record every acknowledged (partition, offset,
 //! value) while the broker is SIGKILLed at random moments and restarted. After every restart,
 //! every record acknowledged before the kill must be readable at exactly its offset, no offset
-//! may have been handed out twice, and the log may hold no record that was never sent.
+//! may have been handed out twice, and the log may hold no record that was never sent. Every
+//! send must end acknowledged: a producer that gives up a record during a restart fails the
+//! test.
 //! The figures are printed (`RELIABILITY …` lines) and recorded in RELIABILITY.md.
 
 mod common;
@@ -20,6 +22,8 @@ const PARTITIONS: u32 = 4;
 const WRITERS: usize = 2;
 
 type Acked = Arc<Mutex<Vec<(u32, u64, String)>>>;
+/// Records whose send failed (none may).
+type Failed = Arc<Mutex<Vec<String>>>;
 
 /// A writer: sends numbered records until told to stop, recording every acknowledged one.
 async fn write(
@@ -28,6 +32,7 @@ async fn write(
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
     acked: Acked,
+    failed: Failed,
 ) -> u64 {
     let mut config = ClientConfig::new(addr);
     config.connect_timeout = Duration::from_secs(2);
@@ -39,8 +44,6 @@ async fn write(
             acks: Acks::Leader,
             linger: Duration::from_millis(1),
             batch_bytes: 16 << 10,
-            retries: 3,
-            retry_backoff: Duration::from_millis(50),
             buffer_bytes: 4 << 20,
             ..ProducerConfig::default()
         },
@@ -53,18 +56,16 @@ async fn write(
         }
         let value = format!("w{writer}-{sent:08}");
         let record = ProducerRecord::new("crash", value.clone()).key(format!("k{}", sent % 64));
-        let acked = acked.clone();
-        let queued = producer
-            .send_with_callback(record, move |outcome| {
-                if let Ok(metadata) = outcome {
-                    acked.lock().unwrap().push((metadata.partition, metadata.offset.unwrap(), value));
+        let (acked, failed) = (acked.clone(), failed.clone());
+        producer
+            .send_with_callback(record, move |outcome| match outcome {
+                Ok(metadata) => {
+                    acked.lock().unwrap().push((metadata.partition, metadata.offset.unwrap(), value))
                 }
+                Err(error) => failed.lock().unwrap().push(format!("{value}: {error}")),
             })
-            .await;
-        if queued.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
+            .await
+            .unwrap_or_else(|e| panic!("writer {writer}: send failed: {e}"));
         sent += 1;
         if sent.is_multiple_of(32) {
             // About 25,000 records/s per writer: enough load, and a log the checks can read
@@ -72,7 +73,10 @@ async fn write(
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(30), producer.flush()).await;
+    tokio::time::timeout(Duration::from_secs(60), producer.flush())
+        .await
+        .unwrap_or_else(|_| panic!("writer {writer} did not finish within 60 s"))
+        .unwrap();
     sent
 }
 
@@ -118,10 +122,20 @@ async fn kill_under_load(fsync: &str, kills: usize, min_checked: usize) -> (usiz
     let mut broker = Broker::start(&["--fsync", fsync]);
     Admin::new(broker.client().await).create_topic("crash", PARTITIONS, &[]).await.unwrap();
     let acked: Acked = Arc::new(Mutex::new(Vec::new()));
+    let failed: Failed = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let pause = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..WRITERS)
-        .map(|w| tokio::spawn(write(broker.addr.clone(), w, stop.clone(), pause.clone(), acked.clone())))
+        .map(|w| {
+            tokio::spawn(write(
+                broker.addr.clone(),
+                w,
+                stop.clone(),
+                pause.clone(),
+                acked.clone(),
+                failed.clone(),
+            ))
+        })
         .collect();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut lost = 0usize;
@@ -166,9 +180,17 @@ async fn kill_under_load(fsync: &str, kills: usize, min_checked: usize) -> (usiz
     }
     let kills = kill;
     stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
     for writer in writers {
-        writer.await.unwrap();
+        sent += writer.await.unwrap();
     }
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.is_empty(),
+        "{} sends failed, the first: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
     // The final state too: everything acknowledged, also after the last restart.
     let stored = read_all(&broker.addr).await;
     let all: Vec<(u32, u64, String)> = acked.lock().unwrap().clone();
@@ -178,6 +200,7 @@ async fn kill_under_load(fsync: &str, kills: usize, min_checked: usize) -> (usiz
         }
     }
     checked = checked.max(all.len());
+    assert_eq!(all.len() as u64, sent, "every record sent was acknowledged");
     // Each value at most once: the idempotent producer does not duplicate retried batches.
     let mut values: Vec<&String> = stored.values().collect();
     values.sort_unstable();

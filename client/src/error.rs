@@ -29,6 +29,11 @@ pub enum ClientError {
     RecordTooLarge { size: usize, limit: usize },
     #[error("the client is closed")]
     Closed,
+    /// A produced record was not acknowledged within the producer's delivery timeout. If it
+    /// was sent, it may still be in the log (once: the idempotent producer never writes it
+    /// twice).
+    #[error("{topic}/{partition}: not acknowledged within the delivery timeout of {timeout:?} (last error: {last_error})")]
+    DeliveryTimeout { topic: String, partition: u32, timeout: std::time::Duration, last_error: String },
 }
 
 impl ClientError {
@@ -41,6 +46,16 @@ impl ClientError {
         match self {
             ClientError::Connect { .. } | ClientError::ConnectionLost(_) | ClientError::Timeout(_) => true,
             ClientError::Broker { code, .. } => code.is_retriable(),
+            _ => false,
+        }
+    }
+
+    /// Whether the broker could not be reached or went away (refused or lost connection, or
+    /// a broker shutting down): worth reconnecting and trying again.
+    pub fn is_connection_failure(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::ConnectionLost(_) => true,
+            ClientError::Broker { code, .. } => *code == ErrorCode::ShuttingDown,
             _ => false,
         }
     }

@@ -388,6 +388,17 @@ pub fn set_leader_epoch(bytes: &mut [u8], epoch: u32) {
     bytes[field::LEADER_EPOCH..field::LEADER_EPOCH + 4].copy_from_slice(&epoch.to_le_bytes());
 }
 
+/// Writes an idempotent producer's id, epoch and base sequence into a finished batch and
+/// recomputes the CRC (these fields are covered by it). Used by a producer that gives a batch
+/// new sequence numbers after its partition's sequence had a gap.
+pub fn set_producer(bytes: &mut [u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) {
+    bytes[field::PRODUCER_EPOCH..field::PRODUCER_EPOCH + 2].copy_from_slice(&producer_epoch.to_le_bytes());
+    bytes[field::PRODUCER_ID..field::PRODUCER_ID + 8].copy_from_slice(&producer_id.to_le_bytes());
+    bytes[field::BASE_SEQUENCE..field::BASE_SEQUENCE + 4].copy_from_slice(&base_sequence.to_le_bytes());
+    let crc = compute_crc(bytes);
+    bytes[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// One record, borrowed from its batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordRef<'a> {
@@ -1004,6 +1015,23 @@ mod tests {
             validate_records(&bytes, &header),
             Err(BatchError::Record { index: 0, error: RecordError::LengthPastEnd { .. } })
         ));
+    }
+
+    #[test]
+    fn producer_fields_can_be_restamped() {
+        let records = [(0, None, Some(b"v".to_vec()), vec![]), (1, Some(b"k".to_vec()), None, vec![])];
+        let mut bytes = build(&records);
+        set_producer(&mut bytes, 99, 3, 1000);
+        let header = validate(&bytes, 1 << 20).expect("the CRC was recomputed");
+        assert_eq!((header.producer_id, header.producer_epoch, header.base_sequence), (99, 3, 1000));
+        let fresh = {
+            let mut builder = BatchBuilder::new().producer(99, 3, 1000);
+            for (timestamp, key, value, _) in &records {
+                builder.push(1_700_000_000_000 + timestamp, key.as_deref(), value.as_deref(), &[]);
+            }
+            builder.finish()
+        };
+        assert_eq!(bytes, fresh, "the same bytes as a batch built with these fields");
     }
 
     #[test]

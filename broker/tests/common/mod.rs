@@ -57,6 +57,40 @@ impl Broker {
     }
 
     fn launch(&mut self, listen: &str) {
+        let receiver = self.spawn(listen);
+        let line = receiver.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            let child = self.child.as_mut().expect("spawned");
+            if std::env::var_os("SKEIN_DEBUG_HANG").is_some() {
+                let out = Command::new("gdb")
+                    .args(["-batch", "-ex", "thread apply all bt 30", "-p", &child.id().to_string()])
+                    .output();
+                if let Ok(out) = out {
+                    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            self.child = None;
+            panic!("the broker did not start; its log: {}", self.log())
+        });
+        let addr = line
+            .split_whitespace()
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .expect("listening address")
+            .to_owned();
+        self.addr = addr;
+    }
+
+    /// Starts the broker process again on the same data directory and address without waiting
+    /// for it to be ready (the caller probes the port itself).
+    pub fn restart_without_waiting(&mut self) {
+        assert!(self.child.is_none(), "stop the broker first");
+        let addr = self.addr.clone();
+        let _ = self.spawn(&addr);
+    }
+
+    /// Spawns the process; its stderr goes to the log file, its stdout lines to the receiver.
+    fn spawn(&mut self, listen: &str) -> std::sync::mpsc::Receiver<String> {
         let mut command = skein();
         command
             .args(["broker", "--cores", "2", "--listen", listen, "--data-dir"])
@@ -82,25 +116,8 @@ impl Broker {
                 let _ = sender.send(line);
             }
         });
-        let line = receiver.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            if std::env::var_os("SKEIN_DEBUG_HANG").is_some() {
-                let out = Command::new("gdb")
-                    .args(["-batch", "-ex", "thread apply all bt 30", "-p", &child.id().to_string()])
-                    .output();
-                if let Ok(out) = out {
-                    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-                }
-            }
-            let _ = child.kill();
-            panic!("the broker did not start; its log: {}", self.log())
-        });
-        let addr = line
-            .split_whitespace()
-            .find(|w| w.starts_with("127.0.0.1:"))
-            .expect("listening address")
-            .to_owned();
-        self.addr = addr;
         self.child = Some(child);
+        receiver
     }
 
     /// The broker's log so far.
@@ -270,4 +287,21 @@ pub fn cli(broker: &Broker, args: &[&str], stdin: &str) -> (bool, String, String
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Stops a test early, with a clear message, when the filesystem holding `path` has less than
+/// `bytes` free: tests that write a lot check first instead of filling the disk.
+pub fn require_free_space(path: &Path, bytes: u64) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs into a zeroed local struct with a NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) }, 0, "statvfs {}", path.display());
+    let free = stat.f_bavail as u64 * stat.f_frsize as u64;
+    assert!(
+        free >= bytes,
+        "{} has {} MiB free; this test needs {} MiB: free some space first",
+        path.display(),
+        free >> 20,
+        bytes >> 20
+    );
 }
