@@ -42,10 +42,11 @@ pub mod handlers;
 pub mod metadata;
 pub mod offsets;
 mod oneshot;
+pub mod preflight;
 pub mod producers;
 pub mod sendfile;
 pub mod server;
 pub mod shard;
 
 pub use config::BrokerConfig;
-pub use server::{run, start, RunningBroker, StartError};
+pub use server::{run, start, start_until, RunningBroker, StartError};

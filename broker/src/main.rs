@@ -107,6 +107,11 @@ struct BrokerArgs {
     /// Tail cache per partition (bytes).
     #[arg(long, default_value_t = 4 << 20)]
     cache_bytes: usize,
+    /// Check what the broker needs (locked memory, open files, io_uring, an O_DIRECT-capable
+    /// data directory), print each check with ok / warning / FAILED, and exit (non-zero on a
+    /// failure) without starting.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -277,6 +282,17 @@ fn run_broker(args: BrokerArgs) -> Result<(), String> {
     config.default_retention =
         (args.retention_hours > 0).then(|| Duration::from_secs(args.retention_hours * 3600));
     config.cache_bytes_per_partition = args.cache_bytes;
+    if args.check {
+        let report = skein_broker::preflight::run(&config);
+        for line in report.lines() {
+            println!("{line}");
+        }
+        let failed = report.failures().count();
+        return match failed {
+            0 => Ok(()),
+            n => Err(format!("{n} check(s) failed")),
+        };
+    }
     skein_broker::run(config).map_err(|e| e.to_string())
 }
 

@@ -1,5 +1,16 @@
 //! Starting and stopping a broker: one pinned glommio executor per shard, a listener per shard
 //! on the same port (SO_REUSEPORT), the cross-shard mesh, retention, and a clean shutdown.
+//!
+//! # Start-up
+//! 1. [`crate::preflight`] checks locked memory, open files, io_uring and the data directory,
+//!    and refuses to start with one line naming the fix when one fails.
+//! 2. Every shard starts, joins the mesh and recovers its partitions and consumer groups. A
+//!    shard that fails, or whose thread dies (glommio could not create its executor, or it
+//!    panicked), stops the whole start within a moment, with its error; so does SIGINT or
+//!    SIGTERM ([`run`]). A slow recovery is reported every 10 s.
+//! 3. Only when every shard has recovered do the shards bind their listeners: a client can
+//!    never reach a shard whose partitions, or a peer's, are not open yet. [`start`] returns
+//!    once every shard listens.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,13 +40,52 @@ pub enum StartError {
     Metadata(#[from] MetadataError),
     #[error("shard {shard}: {reason}")]
     Shard { shard: usize, reason: String },
+    /// A pre-start check failed (see [`crate::preflight`]).
+    #[error("{0}")]
+    Preflight(String),
+    #[error("start-up interrupted by a signal")]
+    Interrupted,
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
 }
 
 enum ShardEvent {
-    Ready,
+    /// Partitions and groups recovered; waiting to be told to listen.
+    Recovered,
+    Listening,
     Failed(String),
+    /// The shard's thread ended without saying why (its executor could not be created, or it
+    /// panicked): the join handle has the reason.
+    Died,
+}
+
+/// Reports [`ShardEvent::Died`] when dropped without [`ShardGuard::disarm`]: moved into the
+/// executor's closure, it is dropped when the thread ends early, whatever the cause.
+struct ShardGuard {
+    id: usize,
+    events: mpsc::Sender<(usize, ShardEvent)>,
+    armed: bool,
+}
+
+impl ShardGuard {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ShardGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.events.send((self.id, ShardEvent::Died));
+        }
+    }
+}
+
+/// The shared flags the main thread and the shards start and stop by.
+struct Phase {
+    /// Every shard recovered: bind the listeners.
+    listen: AtomicBool,
+    stop: Arc<AtomicBool>,
 }
 
 /// A running broker. Dropping it without [`RunningBroker::stop`] stops it too.
@@ -101,6 +151,22 @@ fn remove_unknown_topics(data_dir: &Path, topics: &BTreeMap<String, TopicConfig>
 
 /// Starts a broker and returns once every shard is listening.
 pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
+    start_until(config, &AtomicBool::new(false))
+}
+
+/// Like [`start`], but gives up (with [`StartError::Interrupted`]) once `abort` is set.
+pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBroker, StartError> {
+    let cores = config.cores.max(1);
+    let config = BrokerConfig { cores, ..config };
+    let report = crate::preflight::run(&config);
+    for check in &report.checks {
+        if let crate::preflight::Outcome::Warning(text) = &check.outcome {
+            tracing::warn!(check = check.name, "{text}");
+        }
+    }
+    if let Some(failure) = report.first_failure() {
+        return Err(StartError::Preflight(failure));
+    }
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
@@ -110,11 +176,11 @@ pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
     let topics = store.snapshot().topics.clone();
     remove_unknown_topics(&data_dir, &topics)?;
 
-    let cores = config.cores.max(1);
-    let config = Arc::new(BrokerConfig { cores, ..config });
+    let config = Arc::new(config);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mesh: MeshBuilder<MeshMessage, _> = MeshBuilder::full(cores, 1024);
     let stop = Arc::new(AtomicBool::new(false));
+    let phase = Arc::new(Phase { listen: AtomicBool::new(false), stop: stop.clone() });
     let (events, event_receiver) = mpsc::channel::<(usize, ShardEvent)>();
     let mut executors = Vec::with_capacity(cores);
     let mut store = Some((store, producer_ids));
@@ -126,7 +192,8 @@ pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
     for id in 0..cores {
         let shard_config = Arc::clone(&config);
         let mesh = mesh.clone();
-        let shard_stop = stop.clone();
+        let phase = phase.clone();
+        let guard = ShardGuard { id, events: events.clone(), armed: true };
         let events = events.clone();
         let topics = topics.clone();
         let controller = if id == 0 { store.take() } else { None };
@@ -135,40 +202,76 @@ pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
         // queue that asks for `preempt_timer` (see `keep_awake`).
         let builder =
             LocalExecutorBuilder::new(Placement::Fixed(id % cpus)).name(&format!("skein-shard-{id}"));
-        let handle = builder
-            .spawn(move || async move {
-                let awake = glommio::spawn_local(keep_awake());
-                let queue = glommio::executor().create_task_queue(
-                    glommio::Shares::default(),
-                    glommio::Latency::Matters(shard_config.preempt_timer),
-                    "shard",
-                );
-                let work = glommio::spawn_local_into(
-                    async move {
-                        let config = Rc::new(BrokerConfig::clone(&shard_config));
-                        if let Err(reason) =
-                            run_shard(id, config, listen, topics, mesh, controller, shard_stop, &events).await
-                        {
-                            let _ = events.send((id, ShardEvent::Failed(reason)));
-                        }
-                    },
-                    queue,
-                )
-                .expect("the queue was just created");
-                work.await;
-                drop(awake);
-            })
-            .map_err(|error| StartError::Shard { shard: id, reason: error.to_string() })?;
-        executors.push(handle);
-    }
-    let mut ready = 0;
-    while ready < cores {
-        match event_receiver.recv_timeout(Duration::from_secs(300)) {
-            Ok((_, ShardEvent::Ready)) => ready += 1,
-            Ok((shard, ShardEvent::Failed(reason))) => return Err(fail(stop, executors, shard, reason)),
-            Err(_) => return Err(fail(stop, executors, 0, "shards did not start within 300 s".into())),
+        let spawned = builder.spawn(move || async move {
+            let awake = glommio::spawn_local(keep_awake());
+            let queue = glommio::executor().create_task_queue(
+                glommio::Shares::default(),
+                glommio::Latency::Matters(shard_config.preempt_timer),
+                "shard",
+            );
+            let work = glommio::spawn_local_into(
+                async move {
+                    let config = Rc::new(BrokerConfig::clone(&shard_config));
+                    if let Err(reason) =
+                        run_shard(id, config, listen, topics, mesh, controller, &phase, &events).await
+                    {
+                        let _ = events.send((id, ShardEvent::Failed(reason)));
+                    }
+                },
+                queue,
+            )
+            .expect("the queue was just created");
+            work.await;
+            drop(awake);
+            guard.disarm();
+        });
+        match spawned {
+            Ok(handle) => executors.push(Some(handle)),
+            Err(error) => {
+                return Err(fail(stop, executors, id, format!("starting its executor: {error}")));
+            }
         }
     }
+    // Wait until every shard recovered, then let them listen, then until every one listens.
+    let started = std::time::Instant::now();
+    let mut last_report = started;
+    let (mut recovered, mut listening) = (vec![false; cores], 0);
+    while listening < cores {
+        if abort.load(Ordering::SeqCst) {
+            fail(stop, executors, 0, String::new());
+            return Err(StartError::Interrupted);
+        }
+        match event_receiver.recv_timeout(Duration::from_millis(50)) {
+            Ok((shard, ShardEvent::Recovered)) => {
+                recovered[shard] = true;
+                if recovered.iter().all(|r| *r) {
+                    phase.listen.store(true, Ordering::SeqCst);
+                }
+            }
+            Ok((_, ShardEvent::Listening)) => listening += 1,
+            Ok((shard, ShardEvent::Failed(reason))) => return Err(fail(stop, executors, shard, reason)),
+            Ok((shard, ShardEvent::Died)) => {
+                let reason = match executors[shard].take().map(|handle| handle.join()) {
+                    Some(Err(error)) => format!("its thread ended: {error}"),
+                    _ => "its thread ended".to_owned(),
+                };
+                return Err(fail(stop, executors, shard, reason));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if last_report.elapsed() >= Duration::from_secs(10) {
+                    last_report = std::time::Instant::now();
+                    let waiting: Vec<usize> = (0..cores).filter(|&s| !recovered[s]).collect();
+                    tracing::info!(
+                        seconds = started.elapsed().as_secs(),
+                        ?waiting,
+                        "still starting: shards recovering their partitions"
+                    );
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("this function holds a sender"),
+        }
+    }
+    let executors = executors.into_iter().map(|handle| handle.expect("every shard is running")).collect();
     Ok(RunningBroker { addr, stop, executors, _lock: lock })
 }
 
@@ -193,17 +296,40 @@ fn probe_listen_address(listen: SocketAddr) -> Result<SocketAddr, StartError> {
     }
 }
 
+/// Stops every shard after a failed start and returns the error. Waits at most 10 s for the
+/// shards to end (a shard blocked in the kernel is left behind: the process is about to exit).
 fn fail(
     stop: Arc<AtomicBool>,
-    executors: Vec<glommio::ExecutorJoinHandle<()>>,
+    executors: Vec<Option<glommio::ExecutorJoinHandle<()>>>,
     shard: usize,
     reason: String,
 ) -> StartError {
     stop.store(true, Ordering::SeqCst);
-    for executor in executors {
-        let _ = executor.join();
+    let (done, ended) = mpsc::channel();
+    std::thread::spawn(move || {
+        for executor in executors.into_iter().flatten() {
+            let _ = executor.join();
+        }
+        let _ = done.send(());
+    });
+    if ended.recv_timeout(Duration::from_secs(10)).is_err() {
+        tracing::warn!("shards did not stop within 10 s of a failed start");
     }
     StartError::Shard { shard, reason }
+}
+
+/// Waits until `flag` is set, or `stop` (then `false`), polling: these are plain atomics set by
+/// the main thread.
+async fn wait_for(flag: &AtomicBool, stop: &AtomicBool) -> bool {
+    loop {
+        if flag.load(Ordering::SeqCst) {
+            return true;
+        }
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -214,30 +340,68 @@ async fn run_shard(
     topics: BTreeMap<String, TopicConfig>,
     mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
     controller: Option<(FileMetadataStore, ProducerIdAllocator)>,
-    stop: Arc<AtomicBool>,
+    phase: &Phase,
     events: &mpsc::Sender<(usize, ShardEvent)>,
 ) -> Result<(), String> {
+    let stop = phase.stop.clone();
     tracing::debug!(shard = id, "priming");
     skein_storage::prime_executor(&config.data_dir).await.map_err(|e| e.to_string())?;
-    tracing::debug!(shard = id, "binding");
-    let listener = bind_listener(listen).map_err(|e| format!("binding {listen}: {e}"))?;
-    let bound = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::debug!(shard = id, "joining the mesh");
-    let (senders, mut receivers) = mesh.join().await.map_err(|_| "joining the shard mesh".to_owned())?;
+    // A peer that failed never joins: give up when the start is called off.
+    let never = AtomicBool::new(false);
+    let joined = futures::future::select(Box::pin(mesh.join()), Box::pin(wait_for(&never, &stop))).await;
+    let (senders, mut receivers) = match joined {
+        futures::future::Either::Left((joined, _)) => {
+            joined.map_err(|_| "joining the shard mesh".to_owned())?
+        }
+        futures::future::Either::Right(_) => return Err("start-up called off".to_owned()),
+    };
     assert_eq!(senders.peer_id(), id, "mesh peers are numbered in executor creation order");
     tracing::debug!(shard = id, "joined");
     let shard = Rc::new(Shard::new(id, config.clone(), BTreeMap::new(), senders, controller));
-    *shard.advertised.borrow_mut() = advertised(bound);
-    for (name, topic) in &topics {
-        shard.open_topic(name, topic).await.map_err(|e| format!("opening topic {name}: {e}"))?;
+    // Test builds only: a shard that dies during recovery (the start must stop and say so).
+    #[cfg(debug_assertions)]
+    if std::env::var("SKEIN_TEST_PANIC_SHARD").is_ok_and(|v| v == id.to_string()) {
+        panic!("SKEIN_TEST_PANIC_SHARD: shard {id} panics during recovery");
     }
-    shard.open_offsets().await.map_err(|e| format!("opening the committed offsets: {e}"))?;
+    let recovery = async {
+        for (name, topic) in &topics {
+            if stop.load(Ordering::SeqCst) {
+                return Err("start-up called off".to_owned());
+            }
+            shard.open_topic(name, topic).await.map_err(|e| format!("opening topic {name}: {e}"))?;
+        }
+        shard.open_offsets().await.map_err(|e| format!("opening the committed offsets: {e}"))
+    };
+    if let Err(error) = recovery.await {
+        close_logs(&shard).await;
+        return Err(error);
+    }
     for (peer, receiver) in receivers.streams() {
         glommio::spawn_local(shard.clone().serve_peer(peer, receiver)).detach();
     }
     glommio::spawn_local(retention_loop(shard.clone())).detach();
     glommio::spawn_local(crate::coordinator::coordinator_loop(shard.clone())).detach();
-    let _ = events.send((id, ShardEvent::Ready));
+    let _ = events.send((id, ShardEvent::Recovered));
+    tracing::debug!(shard = id, partitions = shard.all_logs().len(), "recovered");
+    // Listen only once every shard recovered, so that no request reaches a shard (or is
+    // forwarded to one) whose partitions are not open yet.
+    if !wait_for(&phase.listen, &stop).await {
+        shard.shutting_down.set(true);
+        close_logs(&shard).await;
+        return Ok(());
+    }
+    let listener = match bind_listener(listen) {
+        Ok(listener) => listener,
+        Err(error) => {
+            shard.shutting_down.set(true);
+            close_logs(&shard).await;
+            return Err(format!("binding {listen}: {error}"));
+        }
+    };
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    *shard.advertised.borrow_mut() = advertised(bound);
+    let _ = events.send((id, ShardEvent::Listening));
     tracing::info!(shard = id, %bound, partitions = shard.all_logs().len(), "shard ready");
 
     // Accept until told to stop.
@@ -283,6 +447,13 @@ async fn run_shard(
         }
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
+    close_logs(&shard).await;
+    tracing::info!(shard = id, "shard stopped");
+    Ok(())
+}
+
+/// Writes the producer snapshots and closes every log of the shard (flushed and synced).
+async fn close_logs(shard: &Shard) {
     for (topic, partition, owned) in shard.all_partitions() {
         if let Err(error) = owned.snapshot_producers().await {
             tracing::warn!(topic, partition, error, "writing the producer snapshot");
@@ -297,8 +468,6 @@ async fn run_shard(
             tracing::warn!(partition = partition.partition, %error, "closing an offsets log");
         }
     }
-    tracing::info!(shard = id, "shard stopped");
-    Ok(())
 }
 
 /// A listening socket with SO_REUSEPORT (every shard listens on the port) and SO_REUSEADDR
@@ -362,9 +531,9 @@ async fn retention_loop(shard: Rc<Shard>) {
 }
 
 /// Runs a broker until SIGINT or SIGTERM, then stops it cleanly. Prints the listening address
-/// on stdout once ready.
+/// on stdout once ready. A signal during start-up stops the start.
 pub fn run(config: BrokerConfig) -> Result<(), StartError> {
-    // Block the signals before any thread starts, so only `sigwait` below receives them.
+    // Block the signals before any thread starts, so only the waiting thread receives them.
     // SAFETY: plain libc signal-set manipulation on locals.
     let mut signals: libc::sigset_t = unsafe { std::mem::zeroed() };
     unsafe {
@@ -373,10 +542,28 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         libc::sigaddset(&mut signals, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut());
     }
+    let signalled = Arc::new(AtomicBool::new(false));
+    let (signal_sender, signal_receiver) = mpsc::channel::<libc::c_int>();
+    {
+        let signalled = signalled.clone();
+        std::thread::Builder::new()
+            .name("skein-signals".into())
+            .spawn(move || loop {
+                let mut received: libc::c_int = 0;
+                // SAFETY: waits for one of the blocked signals.
+                if unsafe { libc::sigwait(&signals, &mut received) } == 0 {
+                    signalled.store(true, Ordering::SeqCst);
+                    if signal_sender.send(received).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("a thread for signals");
+    }
     let fsync = config.fsync;
     let cores = config.cores;
     let data_dir = config.data_dir.clone();
-    let broker = start(config)?;
+    let broker = start_until(config, &signalled)?;
     println!(
         "skein broker listening on {} ({} shards, fsync={}, data in {})",
         broker.addr,
@@ -384,9 +571,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         fsync,
         data_dir.display()
     );
-    let mut received: libc::c_int = 0;
-    // SAFETY: waits for one of the blocked signals.
-    unsafe { libc::sigwait(&signals, &mut received) };
+    let received = signal_receiver.recv().unwrap_or(libc::SIGTERM);
     tracing::info!(signal = received, "stopping");
     broker.stop();
     eprintln!("skein broker stopped");

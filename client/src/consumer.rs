@@ -289,7 +289,7 @@ impl Consumer {
         }
         self.initialise_positions().await?;
         loop {
-            let (asked, handle) = match self.prefetch.take() {
+            let (asked, mut handle) = match self.prefetch.take() {
                 Some(prefetch) => prefetch,
                 None => {
                     let wait = deadline
@@ -299,14 +299,31 @@ impl Consumer {
                     (positions.clone(), self.start_fetch(positions, wait))
                 }
             };
-            let response = match tokio::time::timeout_at(deadline + Duration::from_secs(5), handle).await {
-                Ok(Ok(response)) => response?,
-                Ok(Err(join_error)) => return Err(ClientError::ConnectionLost(join_error.to_string())),
-                Err(_) => return Err(ClientError::Timeout(timeout)),
+            // A fetch still on its way at the deadline (a broker being restarted, or paused)
+            // stays in flight for the next poll.
+            let joined = tokio::select! {
+                joined = &mut handle => joined,
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.prefetch = Some((asked, handle));
+                    return Ok(Vec::new());
+                }
             };
-            // A response to positions that moved since (a seek) is stale.
-            if asked.iter().all(|(key, offset)| self.positions.get(key) == Some(offset)) {
-                self.absorb(response).await?;
+            match joined {
+                Ok(Ok(response)) => {
+                    // A response to positions that moved since (a seek) is stale.
+                    if asked.iter().all(|(key, offset)| self.positions.get(key) == Some(offset)) {
+                        self.absorb(response).await?;
+                    }
+                }
+                Ok(Err(error)) if error.is_retriable() => {
+                    // The client already reconnected and retried for `retry_timeout`; keep
+                    // polling (a consumer rides over broker restarts) until the deadline.
+                    tracing::debug!(%error, "fetch failed; fetching again");
+                    let pause = Duration::from_millis(100);
+                    tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
+                }
+                Ok(Err(error)) => return Err(error),
+                Err(join_error) => return Err(ClientError::ConnectionLost(join_error.to_string())),
             }
             if !self.buffered.is_empty() {
                 let positions = self.positions.clone();

@@ -66,6 +66,9 @@ pub struct ClientConfig {
     pub client_id: String,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// How long a request keeps being retried after a lost or refused connection (a broker
+    /// restart) before it fails: [`Client::request`] reconnects and sends it again.
+    pub retry_timeout: Duration,
     /// Requests in flight on the connection at once.
     pub in_flight_max: usize,
 }
@@ -77,6 +80,7 @@ impl ClientConfig {
             client_id: "skein-client".into(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            retry_timeout: Duration::from_secs(30),
             in_flight_max: 64,
         }
     }
@@ -127,8 +131,10 @@ pub(crate) fn decode<T>(
 }
 
 impl Client {
-    /// Connects to the broker and performs the ApiVersions handshake.
+    /// Connects to the broker and performs the ApiVersions handshake. A refused or lost
+    /// connection (a broker that is restarting) is tried again until `connect_timeout`.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
+        let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let client = Client {
             inner: Arc::new(Inner {
                 config,
@@ -137,7 +143,7 @@ impl Client {
                 broker: Mutex::new(None),
             }),
         };
-        client.connection().await?;
+        retry_until(deadline, || client.connection()).await?;
         Ok(client)
     }
 
@@ -180,10 +186,13 @@ impl Client {
         Ok(connection)
     }
 
-    /// Sends a request on the broker connection and returns the response body.
+    /// Sends a request on the broker connection and returns the response body. If the
+    /// connection is lost or refused (the broker restarts), it reconnects and sends the request
+    /// again, for up to `retry_timeout`: every request that goes through here is safe to repeat
+    /// (produce requests do not: the producer orders its own resends).
     pub async fn request(&self, request: &Request<Bytes>) -> Result<Bytes> {
-        let connection = self.connection().await?;
-        connection.request(request).await
+        let deadline = tokio::time::Instant::now() + self.inner.config.retry_timeout;
+        retry_until(deadline, || async { self.connection().await?.request(request).await }).await
     }
 
     /// Fetches metadata (`None`: every topic) and refreshes the cache with it.
@@ -233,6 +242,28 @@ impl Client {
 
     pub(crate) fn forget_topic(&self, name: &str) {
         self.inner.topics.lock().expect("not poisoned").remove(name);
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails with something other than a lost or refused
+/// connection, or `deadline` passes; backs off 50 ms, doubling up to 1 s, in between.
+async fn retry_until<T, F, Fut>(deadline: tokio::time::Instant, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match attempt().await {
+            Err(error)
+                if error.is_connection_failure() && tokio::time::Instant::now() + backoff < deadline =>
+            {
+                tracing::debug!(%error, ?backoff, "no broker connection; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            outcome => return outcome,
+        }
     }
 }
 
