@@ -214,9 +214,11 @@ async fn a_gap_before_the_first_unacknowledged_batch_moves_the_partition_to_a_ne
     let producer = Producer::new(Client::connect(ClientConfig::new(addr)).await.unwrap(), config());
     let outcomes = send_one_by_one(&producer, 4).await;
     assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
-    let log = log.lock().unwrap();
-    assert_eq!(log.epochs, vec![0, 1], "one new epoch was asked for");
-    let seen: Vec<(i16, i32)> = log.batches.iter().map(|s| (s.epoch, s.sequence)).collect();
+    let (epochs, seen) = {
+        let log = log.lock().unwrap();
+        (log.epochs.clone(), log.batches.iter().map(|s| (s.epoch, s.sequence)).collect::<Vec<(i16, i32)>>())
+    };
+    assert_eq!(epochs, vec![0, 1], "one new epoch was asked for");
     assert_eq!(
         seen,
         vec![(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)],
