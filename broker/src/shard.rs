@@ -693,17 +693,7 @@ impl Shard {
                         ReadData::Empty => Ok(Records::Memory(Vec::new())),
                         ReadData::Memory(chunks) => Ok(Records::Memory(chunks)),
                         ReadData::File { segment, position, len } => segment
-                            .buffered_fd()
-                            .and_then(|fd| {
-                                // SAFETY: the descriptor is open for as long as `segment` lives;
-                                // it is only borrowed here to duplicate it.
-                                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                                borrowed.try_clone_to_owned().map_err(|e| StorageError::Io {
-                                    op: "duplicating a descriptor of",
-                                    path: segment.path().to_path_buf(),
-                                    source: std::sync::Arc::new(e),
-                                })
-                            })
+                            .open_buffered()
                             .map(|fd| Records::File { fd, position, len }),
                     };
                     match records {

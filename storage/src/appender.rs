@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use glommio::io::{DmaBuffer, DmaFile};
+use glommio::io::DmaBuffer;
 
 use crate::files::BLOCK_BYTES;
 use crate::io::{align_down, align_up};
@@ -114,9 +114,9 @@ impl Appender {
         self.chunks.iter().any(|chunk| chunk.taken < chunk.len)
     }
 
-    fn new_chunk(&mut self, file: &DmaFile) -> Chunk {
+    fn new_chunk(&mut self) -> Chunk {
         let position = align_down(self.end);
-        let mut buffer = self.free.pop().unwrap_or_else(|| file.alloc_dma_buffer(self.chunk_bytes));
+        let mut buffer = self.free.pop().unwrap_or_else(|| glommio::allocate_dma_buffer(self.chunk_bytes));
         let carried = (self.end - position) as usize;
         if carried > 0 {
             // Only for the first chunk after open, truncation or a failed write: chunk
@@ -129,10 +129,10 @@ impl Appender {
     }
 
     /// Copies `data` into the chunks.
-    pub fn append(&mut self, file: &DmaFile, mut data: &[u8]) {
+    pub fn append(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.chunks.back().is_none_or(|chunk| chunk.len == self.chunk_bytes) {
-                let chunk = self.new_chunk(file);
+                let chunk = self.new_chunk();
                 self.chunks.push_back(chunk);
             }
             let chunk = self.chunks.back_mut().expect("pushed above");
@@ -147,7 +147,7 @@ impl Appender {
     /// The next write, or `None` if nothing may be written now. `busy_until` is the block end of
     /// the newest write still in flight (0 if none): a write that would rewrite a block before
     /// it waits. A partly filled chunk is only written when `allow_partial`.
-    pub fn next_write(&mut self, file: &DmaFile, busy_until: u64, allow_partial: bool) -> Option<Write> {
+    pub fn next_write(&mut self, busy_until: u64, allow_partial: bool) -> Option<Write> {
         let chunk = self.chunks.front_mut()?;
         if chunk.taken == chunk.len {
             return None;
@@ -168,7 +168,7 @@ impl Appender {
             return None;
         }
         let to = align_up(chunk.len as u64) as usize;
-        let mut buffer = file.alloc_dma_buffer(to - from);
+        let mut buffer = glommio::allocate_dma_buffer(to - from);
         let target = buffer.as_bytes_mut();
         target[..chunk.len - from].copy_from_slice(&chunk.buffer.as_bytes()[from..chunk.len]);
         target[chunk.len - from..].fill(0);
@@ -200,6 +200,22 @@ impl Appender {
         }
     }
 
+    /// Gives the write buffers back to the allocator when everything appended is written,
+    /// keeping only the content of the last, partly filled block (rewritten with the next
+    /// write). Returns whether it did.
+    pub fn release_idle(&mut self) -> bool {
+        if self.written != self.end || self.has_untaken() {
+            return false;
+        }
+        assert!(self.chunks.len() <= 1, "only the last, partly filled chunk stays after its write");
+        self.free.clear();
+        if let Some(chunk) = self.chunks.pop_back() {
+            let from = (align_down(self.end) - chunk.position) as usize;
+            self.carried = chunk.buffer.as_bytes()[from..chunk.len].to_vec();
+        }
+        true
+    }
+
     /// Forgets every byte after `end` (a failed write, with no write in flight any more), so the
     /// next append continues from there. `tail_block` is the content of
     /// `[align_down(end), end)`.
@@ -228,7 +244,6 @@ mod tests {
             std::fs::create_dir_all(&root).unwrap();
             let dir = tempfile::tempdir_in(root).unwrap();
             crate::io::prime_executor(dir.path()).await.unwrap();
-            let file = crate::io::open_read_write(&dir.path().join("f"), true).await.unwrap();
             let mut appender = Appender::new(8192, 2, 4096 + 100, vec![7u8; 100]);
             let mut expected = vec![0u8; 4096];
             expected.extend_from_slice(&[7u8; 100]);
@@ -242,13 +257,13 @@ mod tests {
             for round in 0..400u32 {
                 let size = next(&mut seed) as usize % 20_000;
                 let data: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_add(round as u8)).collect();
-                appender.append(&file, &data);
+                appender.append(&data);
                 expected.extend_from_slice(&data);
                 // Issue what may be issued.
                 loop {
                     let busy_until = in_flight.iter().map(Write::block_end).max().unwrap_or(0);
                     let allow_partial = in_flight.is_empty() || next(&mut seed) % 2 == 0;
-                    match appender.next_write(&file, busy_until, allow_partial) {
+                    match appender.next_write(busy_until, allow_partial) {
                         Some(write) => {
                             assert_eq!(write.position % 4096, 0);
                             assert_eq!(write.len() % 4096, 0);
@@ -284,17 +299,30 @@ mod tests {
                 }
                 disk[position..position + bytes.len()].copy_from_slice(&bytes);
             }
-            while let Some(write) = appender.next_write(&file, 0, true) {
-                let bytes = match &write.buffer {
-                    WriteBuffer::Shared(buffer) => buffer.as_bytes().to_vec(),
-                    WriteBuffer::Owned(buffer) => buffer.as_bytes().to_vec(),
-                };
-                let position = write.position as usize;
-                if disk.len() < position + bytes.len() {
-                    disk.resize(position + bytes.len(), 0);
+            let drain = |appender: &mut Appender, disk: &mut Vec<u8>| {
+                while let Some(write) = appender.next_write(0, true) {
+                    let bytes = match &write.buffer {
+                        WriteBuffer::Shared(buffer) => buffer.as_bytes().to_vec(),
+                        WriteBuffer::Owned(buffer) => buffer.as_bytes().to_vec(),
+                    };
+                    let position = write.position as usize;
+                    if disk.len() < position + bytes.len() {
+                        disk.resize(position + bytes.len(), 0);
+                    }
+                    disk[position..position + bytes.len()].copy_from_slice(&bytes);
+                    appender.written_to(write.data_end);
                 }
-                disk[position..position + bytes.len()].copy_from_slice(&bytes);
-            }
+            };
+            drain(&mut appender, &mut disk);
+            assert_eq!(&disk[..expected.len()], &expected[..]);
+            // Idle: the buffers go, the partly filled last block stays, and appends go on.
+            assert!(appender.release_idle(), "everything is written");
+            assert!(appender.chunks.is_empty() && appender.free.is_empty());
+            let more: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+            appender.append(&more);
+            expected.extend_from_slice(&more);
+            assert!(!appender.release_idle(), "not while something is unwritten");
+            drain(&mut appender, &mut disk);
             assert_eq!(&disk[..expected.len()], &expected[..]);
         });
     }

@@ -60,6 +60,22 @@ impl TailCache {
         }
     }
 
+    /// Drops every batch that may be read from the file instead, keeping those of the active
+    /// segment that end after `stable_position`, each in its own allocation.
+    pub fn shrink_to_unstable(&mut self, active_base: u64, stable_position: u64) {
+        while let Some(front) = self.entries.front() {
+            if front.segment_base == active_base && front.end_position() > stable_position {
+                break;
+            }
+            self.bytes -= front.data.len();
+            self.entries.pop_front();
+        }
+        for entry in &mut self.entries {
+            entry.data = Bytes::copy_from_slice(&entry.data);
+        }
+        self.entries.shrink_to_fit();
+    }
+
     /// The first cached batch, if any.
     pub fn first(&self) -> Option<&CacheEntry> {
         self.entries.front()

@@ -71,6 +71,18 @@ impl StorageError {
         StorageError::Io { op, path, source: Arc::new(source) }
     }
 
+    /// Back to an `io::Error` (keeping the OS error code) where a caller deals in those.
+    pub(crate) fn into_io(self) -> io::Error {
+        match self {
+            StorageError::Io { source, .. } => match source.raw_os_error() {
+                Some(code) => io::Error::from_raw_os_error(code),
+                None => io::Error::new(source.kind(), source.to_string()),
+            },
+            StorageError::NoSpace { .. } => io::Error::from_raw_os_error(libc::ENOSPC),
+            other => io::Error::other(other.to_string()),
+        }
+    }
+
     /// Whether the same request may succeed if retried later (after space is freed, after a
     /// transient error), as opposed to a request that is wrong in itself.
     pub fn is_retriable(&self) -> bool {

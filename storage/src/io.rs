@@ -94,6 +94,24 @@ pub(crate) async fn write_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Replaces `path` with `bytes` atomically on the executor, through io_uring: written to a
+/// temporary file beside it and synced, renamed over it, the directory synced. A crash leaves
+/// either the old file or the new one (and perhaps the temporary file, which the next write
+/// replaces). For small files (snapshots, metadata).
+pub async fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    write_small_file(&tmp, bytes).await?;
+    std::fs::rename(&tmp, path).map_err(|e| StorageError::io("renaming", &tmp, e))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let directory = glommio::io::Directory::open(dir)
+        .await
+        .map_err(|e| StorageError::io("opening", dir, glommio_io(e)))?;
+    let synced =
+        directory.sync().await.map_err(|e| StorageError::io("syncing directory", dir, glommio_io(e)));
+    let _ = directory.close().await;
+    synced
+}
+
 /// Writes `bytes` at the aligned position `position`, zero-padding to the block size.
 pub(crate) async fn write_block_padded(
     file: &DmaFile,

@@ -55,6 +55,8 @@ mod config;
 #[cfg(feature = "engine")]
 mod error;
 #[cfg(feature = "engine")]
+pub mod handles;
+#[cfg(feature = "engine")]
 mod io;
 #[cfg(feature = "engine")]
 mod log;
@@ -68,7 +70,7 @@ pub use crate::config::{FsyncPolicy, LogConfig, ParseFsyncPolicyError};
 #[cfg(feature = "engine")]
 pub use crate::error::{CorruptionKind, Result, StorageError};
 #[cfg(feature = "engine")]
-pub use crate::io::{now_ms, prime_executor};
+pub use crate::io::{now_ms, prime_executor, write_file_atomically};
 #[cfg(feature = "engine")]
 pub use crate::log::{AppendAck, Appended, Log, ReadData, ReadSlice, RetentionOutcome};
 #[cfg(feature = "engine")]

@@ -74,12 +74,20 @@ use crate::error::{glommio_io, CorruptionKind, Result, StorageError};
 use crate::files::{
     self, Checkpoint, FormatError, IndexEntry, SegmentSummary, CHECKPOINT_FILE, SEGMENT_HEADER_BYTES,
 };
+use crate::handles;
 use crate::io::{self as dio, align_down, now_ms};
 use crate::notify::Notify;
 use crate::segment::{self, SegmentFile};
 
 /// Free write buffers kept per log for reuse.
 const FREE_BUFFERS_MAX: usize = 4;
+/// A log with nothing to write for this long gives its write buffers back and keeps in its
+/// tail cache only the batches it must (see [`State::release_idle`]): memory at rest stays small
+/// however many partitions a node holds.
+const IDLE_RELEASE: Duration = Duration::from_secs(2);
+/// The first extension of an active segment ahead of its data (then it follows the write
+/// rate; see `Log::preallocate`).
+pub const PREALLOCATE_STEP_MIN: u64 = 64 << 10;
 
 /// A point in the log: the offset after the last batch it covers, where that batch ends in the
 /// active segment, and the largest timestamp up to it.
@@ -159,10 +167,7 @@ struct Shared {
     progress: Notify,
     /// Serialises appends, rolls, truncation, retention and close. Never held by reads.
     gate: Semaphore,
-    checkpoint_file: DmaFile,
     checkpoint_path: PathBuf,
-    /// The partition directory, to make created and removed files durable.
-    directory: glommio::io::Directory,
     /// A segment was created since the directory was last synced: the next sync syncs it too.
     directory_sync_pending: Cell<bool>,
     /// Work on sealed segments running in the background (index files, syncs).
@@ -174,6 +179,18 @@ struct Shared {
     checkpoint_gate: Semaphore,
     /// Set when the flusher is waiting for the checkpoint write, so close waits for it.
     checkpoint_busy: Cell<bool>,
+    /// The current preallocation step and when the last extension happened.
+    preallocate_step: Cell<u64>,
+    preallocated_at: Cell<Option<Instant>>,
+    /// Bytes of the active segment allocated ahead of its data, as last counted in the shard's
+    /// total (`handles`).
+    allocated_ahead: Cell<u64>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        handles::adjust_ahead(self.allocated_ahead.get(), 0);
+    }
 }
 
 /// The durable, append-only log of one partition.
@@ -333,6 +350,19 @@ impl State {
     }
 }
 
+impl State {
+    /// Everything is written: release the write buffers and the tail cache, but for the batches
+    /// that overlap the last, not yet stable block (copied out, so they do not keep a whole
+    /// request's buffer alive).
+    fn release_idle(&mut self) {
+        if !self.active.appender.release_idle() {
+            return;
+        }
+        let (active_base, stable) = (self.active.file.base_offset(), self.stable_position());
+        self.cache.shrink_to_unstable(active_base, stable);
+    }
+}
+
 impl Shared {
     fn check_usable(&self) -> Result<()> {
         let state = self.state.borrow();
@@ -345,12 +375,14 @@ impl Shared {
         Ok(())
     }
 
+    /// Records this log's bytes allocated ahead of data in the shard's total.
+    fn account_ahead(&self, bytes: u64) {
+        handles::adjust_ahead(self.allocated_ahead.replace(bytes), bytes);
+    }
+
     async fn sync_directory(&self) -> Result<()> {
         self.directory_sync_pending.set(false);
-        self.directory
-            .sync()
-            .await
-            .map_err(|e| StorageError::io("syncing directory", &self.dir, glommio_io(e)))
+        sync_directory(&self.dir).await
     }
 
     /// Waits for the background index writes started so far.
@@ -378,12 +410,18 @@ impl Shared {
             return Ok(());
         }
         let checkpoint = Checkpoint { tail_base_offset, recovery_position, written_ms: now_ms() };
-        dio::write_block_padded(&self.checkpoint_file, &self.checkpoint_path, 0, &checkpoint.encode())
-            .await?;
-        self.checkpoint_file
-            .fdatasync()
-            .await
-            .map_err(|e| StorageError::io("syncing", &self.checkpoint_path, glommio_io(e)))?;
+        // Opened for each write (at most every `checkpoint_interval`) rather than held: a
+        // partition at rest holds no descriptor.
+        let file = open_checkpoint(&self.checkpoint_path).await?;
+        let written = async {
+            dio::write_block_padded(&file, &self.checkpoint_path, 0, &checkpoint.encode()).await?;
+            file.fdatasync()
+                .await
+                .map_err(|e| StorageError::io("syncing", &self.checkpoint_path, glommio_io(e)))
+        }
+        .await;
+        let _ = file.close().await;
+        written?;
         self.state.borrow_mut().last_checkpoint = Some(Instant::now());
         self.checkpoint_mark.set((tail_base_offset, recovery_position));
         Ok(())
@@ -454,15 +492,54 @@ enum Event {
 
 impl Flusher {
     async fn run(mut self) {
+        // When the log last had nothing to write: its buffers go back after `IDLE_RELEASE`.
+        let mut idle_since: Option<Instant> = None;
+        let mut released = false;
         loop {
             let shared = self.shared.clone();
             let notified = shared.wake_flusher.notified();
+            let reopen = {
+                let state = shared.state.borrow();
+                let segment = &state.active.file;
+                (state.active.appender.has_untaken() && segment.cached_file().is_none())
+                    .then(|| segment.clone())
+            };
+            if let Some(segment) = reopen {
+                // The open-files budget closed the active segment while it was idle.
+                if let Err(error) = segment.file().await {
+                    self.failure.get_or_insert(error);
+                }
+            }
             self.submit_writes();
             self.start_sync();
             if self.failure.is_some() && self.in_flight.is_empty() && self.sync.is_none() {
                 self.recover_from_write_failure().await;
                 continue;
             }
+            let quiet = {
+                let state = shared.state.borrow();
+                self.in_flight.is_empty()
+                    && self.sync.is_none()
+                    && state.barriers.is_empty()
+                    && state.active.appender.buffered() == 0
+            };
+            let release_in = if quiet {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                let waited = since.elapsed();
+                if waited >= IDLE_RELEASE {
+                    if !released {
+                        shared.state.borrow_mut().release_idle();
+                        released = true;
+                    }
+                    None
+                } else {
+                    Some(IDLE_RELEASE - waited)
+                }
+            } else {
+                idle_since = None;
+                released = false;
+                None
+            };
             let sync_wait = {
                 let state = shared.state.borrow();
                 let idle = self.in_flight.is_empty() && self.sync.is_none();
@@ -487,7 +564,11 @@ impl Flusher {
                 }
             };
             let mut notified = std::pin::pin!(notified);
-            let mut timer = sync_wait.map(|wait| Box::pin(glommio::timer::sleep(wait)));
+            let wait = match (sync_wait, release_in) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let mut timer = wait.map(|wait| Box::pin(glommio::timer::sleep(wait)));
             let event = futures::future::poll_fn(|cx| {
                 if !self.writes.is_empty() {
                     if let Poll::Ready(Some(done)) = self.writes.poll_next_unpin(cx) {
@@ -532,11 +613,12 @@ impl Flusher {
             return;
         }
         let segment = state.active.file.clone();
+        // Reopened by the run loop before this when the budget closed it.
+        let Some(dma) = segment.cached_file() else { return };
         loop {
             let busy_until = self.in_flight.back().map_or(0, |write| write.block_end);
             let allow_partial = self.in_flight.is_empty();
-            let Some(write) = state.active.appender.next_write(segment.dma(), busy_until, allow_partial)
-            else {
+            let Some(write) = state.active.appender.next_write(busy_until, allow_partial) else {
                 break;
             };
             let sequence = self.next_sequence;
@@ -547,10 +629,9 @@ impl Flusher {
                 block_end: write.block_end(),
                 outcome: None,
             });
-            let segment = segment.clone();
+            let (segment, dma) = (segment.clone(), dma.clone());
             self.writes.push(Box::pin(async move {
                 let expected = write.len();
-                let dma = segment.dma();
                 let (result, shared) = match write.buffer {
                     WriteBuffer::Shared(buffer) => {
                         (dma.write_rc_at(buffer.clone(), write.position).await, Some(buffer))
@@ -641,11 +722,14 @@ impl Flusher {
         self.sync = Some(Box::pin(async move {
             let mut result = Ok(());
             if shared.directory_sync_pending.get() {
-                result = shared.directory.sync().await.map_err(glommio_io);
+                result = sync_directory(&shared.dir).await.map_err(StorageError::into_io);
                 shared.directory_sync_pending.set(result.is_err());
             }
             if result.is_ok() {
-                result = segment.dma().fdatasync().await.map_err(glommio_io);
+                result = match segment.file().await {
+                    Ok(file) => file.fdatasync().await.map_err(glommio_io),
+                    Err(error) => Err(error.into_io()),
+                };
             }
             (segment, mark, result)
         }));
@@ -706,11 +790,7 @@ impl Flusher {
             } else {
                 segment.read(block, (written.position - block) as usize).await?.to_vec()
             };
-            segment
-                .dma()
-                .truncate(written.position)
-                .await
-                .map_err(|e| StorageError::io("truncating", segment.path(), glommio_io(e)))?;
+            segment.truncate(written.position).await?;
             Ok::<_, StorageError>(tail)
         }
         .await;
@@ -730,6 +810,7 @@ impl Flusher {
         tracing::warn!(path = %segment.path().display(), %error, offset = written.offset, "write failed; unacknowledged appends dropped");
         state.active.appender.reset(written.position, tail_block);
         state.active.allocated = written.position;
+        shared.account_ahead(0);
         state.next_offset = written.offset;
         state.active.max_timestamp = written.max_timestamp;
         state.active.index.retain(|entry| u64::from(entry.position) < written.position);
@@ -796,14 +877,6 @@ impl Log {
                     None
                 }
             },
-        };
-        let checkpoint_file = {
-            let mut options = glommio::io::OpenOptions::new();
-            options.read(true).write(true).create(true);
-            options
-                .dma_open(&checkpoint_path)
-                .await
-                .map_err(|e| StorageError::io("opening", &checkpoint_path, glommio_io(e)))?
         };
 
         if bases.is_empty() {
@@ -916,11 +989,7 @@ impl Log {
             last_checkpoint: None,
             generation: 0,
         };
-        let directory = glommio::io::Directory::open(&dir)
-            .await
-            .map_err(|e| StorageError::io("opening", &dir, glommio_io(e)))?;
         let shared = Rc::new(Shared {
-            directory,
             directory_sync_pending: Cell::new(false),
             index_writes: RefCell::new(Vec::new()),
             checkpoint_mark: Cell::new(
@@ -933,9 +1002,11 @@ impl Log {
             wake_flusher: Notify::default(),
             progress: Notify::default(),
             gate: Semaphore::new(1),
-            checkpoint_file,
             checkpoint_path,
             checkpoint_busy: Cell::new(false),
+            preallocate_step: Cell::new(PREALLOCATE_STEP_MIN),
+            preallocated_at: Cell::new(None),
+            allocated_ahead: Cell::new(0),
         });
         {
             let mut state = shared.state.borrow_mut();
@@ -1027,7 +1098,7 @@ impl Log {
             });
         }
         active.max_timestamp = active.max_timestamp.max(header.max_timestamp);
-        active.appender.append(active.file.dma(), &batch);
+        active.appender.append(&batch);
         state.next_offset = next_offset;
         state.cache.push(CacheEntry {
             base_offset,
@@ -1045,27 +1116,48 @@ impl Log {
         Appended { base_offset, last_offset: next_offset - 1, ack: AppendAck { receiver } }
     }
 
-    /// Extends the active file ahead of the data (see `LogConfig::preallocate_bytes`).
+    /// Extends the active file ahead of the data. The step follows the write rate: it starts at
+    /// [`PREALLOCATE_STEP_MIN`], doubles each time the previous one was used up within a second
+    /// (up to `LogConfig::preallocate_bytes`) and halves when it lasted more than ten; and the
+    /// shard's logs together stay within the shard's `preallocate_bytes_max` (see
+    /// [`crate::handles`]), beyond which a log allocates only what it writes.
     async fn preallocate(&self, incoming: u64) -> Result<()> {
-        let config = &self.shared.config;
-        let (segment, target) = {
-            let state = self.shared.state.borrow();
-            let needed = state.active.appender.end() + incoming;
+        let shared = &self.shared;
+        let config = &shared.config;
+        let (segment, target, end) = {
+            let state = shared.state.borrow();
+            let end = state.active.appender.end();
+            let needed = end + incoming;
             if config.preallocate_bytes == 0 || needed <= state.active.allocated {
                 return Ok(());
             }
+            let max = config.preallocate_bytes.max(PREALLOCATE_STEP_MIN);
+            let mut step = shared.preallocate_step.get();
+            match shared.preallocated_at.get().map(|at| at.elapsed()) {
+                Some(since) if since < Duration::from_secs(1) => step = (step * 2).min(max),
+                Some(since) if since > Duration::from_secs(10) => step = (step / 2).max(PREALLOCATE_STEP_MIN),
+                _ => {}
+            }
+            shared.preallocate_step.set(step);
+            let ahead = handles::ahead_room().map_or(step, |room| {
+                // The bytes this log already holds ahead count as its own.
+                step.min(room + shared.allocated_ahead.get())
+            });
             let target =
-                (dio::align_up(needed) + config.preallocate_bytes).min(dio::align_up(config.segment_bytes));
-            (state.active.file.clone(), target.max(dio::align_up(needed)))
+                (dio::align_up(needed) + dio::align_down(ahead)).min(dio::align_up(config.segment_bytes));
+            (state.active.file.clone(), target.max(dio::align_up(needed)), end)
         };
         segment
-            .dma()
+            .file()
+            .await?
             .pre_allocate(target, false)
             .await
             .map_err(|e| StorageError::io("allocating space for", segment.path(), glommio_io(e)))?;
-        let mut state = self.shared.state.borrow_mut();
+        shared.preallocated_at.set(Some(Instant::now()));
+        let mut state = shared.state.borrow_mut();
         if Rc::ptr_eq(&state.active.file, &segment) {
             state.active.allocated = state.active.allocated.max(target);
+            shared.account_ahead(state.active.allocated.saturating_sub(end));
         }
         Ok(())
     }
@@ -1106,6 +1198,7 @@ impl Log {
         // Cut the space allocated ahead. Not synced: if the new size is lost in a crash, recovery
         // finds zeros after the last batch and trims them again.
         segment.truncate(summary.log_bytes).await?;
+        shared.account_ahead(0);
         let created_ms = now_ms();
         let next = Rc::new(SegmentFile::create(&shared.dir, summary.next_offset, created_ms).await?);
         // The new file and its directory entry are synced by the flusher's next sync, before any
@@ -1638,9 +1731,8 @@ impl Log {
         }
         dio::remove_file(&target.paths().index)?;
         dio::remove_file(&target.paths().time_index)?;
-        let dma = target.dma();
-        dma.truncate(cut).await.map_err(|e| StorageError::io("truncating", target.path(), glommio_io(e)))?;
-        dma.fdatasync().await.map_err(|e| StorageError::io("syncing", target.path(), glommio_io(e)))?;
+        target.truncate(cut).await?;
+        target.sync().await?;
         shared.sync_directory().await?;
         // Rebuild the in-memory state of the kept part.
         let kept: Vec<IndexEntry> =
@@ -1662,6 +1754,7 @@ impl Log {
             Err(error) => return Err(target.corruption(0, CorruptionKind::Format(error))),
         };
         shared.store_checkpoint(base, cut, true).await?;
+        shared.account_ahead(0);
         let mut state = shared.state.borrow_mut();
         let mark = Mark { offset: new_next, position: cut, max_timestamp };
         state.active = Active {
@@ -1714,9 +1807,9 @@ impl Log {
             let state = shared.state.borrow();
             (state.active.file.clone(), state.active.appender.end())
         };
-        let dma = segment.dma();
-        dma.truncate(end).await.map_err(|e| StorageError::io("truncating", segment.path(), glommio_io(e)))?;
-        dma.fdatasync().await.map_err(|e| StorageError::io("syncing", segment.path(), glommio_io(e)))?;
+        segment.truncate(end).await?;
+        shared.account_ahead(0);
+        segment.sync().await?;
         shared.write_checkpoint(segment.base_offset(), end).await?;
         shared.gate.close();
         drop(permit);
@@ -1844,7 +1937,7 @@ async fn recover_segment(
             tracing::warn!(path = %file.path().display(), size, "rewriting the lost header of a segment");
             let created_ms = now_ms();
             let header = files::SegmentHeader { base_offset: base, created_ms }.encode();
-            dio::write_block_padded(file.dma(), file.path(), 0, &header).await?;
+            dio::write_block_padded(&*file.file().await?, file.path(), 0, &header).await?;
             file.sync().await?;
             created_ms
         }
@@ -1894,6 +1987,23 @@ async fn seal_recovered(recovered: RecoveredSegment) -> Result<Sealed> {
     };
     segment::write_index(&recovered.file, &summary, &recovered.entries).await?;
     Ok(Sealed { file: Rc::new(recovered.file), summary, index: Some(Rc::new(recovered.entries)) })
+}
+
+/// Makes a directory's entries durable (opened for the sync, not held).
+async fn sync_directory(dir: &Path) -> Result<()> {
+    let directory = glommio::io::Directory::open(dir)
+        .await
+        .map_err(|e| StorageError::io("opening", dir, glommio_io(e)))?;
+    let synced =
+        directory.sync().await.map_err(|e| StorageError::io("syncing directory", dir, glommio_io(e)));
+    let _ = directory.close().await;
+    synced
+}
+
+async fn open_checkpoint(path: &Path) -> Result<DmaFile> {
+    let mut options = glommio::io::OpenOptions::new();
+    options.read(true).write(true).create(true);
+    options.dma_open(path).await.map_err(|e| StorageError::io("opening", path, glommio_io(e)))
 }
 
 /// Deletes segments that follow a torn one: none of their bytes was ever synced.

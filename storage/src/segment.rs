@@ -1,9 +1,9 @@
 //! One segment's files, the batch scanner used by recovery and index rebuilds, and header
 //! lookups used by reads.
 
-use std::cell::OnceCell;
-use std::os::fd::AsRawFd;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use bytes::Bytes;
 use glommio::io::DmaFile;
@@ -11,6 +11,7 @@ use glommio::io::DmaFile;
 use crate::batch::{self, BatchError, BatchHeader, BATCH_HEADER_BYTES};
 use crate::error::{glommio_io, CorruptionKind, Result, StorageError};
 use crate::files::{self, IndexEntry, SegmentHeader, SegmentPaths, SegmentSummary, SEGMENT_HEADER_BYTES};
+use crate::handles::FileSlot;
 use crate::io::{self as dio, align_down};
 
 /// Reads of at least this size refill the scanner's window.
@@ -21,13 +22,15 @@ const LOOKUP_WINDOW_BYTES: usize = 64 << 10;
 /// The files of one segment. Shared (`Rc`) with readers, so a segment deleted by retention
 /// stays readable until the last reader drops it.
 ///
+/// Its O_DIRECT handle is under the shard's open-files budget ([`crate::handles`]): it may be
+/// closed while the segment is idle and is reopened on the next use.
+///
 /// Lives on the shard that owns the partition.
 #[derive(Debug)]
 pub struct SegmentFile {
     base_offset: u64,
     paths: SegmentPaths,
-    dma: DmaFile,
-    buffered: OnceCell<std::fs::File>,
+    file: FileSlot,
 }
 
 impl SegmentFile {
@@ -42,24 +45,25 @@ impl SegmentFile {
         let dma = dio::open_read_write(&paths.log, true).await?;
         let header = SegmentHeader { base_offset, created_ms }.encode();
         dio::write_block_padded(&dma, &paths.log, 0, &header).await?;
-        Ok(SegmentFile { base_offset, paths, dma, buffered: OnceCell::new() })
+        let file = FileSlot::opened(paths.log.clone(), dma);
+        Ok(SegmentFile { base_offset, paths, file })
     }
 
     pub(crate) async fn sync(&self) -> Result<()> {
-        self.dma.fdatasync().await.map_err(|e| StorageError::io("syncing", &self.paths.log, glommio_io(e)))
+        let file = self.file().await?;
+        file.fdatasync().await.map_err(|e| StorageError::io("syncing", &self.paths.log, glommio_io(e)))
     }
 
     pub(crate) async fn truncate(&self, size: u64) -> Result<()> {
-        self.dma
-            .truncate(size)
-            .await
-            .map_err(|e| StorageError::io("truncating", &self.paths.log, glommio_io(e)))
+        let file = self.file().await?;
+        file.truncate(size).await.map_err(|e| StorageError::io("truncating", &self.paths.log, glommio_io(e)))
     }
 
     pub(crate) async fn open(dir: &Path, base_offset: u64) -> Result<SegmentFile> {
         let paths = SegmentPaths::new(dir, base_offset);
         let dma = dio::open_read_write(&paths.log, false).await?;
-        Ok(SegmentFile { base_offset, paths, dma, buffered: OnceCell::new() })
+        let file = FileSlot::opened(paths.log.clone(), dma);
+        Ok(SegmentFile { base_offset, paths, file })
     }
 
     pub fn base_offset(&self) -> u64 {
@@ -74,30 +78,35 @@ impl SegmentFile {
         &self.paths
     }
 
-    /// The O_DIRECT handle (reads and writes through io_uring).
-    pub fn dma(&self) -> &DmaFile {
-        &self.dma
+    /// The O_DIRECT handle (reads and writes through io_uring), reopened if the open-files
+    /// budget closed it. Hold it for the duration of an operation: a held handle is not closed.
+    pub async fn file(&self) -> Result<Rc<DmaFile>> {
+        self.file.get().await
     }
 
-    /// A plain (page cache) read-only descriptor of the `.log` file, opened on first use, for
-    /// `sendfile`/`splice`. Only stable ranges (see `appender`) are handed out for it.
-    pub fn buffered_fd(&self) -> Result<std::os::fd::RawFd> {
-        if let Some(file) = self.buffered.get() {
-            return Ok(file.as_raw_fd());
-        }
-        let file = std::fs::File::open(&self.paths.log)
-            .map_err(|e| StorageError::io("opening", &self.paths.log, e))?;
-        Ok(self.buffered.get_or_init(|| file).as_raw_fd())
+    /// The handle if it is open now.
+    pub(crate) fn cached_file(&self) -> Option<Rc<DmaFile>> {
+        self.file.cached()
+    }
+
+    /// A new plain (page cache) read-only descriptor of the `.log` file, for `sendfile`/
+    /// `splice`; the caller owns (and closes) it. Only stable ranges (see `appender`) are handed
+    /// out for it.
+    pub fn open_buffered(&self) -> Result<OwnedFd> {
+        std::fs::File::open(&self.paths.log)
+            .map(OwnedFd::from)
+            .map_err(|e| StorageError::io("opening", &self.paths.log, e))
     }
 
     pub(crate) async fn size(&self) -> Result<u64> {
-        self.dma.file_size().await.map_err(|e| StorageError::io("sizing", &self.paths.log, glommio_io(e)))
+        let file = self.file().await?;
+        file.file_size().await.map_err(|e| StorageError::io("sizing", &self.paths.log, glommio_io(e)))
     }
 
     /// Reads `len` bytes at `position` with O_DIRECT into a shared buffer (one copy).
     pub async fn read(&self, position: u64, len: usize) -> Result<Bytes> {
-        let read = self
-            .dma
+        let file = self.file().await?;
+        let read = file
             .read_at(position, len)
             .await
             .map_err(|e| StorageError::io("reading", &self.paths.log, glommio_io(e)))?;
@@ -116,8 +125,8 @@ impl SegmentFile {
 
     /// Reads and checks the segment header block.
     pub(crate) async fn read_header(&self) -> Result<std::result::Result<SegmentHeader, files::FormatError>> {
-        let read = self
-            .dma
+        let file = self.file().await?;
+        let read = file
             .read_at(0, SEGMENT_HEADER_BYTES as usize)
             .await
             .map_err(|e| StorageError::io("reading", &self.paths.log, glommio_io(e)))?;

@@ -82,10 +82,16 @@ fn recent_batches_come_from_memory_older_ones_from_stable_file_ranges() {
         };
         assert!(log.cache_bytes() <= 2048 + 4096 + 2048, "cache stays bounded: {}", log.cache_bytes());
         // The same bytes through the page cache (what sendfile would send) and through O_DIRECT.
-        let fd = segment.buffered_fd().unwrap();
+        let fd = segment.open_buffered().unwrap();
         let mut buffer = vec![0u8; len as usize];
-        let read =
-            unsafe { libc::pread(fd, buffer.as_mut_ptr().cast(), buffer.len(), position as libc::off_t) };
+        let read = unsafe {
+            libc::pread(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                position as libc::off_t,
+            )
+        };
         assert_eq!(read as usize, buffer.len());
         let direct = oldest.clone().into_bytes().await.unwrap();
         assert_eq!(&direct[..], &buffer[..]);
@@ -396,4 +402,141 @@ fn segments_roll_by_age() {
 fn the_value_check_catches_a_record_at_the_wrong_offset() {
     // Records built for offsets 40.. but stamped at 0: the helper every test relies on notices.
     check_records(batch_at(40, 3).freeze());
+}
+
+/// Descriptors this process holds now on files under `dir` (Linux `/proc`).
+fn open_descriptors(dir: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|target| target.starts_with(dir)))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn many_logs_live_within_the_open_files_budget() {
+    let dir = tmp();
+    let root = dir.path().to_path_buf();
+    run(move || async move {
+        const LOGS: usize = 60;
+        const BUDGET: usize = 8;
+        skein_storage::handles::set_open_files_max(Some(BUDGET));
+        let config = LogConfig { fsync: FsyncPolicy::Never, ..LogConfig::tiny() };
+        let mut logs = Vec::new();
+        for index in 0..LOGS {
+            logs.push(Log::open(root.join(format!("p{index}")), config.clone()).await.unwrap());
+        }
+        // Enough appends to seal several segments in every log (tiny segments are 16 KiB).
+        for round in 0..120u64 {
+            for log in &logs {
+                append_all(log, &[1 + round % 7]).await;
+            }
+        }
+        let stats = skein_storage::handles::stats();
+        assert!(stats.open_files <= BUDGET, "at most the budget is open: {stats:?}");
+        assert!(stats.closed > 0, "files were closed to stay within it: {stats:?}");
+        let segments: usize = logs.iter().map(|log| log.segment_count()).sum();
+        assert!(logs.iter().all(|log| log.segment_count() > 1), "segments were sealed ({segments} in all)");
+        // Every log reads back whole, sealed segments included, reopening files as needed.
+        for log in &logs {
+            let total = log.visible_offset();
+            assert_eq!(read_everything(log).await, (0..total).collect::<Vec<_>>());
+        }
+        let held = open_descriptors(&root);
+        assert!(held <= BUDGET, "{held} descriptors held by {LOGS} logs with a budget of {BUDGET}");
+        for log in logs {
+            log.close().await.unwrap();
+        }
+        assert_eq!(skein_storage::handles::stats().open_files, 0, "closed logs hold nothing");
+        // Reopened under the same budget: recovery too stays within it.
+        let mut reopened = Vec::new();
+        for index in 0..LOGS {
+            reopened.push(Log::open(root.join(format!("p{index}")), config.clone()).await.unwrap());
+        }
+        assert!(skein_storage::handles::stats().open_files <= BUDGET);
+        for log in &reopened {
+            let total = log.visible_offset();
+            assert!(total > 0);
+            assert_eq!(read_everything(log).await, (0..total).collect::<Vec<_>>());
+        }
+        for log in reopened {
+            log.close().await.unwrap();
+        }
+        skein_storage::handles::set_open_files_max(None);
+    });
+}
+
+/// Bytes allocated on disk for a file.
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn preallocation_follows_the_write_rate_and_the_shard_limit() {
+    let dir = tmp();
+    let root = dir.path().to_path_buf();
+    run(move || async move {
+        let config = LogConfig {
+            fsync: FsyncPolicy::Never,
+            segment_bytes: 64 << 20,
+            batch_bytes_max: 1 << 20,
+            preallocate_bytes: 16 << 20,
+            ..LogConfig::default()
+        };
+        // One small record: only the first step is allocated, not a whole preallocation.
+        let quiet = Log::open(root.join("quiet"), config.clone()).await.unwrap();
+        append_all(&quiet, &[1]).await;
+        let segment = root.join("quiet").join(format!("{:020}.log", 0));
+        assert!(
+            allocated(&segment) <= 128 << 10,
+            "a quiet partition allocates little: {}",
+            allocated(&segment)
+        );
+        // A busy log: the step grows with the rate.
+        let busy = Log::open(root.join("busy"), config.clone()).await.unwrap();
+        for _ in 0..200 {
+            let first = busy.next_offset();
+            busy.append(big_batch(first, 64 << 10)).await.unwrap().ack.await.unwrap();
+        }
+        let busy_segment = root.join("busy").join(format!("{:020}.log", 0));
+        let ahead = allocated(&busy_segment).saturating_sub(busy.size_bytes());
+        assert!(ahead > 2 << 20, "a busy partition allocates ahead, more as it goes ({ahead} bytes)");
+        // With the shard's limit at zero, a log allocates only what it writes.
+        skein_storage::handles::set_preallocate_bytes_max(Some(0));
+        let limited = Log::open(root.join("limited"), config.clone()).await.unwrap();
+        for _ in 0..50 {
+            let first = limited.next_offset();
+            limited.append(big_batch(first, 64 << 10)).await.unwrap().ack.await.unwrap();
+        }
+        let limited_segment = root.join("limited").join(format!("{:020}.log", 0));
+        assert!(
+            allocated(&limited_segment) <= limited.size_bytes() + (1 << 20),
+            "within the limit: {} allocated for {} bytes",
+            allocated(&limited_segment),
+            limited.size_bytes()
+        );
+        skein_storage::handles::set_preallocate_bytes_max(None);
+        // A clean close gives the space ahead back.
+        busy.close().await.unwrap();
+        let (kept, len) = (allocated(&busy_segment), std::fs::metadata(&busy_segment).unwrap().len());
+        assert!(kept <= len + (64 << 10), "{kept} bytes allocated for {len} after the close");
+        quiet.close().await.unwrap();
+        limited.close().await.unwrap();
+        assert_eq!(skein_storage::handles::stats().allocated_ahead_bytes, 0);
+    });
+}
+
+/// One batch of about `bytes` bytes whose first offset is `first`.
+fn big_batch(first: u64, bytes: usize) -> BytesMut {
+    let mut builder = BatchBuilder::new();
+    let value = vec![b'v'; 1000];
+    while builder.size_bytes() + 1100 < bytes {
+        builder.push(1_700_000_000_000 + first as i64, None, Some(&value), &[]);
+    }
+    let _ = batch::BATCH_HEADER_BYTES;
+    builder.finish()
 }

@@ -1,0 +1,229 @@
+//! The shard's budget of open segment files, and its budget of disk space allocated ahead of
+//! the data.
+//!
+//! # Open files
+//! Every segment file is a [`FileSlot`]: a path and, while it is open, its O_DIRECT handle.
+//! The slots of one shard (thread) share a budget ([`set_open_files_max`]); the slots used
+//! least recently are closed to make room for the one being opened, and reopened when next
+//! used. A handle that an operation holds (an `Rc` clone: a write or a read in flight, a
+//! flusher with work) is never closed under it: only handles held by their slot alone are.
+//! When every open handle is in use, the open goes ahead beyond the budget (nothing on the data
+//! path waits on the budget); the budget is set below the process's descriptor limit with
+//! head-room for that and for connections.
+//!
+//! So a partition holds no descriptor at rest: its active segment is open while it is written
+//! or read, its sealed segments only while they are read, and the rest of its files (the
+//! recovery checkpoint, index files, the directory) are opened for each use and closed after.
+//!
+//! # Space allocated ahead
+//! The active segment is extended with `fallocate` ahead of the data, so that writes do not
+//! extend the file one by one. The extension grows with the partition's write rate (see
+//! `Log::preallocate`), and the bytes allocated ahead by all the shard's logs are bounded by
+//! [`set_preallocate_bytes_max`]: beyond it a log allocates only what it writes.
+//!
+//! Lives on one shard (thread-local); nothing here is shared between threads.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::{Rc, Weak};
+
+use glommio::io::DmaFile;
+
+use crate::error::Result;
+use crate::io as dio;
+
+#[derive(Default)]
+struct Registry {
+    /// `None`: no budget (the default, for tests and tools).
+    limit: Option<usize>,
+    open: usize,
+    tick: u64,
+    /// Open slots by last use, oldest first.
+    by_use: BTreeMap<u64, Weak<SlotInner>>,
+    opened: u64,
+    closed: u64,
+    over_budget: u64,
+    ahead_limit: Option<u64>,
+    ahead: u64,
+}
+
+thread_local! {
+    static REGISTRY: RefCell<Registry> = RefCell::new(Registry::default());
+}
+
+fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> Option<R> {
+    REGISTRY.try_with(|registry| f(&mut registry.borrow_mut())).ok()
+}
+
+/// Sets how many segment files this shard keeps open at most (`None`: no limit).
+pub fn set_open_files_max(limit: Option<usize>) {
+    with(|registry| registry.limit = limit.map(|l| l.max(1)));
+}
+
+/// Sets how many bytes this shard's logs may have allocated ahead of their data (`None`: no
+/// limit beyond each log's own `preallocate_bytes`).
+pub fn set_preallocate_bytes_max(limit: Option<u64>) {
+    with(|registry| registry.ahead_limit = limit);
+}
+
+/// What this shard's budgets hold now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandleStats {
+    pub open_files: usize,
+    pub open_files_max: Option<usize>,
+    /// Files opened and closed by the budget since the shard started.
+    pub opened: u64,
+    pub closed: u64,
+    /// Opens that went beyond the budget because every open file was in use.
+    pub over_budget: u64,
+    pub allocated_ahead_bytes: u64,
+}
+
+pub fn stats() -> HandleStats {
+    with(|r| HandleStats {
+        open_files: r.open,
+        open_files_max: r.limit,
+        opened: r.opened,
+        closed: r.closed,
+        over_budget: r.over_budget,
+        allocated_ahead_bytes: r.ahead,
+    })
+    .unwrap_or_default()
+}
+
+struct SlotInner {
+    path: PathBuf,
+    file: RefCell<Option<Rc<DmaFile>>>,
+    /// Key in `Registry::by_use` while open.
+    used: Cell<u64>,
+}
+
+impl Drop for SlotInner {
+    fn drop(&mut self) {
+        if self.file.get_mut().take().is_some() {
+            let used = self.used.get();
+            with(|registry| {
+                registry.open -= 1;
+                registry.by_use.remove(&used);
+            });
+        }
+    }
+}
+
+/// One file under the shard's open-files budget.
+pub(crate) struct FileSlot {
+    inner: Rc<SlotInner>,
+}
+
+impl std::fmt::Debug for FileSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSlot")
+            .field("path", &self.inner.path)
+            .field("open", &self.inner.file.borrow().is_some())
+            .finish()
+    }
+}
+
+impl FileSlot {
+    /// A slot for a file just opened (or created) by the caller.
+    pub fn opened(path: PathBuf, file: DmaFile) -> FileSlot {
+        let slot =
+            FileSlot { inner: Rc::new(SlotInner { path, file: RefCell::new(None), used: Cell::new(0) }) };
+        make_room();
+        slot.install(Rc::new(file));
+        slot
+    }
+
+    fn install(&self, file: Rc<DmaFile>) {
+        *self.inner.file.borrow_mut() = Some(file);
+        let weak = Rc::downgrade(&self.inner);
+        let used = with(|registry| {
+            registry.open += 1;
+            registry.opened += 1;
+            registry.tick += 1;
+            registry.by_use.insert(registry.tick, weak);
+            registry.tick
+        })
+        .unwrap_or(0);
+        self.inner.used.set(used);
+    }
+
+    fn touch(&self) {
+        let old = self.inner.used.get();
+        let weak = Rc::downgrade(&self.inner);
+        if let Some(new) = with(|registry| {
+            registry.by_use.remove(&old);
+            registry.tick += 1;
+            registry.by_use.insert(registry.tick, weak);
+            registry.tick
+        }) {
+            self.inner.used.set(new);
+        }
+    }
+
+    /// The handle if it is open now (and marks it used).
+    pub fn cached(&self) -> Option<Rc<DmaFile>> {
+        let file = self.inner.file.borrow().clone();
+        if file.is_some() {
+            self.touch();
+        }
+        file
+    }
+
+    /// The handle, reopening the file if the budget closed it.
+    pub async fn get(&self) -> Result<Rc<DmaFile>> {
+        if let Some(file) = self.cached() {
+            return Ok(file);
+        }
+        make_room();
+        let file = Rc::new(dio::open_read_write(&self.inner.path, false).await?);
+        // Another task may have reopened it meanwhile: keep that one.
+        if let Some(existing) = self.cached() {
+            return Ok(existing);
+        }
+        self.install(file.clone());
+        Ok(file)
+    }
+}
+
+/// Closes least-recently-used idle files until one more fits the budget.
+fn make_room() {
+    let evicted: Vec<Rc<DmaFile>> = with(|registry| {
+        let Some(limit) = registry.limit else { return Vec::new() };
+        let mut evicted = Vec::new();
+        let mut busy = Vec::new();
+        while registry.open >= limit {
+            let Some((used, weak)) = registry.by_use.pop_first() else { break };
+            let Some(slot) = weak.upgrade() else { continue };
+            let idle = slot.file.borrow().as_ref().is_some_and(|file| Rc::strong_count(file) == 1);
+            if idle {
+                if let Some(file) = slot.file.borrow_mut().take() {
+                    registry.open -= 1;
+                    registry.closed += 1;
+                    evicted.push(file);
+                }
+            } else {
+                busy.push((used, weak));
+            }
+        }
+        if registry.open >= limit {
+            registry.over_budget += 1;
+        }
+        registry.by_use.extend(busy);
+        evicted
+    })
+    .unwrap_or_default();
+    // Dropped outside the registry borrow: glommio closes them asynchronously.
+    drop(evicted);
+}
+
+/// Space allocated ahead of the data: `Log`s report the change of their own share.
+pub(crate) fn adjust_ahead(previous: u64, now: u64) {
+    with(|registry| registry.ahead = registry.ahead.saturating_sub(previous).saturating_add(now));
+}
+
+/// How much more this shard may allocate ahead of data (`None`: no node-wide limit).
+pub(crate) fn ahead_room() -> Option<u64> {
+    with(|registry| registry.ahead_limit.map(|limit| limit.saturating_sub(registry.ahead))).flatten()
+}
