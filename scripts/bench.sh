@@ -63,7 +63,9 @@ peak_always=$(json "$out/produce-always.json" 'int(d["records_per_s"])')
 run latency-always produce --duration 10 --rate "$((peak_always / 2))" --linger-ms 0 --fsync always
 
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-python3 - "$out" "$fio_mib" "$iperf_mib" "$commit" >BENCHMARKS.md <<'PY'
+# The many-partitions section (scripts/bench-partitions.sh) is kept as it is.
+kept=$(sed -n '/^<!-- partitions -->/,$p' BENCHMARKS.md 2>/dev/null || true)
+python3 - "$out" "$fio_mib" "$iperf_mib" "$commit" >BENCHMARKS.md.new <<'PY'
 import json, sys, datetime
 out, fio, iperf, commit = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 def load(name): return json.load(open(f"{out}/{name}.json"))
@@ -94,4 +96,6 @@ print("\nLatency runs offer half of the peak measured by the produce runs above 
       "generator uses one tokio thread, leaving a core to the broker. JSON reports and SVG charts of each run "
       "are in `bench-results/` (not committed; run the script).")
 PY
+if [[ -n $kept ]]; then printf '\n%s\n' "$kept" >>BENCHMARKS.md.new; fi
+mv BENCHMARKS.md.new BENCHMARKS.md
 cat BENCHMARKS.md

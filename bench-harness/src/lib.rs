@@ -6,7 +6,10 @@
 //! * `produce`: N producers send records; the latency is from `send` to the acknowledgement;
 //! * `consume`: N consumers read a pre-filled topic from the beginning;
 //! * `e2e`: producers and consumers together; the latency is from the record's send time
-//!   (stamped in its value) to its arrival at a consumer.
+//!   (stamped in its value) to its arrival at a consumer;
+//! * `partitions`: what many partitions cost a node ([`partitions`]): a broker child process,
+//!   one topic of `--partitions` partitions, `--messages` records written to each, read back,
+//!   a restart, read again; memory, descriptors and disk at each step, as JSON.
 //!
 //! `--embedded` starts a broker in the same process on a temporary data directory and removes
 //! it afterwards. `--json` writes every figure with the parameters, the git commit and the
@@ -18,6 +21,7 @@
 //! keep `--rate` below the peak.
 
 pub mod chart;
+pub mod partitions;
 pub mod stats;
 pub mod workload;
 
@@ -119,7 +123,8 @@ pub struct BrokerInfo {
     pub fsync: String,
 }
 
-fn git_commit() -> String {
+/// The commit the benchmark runs on (for reports).
+pub fn git_commit() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()

@@ -15,6 +15,8 @@ enum ModeArg {
     Produce,
     Consume,
     E2e,
+    /// What many partitions cost a node (a broker child process; see the crate docs).
+    Partitions,
 }
 
 #[derive(Parser, Debug)]
@@ -102,9 +104,65 @@ struct Args {
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
+    /// partitions mode: a flag for the broker child, e.g. `--broker-arg=--fsync` (repeatable).
+    #[arg(long = "broker-arg", allow_hyphen_values = true)]
+    broker_arg: Vec<String>,
+}
+
+/// `skein-bench __broker --cores N --listen ADDR --data-dir DIR [--fsync P] [--open-files-max N]
+/// [--preallocate-bytes-max B]`: the broker child
+/// of the `partitions` scenario (not for users: `skein broker` is the broker).
+fn run_child_broker(args: &[String]) -> ExitCode {
+    let mut config =
+        skein_broker::BrokerConfig::new(PathBuf::from("./skein-data"), "127.0.0.1:0".parse().unwrap());
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let Some(value) = rest.next() else {
+            eprintln!("error: {flag} needs a value");
+            return ExitCode::FAILURE;
+        };
+        let parsed = match flag.as_str() {
+            "--cores" => value.parse().map(|v| config.cores = v).map_err(|e| e.to_string()),
+            "--listen" => value.parse().map(|v| config.listen = v).map_err(|e| e.to_string()),
+            "--data-dir" => {
+                config.data_dir = PathBuf::from(value);
+                Ok(())
+            }
+            "--fsync" => value.parse().map(|v| config.fsync = v).map_err(|e| e.to_string()),
+            "--open-files-max" => {
+                value.parse().map(|v| config.open_files_max = Some(v)).map_err(|e| e.to_string())
+            }
+            "--preallocate-bytes-max" => {
+                value.parse().map(|v| config.preallocate_bytes_max = v).map_err(|e| e.to_string())
+            }
+            other => Err(format!("unknown flag {other}")),
+        };
+        if let Err(error) = parsed {
+            eprintln!("error: {flag}: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match skein_broker::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("__broker") {
+        return run_child_broker(&argv[2..]);
+    }
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -113,7 +171,7 @@ fn main() -> ExitCode {
         eprintln!("error: transport {:?} is not available yet (only tcp)", args.transport);
         return ExitCode::FAILURE;
     }
-    if args.messages.is_none() && args.duration.is_none() {
+    if args.messages.is_none() && args.duration.is_none() && !matches!(args.mode, ModeArg::Partitions) {
         eprintln!("error: give --messages N or --duration SECONDS");
         return ExitCode::FAILURE;
     }
@@ -122,6 +180,7 @@ fn main() -> ExitCode {
         ModeArg::Produce => Mode::Produce,
         ModeArg::Consume => Mode::Consume,
         ModeArg::E2e => Mode::E2e,
+        ModeArg::Partitions => return run_partitions(&args, cpus),
     };
     let options = Options {
         mode,
@@ -181,6 +240,45 @@ fn main() -> ExitCode {
     }
     if report.errors > 0 {
         return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn run_partitions(args: &Args, cpus: usize) -> ExitCode {
+    let mut broker_args = vec!["--fsync".to_owned(), args.fsync.to_string()];
+    broker_args.extend(args.broker_arg.iter().cloned());
+    let options = skein_bench::partitions::PartitionsOptions {
+        partitions: args.partitions,
+        records_per_partition: args.messages.unwrap_or(1).clamp(1, u64::from(u32::MAX)) as u32,
+        message_size: args.message_size,
+        cores: args.cores.unwrap_or(cpus),
+        data_parent: args.data_dir.clone(),
+        broker_args,
+    };
+    let report = match skein_bench::partitions::run(options, skein_bench::git_commit()) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{} partitions, {} records of {} bytes each: {:.1} KiB of memory and {:.1} KiB of disk per partition at rest; restart to ready {:.2} s; {} records read after the restart; client peak RSS {} KiB",
+        report.partitions,
+        report.records_per_partition,
+        report.message_size,
+        report.rss_kib_per_partition,
+        report.disk_bytes_per_partition / 1024.0,
+        report.restart_to_ready_s,
+        report.records_read_after_restart,
+        report.client_rss_peak_kib
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).expect("a report serialises");
+        if let Err(error) = std::fs::write(path, json + "\n") {
+            eprintln!("error: writing {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
     }
     ExitCode::SUCCESS
 }

@@ -35,6 +35,13 @@ pub struct BrokerConfig {
     pub cache_bytes_per_partition: usize,
     /// glommio time slice: I/O is submitted and reaped between slices.
     pub preempt_timer: Duration,
+    /// Segment files the whole broker keeps open at most (split evenly across shards; idle
+    /// ones are closed and reopened on demand). `None`: derived from `RLIMIT_NOFILE` at start
+    /// (see [`crate::preflight::open_files_budget`]).
+    pub open_files_max: Option<usize>,
+    /// Disk space the whole broker may have allocated ahead of its partitions' data (split
+    /// evenly across shards).
+    pub preallocate_bytes_max: u64,
 }
 
 impl BrokerConfig {
@@ -56,6 +63,8 @@ impl BrokerConfig {
             default_max_message_bytes: 8 << 20,
             cache_bytes_per_partition: 4 << 20,
             preempt_timer: Duration::from_micros(250),
+            open_files_max: None,
+            preallocate_bytes_max: 1 << 30,
         }
     }
 

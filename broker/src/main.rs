@@ -107,6 +107,14 @@ struct BrokerArgs {
     /// Tail cache per partition (bytes).
     #[arg(long, default_value_t = 4 << 20)]
     cache_bytes: usize,
+    /// Segment files the broker keeps open at most (idle ones are closed and reopened when
+    /// used); default: three quarters of what RLIMIT_NOFILE leaves after the broker's own
+    /// descriptors.
+    #[arg(long)]
+    open_files_max: Option<usize>,
+    /// Disk space all partitions together may have allocated ahead of their data (bytes).
+    #[arg(long, default_value_t = 1 << 30)]
+    preallocate_bytes_max: u64,
     /// Check what the broker needs (locked memory, open files, io_uring, an O_DIRECT-capable
     /// data directory), print each check with ok / warning / FAILED, and exit (non-zero on a
     /// failure) without starting.
@@ -282,6 +290,8 @@ fn run_broker(args: BrokerArgs) -> Result<(), String> {
     config.default_retention =
         (args.retention_hours > 0).then(|| Duration::from_secs(args.retention_hours * 3600));
     config.cache_bytes_per_partition = args.cache_bytes;
+    config.open_files_max = args.open_files_max;
+    config.preallocate_bytes_max = args.preallocate_bytes_max;
     if args.check {
         let report = skein_broker::preflight::run(&config);
         for line in report.lines() {

@@ -5,7 +5,7 @@
 //! | check | fails when | warns when |
 //! |---|---|---|
 //! | locked memory | `RLIMIT_MEMLOCK` (soft, raised to the hard limit first) is below the 512 KiB every glommio executor requires | without `CAP_IPC_LOCK`, the limit is below what the shards' io_uring registered buffers need (they then run without them, a little slower) |
-//! | open files | `RLIMIT_NOFILE` (soft, raised to the hard limit first) is below what the partitions already on disk need to open | it leaves less than `connections_max` descriptors for connections |
+//! | open files | `RLIMIT_NOFILE` (soft, raised to the hard limit first) leaves less than 16 segment files per shard after the process's own descriptors (or less than `--open-files-max`) | it leaves less than `connections_max` descriptors for connections |
 //! | io_uring | the kernel refuses to set up a ring (not built in, `kernel.io_uring_disabled`, a seccomp filter) | |
 //! | data directory | it is on tmpfs or ramfs (O_DIRECT writes would never reach a disk), or an aligned O_DIRECT write and read-back fails there, or it is not writable | |
 //!
@@ -27,10 +27,6 @@ const RINGS_PER_EXECUTOR: u64 = 3;
 const FILES_PER_SHARD: u64 = 16;
 /// Descriptors of the process itself (standard streams, the lock file, the metadata files).
 const FILES_BASE: u64 = 64;
-/// Descriptors an open partition holds: its directory, its recovery checkpoint and its active
-/// segment; every sealed segment adds one, and one more while it is read with `sendfile`.
-const FILES_PER_PARTITION: u64 = 3;
-const FILES_PER_SEALED_SEGMENT: u64 = 2;
 /// The internal committed-offsets partitions.
 const OFFSETS_PARTITIONS: u64 = 16;
 
@@ -185,27 +181,65 @@ fn count_on_disk(data_dir: &Path) -> (u64, u64) {
     (partitions, sealed)
 }
 
+/// Descriptors a shard opens for a moment (a recovery checkpoint, index files, a range being
+/// sent with `sendfile`, a directory sync), on top of its budget of segment files.
+const FILES_TRANSIENT_PER_SHARD: u64 = 64;
+/// The smallest budget of segment files a shard can work with.
+pub const OPEN_FILES_MIN_PER_SHARD: u64 = 16;
+
+/// The segment-file budget of a broker with this configuration under an open-files limit of
+/// `limit`: `open_files_max` if set, else three quarters of what the limit leaves after the
+/// process's and the shards' own descriptors (the last quarter is for connections).
+pub fn open_files_budget(config: &BrokerConfig, limit: u64) -> u64 {
+    let cores = config.cores.max(1) as u64;
+    match config.open_files_max {
+        Some(max) => max as u64,
+        None => limit.saturating_sub(fixed_files(cores)) / 4 * 3,
+    }
+}
+
+fn fixed_files(cores: u64) -> u64 {
+    FILES_BASE + cores * (FILES_PER_SHARD + FILES_TRANSIENT_PER_SHARD)
+}
+
+/// The current soft open-files limit (after [`run`] raised it).
+pub fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit on a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    limit.rlim_cur
+}
+
 fn check_open_files(config: &BrokerConfig, cores: u64) -> Outcome {
     let (soft, hard) = raise_limit(libc::RLIMIT_NOFILE);
     let (partitions, sealed) = count_on_disk(&config.data_dir);
-    let needed = FILES_BASE
-        + cores * FILES_PER_SHARD
-        + (partitions + OFFSETS_PARTITIONS) * FILES_PER_PARTITION
-        + sealed * FILES_PER_SEALED_SEGMENT;
-    if soft < needed {
+    let fixed = fixed_files(cores);
+    let budget = open_files_budget(config, soft);
+    let minimum = cores * OPEN_FILES_MIN_PER_SHARD;
+    if budget < minimum || fixed + budget > soft {
         return Outcome::Failed(format!(
-            "the open-files limit is {soft} (hard limit {hard}), but the {partitions} partitions ({sealed} sealed segments) in {} need about {needed}; raise it (`ulimit -n`, or LimitNOFILE= in the systemd unit)",
-            config.data_dir.display()
+            "the open-files limit is {soft} (hard limit {hard}): after the {fixed} the process and its {cores} shards need, it leaves {} for segment files, and a broker needs at least {minimum} ({OPEN_FILES_MIN_PER_SHARD} per shard{}); raise it (`ulimit -n`, or LimitNOFILE= in the systemd unit)",
+            soft.saturating_sub(fixed).min(budget),
+            if config.open_files_max.is_some() { ", and --open-files-max must fit under the limit" } else { "" }
         ));
     }
-    let for_connections = soft - needed;
-    if for_connections < config.connections_max as u64 {
+    let for_connections = soft - fixed - budget;
+    let segments = partitions + OFFSETS_PARTITIONS + sealed;
+    let found = format!("{partitions} partitions ({sealed} sealed segments) on disk");
+    // The default budget leaves a quarter of the limit to connections; warn when less is left
+    // than that (or than connections_max, if smaller).
+    if for_connections < (config.connections_max as u64).min(soft.saturating_sub(fixed) / 4) {
         return Outcome::Warning(format!(
-            "limit {soft}: {needed} for {partitions} partitions on disk leaves {for_connections} for connections (connections_max is {}); raise `ulimit -n` or LimitNOFILE=",
+            "limit {soft}: {budget} for segment files ({found}; idle ones are closed), {for_connections} left for connections, fewer than connections_max ({}); raise `ulimit -n` or LimitNOFILE=",
             config.connections_max
         ));
     }
-    Outcome::Ok(format!("limit {soft}, about {needed} needed for {partitions} partitions on disk"))
+    let note = if segments > budget { "; idle segment files are closed and reopened on demand" } else { "" };
+    Outcome::Ok(format!(
+        "limit {soft}: {budget} for segment files, {for_connections} for connections; {found}{note}"
+    ))
 }
 
 fn check_io_uring() -> Outcome {

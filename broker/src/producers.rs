@@ -315,10 +315,10 @@ fn snapshot_files(dir: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
-/// Writes a snapshot (atomically) and removes all but the newest [`SNAPSHOTS_KEPT`]. Blocking:
-/// run it off the executor.
-pub fn write_snapshot(dir: &Path, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
-    crate::metadata::write_atomically(&snapshot_path(dir, offset), bytes)?;
+/// Writes a snapshot (atomically, through io_uring: a node writes thousands of them at
+/// shutdown) and removes all but the newest [`SNAPSHOTS_KEPT`].
+pub async fn write_snapshot(dir: &Path, offset: u64, bytes: &[u8]) -> Result<(), StorageError> {
+    skein_storage::write_file_atomically(&snapshot_path(dir, offset), bytes).await?;
     let files = snapshot_files(dir);
     for (_, path) in files.iter().take(files.len().saturating_sub(SNAPSHOTS_KEPT)) {
         let _ = std::fs::remove_file(path);
@@ -476,7 +476,7 @@ mod tests {
                 append(&log, &mut table, 1, s * 3, 3).await;
             }
             // A snapshot in the middle, then more batches only the log has.
-            write_snapshot(&path, log.next_offset(), &table.encode(log.next_offset())).unwrap();
+            write_snapshot(&path, log.next_offset(), &table.encode(log.next_offset())).await.unwrap();
             for s in 0..8 {
                 append(&log, &mut table, 2, s * 2, 2).await;
                 append(&log, &mut table, 1, 30 + s, 1).await;

@@ -176,6 +176,16 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
     let topics = store.snapshot().topics.clone();
     remove_unknown_topics(&data_dir, &topics)?;
 
+    let open_files = crate::preflight::open_files_budget(&config, crate::preflight::open_files_limit());
+    let files_per_shard =
+        (open_files / cores as u64).max(crate::preflight::OPEN_FILES_MIN_PER_SHARD) as usize;
+    let preallocate_per_shard = config.preallocate_bytes_max / cores as u64;
+    tracing::info!(
+        open_files,
+        files_per_shard,
+        preallocate_bytes_max = config.preallocate_bytes_max,
+        "budgets: segment files kept open, disk allocated ahead of data"
+    );
     let config = Arc::new(config);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mesh: MeshBuilder<MeshMessage, _> = MeshBuilder::full(cores, 1024);
@@ -203,6 +213,8 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         let builder =
             LocalExecutorBuilder::new(Placement::Fixed(id % cpus)).name(&format!("skein-shard-{id}"));
         let spawned = builder.spawn(move || async move {
+            skein_storage::handles::set_open_files_max(Some(files_per_shard));
+            skein_storage::handles::set_preallocate_bytes_max(Some(preallocate_per_shard));
             let awake = glommio::spawn_local(keep_awake());
             let queue = glommio::executor().create_task_queue(
                 glommio::Shares::default(),
@@ -452,16 +464,22 @@ async fn run_shard(
     Ok(())
 }
 
+/// Logs closed at once at shutdown (each writes, syncs and checkpoints through io_uring).
+const CLOSING_AT_ONCE: usize = 64;
+
 /// Writes the producer snapshots and closes every log of the shard (flushed and synced).
 async fn close_logs(shard: &Shard) {
-    for (topic, partition, owned) in shard.all_partitions() {
-        if let Err(error) = owned.snapshot_producers().await {
-            tracing::warn!(topic, partition, error, "writing the producer snapshot");
-        }
-        if let Err(error) = owned.log.shutdown().await {
-            tracing::warn!(topic, partition, %error, "closing a partition log");
-        }
-    }
+    use futures::stream::StreamExt;
+    futures::stream::iter(shard.all_partitions())
+        .for_each_concurrent(CLOSING_AT_ONCE, |(topic, partition, owned)| async move {
+            if let Err(error) = owned.snapshot_producers().await {
+                tracing::warn!(topic, partition, error, "writing the producer snapshot");
+            }
+            if let Err(error) = owned.log.shutdown().await {
+                tracing::warn!(topic, partition, %error, "closing a partition log");
+            }
+        })
+        .await;
     let offsets: Vec<_> = shard.offsets.borrow().values().cloned().collect();
     for partition in offsets {
         if let Err(error) = partition.log.shutdown().await {

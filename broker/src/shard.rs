@@ -169,6 +169,8 @@ pub enum Reply {
     Topics(Vec<TopicResult>),
     Applied,
     ProducerId(InitProducerIdResponse),
+    /// A shard's partitions of a new topic: created, or why not.
+    Created(Result<(), (ErrorCode, String)>),
     /// An encoded response body.
     Body(BytesMut),
     Groups(Vec<GroupListing>),
@@ -230,10 +232,7 @@ impl Partition {
             table.bytes_since_snapshot = 0;
             (self.log.dir().to_path_buf(), offset, table.encode(offset))
         };
-        glommio::executor()
-            .spawn_blocking(move || producers::write_snapshot(&dir, offset, &bytes))
-            .await
-            .map_err(|e| e.to_string())
+        producers::write_snapshot(&dir, offset, &bytes).await.map_err(|e| e.to_string())
     }
 }
 
@@ -357,20 +356,77 @@ impl Shard {
         all
     }
 
-    /// Opens the logs of a topic's partitions that this shard owns.
+    /// Opens the logs of a topic's partitions that this shard owns (recovering them).
     pub async fn open_topic(&self, name: &str, config: &TopicConfig) -> Result<(), StorageError> {
-        let mut opened = vec![None; config.partitions as usize];
-        for partition in 0..config.partitions {
-            if self.owner(name, partition) != self.id {
-                continue;
-            }
-            let dir = partition_dir(&self.config.data_dir, name, partition);
-            let opened_partition = Partition::open(&dir, self.config.log_config(config)).await?;
-            opened[partition as usize] = Some(Rc::new(opened_partition));
-        }
+        let opened = self.open_partitions(name, config).await?;
         self.topics.borrow_mut().insert(name.to_owned(), config.clone());
         self.logs.borrow_mut().insert(name.to_owned(), opened);
         Ok(())
+    }
+
+    async fn open_partitions(
+        &self,
+        name: &str,
+        config: &TopicConfig,
+    ) -> Result<Vec<Option<Rc<Partition>>>, StorageError> {
+        use futures::stream::StreamExt;
+        let owned: Vec<u32> = (0..config.partitions).filter(|&p| self.owner(name, p) == self.id).collect();
+        // Several at once: each open is mostly waiting for io_uring (reads, syncs).
+        let results: Vec<(u32, Result<Partition, StorageError>)> = futures::stream::iter(owned)
+            .map(|partition| async move {
+                let dir = partition_dir(&self.config.data_dir, name, partition);
+                (partition, Partition::open(&dir, self.config.log_config(config)).await)
+            })
+            .buffer_unordered(OPENING_AT_ONCE)
+            .collect()
+            .await;
+        let mut opened = vec![None; config.partitions as usize];
+        let mut failure = None;
+        for (partition, result) in results {
+            match result {
+                Ok(partition_log) => opened[partition as usize] = Some(Rc::new(partition_log)),
+                Err(error) => {
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        if let Some(error) = failure {
+            // Close what was opened; the caller decides what the failure means.
+            for partition in opened.into_iter().flatten() {
+                let _ = partition.log.shutdown().await;
+            }
+            return Err(error);
+        }
+        Ok(opened)
+    }
+
+    /// Creates the partitions of a new topic that this shard owns. All or nothing: if one
+    /// cannot be created (no space, no descriptors, an I/O error), those created are closed and
+    /// their directories removed, and the error names the cause.
+    async fn create_partitions(&self, name: &str, config: &TopicConfig) -> Result<(), StorageError> {
+        let owned: Vec<u32> = (0..config.partitions).filter(|&p| self.owner(name, p) == self.id).collect();
+        // The topic is new: anything in its directories is left from an earlier topic of that
+        // name whose deletion did not finish.
+        for &partition in &owned {
+            let dir = partition_dir(&self.config.data_dir, name, partition);
+            if dir.exists() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        match self.open_partitions(name, config).await {
+            Ok(opened) => {
+                self.topics.borrow_mut().insert(name.to_owned(), config.clone());
+                self.logs.borrow_mut().insert(name.to_owned(), opened);
+                Ok(())
+            }
+            Err(error) => {
+                for &partition in &owned {
+                    let dir = partition_dir(&self.config.data_dir, name, partition);
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(error)
+            }
+        }
     }
 
     /// Closes the logs of a topic this shard owns and deletes their directories.
@@ -486,10 +542,13 @@ impl Shard {
             Op::ApplyCreate { name, config } => {
                 let shard = self.clone();
                 Box::pin(async move {
-                    if let Err(error) = shard.open_topic(&name, &config).await {
-                        tracing::error!(topic = name, %error, "could not open a new topic's partitions");
+                    match shard.create_partitions(&name, &config).await {
+                        Ok(()) => Reply::Created(Ok(())),
+                        Err(error) => {
+                            tracing::warn!(topic = name, shard = shard.id, %error, "could not create a new topic's partitions");
+                            Reply::Created(Err((storage_error_code(&error), error.to_string())))
+                        }
                     }
-                    Reply::Applied
                 })
             }
             Op::ApplyDelete { name } => {
@@ -692,9 +751,9 @@ impl Shard {
                     let records = match slice.data {
                         ReadData::Empty => Ok(Records::Memory(Vec::new())),
                         ReadData::Memory(chunks) => Ok(Records::Memory(chunks)),
-                        ReadData::File { segment, position, len } => segment
-                            .open_buffered()
-                            .map(|fd| Records::File { fd, position, len }),
+                        ReadData::File { segment, position, len } => {
+                            segment.open_buffered().map(|fd| Records::File { fd, position, len })
+                        }
                     };
                     match records {
                         Ok(records) => {
@@ -769,21 +828,31 @@ impl Shard {
         for topic in topics {
             let outcome = async {
                 metadata::validate_topic_name(&topic.name)?;
+                if self.topics.borrow().contains_key(&topic.name) {
+                    return Err(MetadataError::TopicExists(topic.name.clone()));
+                }
                 let config = TopicConfig::from_request(
                     topic.partitions,
                     &topic.configs,
                     &defaults,
                     skein_storage::now_ms(),
                 )?;
-                let (name, stored) = (topic.name.clone(), config.clone());
-                self.persist(move |store| store.create_topic(&name, stored)).await?;
                 Ok::<_, MetadataError>(config)
             }
             .await;
-            match outcome {
-                Ok(config) => {
-                    self.broadcast(|| Op::ApplyCreate { name: topic.name.clone(), config: config.clone() })
-                        .await;
+            let config = match outcome {
+                Ok(config) => config,
+                Err(error) => {
+                    results.push(TopicResult {
+                        name: topic.name,
+                        error: error.code(),
+                        message: error.to_string(),
+                    });
+                    continue;
+                }
+            };
+            match self.create_topic(&topic.name, &config).await {
+                Ok(()) => {
                     tracing::info!(topic = topic.name, partitions = config.partitions, "topic created");
                     results.push(TopicResult {
                         name: topic.name,
@@ -791,14 +860,63 @@ impl Shard {
                         message: String::new(),
                     });
                 }
-                Err(error) => results.push(TopicResult {
-                    name: topic.name,
-                    error: error.code(),
-                    message: error.to_string(),
-                }),
+                Err((error, message)) => {
+                    tracing::warn!(topic = topic.name, %error, message, "topic not created");
+                    results.push(TopicResult { name: topic.name, error, message });
+                }
             }
         }
         results
+    }
+
+    /// On the controller: creates a topic all or nothing. Every shard creates its partitions
+    /// first; only when all did is the topic written to the metadata (so a crash in between
+    /// leaves directories that the next start removes, never a topic without partitions). If
+    /// any shard fails, or the metadata cannot be written, the partitions created are removed
+    /// again and the error says why.
+    async fn create_topic(
+        self: &Rc<Self>,
+        name: &str,
+        config: &TopicConfig,
+    ) -> Result<(), (ErrorCode, String)> {
+        check_space_for(&self.config.data_dir, config.partitions)?;
+        let replies: Vec<Reply> = {
+            let calls: Vec<_> = (0..self.shards)
+                .map(|target| {
+                    self.call(target, Op::ApplyCreate { name: name.to_owned(), config: config.clone() })
+                })
+                .collect();
+            futures::future::join_all(calls).await
+        };
+        let mut failure = None;
+        for (shard, reply) in replies.into_iter().enumerate() {
+            match reply {
+                Reply::Created(Ok(())) => {}
+                Reply::Created(Err((code, message))) => {
+                    failure.get_or_insert((
+                        code,
+                        format!("creating the partitions of {name} on shard {shard}: {message}"),
+                    ));
+                }
+                _ => {
+                    failure.get_or_insert((ErrorCode::ShuttingDown, format!("shard {shard} did not answer")));
+                }
+            }
+        }
+        if failure.is_none() {
+            let (stored_name, stored) = (name.to_owned(), config.clone());
+            if let Err(error) = self.persist(move |store| store.create_topic(&stored_name, stored)).await {
+                failure = Some((error.code(), error.to_string()));
+            }
+        }
+        match failure {
+            None => Ok(()),
+            Some(failure) => {
+                self.broadcast(|| Op::ApplyDelete { name: name.to_owned() }).await;
+                let _ = std::fs::remove_dir_all(self.config.data_dir.join("topics").join(name));
+                Err(failure)
+            }
+        }
     }
 
     async fn delete_topics(self: &Rc<Self>, names: Vec<String>) -> Vec<TopicResult> {
@@ -902,6 +1020,39 @@ async fn off_executor<S: Send + 'static, R: Send + 'static>(
         .await;
     *cell.borrow_mut() = Some(value);
     result
+}
+
+/// Partitions a shard opens (recovers or creates) at once.
+const OPENING_AT_ONCE: usize = 16;
+
+/// Disk a new partition takes before any record: its segment header, its recovery
+/// checkpoint and directory entries (space ahead of data is allocated as records arrive).
+const PARTITION_BYTES_MIN: u64 = 16 << 10;
+/// Space left free beyond that.
+const SPACE_RESERVE_BYTES: u64 = 1 << 20;
+
+/// Refuses a topic whose empty partitions would not fit on the data directory's filesystem.
+fn check_space_for(data_dir: &std::path::Path, partitions: u32) -> Result<(), (ErrorCode, String)> {
+    let Ok(c_path) = std::ffi::CString::new(data_dir.as_os_str().as_encoded_bytes()) else { return Ok(()) };
+    // SAFETY: statvfs into a zeroed local struct with a NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Ok(());
+    }
+    let free = stat.f_bavail as u64 * stat.f_frsize as u64;
+    let needed = u64::from(partitions) * PARTITION_BYTES_MIN + SPACE_RESERVE_BYTES;
+    if free < needed {
+        return Err((
+            ErrorCode::NotEnoughSpace,
+            format!(
+                "{partitions} partitions need about {} MiB on {} and {} MiB are free",
+                needed >> 20,
+                data_dir.display(),
+                free >> 20
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Splits a produce request's records into whole batches, checking each (header rules, CRC,

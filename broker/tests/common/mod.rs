@@ -14,6 +14,8 @@ pub struct Broker {
     pub addr: String,
     pub data_dir: PathBuf,
     extra: Vec<String>,
+    /// Resource limits (soft = hard) the process starts with.
+    limits: Vec<(libc::__rlimit_resource_t, u64)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -37,6 +39,24 @@ impl Broker {
             addr: String::new(),
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            limits: Vec::new(),
+            _dir: Some(dir),
+        };
+        broker.launch("127.0.0.1:0");
+        broker
+    }
+
+    /// Starts a broker with 2 shards, `extra` flags and these resource limits (soft = hard),
+    /// kept for every restart.
+    pub fn start_with_limits(extra: &[&str], limits: &[(libc::__rlimit_resource_t, u64)]) -> Broker {
+        let dir = tempfile::tempdir_in(test_root()).unwrap();
+        let data_dir = dir.path().join("data");
+        let mut broker = Broker {
+            child: None,
+            addr: String::new(),
+            data_dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            limits: limits.to_vec(),
             _dir: Some(dir),
         };
         broker.launch("127.0.0.1:0");
@@ -50,6 +70,7 @@ impl Broker {
             addr: String::new(),
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            limits: Vec::new(),
             _dir: None,
         };
         broker.launch("127.0.0.1:0");
@@ -99,6 +120,22 @@ impl Broker {
             .env("RUST_LOG", "info,skein_broker::server=debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let limits = self.limits.clone();
+        if !limits.is_empty() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    for (resource, value) in &limits {
+                        let limit = libc::rlimit { rlim_cur: *value, rlim_max: *value };
+                        if libc::setrlimit(*resource, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = command.spawn().expect("skein broker starts");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -233,6 +270,11 @@ impl Broker {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Descriptors a process holds (Linux `/proc`).
+pub fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// The resident memory of a process, in KiB (Linux `/proc`).

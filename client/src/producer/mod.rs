@@ -393,7 +393,11 @@ impl Producer {
                 wake = true; // a new batch: its linger starts
                 OpenBatch {
                     topic: record.topic.clone(),
-                    builder: BatchBuilder::with_capacity(batch_bytes.min(1 << 20)),
+                    // Small at first and grown as records come: a producer writing to thousands
+                    // of partitions at once holds only what it buffers, not a batch's worth each.
+                    builder: BatchBuilder::with_capacity(
+                        (BATCH_HEADER_BYTES + size).max(4096).min(batch_bytes),
+                    ),
                     created: Instant::now(),
                     waiters: Vec::new(),
                     memory: 0,
