@@ -752,7 +752,25 @@ impl Shard {
                         ReadData::Empty => Ok(Records::Memory(Vec::new())),
                         ReadData::Memory(chunks) => Ok(Records::Memory(chunks)),
                         ReadData::File { segment, position, len } => {
-                            segment.open_buffered().map(|fd| Records::File { fd, position, len })
+                            // Zero-copy from the page cache when the range is there; otherwise
+                            // (every range written with O_DIRECT and not read since) read with
+                            // O_DIRECT and read ahead: a cold `sendfile` reads in small pieces.
+                            match segment.open_buffered() {
+                                Ok(fd)
+                                    if crate::sendfile::in_page_cache(
+                                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                                        position,
+                                        len as usize,
+                                    ) =>
+                                {
+                                    Ok(Records::File { fd, position, len })
+                                }
+                                Ok(_) => log
+                                    .read_file(&segment, position, len as usize)
+                                    .await
+                                    .map(|bytes| Records::Memory(vec![bytes])),
+                                Err(error) => Err(error),
+                            }
                         }
                     };
                     match records {

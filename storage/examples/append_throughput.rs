@@ -50,6 +50,10 @@ struct Args {
     /// Keep the log directory afterwards.
     #[arg(long)]
     keep: bool,
+    /// Then reopen the log and read everything back, as a catch-up consumer would: with
+    /// `Log::read` and `Log::read_file` (O_DIRECT, read-ahead), in reads of this many MiB.
+    #[arg(long)]
+    read_back_mib: Option<usize>,
 }
 
 fn main() {
@@ -67,9 +71,8 @@ fn main() {
     println!("{result}");
 }
 
-async fn run(args: &Args, dir: &std::path::Path) -> String {
-    let batch_bytes_max = args.record_size * args.batch_records + (args.batch_records * 16) + 4096;
-    let config = LogConfig {
+fn log_config(args: &Args, batch_bytes_max: usize) -> LogConfig {
+    LogConfig {
         fsync: args.fsync,
         segment_bytes: args.segment_mib << 20,
         batch_bytes_max,
@@ -77,8 +80,12 @@ async fn run(args: &Args, dir: &std::path::Path) -> String {
         write_buffered_bytes_max: (args.buffered_mib << 20).max(batch_bytes_max * 2),
         retention_age_max: None,
         ..LogConfig::default()
-    };
-    let log = Log::open(dir, config).await.expect("log opens");
+    }
+}
+
+async fn run(args: &Args, dir: &std::path::Path) -> String {
+    let batch_bytes_max = args.record_size * args.batch_records + (args.batch_records * 16) + 4096;
+    let log = Log::open(dir, log_config(args, batch_bytes_max)).await.expect("log opens");
     let templates: Vec<BytesMut> = (0..8u8)
         .map(|seed| {
             let mut builder = BatchBuilder::with_capacity(batch_bytes_max);
@@ -112,6 +119,35 @@ async fn run(args: &Args, dir: &std::path::Path) -> String {
     let records = batches * args.batch_records as u64;
     let segments = log.segment_count();
     log.close().await.expect("close");
+    let read_back = match args.read_back_mib {
+        Some(mib) => {
+            let log = Log::open(dir, log_config(args, batch_bytes_max)).await.expect("log reopens");
+            let started = Instant::now();
+            let mut next = log.start_offset();
+            let mut bytes = 0u64;
+            while next < log.visible_offset() {
+                let slice = log.read(next, mib << 20).await.expect("read");
+                let len = match slice.data {
+                    skein_storage::ReadData::File { segment, position, len } => {
+                        log.read_file(&segment, position, len as usize).await.expect("read_file").len()
+                    }
+                    skein_storage::ReadData::Memory(chunks) => chunks.iter().map(|c| c.len()).sum(),
+                    skein_storage::ReadData::Empty => 0,
+                };
+                bytes += len as u64;
+                next = slice.next_offset;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            log.close().await.expect("close");
+            let mib_per_s = bytes as f64 / (1 << 20) as f64 / seconds;
+            eprintln!(
+                "read back {:.1} MiB in {seconds:.3} s: {mib_per_s:.1} MiB/s",
+                bytes as f64 / (1 << 20) as f64
+            );
+            format!(",\"read_mib_per_s\":{mib_per_s:.1}")
+        }
+        None => String::new(),
+    };
     if !args.keep {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -121,7 +157,7 @@ async fn run(args: &Args, dir: &std::path::Path) -> String {
         written as f64 / (1 << 20) as f64
     );
     format!(
-        "{{\"mib_per_s\":{mib_per_s:.1},\"records_per_s\":{:.0},\"fsync\":\"{}\",\"record_size\":{},\"batch_records\":{},\"batch_bytes\":{batch_bytes},\"bytes\":{written},\"seconds\":{elapsed:.3},\"segments\":{segments}}}",
+        "{{\"mib_per_s\":{mib_per_s:.1},\"records_per_s\":{:.0},\"fsync\":\"{}\",\"record_size\":{},\"batch_records\":{},\"batch_bytes\":{batch_bytes},\"bytes\":{written},\"seconds\":{elapsed:.3},\"segments\":{segments}{read_back}}}",
         records as f64 / elapsed,
         args.fsync,
         args.record_size,

@@ -33,7 +33,6 @@ use glommio::io::DmaFile;
 use crate::error::Result;
 use crate::io as dio;
 
-#[derive(Default)]
 struct Registry {
     /// `None`: no budget (the default, for tests and tools).
     limit: Option<usize>,
@@ -46,7 +45,30 @@ struct Registry {
     over_budget: u64,
     ahead_limit: Option<u64>,
     ahead: u64,
+    read_ahead_limit: usize,
+    read_ahead: usize,
 }
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            limit: None,
+            open: 0,
+            tick: 0,
+            by_use: BTreeMap::new(),
+            opened: 0,
+            closed: 0,
+            over_budget: 0,
+            ahead_limit: None,
+            ahead: 0,
+            read_ahead_limit: READ_AHEAD_BYTES_MAX_DEFAULT,
+            read_ahead: 0,
+        }
+    }
+}
+
+/// Memory a shard's logs may hold read ahead of consumers, unless set otherwise.
+pub const READ_AHEAD_BYTES_MAX_DEFAULT: usize = 256 << 20;
 
 thread_local! {
     static REGISTRY: RefCell<Registry> = RefCell::new(Registry::default());
@@ -67,6 +89,27 @@ pub fn set_preallocate_bytes_max(limit: Option<u64>) {
     with(|registry| registry.ahead_limit = limit);
 }
 
+/// Sets how much memory this shard's logs may hold read ahead of consumers.
+pub fn set_read_ahead_bytes_max(limit: usize) {
+    with(|registry| registry.read_ahead_limit = limit);
+}
+
+/// Takes `bytes` from the read-ahead budget; `false` (and nothing taken) if they do not fit.
+pub(crate) fn reserve_read_ahead(bytes: usize) -> bool {
+    with(|registry| {
+        let fits = registry.read_ahead + bytes <= registry.read_ahead_limit;
+        if fits {
+            registry.read_ahead += bytes;
+        }
+        fits
+    })
+    .unwrap_or(false)
+}
+
+pub(crate) fn release_read_ahead(bytes: usize) {
+    with(|registry| registry.read_ahead = registry.read_ahead.saturating_sub(bytes));
+}
+
 /// What this shard's budgets hold now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HandleStats {
@@ -78,6 +121,7 @@ pub struct HandleStats {
     /// Opens that went beyond the budget because every open file was in use.
     pub over_budget: u64,
     pub allocated_ahead_bytes: u64,
+    pub read_ahead_bytes: usize,
 }
 
 pub fn stats() -> HandleStats {
@@ -88,6 +132,7 @@ pub fn stats() -> HandleStats {
         closed: r.closed,
         over_budget: r.over_budget,
         allocated_ahead_bytes: r.ahead,
+        read_ahead_bytes: r.read_ahead,
     })
     .unwrap_or_default()
 }
