@@ -75,6 +75,7 @@ pub struct Options {
 pub struct Report {
     pub mode: Mode,
     pub git_commit: String,
+    pub host: Host,
     pub started_unix_ms: u128,
     pub parameters: Parameters,
     pub broker: BrokerInfo,
@@ -112,6 +113,7 @@ pub struct Parameters {
     pub keys: Option<u64>,
     pub transport: String,
     pub client_threads: usize,
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,15 +125,48 @@ pub struct BrokerInfo {
     pub fsync: String,
 }
 
-/// The commit the benchmark runs on (for reports).
+/// The commit the harness was built from (embedded at build time; `-dirty` when the tree had
+/// uncommitted changes then).
 pub fn git_commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "unknown".to_owned())
+    env!("SKEIN_GIT_COMMIT").to_owned()
+}
+
+/// The machine a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Host {
+    pub cpu_model: String,
+    pub cpus: usize,
+    pub kernel: String,
+    pub memory_mib: u64,
+}
+
+impl Host {
+    pub fn detect() -> Host {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name").and_then(|rest| rest.split_once(':')).map(|(_, v)| v.trim())
+            })
+            .unwrap_or("unknown")
+            .to_owned();
+        let kernel =
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.split_whitespace().next().and_then(|kib| kib.parse::<u64>().ok()))
+            })
+            .map_or(0, |kib| kib >> 10);
+        Host {
+            cpu_model,
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            kernel,
+            memory_mib,
+        }
+    }
 }
 
 fn measured_window(clock: &Clock, finished: Instant) -> f64 {
@@ -215,12 +250,27 @@ pub fn run(options: Options) -> Result<Report, String> {
         keys: workload.keys,
         transport: options.transport.clone(),
         client_threads: options.client_threads,
+        max_in_flight: workload.max_in_flight,
     };
+    // A figure without samples behind it is not a figure.
+    if options.mode != Mode::Consume && measured.produce_latency.is_empty() {
+        return Err(
+            "no produce-ack latency sample in the measured part of the run (is it shorter than the warm-up?)"
+                .to_owned(),
+        );
+    }
+    if options.mode == Mode::E2e && measured.e2e_latency.is_empty() {
+        return Err(
+            "no end-to-end latency sample in the measured part of the run (is it shorter than the warm-up?)"
+                .to_owned(),
+        );
+    }
     let curve_source =
         if options.mode == Mode::E2e { &measured.e2e_latency } else { &measured.produce_latency };
     Ok(Report {
         mode: options.mode,
         git_commit: git_commit(),
+        host: Host::detect(),
         started_unix_ms,
         parameters,
         broker: broker_info,

@@ -45,6 +45,7 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionsReport {
     pub git_commit: String,
+    pub host: crate::Host,
     pub partitions: u32,
     pub records_per_partition: u32,
     pub message_size: usize,
@@ -267,6 +268,7 @@ pub fn run(options: PartitionsOptions, git_commit: String) -> Result<PartitionsR
     stop_broker(broker)?;
     Ok(PartitionsReport {
         git_commit,
+        host: crate::Host::detect(),
         partitions,
         records_per_partition: options.records_per_partition,
         message_size: options.message_size,

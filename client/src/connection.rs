@@ -18,6 +18,37 @@ use crate::error::{ClientError, Result};
 
 type Pending = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Result<Bytes>>>>>>;
 
+/// Pieces (frame parts) handed to one vectored write at most.
+const WRITE_PIECES_MAX: usize = 256;
+
+/// Writes every piece (and empties `parts`), with as few `writev` calls as the socket allows.
+async fn write_all_vectored(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    parts: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut first = 0usize;
+    while first < parts.len() {
+        let slices: Vec<std::io::IoSlice<'_>> =
+            parts[first..].iter().take(1024).map(|part| std::io::IoSlice::new(part)).collect();
+        let mut written = writer.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        while written > 0 {
+            let part = &mut parts[first];
+            if written >= part.len() {
+                written -= part.len();
+                first += 1;
+            } else {
+                bytes::Buf::advance(part, written);
+                written = 0;
+            }
+        }
+    }
+    parts.clear();
+    Ok(())
+}
+
 /// Largest response frame accepted.
 const RESPONSE_BYTES_MAX: usize = 256 << 20;
 
@@ -25,7 +56,7 @@ const RESPONSE_BYTES_MAX: usize = 256 << 20;
 #[derive(Debug)]
 pub struct Connection {
     addr: String,
-    outgoing: mpsc::Sender<BytesMut>,
+    outgoing: mpsc::Sender<Vec<Bytes>>,
     pending: Pending,
     next_correlation: AtomicU32,
     in_flight: Arc<Semaphore>,
@@ -48,12 +79,22 @@ impl Connection {
         stream.set_nodelay(true).map_err(|e| connect_error(e.to_string()))?;
         let (mut reader, mut writer) = stream.into_split();
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
-        let (outgoing, mut queue) = mpsc::channel::<BytesMut>(1024);
+        let (outgoing, mut queue) = mpsc::channel::<Vec<Bytes>>(1024);
 
         let writer_pending = pending.clone();
         tokio::spawn(async move {
+            // Frames waiting together go out in one vectored write (each frame is pieces
+            // already: a produce request's batches are never copied into it).
+            let mut parts: Vec<Bytes> = Vec::new();
             while let Some(frame) = queue.recv().await {
-                if let Err(error) = writer.write_all(&frame).await {
+                parts.extend(frame);
+                while parts.len() < WRITE_PIECES_MAX {
+                    match queue.try_recv() {
+                        Ok(frame) => parts.extend(frame),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(error) = write_all_vectored(&mut writer, &mut parts).await {
                     fail_all(&writer_pending, ClientError::ConnectionLost(error.to_string()));
                     return;
                 }
@@ -105,7 +146,7 @@ impl Connection {
             };
             map.insert(correlation, sender);
         }
-        let frame = request.to_frame(correlation, 0);
+        let frame = request.to_frame_parts(correlation, 0);
         if self.outgoing.send(frame).await.is_err() {
             self.forget(correlation);
             return Err(ClientError::ConnectionLost("connection closed".into()));
@@ -123,7 +164,7 @@ impl Connection {
     /// Sends a request that gets no response (produce with `acks=0`).
     pub async fn send_only(&self, request: &Request<Bytes>) -> Result<()> {
         let correlation = self.next_correlation.fetch_add(1, Ordering::Relaxed);
-        let frame = request.to_frame(correlation, flags::NO_RESPONSE);
+        let frame = request.to_frame_parts(correlation, flags::NO_RESPONSE);
         self.outgoing.send(frame).await.map_err(|_| ClientError::ConnectionLost("connection closed".into()))
     }
 
@@ -202,8 +243,17 @@ async fn read_responses(reader: &mut tokio::net::tcp::OwnedReadHalf, pending: &P
                 }
             }
         }
-        if buffer.capacity() - buffer.len() < 16 << 10 {
-            buffer.reserve(64 << 10);
+        // Room for the rest of the frame being read (its length is known once 4 bytes are in),
+        // at once: growing a large response 64 KiB at a time copied it over and over.
+        let wanted = match buffer.len() {
+            n if n >= frame::LENGTH_BYTES => {
+                let length = u32::from_le_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
+                (length + frame::LENGTH_BYTES).min(RESPONSE_BYTES_MAX).saturating_sub(n).max(16 << 10)
+            }
+            _ => 64 << 10,
+        };
+        if buffer.capacity() - buffer.len() < wanted {
+            buffer.reserve(wanted);
         }
         match reader.read_buf(&mut buffer).await {
             Ok(0) => return ClientError::ConnectionLost("the broker closed the connection".into()),

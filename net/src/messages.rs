@@ -715,6 +715,41 @@ impl<R: RecordsBytes> Request<R> {
         }
     }
 
+    /// A whole request frame as pieces to write one after the other (a vectored write): the
+    /// records of a produce request stay in their own buffers instead of being copied into the
+    /// frame; every other request is one piece.
+    pub fn to_frame_parts(&self, correlation_id: u32, flags: u16) -> Vec<Bytes>
+    where
+        R: Clone + Into<Bytes>,
+    {
+        let Request::Produce(request) = self else {
+            return vec![self.to_frame(correlation_id, flags).freeze()];
+        };
+        let api = self.api_key();
+        let header =
+            RequestHeader { api_key: api as u16, api_version: api.versions().1, flags, correlation_id };
+        let mut head = frame::encode_request(&header, |w| {
+            w.i8(request.acks).u32(request.timeout_ms).u32(request.topics.len() as u32);
+        });
+        let mut parts: Vec<Bytes> = Vec::with_capacity(2 * request.topics.len() + 2);
+        let mut w = Writer::with_buffer(BytesMut::with_capacity(64));
+        for topic in &request.topics {
+            w.str(&topic.name).u32(topic.partitions.len() as u32);
+            for p in &topic.partitions {
+                let records: Bytes = p.records.clone().into();
+                w.u32(p.partition).u32(records.len() as u32);
+                parts.push(w.buf.split().freeze());
+                parts.push(records);
+            }
+        }
+        parts.push(w.buf.split().freeze());
+        let total: usize = head.len() + parts.iter().map(Bytes::len).sum::<usize>();
+        head[..frame::LENGTH_BYTES].copy_from_slice(&((total - frame::LENGTH_BYTES) as u32).to_le_bytes());
+        parts.insert(0, head.freeze());
+        parts.retain(|part| !part.is_empty());
+        parts
+    }
+
     /// A whole request frame.
     pub fn to_frame(&self, correlation_id: u32, flags: u16) -> BytesMut {
         let api = self.api_key();
@@ -834,6 +869,9 @@ mod tests {
         let frozen = Bytes::copy_from_slice(body);
         let decoded = decoded.map_records(|range| frozen.slice(range));
         assert_eq!(decoded, request);
+        // The same frame in pieces, for a vectored write.
+        let parts: Vec<u8> = request.to_frame_parts(9, 0).iter().flat_map(|p| p.iter().copied()).collect();
+        assert_eq!(parts, frame.to_vec(), "to_frame_parts writes the bytes of to_frame");
     }
 
     #[test]

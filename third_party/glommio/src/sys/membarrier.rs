@@ -1,3 +1,5 @@
+// Skein patch 3: only `light` and the fence in `heavy` are used; the barrier strategies stay.
+#![allow(dead_code)]
 // code imported from https://github.com/jeehoonkang/membarrier-rs (seems unmaintained)
 #[allow(unused_macros)]
 macro_rules! fatal_assert {
@@ -219,10 +221,9 @@ pub(crate) fn light() {
 #[inline]
 #[allow(dead_code)]
 pub(crate) fn heavy() {
-    use self::Strategy::*;
-    match *STRATEGY {
-        Membarrier => syscall::barrier(),
-        Mprotect => mprotect::barrier(),
-        Fallback => atomic::fence(atomic::Ordering::SeqCst),
-    }
+    // Skein patch 3 (see PATCHES.md): a full fence, paired with the one at the start of
+    // `SleepNotifier::notify` (the other side of the sleep/notify handshake), instead of a
+    // process-wide membarrier: an IPI to every CPU of the process each time an executor goes
+    // to sleep cost a tenth of the CPU under load in a VM.
+    atomic::fence(atomic::Ordering::SeqCst)
 }
