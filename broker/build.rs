@@ -1,6 +1,7 @@
-//! Embeds the git commit the harness is built from (`SKEIN_GIT_COMMIT`), so that a report says
-//! which code produced it, wherever the binary runs. `-dirty` when the working tree had
-//! uncommitted changes at build time (as of the last change to the index).
+//! Embeds the git commit the broker is built from (`SKEIN_GIT_COMMIT`, exported as
+//! `skein_broker::BUILD_COMMIT`): the ApiVersions handshake reports it, and so do the bench
+//! harness's reports, wherever the binary runs. `-dirty` when the working tree had uncommitted
+//! changes at build time (as of the last change to the index).
 
 use std::process::Command;
 

@@ -22,7 +22,7 @@ fi
 for tool in fio iperf3; do
   command -v "$tool" >/dev/null || { echo "installing $tool"; apt-get install -y "$tool" >/dev/null; }
 done
-cargo build --release -p skein-bench -p skein-broker >/dev/null
+cargo build --release -p skein-bench -p skein-cli >/dev/null
 bench=./target/release/skein-bench
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {"d": d}))' "$@"; }
 

@@ -128,7 +128,7 @@ pub struct BrokerInfo {
 /// The commit the harness was built from (embedded at build time; `-dirty` when the tree had
 /// uncommitted changes then).
 pub fn git_commit() -> String {
-    env!("SKEIN_GIT_COMMIT").to_owned()
+    skein_broker::BUILD_COMMIT.to_owned()
 }
 
 /// The machine a run measured.

@@ -15,8 +15,8 @@ use skein_net::{
     acks, encode_response, ApiKey, ApiVersion, ApiVersionsResponse, BrokerInfo, ErrorCode,
     FetchPartitionResponse, FetchRequest, FetchResponse, ListOffsetsPartitionResponse, ListOffsetsRequest,
     ListOffsetsResponse, MetadataRequest, MetadataResponse, Part, PartitionMetadata,
-    ProducePartitionResponse, ProduceRequest, ProduceResponse, Request, TopicData, TopicMetadata,
-    TopicResults,
+    ProducePartitionResponse, ProduceRequest, ProduceResponse, Request, RequestError, TopicData,
+    TopicMetadata, TopicResults,
 };
 
 use crate::shard::{FetchOutcome, GroupOp, LocalFuture, Op, Records, Reply, Shard};
@@ -34,8 +34,19 @@ pub enum Outgoing {
 pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -> LocalFuture<Outgoing> {
     let correlation_id = header.correlation_id;
     let expects_response = header.expects_response();
+    let version = header.api_version;
     let request = match Request::decode(&header, &frame[frame::REQUEST_HEADER_BYTES..]) {
         Ok(request) => request,
+        // An ApiVersions at a version this broker does not speak (a newer client) is still
+        // answered, at version 0 (which every client reads), with the versions it does speak,
+        // so the client can retry at one of them.
+        Err(RequestError::UnsupportedVersion { api: ApiKey::ApiVersions, .. }) if expects_response => {
+            let response =
+                ApiVersionsResponse { error: ErrorCode::UnsupportedVersion, ..api_versions(shard) };
+            return Box::pin(std::future::ready(Outgoing::Frame(encode_response(correlation_id, |w| {
+                response.encode(w, 0)
+            }))));
+        }
         Err(error) => {
             tracing::info!(%error, correlation_id, "refused a request");
             let outgoing = if expects_response {
@@ -49,25 +60,12 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
     let respond = move |body: BytesMut| if expects_response { Outgoing::Frame(body) } else { Outgoing::None };
     match request {
         Request::ApiVersions(_) => {
-            let response = ApiVersionsResponse {
-                error: ErrorCode::None,
-                broker_version: env!("CARGO_PKG_VERSION").to_owned(),
-                apis: ApiKey::ALL
-                    .iter()
-                    .map(|api| ApiVersion {
-                        api_key: *api as u16,
-                        min_version: api.versions().0,
-                        max_version: api.versions().1,
-                    })
-                    .collect(),
-                frame_bytes_max: shard.config.frame_bytes_max as u32,
-                batch_bytes_max: shard.config.default_max_message_bytes,
-            };
-            ready(respond(encode_response(correlation_id, |w| response.encode(w))))
+            let response = api_versions(shard);
+            ready(respond(encode_response(correlation_id, |w| response.encode(w, version))))
         }
         Request::Metadata(request) => {
             let response = metadata(shard, &request);
-            ready(respond(encode_response(correlation_id, |w| response.encode(w))))
+            ready(respond(encode_response(correlation_id, |w| response.encode(w, version))))
         }
         Request::CreateTopics(request) => {
             let shard = shard.clone();
@@ -150,6 +148,27 @@ fn ready(outgoing: Outgoing) -> LocalFuture<Outgoing> {
     Box::pin(std::future::ready(outgoing))
 }
 
+/// The handshake's answer: every API with the versions this build speaks, the limits, and who
+/// this broker is.
+fn api_versions(shard: &Shard) -> ApiVersionsResponse {
+    ApiVersionsResponse {
+        error: ErrorCode::None,
+        broker_version: env!("CARGO_PKG_VERSION").to_owned(),
+        apis: ApiKey::ALL
+            .iter()
+            .map(|api| ApiVersion {
+                api_key: *api as u16,
+                min_version: api.versions().0,
+                max_version: api.versions().1,
+            })
+            .collect(),
+        frame_bytes_max: shard.config.frame_bytes_max as u32,
+        batch_bytes_max: shard.config.default_max_message_bytes,
+        node_id: shard.config.node_id,
+        build_commit: crate::BUILD_COMMIT.to_owned(),
+    }
+}
+
 fn metadata(shard: &Shard, request: &MetadataRequest) -> MetadataResponse {
     let topics = shard.topics();
     let (host, port) = shard.advertised.borrow().clone();
@@ -159,7 +178,15 @@ fn metadata(shard: &Shard, request: &MetadataRequest) -> MetadataResponse {
             name: name.to_owned(),
             error: ErrorCode::None,
             partitions: (0..config.partitions)
-                .map(|partition| PartitionMetadata { partition, error: ErrorCode::None, leader: node_id })
+                // One node: it holds the only replica, always in sync, led at epoch 0.
+                .map(|partition| PartitionMetadata {
+                    partition,
+                    error: ErrorCode::None,
+                    leader: node_id,
+                    leader_epoch: 0,
+                    replicas: vec![node_id],
+                    isr: vec![node_id],
+                })
                 .collect(),
             configs: config.to_configs(),
         },

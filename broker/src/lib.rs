@@ -49,4 +49,8 @@ pub mod server;
 pub mod shard;
 
 pub use config::BrokerConfig;
+
+/// The git commit this broker was built from (`-dirty` with uncommitted changes; `unknown`
+/// outside a git checkout).
+pub const BUILD_COMMIT: &str = env!("SKEIN_GIT_COMMIT");
 pub use server::{run, start, start_until, RunningBroker, StartError};

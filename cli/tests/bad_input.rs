@@ -163,17 +163,17 @@ async fn bad_requests_get_numbered_errors_and_write_nothing() {
     // Frame-level errors keep the connection.
     stream.write_all(&frame::encode_request(&raw_header(99, 0, 0, 5), |_| {})).unwrap();
     let (header, _) = read_response(&mut stream).unwrap();
-    assert_eq!((header.correlation_id, header.error), (5, ErrorCode::UnknownApi as u16));
+    assert_eq!((header.correlation_id, header.error), (5, ErrorCode::UnknownApi.code()));
     stream.write_all(&frame::encode_request(&raw_header(4, 7, 0, 6), |_| {})).unwrap();
     let (header, _) = read_response(&mut stream).unwrap();
-    assert_eq!((header.correlation_id, header.error), (6, ErrorCode::UnsupportedVersion as u16));
+    assert_eq!((header.correlation_id, header.error), (6, ErrorCode::UnsupportedVersion.code()));
     stream
         .write_all(&frame::encode_request(&raw_header(4, 0, 0, 7), |w| {
             w.u8(1).u8(2).u8(3);
         }))
         .unwrap();
     let (header, _) = read_response(&mut stream).unwrap();
-    assert_eq!((header.correlation_id, header.error), (7, ErrorCode::MalformedRequest as u16));
+    assert_eq!((header.correlation_id, header.error), (7, ErrorCode::MalformedRequest.code()));
 
     // Partition-level errors.
     let mut bad_crc = good_batch(b"payload").to_vec();
@@ -254,4 +254,63 @@ async fn bad_requests_get_numbered_errors_and_write_nothing() {
     }
     round_trip(&client, "after").await;
     assert!(broker.log().contains("refused"), "the broker logs refused input");
+}
+
+/// A version-0 client of this broker sends and receives exactly the version-0 bytes; a v1
+/// request gets the v1 layout; an ApiVersions at a version the broker does not speak is
+/// answered at version 0 with the versions it does speak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_supported_version_is_answered_in_its_own_layout() {
+    use skein_net::{ApiKey, ApiVersionsResponse, MetadataRequest, MetadataResponse};
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    Admin::new(client.clone()).create_topic("versions", 2, &[]).await.unwrap();
+    let mut stream = connect(&broker);
+    let api_versions = Request::<Bytes>::ApiVersions(ApiVersionsRequest { client_id: "old".into() });
+    let metadata = Request::<Bytes>::Metadata(MetadataRequest { topics: Some(vec!["versions".into()]) });
+    for version in [0u16, 1] {
+        stream.write_all(&api_versions.to_frame_at(10 + version as u32, 0, version)).unwrap();
+        let (header, body) = read_response(&mut stream).unwrap();
+        assert_eq!((header.correlation_id, header.error), (10 + version as u32, 0));
+        let mut r = Reader::new(&body);
+        let answer = ApiVersionsResponse::decode(&mut r, version).unwrap();
+        r.finish()
+            .unwrap_or_else(|e| panic!("ApiVersions v{version} has exactly the v{version} fields: {e}"));
+        assert_eq!(answer.versions_of(ApiKey::Metadata), Some((0, 1)));
+        assert_eq!(answer.versions_of(ApiKey::Produce), Some((0, 0)));
+        if version == 1 {
+            assert_eq!(answer.node_id, 0);
+            assert!(!answer.build_commit.is_empty(), "v1 carries the build commit");
+        }
+
+        stream.write_all(&metadata.to_frame_at(20 + version as u32, 0, version)).unwrap();
+        let (header, body) = read_response(&mut stream).unwrap();
+        assert_eq!((header.correlation_id, header.error), (20 + version as u32, 0));
+        let mut r = Reader::new(&body);
+        let answer = MetadataResponse::decode(&mut r, version).unwrap();
+        r.finish().unwrap_or_else(|e| panic!("Metadata v{version} has exactly the v{version} fields: {e}"));
+        let partitions = &answer.topics[0].partitions;
+        assert_eq!(partitions.len(), 2);
+        let replicas = if version == 1 { vec![0] } else { Vec::new() };
+        assert!(partitions
+            .iter()
+            .all(|p| p.replicas == replicas && p.isr == replicas && p.leader_epoch == 0));
+    }
+    // A future client's ApiVersions v9: answered (not refused) at v0, with the versions.
+    stream.write_all(&api_versions.to_frame_at(30, 0, 9)).unwrap();
+    let (header, body) = read_response(&mut stream).unwrap();
+    assert_eq!((header.correlation_id, header.error), (30, 0));
+    let mut r = Reader::new(&body);
+    let answer = ApiVersionsResponse::decode(&mut r, 0).unwrap();
+    r.finish().unwrap();
+    assert_eq!(answer.error, ErrorCode::UnsupportedVersion);
+    assert_eq!(answer.versions_of(ApiKey::ApiVersions), Some((0, 1)));
+    // Any other API at an unknown version is refused at the frame level, and the connection
+    // stays usable.
+    stream.write_all(&metadata.to_frame_at(31, 0, 2)).unwrap();
+    let (header, _) = read_response(&mut stream).unwrap();
+    assert_eq!((header.correlation_id, header.error), (31, ErrorCode::UnsupportedVersion.code()));
+    // The client library negotiated v1 and sees the replicas.
+    let described = client.metadata(Some(vec!["versions".into()])).await.unwrap();
+    assert_eq!(described.topics[0].partitions[0].isr, vec![0]);
 }

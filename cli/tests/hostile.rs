@@ -178,7 +178,7 @@ fn the_connection_limit_answers_with_an_error() {
         stream.read_exact(&mut header).unwrap();
         let response = frame::decode_response_header(&header);
         assert_eq!(response.correlation_id, i);
-        if response.error == ErrorCode::TooManyConnections as u16 {
+        if response.error == ErrorCode::TooManyConnections.code() {
             refused += 1;
             assert!(closed_within(&mut stream, Duration::from_secs(5)), "closed after the error");
         } else {

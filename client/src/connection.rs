@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use skein_net::frame::{self, flags};
-use skein_net::{ErrorCode, Request};
+use skein_net::{ApiKey, ApiVersionsResponse, ErrorCode, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -61,6 +61,9 @@ pub struct Connection {
     next_correlation: AtomicU32,
     in_flight: Arc<Semaphore>,
     request_timeout: Duration,
+    /// The version of each API (by key) to send, negotiated from the broker's ApiVersions
+    /// answer; `None` until then (requests go at this build's newest version).
+    versions: std::sync::OnceLock<Vec<Option<u16>>>,
 }
 
 impl Connection {
@@ -115,7 +118,32 @@ impl Connection {
             next_correlation: AtomicU32::new(1),
             in_flight: Arc::new(Semaphore::new(in_flight_max)),
             request_timeout,
+            versions: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records the versions the broker speaks (its ApiVersions answer): from now on each
+    /// request goes at the highest version both sides speak.
+    pub fn set_versions(&self, broker: &ApiVersionsResponse) {
+        let table = ApiKey::ALL
+            .iter()
+            .map(|api| broker.versions_of(*api).and_then(|theirs| api.negotiate(theirs)))
+            .collect();
+        let _ = self.versions.set(table);
+    }
+
+    /// The version `api` goes at on this connection; an error if the broker speaks no version
+    /// of it that this client does.
+    pub fn version(&self, api: ApiKey) -> Result<u16> {
+        match self.versions.get() {
+            None => Ok(api.versions().1),
+            Some(table) => table[api as usize].ok_or_else(|| {
+                ClientError::broker(
+                    ErrorCode::UnsupportedVersion,
+                    format!("the broker at {} speaks no version of {api:?} that this client does", self.addr),
+                )
+            }),
+        }
     }
 
     pub fn addr(&self) -> &str {
@@ -136,6 +164,11 @@ impl Connection {
     /// Queues a request on the connection and returns the future of its response. Requests are
     /// written in the order `submit` is called, which the broker keeps when it applies them.
     pub async fn submit(&self, request: &Request<Bytes>) -> Result<ResponseFuture> {
+        self.submit_at(request, self.version(request.api_key())?).await
+    }
+
+    /// [`Connection::submit`] at a chosen version of the request's API (the handshake).
+    pub async fn submit_at(&self, request: &Request<Bytes>, version: u16) -> Result<ResponseFuture> {
         let permit = self.in_flight.clone().acquire_owned().await.map_err(|_| ClientError::Closed)?;
         let correlation = self.next_correlation.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
@@ -146,7 +179,7 @@ impl Connection {
             };
             map.insert(correlation, sender);
         }
-        let frame = request.to_frame_parts(correlation, 0);
+        let frame = request.to_frame_parts(correlation, 0, version);
         if self.outgoing.send(frame).await.is_err() {
             self.forget(correlation);
             return Err(ClientError::ConnectionLost("connection closed".into()));
@@ -164,7 +197,7 @@ impl Connection {
     /// Sends a request that gets no response (produce with `acks=0`).
     pub async fn send_only(&self, request: &Request<Bytes>) -> Result<()> {
         let correlation = self.next_correlation.fetch_add(1, Ordering::Relaxed);
-        let frame = request.to_frame_parts(correlation, flags::NO_RESPONSE);
+        let frame = request.to_frame_parts(correlation, flags::NO_RESPONSE, self.version(request.api_key())?);
         self.outgoing.send(frame).await.map_err(|_| ClientError::ConnectionLost("connection closed".into()))
     }
 
@@ -232,12 +265,8 @@ async fn read_responses(reader: &mut tokio::net::tcp::OwnedReadHalf, pending: &P
                         .and_then(|map| map.remove(&header.correlation_id));
                     let Some(sender) = sender else { continue };
                     let result = match ErrorCode::from_u16(header.error) {
-                        Some(ErrorCode::None) => Ok(whole.slice(frame::RESPONSE_HEADER_BYTES..)),
-                        Some(code) => Err(ClientError::broker(code, "request refused")),
-                        None => Err(ClientError::broker(
-                            ErrorCode::Unknown,
-                            format!("error code {}", header.error),
-                        )),
+                        ErrorCode::None => Ok(whole.slice(frame::RESPONSE_HEADER_BYTES..)),
+                        code => Err(ClientError::broker(code, "request refused")),
                     };
                     let _ = sender.send(result);
                 }

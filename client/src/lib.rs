@@ -45,8 +45,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use skein_net::{
-    ApiVersionsRequest, ApiVersionsResponse, DecodeError, ErrorCode, MetadataRequest, MetadataResponse,
-    Reader, Request,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, DecodeError, ErrorCode, MetadataRequest,
+    MetadataResponse, Reader, Request,
 };
 
 pub use crate::admin::{Admin, GroupDescription, PartitionDescription, PartitionLag, TopicDescription};
@@ -174,13 +174,11 @@ impl Client {
             )
             .await?,
         );
-        let body = connection
-            .request(&Request::ApiVersions(ApiVersionsRequest { client_id: config.client_id.clone() }))
-            .await?;
-        let versions = decode(&body, ApiVersionsResponse::decode)?;
+        let versions = handshake(&connection, &config.client_id).await?;
         if !versions.error.is_ok() {
             return Err(ClientError::broker(versions.error, "handshake"));
         }
+        connection.set_versions(&versions);
         *self.inner.broker.lock().expect("not poisoned") = Some(versions);
         *slot = Some(connection.clone());
         Ok(connection)
@@ -197,8 +195,15 @@ impl Client {
 
     /// Fetches metadata (`None`: every topic) and refreshes the cache with it.
     pub async fn metadata(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
-        let body = self.request(&Request::Metadata(MetadataRequest { topics })).await?;
-        let response = decode(&body, MetadataResponse::decode)?;
+        let request = Request::Metadata(MetadataRequest { topics });
+        let deadline = tokio::time::Instant::now() + self.inner.config.retry_timeout;
+        let (version, body) = retry_until(deadline, || async {
+            let connection = self.connection().await?;
+            let version = connection.version(ApiKey::Metadata)?;
+            Ok((version, connection.request(&request).await?))
+        })
+        .await?;
+        let response = decode(&body, |r| MetadataResponse::decode(r, version))?;
         let mut cache = self.inner.topics.lock().expect("not poisoned");
         for topic in &response.topics {
             if topic.error.is_ok() {
@@ -247,6 +252,41 @@ impl Client {
 
 /// Runs `attempt` until it succeeds, fails with something other than a lost or refused
 /// connection, or `deadline` passes; backs off 50 ms, doubling up to 1 s, in between.
+/// The ApiVersions handshake: asks at this client's newest version of ApiVersions; a broker
+/// that does not speak it either refuses the frame (an older broker: asked again at version 0)
+/// or answers at version 0 with `UnsupportedVersion` and the versions it speaks (asked again at
+/// the highest both speak).
+async fn handshake(connection: &Connection, client_id: &str) -> Result<ApiVersionsResponse> {
+    let request = Request::ApiVersions(ApiVersionsRequest { client_id: client_id.to_owned() });
+    let mut version = ApiKey::ApiVersions.versions().1;
+    for _ in 0..2 {
+        let body = match connection.submit_at(&request, version).await?.await {
+            Err(error) if error.code() == Some(ErrorCode::UnsupportedVersion) && version > 0 => {
+                version = 0;
+                continue;
+            }
+            other => other?,
+        };
+        // A refusal of the version comes as a version-0 body.
+        let answered = decode(&body, |r| ApiVersionsResponse::decode(r, version))
+            .or_else(|_| decode(&body, |r| ApiVersionsResponse::decode(r, 0)))?;
+        if answered.error == ErrorCode::UnsupportedVersion {
+            match answered
+                .versions_of(ApiKey::ApiVersions)
+                .and_then(|theirs| ApiKey::ApiVersions.negotiate(theirs))
+            {
+                Some(common) if common != version => {
+                    version = common;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        return Ok(answered);
+    }
+    Err(ClientError::broker(ErrorCode::UnsupportedVersion, "handshake: no version of ApiVersions in common"))
+}
+
 async fn retry_until<T, F, Fut>(deadline: tokio::time::Instant, mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,

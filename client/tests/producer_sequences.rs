@@ -1,6 +1,11 @@
 //! The producer's sequence rules against a scripted broker (a plain TCP server speaking the
 //! Skein protocol, whose answers each test chooses): what a refusal does to a batch and to the
 //! batches of its partition behind it. The real broker's side is tested in skein-broker.
+//!
+//! The scripted broker speaks only version 0 of every API, as a broker built before any v1
+//! existed: it refuses a request at any other version at the frame level. So every test here
+//! also shows that this client falls back to version 0 against an old broker (ApiVersions
+//! first, then Metadata in the v0 layout).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,6 +68,8 @@ struct Log {
     epochs: Vec<i16>,
     sequences: Sequences,
     next_offset: u64,
+    /// Requests refused for their version: (api key, version).
+    refused_versions: Vec<(u16, u16)>,
 }
 
 /// A broker with one topic `t` of one partition that answers produce requests per `script`,
@@ -83,6 +90,17 @@ async fn scripted_broker(script: Script, delay: Duration) -> (String, Arc<Mutex<
                         let whole = buffer.split_to(len);
                         let header: RequestHeader = frame::decode_request_header(&whole).unwrap();
                         let body = &whole[frame::REQUEST_HEADER_BYTES..];
+                        if header.api_version != 0 {
+                            log.lock().unwrap().refused_versions.push((header.api_key, header.api_version));
+                            let refusal = frame::encode_error_response(
+                                header.correlation_id,
+                                ErrorCode::UnsupportedVersion,
+                            );
+                            if stream.write_all(&refusal).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         let request = Request::decode(&header, body).unwrap();
                         let is_produce = matches!(request, Request::Produce(_));
                         let response = answer(request, body, &log, &script);
@@ -115,11 +133,16 @@ fn answer(request: Request<std::ops::Range<usize>>, body: &[u8], log: &Mutex<Log
             let response = ApiVersionsResponse {
                 error: ErrorCode::None,
                 broker_version: "scripted".into(),
-                apis: Vec::new(),
+                apis: skein_net::ApiKey::ALL
+                    .iter()
+                    .map(|api| skein_net::ApiVersion { api_key: *api as u16, min_version: 0, max_version: 0 })
+                    .collect(),
                 frame_bytes_max: 64 << 20,
                 batch_bytes_max: 8 << 20,
+                node_id: 0,
+                build_commit: String::new(),
             };
-            Box::new(move |w| response.encode(w))
+            Box::new(move |w| response.encode(w, 0))
         }
         Request::Metadata(_) => {
             let response = MetadataResponse {
@@ -128,11 +151,18 @@ fn answer(request: Request<std::ops::Range<usize>>, body: &[u8], log: &Mutex<Log
                 topics: vec![TopicMetadata {
                     name: "t".into(),
                     error: ErrorCode::None,
-                    partitions: vec![PartitionMetadata { partition: 0, error: ErrorCode::None, leader: 0 }],
+                    partitions: vec![PartitionMetadata {
+                        partition: 0,
+                        error: ErrorCode::None,
+                        leader: 0,
+                        leader_epoch: 0,
+                        replicas: Vec::new(),
+                        isr: Vec::new(),
+                    }],
                     configs: Vec::new(),
                 }],
             };
-            Box::new(move |w| response.encode(w))
+            Box::new(move |w| response.encode(w, 0))
         }
         Request::InitProducerId(request) => {
             let epoch = if request.producer_id < 0 { 0 } else { request.producer_epoch + 1 };
@@ -225,6 +255,9 @@ async fn a_gap_before_the_first_unacknowledged_batch_moves_the_partition_to_a_ne
         "the refused batch is resent at once under the new epoch from sequence 0, and the next follows"
     );
     assert_eq!(producer.producer_id().await.unwrap(), Some((7, 1)));
+    // Against this version-0 broker the client asked for ApiVersions v1 once, was refused,
+    // and sent everything after at version 0 (any other version would be refused and logged).
+    assert_eq!(log.lock().unwrap().refused_versions, vec![(skein_net::ApiKey::ApiVersions as u16, 1)]);
 }
 
 #[tokio::test]

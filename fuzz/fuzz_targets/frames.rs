@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(request) = Request::decode(&header, &whole[frame::REQUEST_HEADER_BYTES..]) {
                 let body = Bytes::copy_from_slice(&whole[frame::REQUEST_HEADER_BYTES..]);
                 let owned = request.map_records(|range| body.slice(range));
-                let again = owned.to_frame(header.correlation_id, header.flags);
+                let again = owned.to_frame_at(header.correlation_id, header.flags, header.api_version);
                 let header2 = frame::decode_request_header(&again).expect("re-encoded header");
                 let decoded = Request::decode(&header2, &again[frame::REQUEST_HEADER_BYTES..])
                     .expect("re-encoded body");
@@ -32,9 +32,13 @@ fuzz_target!(|data: &[u8]| {
             let _ = <$t>::decode(&mut r);
         )*};
     }
+    for version in [0, 1] {
+        let mut r = Reader::new(data);
+        let _ = ApiVersionsResponse::decode(&mut r, version);
+        let mut r = Reader::new(data);
+        let _ = MetadataResponse::decode(&mut r, version);
+    }
     each!(
-        ApiVersionsResponse,
-        MetadataResponse,
         TopicResults,
         ProduceResponse,
         ListOffsetsResponse,

@@ -143,7 +143,7 @@ pub fn put_response_header(buf: &mut BytesMut, header: &ResponseHeader, body_len
 /// A response frame with no body, carrying a frame-level error.
 pub fn encode_error_response(correlation_id: u32, error: crate::ErrorCode) -> BytesMut {
     let mut buf = BytesMut::with_capacity(RESPONSE_HEADER_BYTES);
-    put_response_header(&mut buf, &ResponseHeader { correlation_id, error: error as u16, flags: 0 }, 0);
+    put_response_header(&mut buf, &ResponseHeader { correlation_id, error: error.code(), flags: 0 }, 0);
     buf
 }
 

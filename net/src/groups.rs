@@ -8,7 +8,7 @@ use crate::wire::{DecodeError, Reader, Writer};
 
 fn error_code(r: &mut Reader<'_>, field: &'static str) -> Result<ErrorCode, DecodeError> {
     let raw = r.u16(field)?;
-    ErrorCode::from_u16(raw).ok_or(DecodeError::Invalid { field, value: raw.into() })
+    Ok(ErrorCode::from_u16(raw))
 }
 
 fn put_topic_partitions(w: &mut Writer, topics: &[TopicPartitions]) {
@@ -79,7 +79,7 @@ impl InitProducerIdRequest {
 
 impl InitProducerIdResponse {
     pub fn encode(&self, w: &mut Writer) {
-        w.u16(self.error as u16).i64(self.producer_id).i16(self.producer_epoch);
+        w.u16(self.error.code()).i64(self.producer_id).i16(self.producer_epoch);
     }
 
     pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -193,7 +193,7 @@ impl HeartbeatResponse {
     }
 
     pub fn encode(&self, w: &mut Writer) {
-        w.u16(self.error as u16).str(&self.error_message).str(&self.member_id).i32(self.member_epoch);
+        w.u16(self.error.code()).str(&self.error_message).str(&self.member_id).i32(self.member_epoch);
         w.u32(self.heartbeat_interval_ms);
         put_topic_partitions(w, &self.assignment);
     }
@@ -278,11 +278,11 @@ impl OffsetCommitRequest {
 
 impl OffsetCommitResponse {
     pub fn encode(&self, w: &mut Writer) {
-        w.u16(self.error as u16);
+        w.u16(self.error.code());
         w.array(&self.topics, |w, t| {
             w.str(&t.name);
             w.array(&t.partitions, |w, p| {
-                w.u32(p.partition).u16(p.error as u16);
+                w.u32(p.partition).u16(p.error.code());
             });
         });
     }
@@ -376,7 +376,7 @@ fn get_committed(r: &mut Reader<'_>) -> Result<Vec<TopicData<CommittedOffset>>, 
 
 impl OffsetFetchResponse {
     pub fn encode(&self, w: &mut Writer) {
-        w.u16(self.error as u16);
+        w.u16(self.error.code());
         put_committed(w, &self.topics);
     }
 
@@ -404,7 +404,7 @@ pub struct ListGroupsResponse {
 
 impl ListGroupsResponse {
     pub fn encode(&self, w: &mut Writer) {
-        w.u16(self.error as u16);
+        w.u16(self.error.code());
         w.array(&self.groups, |w, g| {
             w.str(&g.group_id).str(&g.state).u32(g.members);
         });
@@ -463,7 +463,7 @@ impl DescribeGroupRequest {
 
 impl DescribeGroupResponse {
     pub fn encode(&self, w: &mut Writer) {
-        w.u16(self.error as u16).str(&self.group_id).str(&self.state).i32(self.group_epoch);
+        w.u16(self.error.code()).str(&self.group_id).str(&self.state).i32(self.group_epoch);
         w.array(&self.members, |w, m| {
             w.str(&m.member_id).str(&m.client_id).i32(m.member_epoch);
             put_strings(w, &m.subscribed_topics);

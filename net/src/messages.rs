@@ -55,9 +55,25 @@ impl ApiKey {
         ApiKey::ALL.get(value as usize).copied()
     }
 
-    /// The versions this build speaks: `(min, max)`.
+    /// The versions this build speaks: `(min, max)`. A new version of an API is listed here
+    /// and in PROTOCOL.md's API table together with what it changed; a broker keeps answering
+    /// every version from `min` up.
     pub fn versions(self) -> (u16, u16) {
-        (0, 0)
+        match self {
+            // v1: the response adds the broker's node id and build commit.
+            ApiKey::ApiVersions => (0, 1),
+            // v1: each partition adds its leader epoch, replicas and in-sync replicas.
+            ApiKey::Metadata => (0, 1),
+            _ => (0, 0),
+        }
+    }
+
+    /// The version to use with a broker that speaks `broker` (`(min, max)`) of this API: the
+    /// highest both sides speak, or `None` when the ranges do not meet.
+    pub fn negotiate(self, broker: (u16, u16)) -> Option<u16> {
+        let (min, max) = self.versions();
+        let version = max.min(broker.1);
+        (version >= min.max(broker.0)).then_some(version)
     }
 }
 
@@ -94,7 +110,7 @@ fn get_topics<P>(
 
 fn error_code(r: &mut Reader<'_>, field: &'static str) -> Result<ErrorCode, DecodeError> {
     let raw = r.u16(field)?;
-    ErrorCode::from_u16(raw).ok_or(DecodeError::Invalid { field, value: raw.into() })
+    Ok(ErrorCode::from_u16(raw))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -119,18 +135,40 @@ pub struct ApiVersionsResponse {
     pub apis: Vec<ApiVersion>,
     pub frame_bytes_max: u32,
     pub batch_bytes_max: u32,
+    /// v1: the broker's node id (0 in a v0 response).
+    pub node_id: u32,
+    /// v1: the git commit the broker was built from (empty in a v0 response).
+    pub build_commit: String,
 }
 
 impl ApiVersionsResponse {
-    pub fn encode(&self, w: &mut Writer) {
-        w.u16(self.error as u16).str(&self.broker_version);
+    /// The body at `version` (v0 leaves out the v1 fields).
+    pub fn encode(&self, w: &mut Writer, version: u16) {
+        w.u16(self.error.code()).str(&self.broker_version);
         w.array(&self.apis, |w, api| {
             w.u16(api.api_key).u16(api.min_version).u16(api.max_version);
         });
         w.u32(self.frame_bytes_max).u32(self.batch_bytes_max);
+        if version >= 1 {
+            w.u32(self.node_id).str(&self.build_commit);
+        }
     }
 
-    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+    /// The versions the broker speaks of `api`, from this response.
+    pub fn versions_of(&self, api: ApiKey) -> Option<(u16, u16)> {
+        self.apis.iter().find(|a| a.api_key == api as u16).map(|a| (a.min_version, a.max_version))
+    }
+
+    pub fn decode(r: &mut Reader<'_>, version: u16) -> Result<Self, DecodeError> {
+        let mut response = ApiVersionsResponse::decode_v0(r)?;
+        if version >= 1 {
+            response.node_id = r.u32("node id")?;
+            response.build_commit = r.str("build commit")?;
+        }
+        Ok(response)
+    }
+
+    fn decode_v0(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         Ok(ApiVersionsResponse {
             error: error_code(r, "error")?,
             broker_version: r.str("broker version")?,
@@ -143,6 +181,8 @@ impl ApiVersionsResponse {
             })?,
             frame_bytes_max: r.u32("frame bytes max")?,
             batch_bytes_max: r.u32("batch bytes max")?,
+            node_id: 0,
+            build_commit: String::new(),
         })
     }
 }
@@ -168,6 +208,11 @@ pub struct PartitionMetadata {
     pub partition: u32,
     pub error: ErrorCode,
     pub leader: u32,
+    /// v1: the leader's epoch (0 in a v0 response).
+    pub leader_epoch: u32,
+    /// v1: the brokers holding a replica, and those in sync (empty in a v0 response).
+    pub replicas: Vec<u32>,
+    pub isr: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,21 +242,31 @@ fn get_configs(r: &mut Reader<'_>) -> Result<Vec<(String, String)>, DecodeError>
 }
 
 impl MetadataResponse {
-    pub fn encode(&self, w: &mut Writer) {
+    /// The body at `version` (v0 leaves out the v1 fields).
+    pub fn encode(&self, w: &mut Writer, version: u16) {
         w.array(&self.brokers, |w, b| {
             w.u32(b.node_id).str(&b.host).u16(b.port);
         });
         w.u32(self.controller_id);
         w.array(&self.topics, |w, t| {
-            w.str(&t.name).u16(t.error as u16);
+            w.str(&t.name).u16(t.error.code());
             w.array(&t.partitions, |w, p| {
-                w.u32(p.partition).u16(p.error as u16).u32(p.leader);
+                w.u32(p.partition).u16(p.error.code()).u32(p.leader);
+                if version >= 1 {
+                    w.u32(p.leader_epoch);
+                    w.array(&p.replicas, |w, node| {
+                        w.u32(*node);
+                    });
+                    w.array(&p.isr, |w, node| {
+                        w.u32(*node);
+                    });
+                }
             });
             put_configs(w, &t.configs);
         });
     }
 
-    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+    pub fn decode(r: &mut Reader<'_>, version: u16) -> Result<Self, DecodeError> {
         Ok(MetadataResponse {
             brokers: r.array("brokers", 8, |r| {
                 Ok(BrokerInfo { node_id: r.u32("node id")?, host: r.str("host")?, port: r.u16("port")? })
@@ -222,11 +277,19 @@ impl MetadataResponse {
                     name: r.str("topic name")?,
                     error: error_code(r, "topic error")?,
                     partitions: r.array("partitions", 10, |r| {
-                        Ok(PartitionMetadata {
-                            partition: r.u32("partition")?,
-                            error: error_code(r, "partition error")?,
-                            leader: r.u32("leader")?,
-                        })
+                        let partition = r.u32("partition")?;
+                        let error = error_code(r, "partition error")?;
+                        let leader = r.u32("leader")?;
+                        let (leader_epoch, replicas, isr) = if version >= 1 {
+                            (
+                                r.u32("leader epoch")?,
+                                r.array("replicas", 4, |r| r.u32("replica"))?,
+                                r.array("in-sync replicas", 4, |r| r.u32("in-sync replica"))?,
+                            )
+                        } else {
+                            (0, Vec::new(), Vec::new())
+                        };
+                        Ok(PartitionMetadata { partition, error, leader, leader_epoch, replicas, isr })
                     })?,
                     configs: get_configs(r)?,
                 })
@@ -274,7 +337,7 @@ pub struct TopicResults {
 impl TopicResults {
     pub fn encode(&self, w: &mut Writer) {
         w.array(&self.topics, |w, t| {
-            w.str(&t.name).u16(t.error as u16).str(&t.message);
+            w.str(&t.name).u16(t.error.code()).str(&t.message);
         });
     }
 
@@ -335,7 +398,7 @@ impl ProduceResponse {
     pub fn encode(&self, w: &mut Writer) {
         put_topics(w, &self.topics, |w, p| {
             w.u32(p.partition)
-                .u16(p.error as u16)
+                .u16(p.error.code())
                 .u64(p.base_offset)
                 .u64(p.last_offset)
                 .u64(p.log_start_offset);
@@ -439,7 +502,7 @@ impl<R: RecordsLen> FetchResponse<R> {
             w.str(&topic.name).u32(topic.partitions.len() as u32);
             for partition in topic.partitions {
                 w.u32(partition.partition)
-                    .u16(partition.error as u16)
+                    .u16(partition.error.code())
                     .u64(partition.high_watermark)
                     .u64(partition.log_start_offset)
                     .u32(partition.records.records_len() as u32);
@@ -528,7 +591,7 @@ pub struct ListOffsetsResponse {
 impl ListOffsetsResponse {
     pub fn encode(&self, w: &mut Writer) {
         put_topics(w, &self.topics, |w, p| {
-            w.u32(p.partition).u16(p.error as u16).i64(p.offset);
+            w.u32(p.partition).u16(p.error.code()).i64(p.offset);
         });
     }
 
@@ -718,16 +781,15 @@ impl<R: RecordsBytes> Request<R> {
     /// A whole request frame as pieces to write one after the other (a vectored write): the
     /// records of a produce request stay in their own buffers instead of being copied into the
     /// frame; every other request is one piece.
-    pub fn to_frame_parts(&self, correlation_id: u32, flags: u16) -> Vec<Bytes>
+    pub fn to_frame_parts(&self, correlation_id: u32, flags: u16, version: u16) -> Vec<Bytes>
     where
         R: Clone + Into<Bytes>,
     {
         let Request::Produce(request) = self else {
-            return vec![self.to_frame(correlation_id, flags).freeze()];
+            return vec![self.to_frame_at(correlation_id, flags, version).freeze()];
         };
         let api = self.api_key();
-        let header =
-            RequestHeader { api_key: api as u16, api_version: api.versions().1, flags, correlation_id };
+        let header = RequestHeader { api_key: api as u16, api_version: version, flags, correlation_id };
         let mut head = frame::encode_request(&header, |w| {
             w.i8(request.acks).u32(request.timeout_ms).u32(request.topics.len() as u32);
         });
@@ -750,11 +812,16 @@ impl<R: RecordsBytes> Request<R> {
         parts
     }
 
-    /// A whole request frame.
+    /// A whole request frame at the newest version this build speaks of its API.
     pub fn to_frame(&self, correlation_id: u32, flags: u16) -> BytesMut {
-        let api = self.api_key();
+        self.to_frame_at(correlation_id, flags, self.api_key().versions().1)
+    }
+
+    /// A whole request frame at `version` of its API (every request body is the same at every
+    /// version listed today: the v1s changed responses only).
+    pub fn to_frame_at(&self, correlation_id: u32, flags: u16, version: u16) -> BytesMut {
         let header =
-            RequestHeader { api_key: api as u16, api_version: api.versions().1, flags, correlation_id };
+            RequestHeader { api_key: self.api_key() as u16, api_version: version, flags, correlation_id };
         frame::encode_request(&header, |w| self.encode_body(w))
     }
 }
@@ -870,7 +937,11 @@ mod tests {
         let decoded = decoded.map_records(|range| frozen.slice(range));
         assert_eq!(decoded, request);
         // The same frame in pieces, for a vectored write.
-        let parts: Vec<u8> = request.to_frame_parts(9, 0).iter().flat_map(|p| p.iter().copied()).collect();
+        let parts: Vec<u8> = request
+            .to_frame_parts(9, 0, request.api_key().versions().1)
+            .iter()
+            .flat_map(|p| p.iter().copied())
+            .collect();
         assert_eq!(parts, frame.to_vec(), "to_frame_parts writes the bytes of to_frame");
     }
 
@@ -920,24 +991,35 @@ mod tests {
         }));
     }
 
-    #[test]
-    fn responses_round_trip() {
-        let metadata = MetadataResponse {
+    fn metadata_v1() -> MetadataResponse {
+        MetadataResponse {
             brokers: vec![BrokerInfo { node_id: 1, host: "127.0.0.1".into(), port: 9400 }],
             controller_id: 1,
             topics: vec![TopicMetadata {
                 name: "t".into(),
                 error: ErrorCode::None,
-                partitions: vec![PartitionMetadata { partition: 0, error: ErrorCode::None, leader: 1 }],
+                partitions: vec![PartitionMetadata {
+                    partition: 0,
+                    error: ErrorCode::None,
+                    leader: 1,
+                    leader_epoch: 7,
+                    replicas: vec![1, 2, 3],
+                    isr: vec![1, 3],
+                }],
                 configs: vec![("segment.bytes".into(), "1024".into())],
             }],
-        };
-        let frame = encode_response(5, |w| metadata.encode(w));
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let metadata = metadata_v1();
+        let frame = encode_response(5, |w| metadata.encode(w, 1));
         let header = frame::decode_response_header(&frame);
         assert_eq!(header.correlation_id, 5);
         assert_eq!(frame::response_frame_len(&frame, 1 << 20), Ok(Some(frame.len())));
         let mut r = Reader::new(&frame[frame::RESPONSE_HEADER_BYTES..]);
-        assert_eq!(MetadataResponse::decode(&mut r).unwrap(), metadata);
+        assert_eq!(MetadataResponse::decode(&mut r, 1).unwrap(), metadata);
         r.finish().unwrap();
 
         let fetch = FetchResponse {
@@ -974,6 +1056,90 @@ mod tests {
         assert_eq!(decoded, fetch);
     }
 
+    /// A v0 response leaves out every v1 field, and a v0 reader reads exactly the v0 bytes (an
+    /// old client of a new broker sees what it always saw).
+    #[test]
+    fn version_0_bodies_have_the_version_0_layout() {
+        let metadata = metadata_v1();
+        let mut v0 = Writer::new();
+        metadata.encode(&mut v0, 0);
+        let mut v1 = Writer::new();
+        metadata.encode(&mut v1, 1);
+        // epoch (4) + two arrays (4 + 3 * 4, 4 + 2 * 4)
+        assert_eq!(v1.buf.len() - v0.buf.len(), 4 + 16 + 12);
+        let mut r = Reader::new(&v0.buf);
+        let decoded = MetadataResponse::decode(&mut r, 0).unwrap();
+        r.finish().unwrap();
+        let p = &decoded.topics[0].partitions[0];
+        assert_eq!((p.leader, p.leader_epoch, p.replicas.len(), p.isr.len()), (1, 0, 0, 0));
+
+        let versions = ApiVersionsResponse {
+            error: ErrorCode::None,
+            broker_version: "0.1.0".into(),
+            apis: vec![ApiVersion { api_key: 1, min_version: 0, max_version: 1 }],
+            frame_bytes_max: 1 << 20,
+            batch_bytes_max: 1 << 16,
+            node_id: 3,
+            build_commit: "abc123".into(),
+        };
+        for version in [0, 1] {
+            let mut w = Writer::new();
+            versions.encode(&mut w, version);
+            let mut r = Reader::new(&w.buf);
+            let decoded = ApiVersionsResponse::decode(&mut r, version).unwrap();
+            r.finish().unwrap();
+            if version == 1 {
+                assert_eq!(decoded, versions);
+            } else {
+                assert_eq!((decoded.node_id, decoded.build_commit.as_str()), (0, ""));
+                assert_eq!(decoded.apis, versions.apis);
+            }
+        }
+        assert_eq!(versions.versions_of(ApiKey::Metadata), Some((0, 1)));
+        assert_eq!(versions.versions_of(ApiKey::Fetch), None);
+    }
+
+    #[test]
+    fn versions_are_negotiated_to_the_highest_both_speak() {
+        assert_eq!(ApiKey::Metadata.negotiate((0, 1)), Some(1));
+        assert_eq!(ApiKey::Metadata.negotiate((0, 0)), Some(0), "an old broker gets v0");
+        assert_eq!(ApiKey::Metadata.negotiate((0, 9)), Some(1), "a newer broker gets our newest");
+        assert_eq!(ApiKey::Fetch.negotiate((2, 5)), None, "no version in common");
+    }
+
+    /// An error code a newer broker added must not fail the decode of a response: it comes
+    /// back as `Unknown(code)` where it stood, and the rest of the response is read.
+    #[test]
+    fn an_unknown_error_code_in_a_body_decodes_as_unknown() {
+        let mut metadata = metadata_v1();
+        metadata.topics[0].error = ErrorCode::Unknown(4242);
+        metadata.topics[0].partitions[0].error = ErrorCode::Unknown(150);
+        let mut w = Writer::new();
+        metadata.encode(&mut w, 1);
+        let mut r = Reader::new(&w.buf);
+        let decoded = MetadataResponse::decode(&mut r, 1).unwrap();
+        r.finish().unwrap();
+        assert_eq!(decoded.topics[0].error, ErrorCode::Unknown(4242));
+        assert_eq!(decoded.topics[0].partitions[0].error, ErrorCode::Unknown(150));
+        assert_eq!(decoded.topics[0].configs, metadata.topics[0].configs, "read on past the unknown code");
+        let produce = ProduceResponse {
+            topics: vec![TopicData {
+                name: "t".into(),
+                partitions: vec![ProducePartitionResponse {
+                    partition: 0,
+                    error: ErrorCode::Unknown(333),
+                    base_offset: 0,
+                    last_offset: 0,
+                    log_start_offset: 0,
+                }],
+            }],
+        };
+        let mut w = Writer::new();
+        produce.encode(&mut w);
+        let mut r = Reader::new(&w.buf);
+        assert_eq!(ProduceResponse::decode(&mut r).unwrap(), produce);
+    }
+
     #[test]
     fn version_and_api_checks() {
         let header = RequestHeader { api_key: 99, api_version: 0, flags: 0, correlation_id: 1 };
@@ -992,7 +1158,9 @@ mod tests {
             let mut r = Reader::new(&body);
             let _ = FetchResponse::decode(&mut r);
             let mut r = Reader::new(&body);
-            let _ = MetadataResponse::decode(&mut r);
+            let _ = MetadataResponse::decode(&mut r, 0);
+            let mut r = Reader::new(&body);
+            let _ = MetadataResponse::decode(&mut r, 1);
             let mut r = Reader::new(&body);
             let _ = ProduceResponse::decode(&mut r);
         }

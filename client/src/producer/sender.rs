@@ -610,7 +610,7 @@ impl Sender {
                                 Some(p) if p.error == ErrorCode::DuplicateSequence => Outcome::Written(None),
                                 Some(p) => Outcome::Failed(ClientError::broker(p.error, context())),
                                 None => Outcome::Failed(ClientError::broker(
-                                    ErrorCode::Unknown,
+                                    ErrorCode::UnknownServerError,
                                     context() + ": no answer",
                                 )),
                             };
