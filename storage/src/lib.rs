@@ -10,11 +10,29 @@
 //!   `default-features = false` to get only the format, without glommio).
 //! * [`files`]: byte tables of the segment header, the index files and the checkpoint.
 //! * [`Log`] (feature `engine`, on by default): the engine. Its module documentation holds the
-//!   crash-consistency argument and the path of an append.
+//!   crash-consistency argument and the path of an append; the code is split along its seams
+//!   (`log/{append, flusher, recovery, read, retention, truncate}.rs`).
+//!
+//! ## The partition log seam
+//! [`PartitionLog`] is the narrow interface a partition's owner needs: start, end and acked
+//! offsets, `append_leader` (the log assigns offsets, the epoch is stamped), `append_follower`
+//! (offsets and epochs kept, a gap or overlap refused), bounded reads returning [`LogRead`]
+//! (memory chunks, or an opaque [`FileRange`] turned into bytes by `read_range`), `truncate_to`,
+//! `reset_to`, `epochs`, `flush` and `close`. Two backends implement it:
+//! * [`Log`], the real one (its epoch cache is in memory only for now: see [`Log::epochs`]);
+//! * `mem::MemLog` (feature `mem`), in memory and deterministic, which injects the faults a
+//!   disk has: a failed write (ENOSPC), a failed sync (EIO), a crash that loses the unsynced
+//!   suffix, a torn last batch found by recovery.
+//!
+//! `tests/conformance.rs` runs one suite of behaviour checks, written once over the trait,
+//! against both (each under `fsync=always` and `never`), then the fault cases on `MemLog`. The
+//! crate's dev-dependency on itself turns `mem` on, so a plain `cargo test` runs it.
 //!
 //! ## Invariants
 //! * Offsets are assigned by the log, strictly increasing without gaps, and never handed out
-//!   twice, except by an explicit [`Log::truncate`].
+//!   twice, except by an explicit [`Log::truncate`] or [`Log::reset_to`]. A follower's
+//!   [`Log::append_follower`] keeps the offsets its leader assigned, and is refused unless they
+//!   continue the log without a gap.
 //! * A record is visible to readers only once it passed the fsync policy's ack point, so a
 //!   reader never sees a record that a crash could take back under that policy.
 //! * Recovery never skips bytes it cannot explain: a torn tail after the recovery point is
@@ -60,8 +78,12 @@ pub mod handles;
 mod io;
 #[cfg(feature = "engine")]
 mod log;
+#[cfg(feature = "mem")]
+pub mod mem;
 #[cfg(feature = "engine")]
 mod notify;
+#[cfg(feature = "engine")]
+mod partition_log;
 #[cfg(feature = "engine")]
 mod segment;
 
@@ -73,5 +95,7 @@ pub use crate::error::{CorruptionKind, Result, StorageError};
 pub use crate::io::{now_ms, prime_executor, write_file_atomically};
 #[cfg(feature = "engine")]
 pub use crate::log::{AppendAck, Appended, Log, ReadData, ReadSlice, RetentionOutcome};
+#[cfg(feature = "engine")]
+pub use crate::partition_log::{EpochEntry, FileRange, LogData, LogRead, PartitionLog};
 #[cfg(feature = "engine")]
 pub use crate::segment::SegmentFile;

@@ -1,0 +1,428 @@
+//! Reads: the tail cache, stable file ranges, O_DIRECT reads with read-ahead, verified reads and
+//! timestamp lookups.
+
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::recovery::rebuild_index;
+use super::{
+    Log, ReadAhead, ReadData, ReadSlice, SharedRead, DIRECT_READ_CHUNK_BYTES, READ_AHEAD_BYTES_MAX,
+    READ_AHEAD_PIECE_BYTES,
+};
+use crate::batch;
+use crate::error::{glommio_io, CorruptionKind, Result, StorageError};
+use crate::files::{IndexEntry, SEGMENT_HEADER_BYTES};
+use crate::handles;
+use crate::segment::{self, SegmentFile};
+
+impl Log {
+    /// Waits until the visible offset moves past `offset` or `timeout` passes; returns the
+    /// visible offset. Long-poll fetches use it.
+    pub async fn wait_for_data(&self, offset: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let visible = self.visible_offset();
+            let now = Instant::now();
+            if visible > offset || now >= deadline || self.shared.state.borrow().closing {
+                return visible;
+            }
+            let progress = std::pin::pin!(self.shared.progress.notified());
+            let sleep = std::pin::pin!(glommio::timer::sleep(deadline - now));
+            futures::future::select(progress, sleep).await;
+        }
+    }
+
+    pub(super) async fn sealed_index(&self, base: u64) -> Result<Rc<Vec<IndexEntry>>> {
+        let shared = &self.shared;
+        let (file, summary) = {
+            let mut state = shared.state.borrow_mut();
+            let sealed = state.sealed.get(&base).ok_or(StorageError::OffsetOutOfRange {
+                offset: base,
+                start: state.start_offset(),
+                end: state.visible.offset,
+            })?;
+            if let Some(index) = sealed.index.clone() {
+                state.touch_loaded(base, shared.config.loaded_indexes_max);
+                return Ok(index);
+            }
+            (sealed.file.clone(), sealed.summary.clone())
+        };
+        let entries = match segment::load_index(&file, summary.log_bytes).await? {
+            Ok((_, entries)) => entries,
+            Err(reason) => rebuild_index(&file, &shared.config, &reason).await?.1,
+        };
+        let entries = Rc::new(entries);
+        let mut state = shared.state.borrow_mut();
+        if let Some(sealed) = state.sealed.get_mut(&base) {
+            sealed.index = Some(entries.clone());
+            state.touch_loaded(base, shared.config.loaded_indexes_max);
+        }
+        Ok(entries)
+    }
+
+    /// Reads whole batches from the one that holds `offset`, up to `bytes_max` (but always at
+    /// least that one batch). At the end of the visible log, returns an empty slice.
+    pub async fn read(&self, offset: u64, bytes_max: usize) -> Result<ReadSlice> {
+        loop {
+            let generation = self.shared.state.borrow().generation;
+            let slice = self.read_once(offset, bytes_max).await?;
+            if self.shared.state.borrow().generation == generation {
+                return Ok(slice);
+            }
+        }
+    }
+
+    /// The bytes of a file range that [`Log::read`] returned ([`ReadData::File`]), read with
+    /// O_DIRECT in pieces of 512 KiB all in flight at once; and, in the background, the bytes
+    /// after it, up to twice as much again (at most [`READ_AHEAD_BYTES_MAX`] ahead, within the
+    /// shard's read-ahead budget). A consumer reading on finds its next range in memory while
+    /// the disk is already busy with the one after; each byte is read once. This is the path for
+    /// ranges not in the page cache, which with O_DIRECT writes is every range not read before:
+    /// a `sendfile` of them reads synchronously in small pieces.
+    ///
+    /// One copy on the way: from the DMA buffers into the returned bytes (which may cross
+    /// shards), and a second only when a range spans two read-ahead pieces.
+    pub async fn read_file(&self, segment: &Rc<SegmentFile>, position: u64, len: usize) -> Result<Bytes> {
+        let end = position + len as u64;
+        let pieces: Vec<(u64, u64, SharedRead)> = {
+            let mut ahead = self.shared.read_ahead.borrow_mut();
+            let continues = ahead.front().is_some_and(|first| {
+                first.segment_base == segment.base_offset()
+                    && first.start <= position
+                    && ahead.back().is_some_and(|last| position <= last.end)
+            });
+            if !continues {
+                ahead.clear();
+            }
+            while ahead.front().is_some_and(|first| first.end <= position) {
+                ahead.pop_front();
+            }
+            ahead.iter().filter(|r| r.start < end).map(|r| (r.start, r.end, r.data.clone())).collect()
+        };
+        tracing::trace!(position, len, pieces = pieces.len(), "read_file");
+        let mut parts: Vec<Bytes> = Vec::new();
+        let mut at = position;
+        for (start, piece_end, data) in pieces {
+            match data.await {
+                Ok(bytes) if start <= at && at < piece_end => {
+                    let upto = end.min(piece_end);
+                    parts.push(bytes.slice((at - start) as usize..(upto - start) as usize));
+                    at = upto;
+                }
+                _ => break,
+            }
+        }
+        if at < end {
+            parts.push(read_direct(segment, at, (end - at) as usize).await?);
+        }
+        let bytes = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            let mut joined = BytesMut::with_capacity(len);
+            for part in &parts {
+                joined.extend_from_slice(part);
+            }
+            joined.freeze()
+        };
+        self.read_ahead(segment, end, (2 * len).clamp(DIRECT_READ_CHUNK_BYTES, READ_AHEAD_BYTES_MAX));
+        Ok(bytes)
+    }
+
+    /// Extends what is read ahead of a consumer of `segment` to `want` bytes past `from`, in
+    /// background reads of [`READ_AHEAD_PIECE_BYTES`], within the segment's stable bytes and the
+    /// shard's read-ahead budget.
+    fn read_ahead(&self, segment: &Rc<SegmentFile>, from: u64, want: usize) {
+        let shared = &self.shared;
+        let stable_end = {
+            let state = shared.state.borrow();
+            let base = segment.base_offset();
+            match state.sealed.get(&base) {
+                Some(sealed) => sealed.summary.log_bytes,
+                None if state.active.file.base_offset() == base => state.stable_position(),
+                None => 0,
+            }
+        };
+        let target = (from + want as u64).min(stable_end);
+        let mut ahead = shared.read_ahead.borrow_mut();
+        let mut frontier = ahead.back().map_or(from, |last| last.end.max(from));
+        while frontier < target {
+            let len = ((target - frontier) as usize).min(READ_AHEAD_PIECE_BYTES);
+            if !handles::reserve_read_ahead(len) {
+                break;
+            }
+            let file = segment.clone();
+            let start = frontier;
+            let task =
+                glommio::spawn_local(async move { read_direct(&file, start, len).await.map_err(Arc::new) });
+            ahead.push_back(ReadAhead {
+                segment_base: segment.base_offset(),
+                start,
+                end: start + len as u64,
+                data: futures::FutureExt::shared(task),
+            });
+            frontier += len as u64;
+        }
+    }
+
+    async fn read_once(&self, offset: u64, bytes_max: usize) -> Result<ReadSlice> {
+        let shared = &self.shared;
+        let size_max = shared.config.batch_bytes_max;
+        let sealed_base = {
+            let state = shared.state.borrow();
+            let start = state.start_offset();
+            let visible = state.visible.offset;
+            if offset < start || offset > visible {
+                return Err(StorageError::OffsetOutOfRange { offset, start, end: visible });
+            }
+            if offset == visible {
+                return Ok(ReadSlice::empty(offset));
+            }
+            if let Some((chunks, first_offset, next_offset)) = state.cache.read(offset, bytes_max, visible) {
+                return Ok(ReadSlice { first_offset, next_offset, data: ReadData::Memory(chunks) });
+            }
+            if offset >= state.active.file.base_offset() {
+                None
+            } else {
+                Some(*state.sealed.range(..=offset).next_back().expect("offset ≥ start").0)
+            }
+        };
+        // (segment, its index if sealed, where the readable data ends: position and offset,
+        // where the bytes that will not be written again end). The active segment's index is
+        // not copied: it is looked at in place, before and after the await (entries below the
+        // readable end never change; a truncation bumps the generation and the read restarts).
+        let (segment, sealed_index, data_end, stable) = match sealed_base {
+            Some(base) => {
+                let index = self.sealed_index(base).await?;
+                let state = shared.state.borrow();
+                let Some(sealed) = state.sealed.get(&base) else {
+                    // Deleted by retention meanwhile.
+                    return Err(StorageError::OffsetOutOfRange {
+                        offset,
+                        start: state.start_offset(),
+                        end: state.visible.offset,
+                    });
+                };
+                let end = (sealed.summary.log_bytes, sealed.summary.next_offset);
+                (sealed.file.clone(), Some(index), end, end.0)
+            }
+            None => {
+                let state = shared.state.borrow();
+                let active_base = state.active.file.base_offset();
+                let mut end = (state.visible.position, state.visible.offset);
+                if let Some(first) = state.cache.first().filter(|first| first.segment_base == active_base) {
+                    if first.position < end.0 {
+                        end = (first.position, first.base_offset);
+                    }
+                }
+                (state.active.file.clone(), None, end, state.stable_position())
+            }
+        };
+        let with_index = |f: &mut dyn FnMut(&[IndexEntry]) -> (u64, u64)| -> (u64, u64) {
+            match &sealed_index {
+                Some(index) => f(index),
+                None => {
+                    let state = shared.state.borrow();
+                    if Rc::ptr_eq(&state.active.file, &segment) {
+                        f(&state.active.index)
+                    } else {
+                        // Rolled meanwhile: the index moved to the sealed segment.
+                        let moved = state.sealed.get(&segment.base_offset()).and_then(|s| s.index.clone());
+                        f(moved.as_deref().map_or(&[], |v| v.as_slice()))
+                    }
+                }
+            }
+        };
+        let base = segment.base_offset();
+        let relative = (offset - base) as u32;
+        let (start_position, _) = with_index(&mut |index| {
+            let entry_index = index.partition_point(|entry| entry.relative_offset <= relative);
+            let position = if entry_index == 0 {
+                SEGMENT_HEADER_BYTES
+            } else {
+                u64::from(index[entry_index - 1].position)
+            };
+            (position, 0)
+        });
+        let (position, header) = segment.find_batch(start_position, offset, data_end.0, size_max).await?;
+        let first_end = (position + header.total_bytes() as u64, header.next_offset());
+        if first_end.0 > stable {
+            // The batch reaches into the block the next write will rewrite, and the cache does
+            // not hold it (just after open or truncation): read it with O_DIRECT instead of
+            // handing out a page-cache range.
+            let end = with_index(&mut |index| {
+                batch_boundary(index, base, position, bytes_max, data_end, first_end)
+            });
+            let bytes = segment.read(position, (end.0 - position) as usize).await?;
+            return Ok(ReadSlice {
+                first_offset: header.base_offset,
+                next_offset: end.1,
+                data: ReadData::Memory(vec![bytes]),
+            });
+        }
+        let end = with_index(&mut |index| {
+            let stable_end = if data_end.0 <= stable {
+                data_end
+            } else {
+                boundary_at_or_before(index, base, stable, first_end)
+            };
+            batch_boundary(index, base, position, bytes_max, stable_end, first_end)
+        });
+        assert!(end.0 <= data_end.0 && end.0 <= stable, "a file range covers only readable, stable bytes");
+        Ok(ReadSlice {
+            first_offset: header.base_offset,
+            next_offset: end.1,
+            data: ReadData::File { segment, position, len: (end.0 - position) as u32 },
+        })
+    }
+
+    /// Like [`Log::read`], but returns the bytes and checks every batch's CRC and offsets, so
+    /// corruption on disk is reported (with file and position) instead of served.
+    pub async fn read_verified(&self, offset: u64, bytes_max: usize) -> Result<(Bytes, u64)> {
+        let slice = self.read(offset, bytes_max).await?;
+        let next_offset = slice.next_offset;
+        let origin = match &slice.data {
+            ReadData::File { segment, position, .. } => Some((segment.clone(), *position)),
+            _ => None,
+        };
+        let bytes = slice.clone().into_bytes().await?;
+        let mut at = 0usize;
+        let mut expected = slice.first_offset;
+        while at < bytes.len() {
+            let checked = batch::validate(&bytes[at..], self.shared.config.batch_bytes_max)
+                .map_err(CorruptionKind::Batch)
+                .and_then(|header| {
+                    if header.base_offset == expected {
+                        Ok(header)
+                    } else {
+                        Err(CorruptionKind::OffsetGap { expected, found: header.base_offset })
+                    }
+                });
+            match checked {
+                Ok(header) => {
+                    expected = header.next_offset();
+                    at += header.total_bytes();
+                }
+                Err(kind) => {
+                    let (path, position) = match &origin {
+                        Some((segment, position)) => (segment.path().to_path_buf(), position + at as u64),
+                        None => (PathBuf::from("<tail cache>"), at as u64),
+                    };
+                    return Err(StorageError::Corruption { path, position, kind });
+                }
+            }
+        }
+        Ok((bytes, next_offset))
+    }
+
+    /// The first offset whose record timestamp is at or after `timestamp` (Kafka's
+    /// ListOffsets by time), or `None` if every visible record is older.
+    pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
+        let size_max = self.shared.config.batch_bytes_max;
+        let candidates: Vec<(u64, bool)> = {
+            let state = self.shared.state.borrow();
+            state
+                .sealed
+                .iter()
+                .filter(|(_, sealed)| sealed.summary.max_timestamp >= timestamp)
+                .map(|(&base, _)| (base, true))
+                .chain(
+                    (state.active.max_timestamp >= timestamp)
+                        .then_some((state.active.file.base_offset(), false)),
+                )
+                .collect()
+        };
+        for (base, is_sealed) in candidates {
+            let (segment, index, end) = if is_sealed {
+                let index = self.sealed_index(base).await?;
+                let state = self.shared.state.borrow();
+                let Some(sealed) = state.sealed.get(&base) else { continue };
+                (sealed.file.clone(), index, sealed.summary.log_bytes)
+            } else {
+                let state = self.shared.state.borrow();
+                if state.active.file.base_offset() != base {
+                    continue;
+                }
+                (state.active.file.clone(), Rc::new(state.active.index.clone()), state.visible.position)
+            };
+            let from = index.partition_point(|entry| entry.max_timestamp_before < timestamp);
+            let mut position =
+                if from == 0 { SEGMENT_HEADER_BYTES } else { u64::from(index[from - 1].position) };
+            while position < end {
+                let (at, header) = segment.find_batch(position, 0, end, size_max).await?;
+                if header.max_timestamp >= timestamp {
+                    let bytes = segment.read(at, header.total_bytes()).await?;
+                    let (batch, _) = batch::Batch::from_bytes(bytes, size_max)
+                        .map_err(|e| segment.corruption(at, CorruptionKind::Batch(e)))?;
+                    for record in batch.records() {
+                        let record = record.map_err(|e| segment.corruption(at, CorruptionKind::Batch(e)))?;
+                        if record.timestamp >= timestamp {
+                            return Ok(Some(record.offset));
+                        }
+                    }
+                }
+                position = at + header.total_bytes() as u64;
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The end of a read that starts at `position`: whole batches, at most `bytes_max` bytes unless
+/// the first batch alone is larger, never past `data_end`.
+fn batch_boundary(
+    index: &[IndexEntry],
+    base: u64,
+    position: u64,
+    bytes_max: usize,
+    data_end: (u64, u64),
+    first_end: (u64, u64),
+) -> (u64, u64) {
+    let limit = position.saturating_add(bytes_max as u64);
+    if data_end.0 <= limit {
+        return data_end.max(first_end);
+    }
+    boundary_at_or_before(index, base, limit, first_end)
+}
+
+/// The last batch boundary at or before `limit` that the sparse index knows (its entries are
+/// batch starts, so no header needs reading), but at least `first_end`.
+fn boundary_at_or_before(index: &[IndexEntry], base: u64, limit: u64, first_end: (u64, u64)) -> (u64, u64) {
+    let last = index.partition_point(|entry| u64::from(entry.position) <= limit);
+    match last.checked_sub(1).map(|at| index[at]) {
+        Some(entry) if u64::from(entry.position) > first_end.0 => {
+            (u64::from(entry.position), base + u64::from(entry.relative_offset))
+        }
+        _ => first_end,
+    }
+}
+
+/// Reads `[position, position + len)` of a segment with O_DIRECT, in pieces all in flight at
+/// once, into one buffer.
+async fn read_direct(segment: &SegmentFile, position: u64, len: usize) -> Result<Bytes> {
+    let file = segment.file().await?;
+    let pieces: Vec<(u64, usize)> = (0..len.div_ceil(DIRECT_READ_CHUNK_BYTES))
+        .map(|i| {
+            let at = i * DIRECT_READ_CHUNK_BYTES;
+            (position + at as u64, DIRECT_READ_CHUNK_BYTES.min(len - at))
+        })
+        .collect();
+    let reads = pieces.iter().map(|&(at, size)| {
+        let file = file.clone();
+        async move { file.read_at(at, size).await }
+    });
+    let results = futures::future::join_all(reads).await;
+    let mut bytes = BytesMut::with_capacity(len);
+    for ((at, size), result) in pieces.into_iter().zip(results) {
+        let read = result.map_err(|e| StorageError::io("reading", segment.path(), glommio_io(e)))?;
+        if read.len() < size {
+            let short = at + read.len() as u64;
+            return Err(segment.corruption(short, CorruptionKind::PastEnd { end: short }));
+        }
+        bytes.extend_from_slice(&read[..size]);
+    }
+    Ok(bytes.freeze())
+}
