@@ -14,10 +14,12 @@ use skein_net::{
 use skein_storage::StorageError;
 
 use crate::groups::{self, Committed, Tp};
+use crate::mesh;
 use crate::offsets::{
     self, OffsetChange, OffsetsPartition, OffsetsState, OFFSETS_LOG_NAME, OFFSETS_PARTITIONS,
 };
-use crate::shard::{owner, GroupOp, Op, Reply, Shard};
+use crate::router::place;
+use crate::shard::{GroupOp, Shard};
 
 /// How often each shard looks for expired members and offsets logs to compact.
 const COORDINATOR_TICK: Duration = Duration::from_millis(100);
@@ -31,13 +33,13 @@ fn body(encode: impl FnOnce(&mut Writer)) -> BytesMut {
 impl Shard {
     /// The shard that coordinates `group`.
     pub fn group_owner(&self, group: &str) -> usize {
-        owner(OFFSETS_LOG_NAME, offsets::partition_for_group(group), self.shards)
+        place(OFFSETS_LOG_NAME, offsets::partition_for_group(group), self.shards).index()
     }
 
     /// Opens the offsets partitions this shard owns and restores their groups' offsets.
     pub async fn open_offsets(&self) -> Result<(), StorageError> {
         for partition in 0..OFFSETS_PARTITIONS {
-            if owner(OFFSETS_LOG_NAME, partition, self.shards) != self.id {
+            if place(OFFSETS_LOG_NAME, partition, self.shards).index() != self.id {
                 continue;
             }
             let (opened, state) = OffsetsPartition::open(&self.config.data_dir, partition).await?;
@@ -187,19 +189,27 @@ impl Shard {
     /// Forwards a group request to the group's coordinator shard; returns the response frame.
     pub async fn request_group_op(self: &Rc<Self>, correlation_id: u32, op: GroupOp) -> BytesMut {
         let target = self.group_owner(op.group_id());
-        match self.call(target, Op::Group(op)).await {
-            Reply::Body(body) => encode_response(correlation_id, |w| w.buf.extend_from_slice(&body)),
-            _ => skein_net::frame::encode_error_response(correlation_id, ErrorCode::ShuttingDown),
+        match self.call(target, mesh::Group(op)).await {
+            Ok(body) => encode_response(correlation_id, |w| w.buf.extend_from_slice(&body)),
+            Err(error) => {
+                tracing::debug!(%error, "a group request did not reach its coordinator");
+                skein_net::frame::encode_error_response(correlation_id, error.code())
+            }
         }
     }
 
     /// Every group of every shard.
     pub async fn request_list_groups(self: &Rc<Self>) -> ListGroupsResponse {
-        let calls: Vec<_> = (0..self.shards).map(|target| self.call(target, Op::ListGroups)).collect();
+        let calls: Vec<_> = (0..self.shards).map(|target| self.call(target, mesh::ListGroups)).collect();
         let mut groups: Vec<GroupListing> = Vec::new();
-        for reply in futures::future::join_all(calls).await {
-            if let Reply::Groups(found) = reply {
-                groups.extend(found);
+        for (target, reply) in futures::future::join_all(calls).await.into_iter().enumerate() {
+            match reply {
+                Ok(found) => groups.extend(found),
+                Err(error) => {
+                    // A stopping shard's groups are left out; say so rather than pretend.
+                    tracing::warn!(shard = target, %error, "listing groups: a shard did not answer");
+                    return ListGroupsResponse { error: error.code(), groups: Vec::new() };
+                }
             }
         }
         groups.sort_by(|a, b| a.group_id.cmp(&b.group_id));

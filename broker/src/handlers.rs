@@ -19,7 +19,8 @@ use skein_net::{
     TopicMetadata, TopicResults,
 };
 
-use crate::shard::{FetchOutcome, GroupOp, LocalFuture, Op, Records, Reply, Shard};
+use crate::mesh;
+use crate::shard::{FetchOutcome, GroupOp, LocalFuture, Records, Shard};
 
 /// What the connection's writer sends for one request.
 pub enum Outgoing {
@@ -233,8 +234,9 @@ async fn produce(
             rest.advance(start - consumed);
             let records = rest.split_to(end - start);
             consumed = end;
-            let immediate = |error| ProducePartitionResponse {
-                partition: partition.partition,
+            let partition_index = partition.partition;
+            let immediate = move |error| ProducePartitionResponse {
+                partition: partition_index,
                 error,
                 base_offset: 0,
                 last_offset: 0,
@@ -245,26 +247,31 @@ async fn produce(
             } else if !partition_exists(shard, &topic.name, partition.partition) {
                 Box::pin(std::future::ready(immediate(ErrorCode::UnknownTopicOrPartition)))
             } else {
-                let owner = shard.owner(&topic.name, partition.partition);
-                if owner == shard.id {
-                    shard
-                        .produce(&topic.name, partition.partition, records, request.acks, request.timeout_ms)
-                        .await
-                } else {
-                    let op = Op::Produce {
-                        topic: topic.name.clone(),
-                        partition: partition.partition,
-                        records,
-                        acks: request.acks,
-                        timeout_ms: request.timeout_ms,
-                    };
-                    let reply = shard.call_ordered(owner, op).await;
-                    Box::pin(async move {
-                        match reply.await {
-                            Reply::Produce(response) => response,
-                            other => unreachable!("produce answered with {other:?}"),
+                match locate(shard, &topic.name, partition.partition) {
+                    None => Box::pin(std::future::ready(immediate(ErrorCode::UnknownTopicOrPartition))),
+                    Some((owner, _)) if owner == shard.id => {
+                        shard
+                            .produce(
+                                &topic.name,
+                                partition.partition,
+                                records,
+                                request.acks,
+                                request.timeout_ms,
+                            )
+                            .await
+                    }
+                    Some((owner, tp)) => {
+                        let call =
+                            mesh::Produce { tp, records, acks: request.acks, timeout_ms: request.timeout_ms };
+                        // The produce's own timeout, plus time for the answer to come back.
+                        let within = Duration::from_millis(request.timeout_ms.into()) + CALL_SLACK;
+                        match shard.call_ordered_within(owner, call, within).await {
+                            Ok(reply) => Box::pin(async move {
+                                reply.await.unwrap_or_else(|error| immediate(error.code()))
+                            }),
+                            Err(error) => Box::pin(std::future::ready(immediate(error.code()))),
                         }
-                    })
+                    }
                 }
             };
             completions.push((topics.len(), completion));
@@ -285,6 +292,14 @@ async fn produce(
         }
         ProduceResponse { topics: by_topic }
     })
+}
+
+/// Time a forwarded call gets beyond its own timeout for the answer to come back.
+const CALL_SLACK: Duration = Duration::from_secs(5);
+
+/// The shard holding a partition, and its shared topic-partition.
+fn locate(shard: &Shard, topic: &str, partition: u32) -> Option<(usize, skein_net::TopicPartition)> {
+    Some((shard.shard_of(topic, partition)?, shard.topic_partition(topic, partition)?))
 }
 
 /// One partition of a fetch, with where its answer goes.
@@ -341,21 +356,25 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse<Record
         drop(outcomes);
         // Wait for records on any of the partitions, on their shards.
         let remaining = (deadline - now).as_millis().max(1) as u32;
-        let mut by_owner: BTreeMap<usize, Vec<(String, u32, u64)>> = BTreeMap::new();
+        let mut by_owner: BTreeMap<usize, Vec<(skein_net::TopicPartition, u64)>> = BTreeMap::new();
         for slot in &slots {
-            by_owner.entry(shard.owner(&slot.topic, slot.partition)).or_default().push((
-                slot.topic.clone(),
-                slot.partition,
-                slot.offset,
-            ));
+            if let Some((owner, tp)) = locate(shard, &slot.topic, slot.partition) {
+                by_owner.entry(owner).or_default().push((tp, slot.offset));
+            }
         }
-        let waits: Vec<LocalFuture<Reply>> = by_owner
+        let within = Duration::from_millis(remaining.into()) + CALL_SLACK;
+        let waits: Vec<LocalFuture<()>> = by_owner
             .into_iter()
             .map(|(owner, partitions)| {
                 let shard = shard.clone();
                 Box::pin(async move {
-                    shard.call(owner, Op::WaitForData { partitions, timeout_ms: remaining }).await
-                }) as LocalFuture<Reply>
+                    let call = mesh::WaitForData { partitions, timeout_ms: remaining };
+                    if shard.call_within(owner, call, within).await.is_err() {
+                        // The owner is stopping or slow: wait out the fetch's time here, and
+                        // the next read pass reports what is wrong.
+                        glommio::timer::sleep(Duration::from_millis(remaining.into())).await;
+                    }
+                }) as LocalFuture<()>
             })
             .collect();
         if waits.is_empty() {
@@ -370,31 +389,22 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse<Record
 /// at a time (this shard's first).
 async fn read_pass(shard: &Rc<Shard>, slots: &[FetchSlot], max_bytes: u32) -> Vec<FetchOutcome> {
     let mut outcomes: Vec<Option<FetchOutcome>> = (0..slots.len()).map(|_| None).collect();
-    let mut groups: BTreeMap<(bool, usize), Vec<usize>> = BTreeMap::new();
+    let mut reads: BTreeMap<(bool, usize), Vec<(usize, mesh::FetchRead)>> = BTreeMap::new();
     for (index, slot) in slots.iter().enumerate() {
-        if !partition_exists(shard, &slot.topic, slot.partition) {
-            outcomes[index] = Some(FetchOutcome {
-                error: ErrorCode::UnknownTopicOrPartition,
-                high_watermark: 0,
-                log_start_offset: 0,
-                records: Records::Memory(Vec::new()),
-            });
+        let Some((owner, tp)) = locate(shard, &slot.topic, slot.partition) else {
+            outcomes[index] = Some(FetchOutcome::error(ErrorCode::UnknownTopicOrPartition));
             continue;
-        }
-        let owner = shard.owner(&slot.topic, slot.partition);
-        groups.entry((owner != shard.id, owner)).or_default().push(index);
+        };
+        let read = mesh::FetchRead { tp, offset: slot.offset, partition_bytes_max: slot.partition_bytes_max };
+        reads.entry((owner != shard.id, owner)).or_default().push((index, read));
     }
     let mut budget = max_bytes;
-    for ((_, owner), indexes) in groups {
-        let reads = indexes
-            .iter()
-            .map(|&i| {
-                (slots[i].topic.clone(), slots[i].partition, slots[i].offset, slots[i].partition_bytes_max)
-            })
-            .collect();
-        let results = match shard.call(owner, Op::Fetch { reads, bytes_max: budget }).await {
-            Reply::Fetch(results) => results,
-            other => unreachable!("fetch answered with {other:?}"),
+    for ((_, owner), group) in reads {
+        let (indexes, reads): (Vec<usize>, Vec<mesh::FetchRead>) = group.into_iter().unzip();
+        let count = reads.len();
+        let results = match shard.call(owner, mesh::Fetch { reads, bytes_max: budget }).await {
+            Ok(results) => results,
+            Err(error) => (0..count).map(|_| FetchOutcome::error(error.code())).collect(),
         };
         for (index, outcome) in indexes.into_iter().zip(results) {
             budget = budget.saturating_sub(outcome.records.len() as u32);
@@ -416,15 +426,22 @@ async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOff
                     offset: -1,
                 }
             } else {
-                let owner = shard.owner(&topic.name, partition.partition);
-                let op = Op::ListOffsets {
-                    topic: topic.name.clone(),
+                let failed = |error| ListOffsetsPartitionResponse {
                     partition: partition.partition,
-                    timestamp: partition.timestamp,
+                    error,
+                    offset: -1,
                 };
-                match shard.call(owner, op).await {
-                    Reply::ListOffsets(response) => response,
-                    other => unreachable!("list offsets answered with {other:?}"),
+                match locate(shard, &topic.name, partition.partition) {
+                    None => failed(ErrorCode::UnknownTopicOrPartition),
+                    Some((owner, tp)) => {
+                        match shard
+                            .call(owner, mesh::ListOffsets { tp, timestamp: partition.timestamp })
+                            .await
+                        {
+                            Ok(response) => response,
+                            Err(error) => failed(error.code()),
+                        }
+                    }
                 }
             };
             partitions.push(response);

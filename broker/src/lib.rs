@@ -1,14 +1,18 @@
 //! # skein-broker: the thread-per-core broker
 //!
 //! One glommio executor per core, each pinned to its CPU (a *shard*). Every partition is owned
-//! by exactly one shard ([`shard::owner`]), and only that shard touches its log; shards share
+//! by exactly one shard (its [`router::PartitionTable`] says which), and only that shard
+//! touches its log; shards share
 //! nothing and talk through glommio's lock-free channel mesh. Each shard accepts connections on
 //! the same port (SO_REUSEPORT) and forwards requests for partitions it does not own; the
 //! answer comes back the same way. There is no `Mutex` or `RwLock` on the produce or fetch path.
 //!
 //! * [`server`]: start-up, the shards' main loops, shutdown on SIGINT/SIGTERM.
-//! * [`shard`]: one shard's state and the cross-shard protocol ([`shard::Op`], [`shard::Reply`]).
-//!   Its module docs say which core each structure lives on.
+//! * [`shard`]: one shard's state; its module docs say which core each structure lives on.
+//! * [`mesh`]: typed, fallible cross-shard calls with deadlines (each operation names its
+//!   reply; a stopped shard or a missed deadline is a [`mesh::MeshError`], never a panic).
+//! * [`router`]: the partition table each shard consults to find a partition's shard, filled
+//!   from metadata; the hash survives only as placement of new partitions.
 //! * [`connection`]: framing, pipelining and limits of one client connection.
 //! * [`handlers`]: what each API does.
 //! * [`sendfile`]: how records reach the socket (memory, `sendfile` on the shard, or `sendfile`
@@ -39,11 +43,13 @@ pub mod connection;
 pub mod coordinator;
 pub mod groups;
 pub mod handlers;
+pub mod mesh;
 pub mod metadata;
 pub mod offsets;
 mod oneshot;
 pub mod preflight;
 pub mod producers;
+pub mod router;
 pub mod sendfile;
 pub mod server;
 pub mod shard;

@@ -26,8 +26,9 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::BrokerConfig;
 use crate::connection;
+use crate::mesh::MeshMessage;
 use crate::metadata::{FileMetadataStore, MetadataError, MetadataStore, ProducerIdAllocator, TopicConfig};
-use crate::shard::{MeshMessage, Shard};
+use crate::shard::Shard;
 
 /// Why a broker could not start.
 #[derive(Debug, thiserror::Error)]

@@ -7,9 +7,10 @@
 //! threads, through glommio's lock-free single-producer single-consumer channels (one per
 //! ordered pair of shards). The controller's [`MetadataStore`] lives on shard 0 only.
 //!
-//! A partition is owned by exactly one shard, chosen by [`owner`] from the topic name and the
-//! partition number; only that shard opens its log. A request for a partition owned elsewhere
-//! is forwarded as an [`Op`] and answered with a [`Reply`] through the mesh.
+//! A partition is owned by exactly one shard, as this shard's [`PartitionTable`] says (filled
+//! from the topic metadata, placed by [`crate::router::place`]); only that shard opens its log.
+//! A request for a partition owned elsewhere is forwarded as a typed call through the
+//! [`Mesh`] (see [`crate::mesh`]): fallible, with a deadline.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -22,28 +23,23 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use glommio::channels::channel_mesh::Senders;
+use skein_net::types::{ShardId, TopicPartition};
 use skein_net::{
-    ErrorCode, GroupListing, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsPartitionResponse,
-    NewTopic, ProducePartitionResponse, TopicResult,
+    ErrorCode, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsPartitionResponse, NewTopic,
+    ProducePartitionResponse, TopicResult,
 };
 use skein_storage::batch::{self, BatchError, ValidatedBatch};
 use skein_storage::{AppendAck, Log, ReadData, StorageError};
 
 use crate::config::BrokerConfig;
 use crate::groups::Coordinator;
+use crate::mesh::{self, Call, Mesh, MeshError, MeshMessage, Op, Reply};
 use crate::metadata::{
     self, FileMetadataStore, MetadataError, MetadataStore, ProducerIdAllocator, TopicConfig, TopicDefaults,
 };
 use crate::offsets::OffsetsPartition;
-use crate::oneshot;
 use crate::producers::{self, Check, ProducerTable};
-
-/// The shard that owns `partition` of `topic`: consecutive partitions of a topic go to
-/// consecutive shards, starting from a shard picked by the topic name's CRC32C. Stable across
-/// restarts as long as the shard count is unchanged.
-pub fn owner(topic: &str, partition: u32, shards: usize) -> usize {
-    (crc32c::crc32c(topic.as_bytes()) as usize).wrapping_add(partition as usize) % shards
-}
+use crate::router::{Location, PartitionTable};
 
 /// Where a partition's log lives.
 pub fn partition_dir(data_dir: &std::path::Path, topic: &str, partition: u32) -> PathBuf {
@@ -88,7 +84,7 @@ pub struct FetchOutcome {
 }
 
 impl FetchOutcome {
-    fn error(error: ErrorCode) -> FetchOutcome {
+    pub fn error(error: ErrorCode) -> FetchOutcome {
         FetchOutcome { error, high_watermark: 0, log_start_offset: 0, records: Records::Memory(Vec::new()) }
     }
 }
@@ -111,69 +107,6 @@ impl GroupOp {
             GroupOp::Describe(group) => group,
         }
     }
-}
-
-/// What one shard asks another to do.
-#[derive(Debug)]
-pub enum Op {
-    /// Append the records (one or more whole batches) to a partition this shard owns.
-    Produce {
-        topic: String,
-        partition: u32,
-        records: BytesMut,
-        acks: i8,
-        timeout_ms: u32,
-    },
-    /// Read from partitions this shard owns, within a byte budget: `(topic, partition, offset,
-    /// partition bytes max)`.
-    Fetch {
-        reads: Vec<(String, u32, u64, u32)>,
-        bytes_max: u32,
-    },
-    /// Resolve when any of the partitions has records after the offset, or on timeout.
-    WaitForData {
-        partitions: Vec<(String, u32, u64)>,
-        timeout_ms: u32,
-    },
-    ListOffsets {
-        topic: String,
-        partition: u32,
-        timestamp: i64,
-    },
-    /// To the controller: create or delete topics.
-    CreateTopics(Vec<NewTopic>),
-    DeleteTopics(Vec<String>),
-    /// From the controller: a topic was created or deleted; open or close the partitions owned
-    /// here.
-    ApplyCreate {
-        name: String,
-        config: TopicConfig,
-    },
-    ApplyDelete {
-        name: String,
-    },
-    /// To the controller: a producer id (or the next epoch of one).
-    InitProducerId(InitProducerIdRequest),
-    /// To a group's coordinator shard.
-    Group(GroupOp),
-    /// The groups this shard coordinates.
-    ListGroups,
-}
-
-#[derive(Debug)]
-pub enum Reply {
-    Produce(ProducePartitionResponse),
-    Fetch(Vec<FetchOutcome>),
-    DataArrived,
-    ListOffsets(ListOffsetsPartitionResponse),
-    Topics(Vec<TopicResult>),
-    Applied,
-    ProducerId(InitProducerIdResponse),
-    /// A shard's partitions of a new topic: created, or why not.
-    Created(Result<(), (ErrorCode, String)>),
-    /// An encoded response body.
-    Body(BytesMut),
-    Groups(Vec<GroupListing>),
 }
 
 /// A partition this shard owns: its log and its idempotent-producer table.
@@ -237,12 +170,6 @@ impl Partition {
 }
 
 /// What crosses threads.
-#[derive(Debug)]
-pub enum MeshMessage {
-    Request { id: u64, op: Op },
-    Reply { id: u64, reply: Reply },
-}
-
 pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 
 /// A produce whose batches are appended (offsets assigned, in order) and whose
@@ -263,9 +190,10 @@ pub struct Shard {
     pub offsets: RefCell<HashMap<u32, Rc<OffsetsPartition>>>,
     /// Producer ids, on the controller shard (0) only.
     producer_ids: RefCell<Option<ProducerIdAllocator>>,
-    senders: Senders<MeshMessage>,
-    pending: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
-    next_request_id: Cell<u64>,
+    /// This shard's end of the cross-shard mesh.
+    pub mesh: Mesh,
+    /// Which shard holds each partition of every topic this node knows.
+    router: RefCell<PartitionTable>,
     /// The metadata store, on the controller shard (0) only.
     controller: RefCell<Option<FileMetadataStore>>,
     /// Serialises topic changes on the controller.
@@ -299,9 +227,8 @@ impl Shard {
             coordinator: RefCell::new(Coordinator::new(member_prefix)),
             offsets: RefCell::new(HashMap::new()),
             producer_ids: RefCell::new(producer_ids),
-            senders,
-            pending: RefCell::new(HashMap::new()),
-            next_request_id: Cell::new(0),
+            mesh: Mesh::new(ShardId::from_index(id), senders),
+            router: RefCell::new(PartitionTable::default()),
             controller: RefCell::new(controller),
             controller_gate: glommio::sync::Semaphore::new(1),
             connections: Cell::new(0),
@@ -314,8 +241,30 @@ impl Shard {
         self.topics.borrow()
     }
 
-    pub fn owner(&self, topic: &str, partition: u32) -> usize {
-        owner(topic, partition, self.shards)
+    /// Where a partition lives (from the partition table, never a hash at the call).
+    pub fn locate(&self, topic: &str, partition: u32) -> Location {
+        self.router.borrow().locate(topic, partition)
+    }
+
+    /// The shard holding a partition this node knows.
+    pub fn shard_of(&self, topic: &str, partition: u32) -> Option<usize> {
+        self.router.borrow().shard_of(topic, partition).map(ShardId::index)
+    }
+
+    /// The shared topic-partition of a partition this node knows.
+    pub fn topic_partition(&self, topic: &str, partition: u32) -> Option<TopicPartition> {
+        self.router.borrow().topic_partition(topic, partition)
+    }
+
+    /// Records a topic in the partition table (placing its partitions on shards).
+    fn learn_topic(&self, name: &str, config: &TopicConfig) {
+        self.router.borrow_mut().assign(name, config.partitions, self.shards);
+        self.topics.borrow_mut().insert(name.to_owned(), config.clone());
+    }
+
+    /// The partitions of a topic placed on this shard (the topic must be in the table).
+    fn placed_here(&self, name: &str) -> Vec<u32> {
+        self.router.borrow().partitions_on(name, ShardId::from_index(self.id))
     }
 
     /// A partition this shard owns.
@@ -358,10 +307,22 @@ impl Shard {
 
     /// Opens the logs of a topic's partitions that this shard owns (recovering them).
     pub async fn open_topic(&self, name: &str, config: &TopicConfig) -> Result<(), StorageError> {
-        let opened = self.open_partitions(name, config).await?;
-        self.topics.borrow_mut().insert(name.to_owned(), config.clone());
-        self.logs.borrow_mut().insert(name.to_owned(), opened);
-        Ok(())
+        self.learn_topic(name, config);
+        match self.open_partitions(name, config).await {
+            Ok(opened) => {
+                self.logs.borrow_mut().insert(name.to_owned(), opened);
+                Ok(())
+            }
+            Err(error) => {
+                self.forget_topic(name);
+                Err(error)
+            }
+        }
+    }
+
+    fn forget_topic(&self, name: &str) {
+        self.topics.borrow_mut().remove(name);
+        self.router.borrow_mut().remove(name);
     }
 
     async fn open_partitions(
@@ -370,7 +331,7 @@ impl Shard {
         config: &TopicConfig,
     ) -> Result<Vec<Option<Rc<Partition>>>, StorageError> {
         use futures::stream::StreamExt;
-        let owned: Vec<u32> = (0..config.partitions).filter(|&p| self.owner(name, p) == self.id).collect();
+        let owned = self.placed_here(name);
         // Several at once: each open is mostly waiting for io_uring (reads, syncs).
         let results: Vec<(u32, Result<Partition, StorageError>)> = futures::stream::iter(owned)
             .map(|partition| async move {
@@ -404,7 +365,8 @@ impl Shard {
     /// cannot be created (no space, no descriptors, an I/O error), those created are closed and
     /// their directories removed, and the error names the cause.
     async fn create_partitions(&self, name: &str, config: &TopicConfig) -> Result<(), StorageError> {
-        let owned: Vec<u32> = (0..config.partitions).filter(|&p| self.owner(name, p) == self.id).collect();
+        self.learn_topic(name, config);
+        let owned = self.placed_here(name);
         // The topic is new: anything in its directories is left from an earlier topic of that
         // name whose deletion did not finish.
         for &partition in &owned {
@@ -415,11 +377,11 @@ impl Shard {
         }
         match self.open_partitions(name, config).await {
             Ok(opened) => {
-                self.topics.borrow_mut().insert(name.to_owned(), config.clone());
                 self.logs.borrow_mut().insert(name.to_owned(), opened);
                 Ok(())
             }
             Err(error) => {
+                self.forget_topic(name);
                 for &partition in &owned {
                     let dir = partition_dir(&self.config.data_dir, name, partition);
                     let _ = std::fs::remove_dir_all(&dir);
@@ -431,7 +393,7 @@ impl Shard {
 
     /// Closes the logs of a topic this shard owns and deletes their directories.
     async fn close_topic(&self, name: &str) {
-        self.topics.borrow_mut().remove(name);
+        self.forget_topic(name);
         let logs = self.logs.borrow_mut().remove(name).unwrap_or_default();
         for (partition, log) in logs.into_iter().enumerate() {
             let Some(log) = log else { continue };
@@ -445,46 +407,64 @@ impl Shard {
         }
     }
 
-    /// Sends `op` to the shard `target` (or runs it here) and waits for the reply.
-    pub async fn call(self: &Rc<Self>, target: usize, op: Op) -> Reply {
-        if target == self.id {
-            return self.dispatch(op).await.await;
-        }
-        let id = self.next_request_id.get();
-        self.next_request_id.set(id + 1);
-        let (sender, receiver) = oneshot::channel();
-        self.pending.borrow_mut().insert(id, sender);
-        if self.senders.send_to(target, MeshMessage::Request { id, op }).await.is_err() {
-            self.pending.borrow_mut().remove(&id);
-            return Reply::Topics(Vec::new());
-        }
-        receiver.await.expect("every request gets a reply")
+    /// Runs `call` on shard `target` (here, if it is this shard) and waits for the answer, for
+    /// at most `timeout`.
+    pub async fn call_within<C: Call + 'static>(
+        self: &Rc<Self>,
+        target: usize,
+        call: C,
+        timeout: Duration,
+    ) -> Result<C::Reply, MeshError>
+    where
+        C::Reply: 'static,
+    {
+        self.call_ordered_within(target, call, timeout).await?.await
     }
 
-    /// Sends `op` to `target` and returns once it is *dispatched* there (for a produce: once its
-    /// batches are appended, in order); the returned future gives the reply. Requests from one
-    /// connection to one shard are dispatched in the order they were sent.
-    pub async fn call_ordered(self: &Rc<Self>, target: usize, op: Op) -> LocalFuture<Reply> {
-        if target == self.id {
-            return self.dispatch(op).await;
-        }
-        let id = self.next_request_id.get();
-        self.next_request_id.set(id + 1);
-        let (sender, receiver) = oneshot::channel();
-        self.pending.borrow_mut().insert(id, sender);
-        if self.senders.send_to(target, MeshMessage::Request { id, op }).await.is_err() {
-            self.pending.borrow_mut().remove(&id);
-            return Box::pin(async { Reply::Topics(Vec::new()) });
-        }
-        Box::pin(async move { receiver.await.expect("every request gets a reply") })
+    /// [`Shard::call_within`] with the default deadline.
+    pub async fn call<C: Call + 'static>(
+        self: &Rc<Self>,
+        target: usize,
+        call: C,
+    ) -> Result<C::Reply, MeshError>
+    where
+        C::Reply: 'static,
+    {
+        self.call_within(target, call, mesh::CALL_TIMEOUT_DEFAULT).await
     }
 
-    /// Serves the messages from one peer shard, forever (until the mesh closes).
+    /// Sends `call` to `target` and returns once it is *dispatched* there (for a produce: once
+    /// its batches are appended, in order); the returned future gives the answer, by `timeout`
+    /// at the latest. Calls from one task to one shard are dispatched in the order they were
+    /// sent.
+    pub async fn call_ordered_within<C: Call + 'static>(
+        self: &Rc<Self>,
+        target: usize,
+        call: C,
+        timeout: Duration,
+    ) -> Result<LocalFuture<Result<C::Reply, MeshError>>, MeshError>
+    where
+        C::Reply: 'static,
+    {
+        let target_id = ShardId::from_index(target);
+        if target == self.id {
+            let completion = self.dispatch(call.into_op()).await;
+            return Ok(Box::pin(async move {
+                C::from_reply(completion.await)
+                    .ok_or(MeshError::WrongReply { target: target_id, op: C::NAME })
+            }));
+        }
+        self.mesh.send(target_id, call, timeout).await
+    }
+
+    /// Serves the messages from one peer shard until the peer's channel closes (it stopped);
+    /// then the calls still waiting for that peer fail at once.
     pub async fn serve_peer(
         self: Rc<Self>,
         peer: usize,
         receiver: glommio::channels::shared_channel::ConnectedReceiver<MeshMessage>,
     ) {
+        let peer_id = ShardId::from_index(peer);
         while let Some(message) = receiver.recv().await {
             match message {
                 MeshMessage::Request { id, op } => {
@@ -494,79 +474,60 @@ impl Shard {
                     let shard = self.clone();
                     glommio::spawn_local(async move {
                         let reply = completion.await;
-                        let _ = shard.senders.send_to(peer, MeshMessage::Reply { id, reply }).await;
+                        shard.mesh.reply(peer_id, id, reply).await;
                     })
                     .detach();
                 }
-                MeshMessage::Reply { id, reply } => {
-                    if let Some(sender) = self.pending.borrow_mut().remove(&id) {
-                        sender.send(reply);
-                    }
-                }
+                MeshMessage::Reply { id, reply } => self.mesh.deliver(id, reply),
             }
         }
+        self.mesh.peer_gone(peer_id);
     }
 
     /// Runs the ordered part of `op` now and returns the rest as a future.
     async fn dispatch(self: &Rc<Self>, op: Op) -> LocalFuture<Reply> {
+        let shard = self.clone();
         match op {
-            Op::Produce { topic, partition, records, acks, timeout_ms } => {
-                let completion = self.produce(&topic, partition, records, acks, timeout_ms).await;
+            Op::Produce(mesh::Produce { tp, records, acks, timeout_ms }) => {
+                let completion = self.produce(&tp.topic, tp.partition, records, acks, timeout_ms).await;
                 Box::pin(async move { Reply::Produce(completion.await) })
             }
-            Op::Fetch { reads, bytes_max } => {
-                let shard = self.clone();
+            Op::Fetch(mesh::Fetch { reads, bytes_max }) => {
                 Box::pin(async move { Reply::Fetch(shard.fetch(reads, bytes_max).await) })
             }
-            Op::WaitForData { partitions, timeout_ms } => {
-                let shard = self.clone();
-                Box::pin(async move {
-                    shard.wait_for_data(partitions, Duration::from_millis(timeout_ms.into())).await;
-                    Reply::DataArrived
-                })
-            }
-            Op::ListOffsets { topic, partition, timestamp } => {
-                let shard = self.clone();
-                Box::pin(
-                    async move { Reply::ListOffsets(shard.list_offsets(&topic, partition, timestamp).await) },
-                )
-            }
-            Op::CreateTopics(topics) => {
-                let shard = self.clone();
+            Op::WaitForData(mesh::WaitForData { partitions, timeout_ms }) => Box::pin(async move {
+                shard.wait_for_data(partitions, Duration::from_millis(timeout_ms.into())).await;
+                Reply::DataArrived
+            }),
+            Op::ListOffsets(mesh::ListOffsets { tp, timestamp }) => Box::pin(async move {
+                Reply::ListOffsets(shard.list_offsets(&tp.topic, tp.partition, timestamp).await)
+            }),
+            Op::CreateTopics(mesh::CreateTopics(topics)) => {
                 Box::pin(async move { Reply::Topics(shard.create_topics(topics).await) })
             }
-            Op::DeleteTopics(names) => {
-                let shard = self.clone();
+            Op::DeleteTopics(mesh::DeleteTopics(names)) => {
                 Box::pin(async move { Reply::Topics(shard.delete_topics(names).await) })
             }
-            Op::ApplyCreate { name, config } => {
-                let shard = self.clone();
-                Box::pin(async move {
-                    match shard.create_partitions(&name, &config).await {
-                        Ok(()) => Reply::Created(Ok(())),
-                        Err(error) => {
-                            tracing::warn!(topic = name, shard = shard.id, %error, "could not create a new topic's partitions");
-                            Reply::Created(Err((storage_error_code(&error), error.to_string())))
-                        }
+            Op::ApplyCreate(mesh::ApplyCreate { name, config }) => Box::pin(async move {
+                match shard.create_partitions(&name, &config).await {
+                    Ok(()) => Reply::Created(Ok(())),
+                    Err(error) => {
+                        tracing::warn!(topic = name, shard = shard.id, %error, "could not create a new topic's partitions");
+                        Reply::Created(Err((storage_error_code(&error), error.to_string())))
                     }
-                })
-            }
-            Op::ApplyDelete { name } => {
-                let shard = self.clone();
-                Box::pin(async move {
-                    shard.close_topic(&name).await;
-                    Reply::Applied
-                })
-            }
-            Op::InitProducerId(request) => {
-                let shard = self.clone();
+                }
+            }),
+            Op::ApplyDelete(mesh::ApplyDelete { name }) => Box::pin(async move {
+                shard.close_topic(&name).await;
+                Reply::Applied
+            }),
+            Op::InitProducerId(mesh::InitProducerId(request)) => {
                 Box::pin(async move { Reply::ProducerId(shard.init_producer_id(request).await) })
             }
-            Op::Group(op) => {
-                let shard = self.clone();
-                Box::pin(async move { Reply::Body(shard.group_op(op).await) })
+            Op::Group(mesh::Group(op)) => Box::pin(async move { Reply::Body(shard.group_op(op).await) }),
+            Op::ListGroups(mesh::ListGroups) => {
+                Box::pin(std::future::ready(Reply::Groups(self.coordinator.borrow().list())))
             }
-            Op::ListGroups => Box::pin(std::future::ready(Reply::Groups(self.coordinator.borrow().list()))),
         }
     }
 
@@ -726,11 +687,12 @@ impl Shard {
 
     /// Reads from partitions this shard owns, each within its own limit and all within
     /// `bytes_max` (the first partition with data always gets at least one batch).
-    pub async fn fetch(&self, reads: Vec<(String, u32, u64, u32)>, bytes_max: u32) -> Vec<FetchOutcome> {
+    pub async fn fetch(&self, reads: Vec<mesh::FetchRead>, bytes_max: u32) -> Vec<FetchOutcome> {
         let mut outcomes = Vec::with_capacity(reads.len());
         let mut budget = bytes_max as usize;
-        for (topic, partition, offset, partition_max) in reads {
-            let Some(log) = self.log(&topic, partition) else {
+        for mesh::FetchRead { tp, offset, partition_bytes_max: partition_max } in reads {
+            let (topic, partition) = (tp.topic(), tp.partition);
+            let Some(log) = self.log(topic, partition) else {
                 outcomes.push(FetchOutcome::error(ErrorCode::UnknownTopicOrPartition));
                 continue;
             };
@@ -798,11 +760,11 @@ impl Shard {
     }
 
     /// Waits until any listed partition has records after its offset, or `timeout` passes.
-    pub async fn wait_for_data(&self, partitions: Vec<(String, u32, u64)>, timeout: Duration) {
+    pub async fn wait_for_data(&self, partitions: Vec<(TopicPartition, u64)>, timeout: Duration) {
         let waits: Vec<LocalFuture<u64>> = partitions
             .into_iter()
-            .filter_map(|(topic, partition, offset)| {
-                let log = self.log(&topic, partition)?;
+            .filter_map(|(tp, offset)| {
+                let log = self.log(tp.topic(), tp.partition)?;
                 Some(Box::pin(async move { log.wait_for_data(offset, timeout).await }) as LocalFuture<u64>)
             })
             .collect();
@@ -898,10 +860,10 @@ impl Shard {
         config: &TopicConfig,
     ) -> Result<(), (ErrorCode, String)> {
         check_space_for(&self.config.data_dir, config.partitions)?;
-        let replies: Vec<Reply> = {
+        let replies = {
             let calls: Vec<_> = (0..self.shards)
                 .map(|target| {
-                    self.call(target, Op::ApplyCreate { name: name.to_owned(), config: config.clone() })
+                    self.call(target, mesh::ApplyCreate { name: name.to_owned(), config: config.clone() })
                 })
                 .collect();
             futures::future::join_all(calls).await
@@ -909,15 +871,16 @@ impl Shard {
         let mut failure = None;
         for (shard, reply) in replies.into_iter().enumerate() {
             match reply {
-                Reply::Created(Ok(())) => {}
-                Reply::Created(Err((code, message))) => {
+                Ok(Ok(())) => {}
+                Ok(Err((code, message))) => {
                     failure.get_or_insert((
                         code,
                         format!("creating the partitions of {name} on shard {shard}: {message}"),
                     ));
                 }
-                _ => {
-                    failure.get_or_insert((ErrorCode::ShuttingDown, format!("shard {shard} did not answer")));
+                Err(error) => {
+                    failure
+                        .get_or_insert((error.code(), format!("creating the partitions of {name}: {error}")));
                 }
             }
         }
@@ -930,7 +893,7 @@ impl Shard {
         match failure {
             None => Ok(()),
             Some(failure) => {
-                self.broadcast(|| Op::ApplyDelete { name: name.to_owned() }).await;
+                self.broadcast(|| mesh::ApplyDelete { name: name.to_owned() }).await;
                 let _ = std::fs::remove_dir_all(self.config.data_dir.join("topics").join(name));
                 Err(failure)
             }
@@ -944,7 +907,7 @@ impl Shard {
             let deleted = name.clone();
             match self.persist(move |store| store.delete_topic(&deleted).map(|_| ())).await {
                 Ok(()) => {
-                    self.broadcast(|| Op::ApplyDelete { name: name.clone() }).await;
+                    self.broadcast(|| mesh::ApplyDelete { name: name.clone() }).await;
                     let _ = std::fs::remove_dir_all(self.config.data_dir.join("topics").join(&name));
                     tracing::info!(topic = name, "topic deleted");
                     results.push(TopicResult { name, error: ErrorCode::None, message: String::new() });
@@ -965,17 +928,24 @@ impl Shard {
         off_executor(&self.controller, change).await
     }
 
-    /// Sends an op to every shard (this one included) and waits for all to apply it.
-    async fn broadcast(self: &Rc<Self>, op: impl Fn() -> Op) {
-        let calls: Vec<_> = (0..self.shards).map(|target| self.call(target, op())).collect();
-        futures::future::join_all(calls).await;
+    /// Sends a change to every shard (this one included) and waits for all to apply it; a
+    /// shard that cannot be reached is logged (it is stopping: it reads the metadata again
+    /// when it starts).
+    async fn broadcast(self: &Rc<Self>, change: impl Fn() -> mesh::ApplyDelete) {
+        let calls: Vec<_> = (0..self.shards).map(|target| self.call(target, change())).collect();
+        for (target, result) in futures::future::join_all(calls).await.into_iter().enumerate() {
+            if let Err(error) = result {
+                tracing::warn!(shard = target, %error, "a shard did not apply a metadata change");
+            }
+        }
     }
 
     /// Forwards topic creation to the controller shard.
     pub async fn request_create_topics(self: &Rc<Self>, topics: Vec<NewTopic>) -> Vec<TopicResult> {
-        match self.call(0, Op::CreateTopics(topics)).await {
-            Reply::Topics(results) => results,
-            other => unreachable!("create topics answered with {other:?}"),
+        let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
+        match self.call(0, mesh::CreateTopics(topics)).await {
+            Ok(results) => results,
+            Err(error) => failed_topics(names, &error),
         }
     }
 
@@ -1007,20 +977,26 @@ impl Shard {
         self: &Rc<Self>,
         request: InitProducerIdRequest,
     ) -> InitProducerIdResponse {
-        match self.call(0, Op::InitProducerId(request)).await {
-            Reply::ProducerId(response) => response,
-            _ => {
-                InitProducerIdResponse { error: ErrorCode::ShuttingDown, producer_id: -1, producer_epoch: -1 }
-            }
+        match self.call(0, mesh::InitProducerId(request)).await {
+            Ok(response) => response,
+            Err(error) => InitProducerIdResponse { error: error.code(), producer_id: -1, producer_epoch: -1 },
         }
     }
 
     pub async fn request_delete_topics(self: &Rc<Self>, names: Vec<String>) -> Vec<TopicResult> {
-        match self.call(0, Op::DeleteTopics(names)).await {
-            Reply::Topics(results) => results,
-            other => unreachable!("delete topics answered with {other:?}"),
+        match self.call(0, mesh::DeleteTopics(names.clone())).await {
+            Ok(results) => results,
+            Err(error) => failed_topics(names, &error),
         }
     }
+}
+
+/// Every topic of a request that could not reach the controller, failed with the reason.
+fn failed_topics(names: Vec<String>, error: &MeshError) -> Vec<TopicResult> {
+    names
+        .into_iter()
+        .map(|name| TopicResult { name, error: error.code(), message: error.to_string() })
+        .collect()
 }
 
 /// Runs `change` on a controller-owned value on the shard's blocking thread (it writes and
@@ -1102,22 +1078,5 @@ pub fn storage_error_code(error: &StorageError) -> ErrorCode {
         StorageError::Closed => ErrorCode::ShuttingDown,
         StorageError::WriteAborted(inner) | StorageError::Failed(inner) => storage_error_code(inner),
         StorageError::Io { .. } | StorageError::Config(_) => ErrorCode::StorageError,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partitions_spread_over_shards() {
-        for shards in 1..5 {
-            let mut counts = vec![0; shards];
-            for partition in 0..(shards as u32 * 10) {
-                counts[owner("orders", partition, shards)] += 1;
-            }
-            assert!(counts.iter().all(|&c| c == 10), "{counts:?}");
-        }
-        assert_eq!(owner("t", 3, 4), owner("t", 3, 4));
     }
 }

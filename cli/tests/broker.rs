@@ -26,7 +26,7 @@ async fn round_trip_across_four_partitions_on_two_shards_keeps_per_key_order() {
     let client = broker.client().await;
     Admin::new(client.clone()).create_topic("orders", 4, &[]).await.unwrap();
     // The partitions land on both shards.
-    let owners: Vec<usize> = (0..4).map(|p| skein_broker::shard::owner("orders", p, 2)).collect();
+    let owners: Vec<usize> = (0..4).map(|p| skein_broker::router::place("orders", p, 2).index()).collect();
     assert!(owners.contains(&0) && owners.contains(&1), "{owners:?}");
 
     let producer = Producer::new(

@@ -14,9 +14,11 @@ pub mod error;
 pub mod frame;
 pub mod groups;
 pub mod messages;
+pub mod types;
 pub mod wire;
 
 pub use error::ErrorCode;
 pub use groups::*;
 pub use messages::*;
+pub use types::{BrokerEpoch, LeaderEpoch, NodeId, Offset, PartitionEpoch, ShardId, TopicPartition};
 pub use wire::{DecodeError, Reader, Writer};
