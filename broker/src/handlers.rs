@@ -19,8 +19,9 @@ use skein_net::{
     TopicMetadata, TopicResults,
 };
 
+use crate::groups::{self, GroupOp};
 use crate::mesh;
-use crate::shard::{FetchOutcome, GroupOp, LocalFuture, Records, Shard};
+use crate::shard::{FetchOutcome, LocalFuture, Records, Shard};
 
 /// What the connection's writer sends for one request.
 pub enum Outgoing {
@@ -127,7 +128,7 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
         Request::ListGroups => {
             let shard = shard.clone();
             Box::pin(async move {
-                let response = shard.request_list_groups().await;
+                let response = groups::request_list_groups(&shard).await;
                 respond(encode_response(correlation_id, |w| response.encode(w)))
             })
         }
@@ -142,7 +143,7 @@ fn group(
     respond: impl FnOnce(BytesMut) -> Outgoing + 'static,
 ) -> LocalFuture<Outgoing> {
     let shard = shard.clone();
-    Box::pin(async move { respond(shard.request_group_op(correlation_id, op).await) })
+    Box::pin(async move { respond(groups::request_group_op(&shard, correlation_id, op).await) })
 }
 
 fn ready(outgoing: Outgoing) -> LocalFuture<Outgoing> {

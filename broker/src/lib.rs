@@ -21,9 +21,11 @@
 //!   will implement; producer ids.
 //! * [`producers`]: idempotent producers: the per-partition table of sequences that turns a
 //!   retried batch into its original offsets, its snapshots and its rebuild from the log.
-//! * [`groups`]: the consumer-group state machine (membership, KIP-848-style incremental
-//!   assignment, commit fencing); [`coordinator`]: serving it on the group's shard;
-//!   [`offsets`]: committed offsets in the internal offsets log, compacted by snapshot.
+//! * [`groups`]: consumer groups: the state machine (membership, KIP-848-style incremental
+//!   assignment, commit fencing, [`groups::state`]), committed offsets in the internal offsets
+//!   log, compacted by snapshot ([`groups::offsets`]), serving them on the group's coordinator
+//!   shard ([`groups::service`]) and the shard side: forwarding, expiry, compaction
+//!   ([`groups::coordinator`]).
 //!
 //! ## How a produced record travels
 //! socket → the accepting shard's reader task frames the request ([`connection`]) → the records
@@ -40,15 +42,15 @@
 
 pub mod config;
 pub mod connection;
-pub mod coordinator;
+mod errors;
 pub mod groups;
 pub mod handlers;
 pub mod mesh;
 pub mod metadata;
-pub mod offsets;
 mod oneshot;
 pub mod preflight;
 pub mod producers;
+pub mod reconcile;
 pub mod router;
 pub mod sendfile;
 pub mod server;

@@ -24,10 +24,11 @@ use skein_net::{
     NewTopic, ProducePartitionResponse, TopicResult,
 };
 
-use crate::metadata::TopicConfig;
+use crate::groups::GroupOp;
 use crate::oneshot;
-use crate::shard::{FetchOutcome, GroupOp, LocalFuture};
+use crate::shard::{FetchOutcome, LocalFuture};
 use skein_net::types::{Offset, ShardId, TopicPartition};
+use skein_replication::metadata::{MetadataRecord, TopicConfig};
 
 /// What travels between two shards.
 #[derive(Debug)]
@@ -113,18 +114,25 @@ pub struct CreateTopics(pub Vec<NewTopic>);
 #[derive(Debug)]
 pub struct DeleteTopics(pub Vec<String>);
 
-/// From the controller: a topic is being created; create the partitions placed on the target.
+/// From the controller: a topic is being created; create the partitions placed on the target
+/// (the prepare step: they serve nothing until the topic's record is applied).
 #[derive(Debug)]
-pub struct ApplyCreate {
+pub struct PrepareCreate {
     pub name: String,
     pub config: TopicConfig,
 }
 
-/// From the controller: a topic is gone; close and remove the partitions the target owns.
+/// From the controller: a creation was called off; remove what [`PrepareCreate`] made.
 #[derive(Debug)]
-pub struct ApplyDelete {
+pub struct DropPrepared {
     pub name: String,
 }
+
+/// From the controller: committed metadata records, to apply to the target's image (it then
+/// opens and closes partitions to match). The answer says whether they applied and every
+/// partition placed there opened.
+#[derive(Debug)]
+pub struct ApplyRecords(pub Vec<MetadataRecord>);
 
 /// To the controller shard: a producer id, or the next epoch of one.
 #[derive(Debug)]
@@ -147,8 +155,9 @@ pub enum Op {
     ListOffsets(ListOffsets),
     CreateTopics(CreateTopics),
     DeleteTopics(DeleteTopics),
-    ApplyCreate(ApplyCreate),
-    ApplyDelete(ApplyDelete),
+    PrepareCreate(PrepareCreate),
+    DropPrepared(DropPrepared),
+    ApplyRecords(ApplyRecords),
     InitProducerId(InitProducerId),
     Group(Group),
     ListGroups(ListGroups),
@@ -162,7 +171,8 @@ pub enum Reply {
     DataArrived,
     ListOffsets(ListOffsetsPartitionResponse),
     Topics(Vec<TopicResult>),
-    Applied,
+    /// Metadata applied (or why not); also the answer to [`DropPrepared`].
+    Applied(Result<(), String>),
     ProducerId(InitProducerIdResponse),
     /// A shard's partitions of a new topic: created, or why not.
     Created(Result<(), (ErrorCode, String)>),
@@ -195,7 +205,9 @@ calls! {
     ListOffsets => ListOffsets(response) -> ListOffsetsPartitionResponse = response;
     CreateTopics => Topics(results) -> Vec<TopicResult> = results;
     DeleteTopics => Topics(results) -> Vec<TopicResult> = results;
-    ApplyCreate => Created(result) -> Result<(), (ErrorCode, String)> = result;
+    PrepareCreate => Created(result) -> Result<(), (ErrorCode, String)> = result;
+    DropPrepared => Applied(result) -> Result<(), String> = result;
+    ApplyRecords => Applied(result) -> Result<(), String> = result;
     InitProducerId => ProducerId(response) -> InitProducerIdResponse = response;
     Group => Body(body) -> BytesMut = body;
     ListGroups => Groups(groups) -> Vec<GroupListing> = groups;
@@ -209,17 +221,6 @@ impl Call for WaitForData {
     }
     fn from_reply(reply: Reply) -> Option<()> {
         matches!(reply, Reply::DataArrived).then_some(())
-    }
-}
-
-impl Call for ApplyDelete {
-    type Reply = ();
-    const NAME: &'static str = "ApplyDelete";
-    fn into_op(self) -> Op {
-        Op::ApplyDelete(self)
-    }
-    fn from_reply(reply: Reply) -> Option<()> {
-        matches!(reply, Reply::Applied).then_some(())
     }
 }
 
@@ -446,7 +447,7 @@ mod tests {
                 Box::pin(async move {
                     let (peer, receiver) = receivers.streams().pop().unwrap();
                     // The first call gets its right answer, the second another operation's.
-                    for reply in [Reply::Groups(Vec::new()), Reply::Applied] {
+                    for reply in [Reply::Groups(Vec::new()), Reply::Applied(Ok(()))] {
                         if let Some(MeshMessage::Request { id, .. }) = receiver.recv().await {
                             let _ = senders.send_to(peer, MeshMessage::Reply { id, reply }).await;
                         }

@@ -371,20 +371,22 @@ async fn run_shard(
     };
     assert_eq!(senders.peer_id(), id, "mesh peers are numbered in executor creation order");
     tracing::debug!(shard = id, "joined");
-    let shard = Rc::new(Shard::new(id, config.clone(), BTreeMap::new(), senders, controller));
+    let shard = Rc::new(Shard::new(id, config.clone(), senders, controller));
     // Test builds only: a shard that dies during recovery (the start must stop and say so).
     #[cfg(debug_assertions)]
     if std::env::var("SKEIN_TEST_PANIC_SHARD").is_ok_and(|v| v == id.to_string()) {
         panic!("SKEIN_TEST_PANIC_SHARD: shard {id} panics during recovery");
     }
     let recovery = async {
-        for (name, topic) in &topics {
+        // The stored topics as metadata records, applied one by one: each shard's image is
+        // built by the same `apply` as later changes, and reconciling opens its partitions.
+        for record in skein_replication::controller::records_for(&topics, 0) {
             if stop.load(Ordering::SeqCst) {
                 return Err("start-up called off".to_owned());
             }
-            shard.open_topic(name, topic).await.map_err(|e| format!("opening topic {name}: {e}"))?;
+            shard.apply_records(std::slice::from_ref(&record)).await?;
         }
-        shard.open_offsets().await.map_err(|e| format!("opening the committed offsets: {e}"))
+        crate::groups::open_offsets(&shard).await.map_err(|e| format!("opening the committed offsets: {e}"))
     };
     if let Err(error) = recovery.await {
         close_logs(&shard).await;
@@ -394,7 +396,8 @@ async fn run_shard(
         glommio::spawn_local(shard.clone().serve_peer(peer, receiver)).detach();
     }
     glommio::spawn_local(retention_loop(shard.clone())).detach();
-    glommio::spawn_local(crate::coordinator::coordinator_loop(shard.clone())).detach();
+    glommio::spawn_local(shard.clone().reconcile_loop()).detach();
+    glommio::spawn_local(crate::groups::coordinator_loop(shard.clone())).detach();
     let _ = events.send((id, ShardEvent::Recovered));
     tracing::debug!(shard = id, partitions = shard.all_logs().len(), "recovered");
     // Listen only once every shard recovered, so that no request reaches a shard (or is

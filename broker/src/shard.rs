@@ -29,17 +29,22 @@ use skein_net::{
     ProducePartitionResponse, TopicResult,
 };
 use skein_storage::batch::{self, BatchError, ValidatedBatch};
-use skein_storage::{AppendAck, Log, ReadData, StorageError};
+use skein_storage::{AppendAck, Log, LogData, PartitionLog, StorageError};
 
 use crate::config::BrokerConfig;
-use crate::groups::Coordinator;
+pub use crate::errors::storage_error_code;
+use crate::groups::offsets::OffsetsPartition;
+use crate::groups::service::GroupService;
+use crate::groups::state::Coordinator;
 use crate::mesh::{self, Call, Mesh, MeshError, MeshMessage, Op, Reply};
 use crate::metadata::{
-    self, FileMetadataStore, MetadataError, MetadataStore, ProducerIdAllocator, TopicConfig, TopicDefaults,
+    FileMetadataStore, MetadataError, MetadataStore, ProducerIdAllocator, TopicConfig, TopicDefaults,
 };
-use crate::offsets::OffsetsPartition;
 use crate::producers::{self, Check, ProducerTable};
+use crate::reconcile;
 use crate::router::{Location, PartitionTable};
+use skein_replication::controller;
+use skein_replication::metadata::{apply as metadata_apply, Delta, MetadataImage, MetadataRecord};
 
 /// Where a partition's log lives.
 pub fn partition_dir(data_dir: &std::path::Path, topic: &str, partition: u32) -> PathBuf {
@@ -86,26 +91,6 @@ pub struct FetchOutcome {
 impl FetchOutcome {
     pub fn error(error: ErrorCode) -> FetchOutcome {
         FetchOutcome { error, high_watermark: 0, log_start_offset: 0, records: Records::Memory(Vec::new()) }
-    }
-}
-
-/// A consumer-group request, run on the group's coordinator shard.
-#[derive(Debug)]
-pub enum GroupOp {
-    Heartbeat(skein_net::HeartbeatRequest),
-    Commit(skein_net::OffsetCommitRequest),
-    FetchOffsets(skein_net::OffsetFetchRequest),
-    Describe(String),
-}
-
-impl GroupOp {
-    pub fn group_id(&self) -> &str {
-        match self {
-            GroupOp::Heartbeat(r) => &r.group_id,
-            GroupOp::Commit(r) => &r.group_id,
-            GroupOp::FetchOffsets(r) => &r.group_id,
-            GroupOp::Describe(group) => group,
-        }
     }
 }
 
@@ -181,8 +166,13 @@ pub struct Shard {
     pub id: usize,
     pub shards: usize,
     pub config: Rc<BrokerConfig>,
-    /// Every topic's settings (a copy of the controller's table).
-    topics: RefCell<BTreeMap<String, TopicConfig>>,
+    /// This shard's metadata image: every topic and its settings, as the records applied so
+    /// far say (the controller shard's is the one new records are checked against).
+    image: RefCell<MetadataImage>,
+    /// Topics whose partitions are prepared here but not yet committed.
+    preparing: RefCell<std::collections::HashSet<String>>,
+    /// One reconciliation at a time: two would open the same partition twice.
+    reconcile_gate: glommio::sync::Semaphore,
     /// The partitions this shard owns, by topic, indexed by partition.
     logs: RefCell<HashMap<String, Vec<Option<Rc<Partition>>>>>,
     /// The consumer groups this shard coordinates, and the offsets partitions it owns.
@@ -208,7 +198,6 @@ impl Shard {
     pub fn new(
         id: usize,
         config: Rc<BrokerConfig>,
-        topics: BTreeMap<String, TopicConfig>,
         senders: Senders<MeshMessage>,
         controller: Option<(FileMetadataStore, ProducerIdAllocator)>,
     ) -> Shard {
@@ -222,7 +211,9 @@ impl Shard {
             id,
             shards: config.cores,
             config,
-            topics: RefCell::new(topics),
+            image: RefCell::new(MetadataImage::default()),
+            preparing: RefCell::new(std::collections::HashSet::new()),
+            reconcile_gate: glommio::sync::Semaphore::new(1),
             logs: RefCell::new(HashMap::new()),
             coordinator: RefCell::new(Coordinator::new(member_prefix)),
             offsets: RefCell::new(HashMap::new()),
@@ -237,8 +228,9 @@ impl Shard {
         }
     }
 
+    /// Every topic of this shard's metadata image, with its settings.
     pub fn topics(&self) -> std::cell::Ref<'_, BTreeMap<String, TopicConfig>> {
-        self.topics.borrow()
+        std::cell::Ref::map(self.image.borrow(), |image| &image.topics)
     }
 
     /// Where a partition lives (from the partition table, never a hash at the call).
@@ -256,15 +248,10 @@ impl Shard {
         self.router.borrow().topic_partition(topic, partition)
     }
 
-    /// Records a topic in the partition table (placing its partitions on shards).
-    fn learn_topic(&self, name: &str, config: &TopicConfig) {
-        self.router.borrow_mut().assign(name, config.partitions, self.shards);
-        self.topics.borrow_mut().insert(name.to_owned(), config.clone());
-    }
-
-    /// The partitions of a topic placed on this shard (the topic must be in the table).
-    fn placed_here(&self, name: &str) -> Vec<u32> {
-        self.router.borrow().partitions_on(name, ShardId::from_index(self.id))
+    /// The partitions of a topic placed on this shard.
+    fn placed_here(&self, name: &str, partitions: u32) -> Vec<u32> {
+        let me = ShardId::from_index(self.id);
+        (0..partitions).filter(|&p| crate::router::place(name, p, self.shards) == me).collect()
     }
 
     /// A partition this shard owns.
@@ -293,47 +280,92 @@ impl Shard {
 
     /// Every log this shard owns.
     pub fn all_logs(&self) -> Vec<(String, u32, Rc<Log>)> {
-        let logs = self.logs.borrow();
-        let mut all = Vec::new();
-        for (topic, partitions) in logs.iter() {
-            for (partition, log) in partitions.iter().enumerate() {
-                if let Some(log) = log {
-                    all.push((topic.clone(), partition as u32, log.log.clone()));
+        self.all_partitions()
+            .into_iter()
+            .map(|(topic, partition, owned)| (topic, partition, owned.log.clone()))
+            .collect()
+    }
+
+    /// Applies a committed batch of metadata records to this shard's image (the one pure
+    /// `apply` of skein-replication), updates the partition table from what changed, and
+    /// reconciles the partitions open here with the new image. A record that does not fit the
+    /// image is an error and changes nothing; a partition that fails to open is an error here
+    /// and is retried by [`Shard::reconcile_loop`].
+    pub async fn apply_records(&self, records: &[MetadataRecord]) -> Result<(), String> {
+        let deltas = metadata_apply(&mut self.image.borrow_mut(), records).map_err(|e| e.to_string())?;
+        for delta in &deltas {
+            match delta {
+                Delta::TopicCreated { name, config } => {
+                    self.router.borrow_mut().assign(name, config.partitions, self.shards);
+                    self.preparing.borrow_mut().remove(name);
+                }
+                Delta::TopicDeleted { name, .. } => self.router.borrow_mut().remove(name),
+                Delta::ProducerIdsReserved { .. } => {}
+            }
+        }
+        self.reconcile().await
+    }
+
+    /// Opens every partition of the image placed here that is not open, and closes (and
+    /// removes) every open topic that is not in the image; see [`crate::reconcile`].
+    pub async fn reconcile(&self) -> Result<(), String> {
+        let _one_at_a_time = self.reconcile_gate.acquire_permit(1).await.map_err(|e| e.to_string())?;
+        let plan = {
+            let open: BTreeMap<String, Vec<u32>> = self
+                .logs
+                .borrow()
+                .iter()
+                .map(|(name, logs)| {
+                    (name.clone(), (0..logs.len() as u32).filter(|&p| logs[p as usize].is_some()).collect())
+                })
+                .collect();
+            reconcile::plan(
+                &self.image.borrow(),
+                ShardId::from_index(self.id),
+                self.shards,
+                &open,
+                &self.preparing.borrow(),
+            )
+        };
+        let mut failure = None;
+        for (name, config, partitions) in plan.open {
+            match self.open_partitions(&name, &config, partitions).await {
+                Ok(opened) => self.install(&name, config.partitions, opened),
+                Err(error) => {
+                    tracing::warn!(topic = name, shard = self.id, %error, "a partition could not be opened; retrying");
+                    failure.get_or_insert(format!("opening topic {name}: {error}"));
                 }
             }
         }
-        all
+        for name in plan.close {
+            self.close_topic(&name).await;
+        }
+        failure.map_or(Ok(()), Err)
     }
 
-    /// Opens the logs of a topic's partitions that this shard owns (recovering them).
-    pub async fn open_topic(&self, name: &str, config: &TopicConfig) -> Result<(), StorageError> {
-        self.learn_topic(name, config);
-        match self.open_partitions(name, config).await {
-            Ok(opened) => {
-                self.logs.borrow_mut().insert(name.to_owned(), opened);
-                Ok(())
+    /// Reconciles again every few seconds (retrying partitions that failed to open), until the
+    /// shard shuts down.
+    pub async fn reconcile_loop(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(RECONCILE_EVERY).await;
+            if self.shutting_down.get() {
+                return;
             }
-            Err(error) => {
-                self.forget_topic(name);
-                Err(error)
-            }
+            let _ = self.reconcile().await;
         }
     }
 
-    fn forget_topic(&self, name: &str) {
-        self.topics.borrow_mut().remove(name);
-        self.router.borrow_mut().remove(name);
-    }
-
+    /// Opens (recovering them) the given partitions of a topic, all or nothing: on a failure
+    /// those opened are closed again and the first error is returned.
     async fn open_partitions(
         &self,
         name: &str,
         config: &TopicConfig,
-    ) -> Result<Vec<Option<Rc<Partition>>>, StorageError> {
+        partitions: Vec<u32>,
+    ) -> Result<Vec<(u32, Rc<Partition>)>, StorageError> {
         use futures::stream::StreamExt;
-        let owned = self.placed_here(name);
         // Several at once: each open is mostly waiting for io_uring (reads, syncs).
-        let results: Vec<(u32, Result<Partition, StorageError>)> = futures::stream::iter(owned)
+        let results: Vec<(u32, Result<Partition, StorageError>)> = futures::stream::iter(partitions)
             .map(|partition| async move {
                 let dir = partition_dir(&self.config.data_dir, name, partition);
                 (partition, Partition::open(&dir, self.config.log_config(config)).await)
@@ -341,19 +373,18 @@ impl Shard {
             .buffer_unordered(OPENING_AT_ONCE)
             .collect()
             .await;
-        let mut opened = vec![None; config.partitions as usize];
+        let mut opened = Vec::with_capacity(results.len());
         let mut failure = None;
         for (partition, result) in results {
             match result {
-                Ok(partition_log) => opened[partition as usize] = Some(Rc::new(partition_log)),
+                Ok(partition_log) => opened.push((partition, Rc::new(partition_log))),
                 Err(error) => {
                     failure.get_or_insert(error);
                 }
             }
         }
         if let Some(error) = failure {
-            // Close what was opened; the caller decides what the failure means.
-            for partition in opened.into_iter().flatten() {
+            for (_, partition) in opened {
                 let _ = partition.log.shutdown().await;
             }
             return Err(error);
@@ -361,12 +392,25 @@ impl Shard {
         Ok(opened)
     }
 
-    /// Creates the partitions of a new topic that this shard owns. All or nothing: if one
-    /// cannot be created (no space, no descriptors, an I/O error), those created are closed and
-    /// their directories removed, and the error names the cause.
+    /// Puts opened partitions in the table of logs.
+    fn install(&self, name: &str, partitions: u32, opened: Vec<(u32, Rc<Partition>)>) {
+        let mut logs = self.logs.borrow_mut();
+        let slots = logs.entry(name.to_owned()).or_default();
+        if slots.len() < partitions as usize {
+            slots.resize(partitions as usize, None);
+        }
+        for (partition, log) in opened {
+            slots[partition as usize] = Some(log);
+        }
+    }
+
+    /// Creates the partitions of a new topic placed on this shard, before the topic is
+    /// committed (the prepare step of an all-or-nothing creation). If one cannot be created
+    /// (no space, no descriptors, an I/O error), those created are closed and their directories
+    /// removed, and the error names the cause. Until the topic's record is applied the
+    /// partitions serve nothing (the partition table does not know them).
     async fn create_partitions(&self, name: &str, config: &TopicConfig) -> Result<(), StorageError> {
-        self.learn_topic(name, config);
-        let owned = self.placed_here(name);
+        let owned = self.placed_here(name, config.partitions);
         // The topic is new: anything in its directories is left from an earlier topic of that
         // name whose deletion did not finish.
         for &partition in &owned {
@@ -375,13 +419,14 @@ impl Shard {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
-        match self.open_partitions(name, config).await {
+        self.preparing.borrow_mut().insert(name.to_owned());
+        match self.open_partitions(name, config, owned.clone()).await {
             Ok(opened) => {
-                self.logs.borrow_mut().insert(name.to_owned(), opened);
+                self.install(name, config.partitions, opened);
                 Ok(())
             }
             Err(error) => {
-                self.forget_topic(name);
+                self.preparing.borrow_mut().remove(name);
                 for &partition in &owned {
                     let dir = partition_dir(&self.config.data_dir, name, partition);
                     let _ = std::fs::remove_dir_all(&dir);
@@ -391,9 +436,17 @@ impl Shard {
         }
     }
 
+    /// Undoes [`Shard::create_partitions`] of a creation that was called off (unless the topic
+    /// made it into the image meanwhile).
+    async fn drop_prepared(&self, name: &str) {
+        self.preparing.borrow_mut().remove(name);
+        if !self.image.borrow().topics.contains_key(name) {
+            self.close_topic(name).await;
+        }
+    }
+
     /// Closes the logs of a topic this shard owns and deletes their directories.
     async fn close_topic(&self, name: &str) {
-        self.forget_topic(name);
         let logs = self.logs.borrow_mut().remove(name).unwrap_or_default();
         for (partition, log) in logs.into_iter().enumerate() {
             let Some(log) = log else { continue };
@@ -508,7 +561,7 @@ impl Shard {
             Op::DeleteTopics(mesh::DeleteTopics(names)) => {
                 Box::pin(async move { Reply::Topics(shard.delete_topics(names).await) })
             }
-            Op::ApplyCreate(mesh::ApplyCreate { name, config }) => Box::pin(async move {
+            Op::PrepareCreate(mesh::PrepareCreate { name, config }) => Box::pin(async move {
                 match shard.create_partitions(&name, &config).await {
                     Ok(()) => Reply::Created(Ok(())),
                     Err(error) => {
@@ -517,14 +570,25 @@ impl Shard {
                     }
                 }
             }),
-            Op::ApplyDelete(mesh::ApplyDelete { name }) => Box::pin(async move {
-                shard.close_topic(&name).await;
-                Reply::Applied
+            Op::DropPrepared(mesh::DropPrepared { name }) => Box::pin(async move {
+                shard.drop_prepared(&name).await;
+                Reply::Applied(Ok(()))
             }),
+            Op::ApplyRecords(mesh::ApplyRecords(records)) => {
+                Box::pin(async move { Reply::Applied(shard.apply_records(&records).await) })
+            }
             Op::InitProducerId(mesh::InitProducerId(request)) => {
                 Box::pin(async move { Reply::ProducerId(shard.init_producer_id(request).await) })
             }
-            Op::Group(mesh::Group(op)) => Box::pin(async move { Reply::Body(shard.group_op(op).await) }),
+            Op::Group(mesh::Group(op)) => Box::pin(async move {
+                let topics = |topic: &str| shard.topics().get(topic).map(|c| c.partitions);
+                let service = GroupService {
+                    coordinator: &shard.coordinator,
+                    offsets: &shard.offsets,
+                    topics: &topics,
+                };
+                Reply::Body(service.serve(op).await)
+            }),
             Op::ListGroups(mesh::ListGroups) => {
                 Box::pin(std::future::ready(Reply::Groups(self.coordinator.borrow().list())))
             }
@@ -708,29 +772,31 @@ impl Shard {
                 });
                 continue;
             }
-            let outcome = match log.read(offset, limit).await {
+            // Through the partition-log trait: never past the high watermark (on one node the
+            // log's acked offset; in a cluster the replicas' high watermark).
+            let outcome = match PartitionLog::read(&*log, offset, limit, high_watermark).await {
                 Ok(slice) => {
                     let records = match slice.data {
-                        ReadData::Empty => Ok(Records::Memory(Vec::new())),
-                        ReadData::Memory(chunks) => Ok(Records::Memory(chunks)),
-                        ReadData::File { segment, position, len } => {
+                        LogData::Empty => Ok(Records::Memory(Vec::new())),
+                        LogData::Memory(chunks) => Ok(Records::Memory(chunks)),
+                        LogData::File(range) => {
                             // Zero-copy from the page cache when the range is there; otherwise
                             // (every range written with O_DIRECT and not read since) read with
                             // O_DIRECT and read ahead: a cold `sendfile` reads in small pieces.
-                            match segment.open_buffered() {
+                            let (position, len) = (range.position(), range.len());
+                            match range.open_buffered() {
                                 Ok(fd)
                                     if crate::sendfile::in_page_cache(
                                         std::os::fd::AsRawFd::as_raw_fd(&fd),
                                         position,
-                                        len as usize,
+                                        len,
                                     ) =>
                                 {
-                                    Ok(Records::File { fd, position, len })
+                                    Ok(Records::File { fd, position, len: len as u32 })
                                 }
-                                Ok(_) => log
-                                    .read_file(&segment, position, len as usize)
-                                    .await
-                                    .map(|bytes| Records::Memory(vec![bytes])),
+                                Ok(_) => {
+                                    log.read_range(&range).await.map(|bytes| Records::Memory(vec![bytes]))
+                                }
                                 Err(error) => Err(error),
                             }
                         }
@@ -796,7 +862,8 @@ impl Shard {
         }
     }
 
-    /// On the controller: validates, persists and applies on every shard.
+    /// On the controller: each topic becomes a record (skein-replication's controller rules),
+    /// is created all or nothing, persisted, and applied on every shard.
     async fn create_topics(self: &Rc<Self>, topics: Vec<NewTopic>) -> Vec<TopicResult> {
         let _permit = self.controller_gate.acquire_permit(1).await.expect("never closed");
         let defaults = TopicDefaults {
@@ -806,34 +873,21 @@ impl Shard {
         };
         let mut results = Vec::with_capacity(topics.len());
         for topic in topics {
-            let outcome = async {
-                metadata::validate_topic_name(&topic.name)?;
-                if self.topics.borrow().contains_key(&topic.name) {
-                    return Err(MetadataError::TopicExists(topic.name.clone()));
-                }
-                let config = TopicConfig::from_request(
-                    topic.partitions,
-                    &topic.configs,
-                    &defaults,
-                    skein_storage::now_ms(),
-                )?;
-                Ok::<_, MetadataError>(config)
-            }
-            .await;
-            let config = match outcome {
-                Ok(config) => config,
-                Err(error) => {
-                    results.push(TopicResult {
-                        name: topic.name,
-                        error: error.code(),
-                        message: error.to_string(),
-                    });
-                    continue;
-                }
+            let record = controller::create_topic(
+                &self.image.borrow(),
+                &topic.name,
+                topic.partitions,
+                &topic.configs,
+                &defaults,
+                skein_storage::now_ms(),
+            );
+            let outcome = match record {
+                Ok(record) => self.create_topic(record).await,
+                Err(error) => Err((error.code(), error.to_string())),
             };
-            match self.create_topic(&topic.name, &config).await {
-                Ok(()) => {
-                    tracing::info!(topic = topic.name, partitions = config.partitions, "topic created");
+            match outcome {
+                Ok(partitions) => {
+                    tracing::info!(topic = topic.name, partitions, "topic created");
                     results.push(TopicResult {
                         name: topic.name,
                         error: ErrorCode::None,
@@ -850,20 +904,21 @@ impl Shard {
     }
 
     /// On the controller: creates a topic all or nothing. Every shard creates its partitions
-    /// first; only when all did is the topic written to the metadata (so a crash in between
-    /// leaves directories that the next start removes, never a topic without partitions). If
-    /// any shard fails, or the metadata cannot be written, the partitions created are removed
-    /// again and the error says why.
-    async fn create_topic(
-        self: &Rc<Self>,
-        name: &str,
-        config: &TopicConfig,
-    ) -> Result<(), (ErrorCode, String)> {
+    /// first (prepare); only when all did is the topic written to the metadata (so a crash in
+    /// between leaves directories that the next start removes, never a topic without
+    /// partitions); then its record is applied on every shard. If any shard fails, or the
+    /// metadata cannot be written, the partitions created are removed again and the error
+    /// says why. Returns the partition count.
+    async fn create_topic(self: &Rc<Self>, record: MetadataRecord) -> Result<u32, (ErrorCode, String)> {
+        let MetadataRecord::TopicCreated { name, config } = &record else {
+            unreachable!("controller::create_topic makes TopicCreated records")
+        };
+        let (name, config) = (name.clone(), config.clone());
         check_space_for(&self.config.data_dir, config.partitions)?;
         let replies = {
             let calls: Vec<_> = (0..self.shards)
                 .map(|target| {
-                    self.call(target, mesh::ApplyCreate { name: name.to_owned(), config: config.clone() })
+                    self.call(target, mesh::PrepareCreate { name: name.clone(), config: config.clone() })
                 })
                 .collect();
             futures::future::join_all(calls).await
@@ -885,29 +940,37 @@ impl Shard {
             }
         }
         if failure.is_none() {
-            let (stored_name, stored) = (name.to_owned(), config.clone());
+            let (stored_name, stored) = (name.clone(), config.clone());
             if let Err(error) = self.persist(move |store| store.create_topic(&stored_name, stored)).await {
                 failure = Some((error.code(), error.to_string()));
             }
         }
-        match failure {
-            None => Ok(()),
-            Some(failure) => {
-                self.broadcast(|| mesh::ApplyDelete { name: name.to_owned() }).await;
-                let _ = std::fs::remove_dir_all(self.config.data_dir.join("topics").join(name));
-                Err(failure)
-            }
+        if let Some(failure) = failure {
+            self.broadcast(|| mesh::DropPrepared { name: name.clone() }).await;
+            let _ = std::fs::remove_dir_all(self.config.data_dir.join("topics").join(&name));
+            return Err(failure);
         }
+        // Committed: every shard applies the record (the partitions are open already).
+        self.broadcast(|| mesh::ApplyRecords(vec![record.clone()])).await;
+        Ok(config.partitions)
     }
 
     async fn delete_topics(self: &Rc<Self>, names: Vec<String>) -> Vec<TopicResult> {
         let _permit = self.controller_gate.acquire_permit(1).await.expect("never closed");
         let mut results = Vec::with_capacity(names.len());
         for name in names {
+            let record = match controller::delete_topic(&self.image.borrow(), &name) {
+                Ok(record) => record,
+                Err(error) => {
+                    results.push(TopicResult { name, error: error.code(), message: error.to_string() });
+                    continue;
+                }
+            };
             let deleted = name.clone();
             match self.persist(move |store| store.delete_topic(&deleted).map(|_| ())).await {
                 Ok(()) => {
-                    self.broadcast(|| mesh::ApplyDelete { name: name.clone() }).await;
+                    // Every shard applies it: closes and removes its partitions of the topic.
+                    self.broadcast(|| mesh::ApplyRecords(vec![record.clone()])).await;
                     let _ = std::fs::remove_dir_all(self.config.data_dir.join("topics").join(&name));
                     tracing::info!(topic = name, "topic deleted");
                     results.push(TopicResult { name, error: ErrorCode::None, message: String::new() });
@@ -928,14 +991,24 @@ impl Shard {
         off_executor(&self.controller, change).await
     }
 
-    /// Sends a change to every shard (this one included) and waits for all to apply it; a
-    /// shard that cannot be reached is logged (it is stopping: it reads the metadata again
-    /// when it starts).
-    async fn broadcast(self: &Rc<Self>, change: impl Fn() -> mesh::ApplyDelete) {
+    /// Sends a metadata change to every shard (this one included) and waits for all to apply
+    /// it; a shard that cannot be reached or fails is logged (a stopping shard reads the
+    /// metadata again when it starts; a partition that failed to open is retried by its
+    /// shard's reconcile loop).
+    async fn broadcast<C>(self: &Rc<Self>, change: impl Fn() -> C)
+    where
+        C: Call<Reply = Result<(), String>> + 'static,
+    {
         let calls: Vec<_> = (0..self.shards).map(|target| self.call(target, change())).collect();
         for (target, result) in futures::future::join_all(calls).await.into_iter().enumerate() {
-            if let Err(error) = result {
-                tracing::warn!(shard = target, %error, "a shard did not apply a metadata change");
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(shard = target, %error, "a shard did not apply a metadata change")
+                }
+                Err(error) => {
+                    tracing::warn!(shard = target, %error, "a shard did not apply a metadata change")
+                }
             }
         }
     }
@@ -1018,6 +1091,8 @@ async fn off_executor<S: Send + 'static, R: Send + 'static>(
 
 /// Partitions a shard opens (recovers or creates) at once.
 const OPENING_AT_ONCE: usize = 16;
+/// How often a shard reconciles its partitions with the metadata image when nothing changed.
+const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 /// Disk a new partition takes before any record: its segment header, its recovery
 /// checkpoint and directory entries (space ahead of data is allocated as records arrive).
@@ -1065,18 +1140,4 @@ pub fn split_batches(mut records: BytesMut, size_max: usize) -> Result<Vec<Valid
         batches.push(ValidatedBatch::new(one, size_max)?);
     }
     Ok(batches)
-}
-
-/// The wire code for a storage error.
-pub fn storage_error_code(error: &StorageError) -> ErrorCode {
-    match error {
-        StorageError::NoSpace { .. } => ErrorCode::NotEnoughSpace,
-        StorageError::InvalidBatch(BatchError::TooLarge { .. }) => ErrorCode::BatchTooLarge,
-        StorageError::InvalidBatch(_) => ErrorCode::CorruptBatch,
-        StorageError::Corruption { .. } => ErrorCode::CorruptStorage,
-        StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
-        StorageError::Closed => ErrorCode::ShuttingDown,
-        StorageError::WriteAborted(inner) | StorageError::Failed(inner) => storage_error_code(inner),
-        StorageError::Io { .. } | StorageError::Config(_) => ErrorCode::StorageError,
-    }
 }

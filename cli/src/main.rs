@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use skein_client::{
     Acks, Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, Producer,
-    ProducerConfig, ProducerRecord, SeekTo,
+    ProducerConfig, ProducerRecord, SeekTo, TopicPartition,
 };
 use skein_storage::FsyncPolicy;
 
@@ -555,7 +555,7 @@ async fn consume(args: ConsumeArgs) -> Result<(), String> {
     }
     // With a group: the offset after the last printed record of each partition, committed
     // once printed.
-    let mut printed: std::collections::BTreeMap<(String, u32), u64> = std::collections::BTreeMap::new();
+    let mut printed: std::collections::BTreeMap<TopicPartition, u64> = std::collections::BTreeMap::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut seen = 0u64;
     let idle = args.timeout_ms.map(Duration::from_millis);
@@ -594,12 +594,12 @@ async fn consume(args: ConsumeArgs) -> Result<(), String> {
                 ),
             };
             writeln!(out, "{line}").map_err(|e| e.to_string())?;
-            printed.insert((record.topic.clone(), record.partition), record.offset + 1);
+            printed.insert(TopicPartition::new(record.topic.as_str(), record.partition), record.offset + 1);
             seen += 1;
         }
         out.flush().map_err(|e| e.to_string())?;
         if args.group.is_some() && !printed.is_empty() {
-            let offsets: Vec<((String, u32), u64)> = std::mem::take(&mut printed).into_iter().collect();
+            let offsets: Vec<(TopicPartition, u64)> = std::mem::take(&mut printed).into_iter().collect();
             if let Err(error) = consumer.commit_offsets(&offsets).await {
                 // Printed but not committed: another member may print these again.
                 eprintln!("warning: commit failed: {error}");

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::Broker;
 use skein_client::{
     Admin, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, SeekTo,
+    TopicPartition,
 };
 use skein_storage::batch::BatchHeader;
 use skein_storage::files::SEGMENT_HEADER_BYTES;
@@ -203,8 +204,10 @@ async fn damaged_files_are_recovered_or_refused_with_their_location() {
     assert!(refused.contains(&group_log.display().to_string()) && refused.contains("at byte"), "{refused}");
     restore(&group_log, at + len as u64 - 3, old);
     broker.restart();
-    let committed =
-        Admin::new(broker.client().await).committed_offsets("g", &[("c".into(), 0)]).await.unwrap();
+    let committed = Admin::new(broker.client().await)
+        .committed_offsets("g", &[TopicPartition::new("c", 0)])
+        .await
+        .unwrap();
     assert_eq!(committed, vec![Some(300)], "the last commit, intact");
     assert!(!broker.log().contains("panicked"));
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::{cli, skein, Broker};
 use skein_client::{
     Admin, Consumer, ConsumerConfig, GroupConfig, Producer, ProducerConfig, ProducerRecord, RebalanceEvent,
+    TopicPartition,
 };
 
 /// A `skein consume --group` process whose printed records (partition, offset, value) are
@@ -125,7 +126,7 @@ async fn three_members_share_six_partitions_and_survive_a_killed_member() {
     drop(victim); // SIGKILL
     let seen_at_kill: Vec<usize> = members.iter().map(|m| m.records().len()).collect();
     let committed_at_kill: HashMap<u32, u64> = {
-        let keys: Vec<(String, u32)> = (0..6).map(|p| ("events".to_owned(), p)).collect();
+        let keys: Vec<TopicPartition> = (0..6).map(|p| TopicPartition::new("events", p)).collect();
         let offsets = admin.committed_offsets("workers", &keys).await.unwrap();
         (0..6).zip(offsets).map(|(p, o)| (p, o.unwrap_or(0))).collect()
     };
@@ -228,7 +229,7 @@ async fn independent_groups_each_see_every_record_and_commits_survive_restarts()
         consumer.commit().await.unwrap();
     }
     solo.commit().await.unwrap();
-    let keys: Vec<(String, u32)> = (0..4).map(|p| ("ledger".to_owned(), p)).collect();
+    let keys: Vec<TopicPartition> = (0..4).map(|p| TopicPartition::new("ledger", p)).collect();
     let committed = admin.committed_offsets("audit", &keys).await.unwrap();
     let ends: Vec<Option<u64>> =
         admin.describe_topic("ledger").await.unwrap().partitions.iter().map(|p| Some(p.end_offset)).collect();
@@ -287,7 +288,7 @@ async fn independent_groups_each_see_every_record_and_commits_survive_restarts()
     assert_eq!(admin_offsets(&broker, "audit", &keys).await, ends);
 }
 
-async fn admin_offsets(broker: &Broker, group: &str, keys: &[(String, u32)]) -> Vec<Option<u64>> {
+async fn admin_offsets(broker: &Broker, group: &str, keys: &[TopicPartition]) -> Vec<Option<u64>> {
     Admin::new(broker.client().await).committed_offsets(group, keys).await.unwrap()
 }
 

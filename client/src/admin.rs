@@ -201,7 +201,7 @@ impl Admin {
         let offsets: Vec<(u32, u64)> = reader
             .assignment()
             .iter()
-            .map(|(_, partition)| (*partition, reader.position(topic, *partition).expect("seeked")))
+            .map(|tp| (tp.partition, reader.position(topic, tp.partition).expect("seeked")))
             .collect();
         let request = Request::OffsetCommit(OffsetCommitRequest {
             group_id: group.to_owned(),

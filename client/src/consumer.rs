@@ -2,114 +2,32 @@
 //! timestamp. Pull-based: each [`Consumer::poll`] returns the records that arrived; while the
 //! caller works on them, the next fetch is already in flight (prefetch).
 //!
+//! What it reads and where it stands is a `Fetcher` (`fetcher.rs`); a consumer that
+//! subscribed to a group also has a group membership (`group.rs`, see [`crate::group`]) that
+//! moves the fetcher's assignment.
+//!
 //! Every batch's CRC is checked before its records are returned; a batch that fails is an
 //! error ([`ClientError::Corrupt`]), never skipped.
 
-use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use bytes::Bytes;
-use skein_net::{
-    ErrorCode, FetchPartition, FetchRequest, FetchResponse, ListOffsetsPartition, ListOffsetsRequest,
-    ListOffsetsResponse, Request, TopicData, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
-};
-use skein_storage::batch::BatchSplitter;
+use skein_net::TopicPartition;
 use tokio::task::JoinHandle;
 
-use crate::group::GroupState;
-use crate::{decode, Client, ClientError, Result};
-
-#[derive(Debug, Clone)]
-pub struct ConsumerConfig {
-    /// Bound on a fetch response's records.
-    pub fetch_bytes_max: u32,
-    /// Bound per partition per fetch.
-    pub partition_bytes_max: u32,
-    /// The broker answers once this many bytes are available…
-    pub fetch_bytes_min: u32,
-    /// …or after this long (long poll).
-    pub fetch_wait_max: Duration,
-    /// Where to start a partition that has no position.
-    pub start_from: SeekTo,
-    /// Largest batch accepted from the broker.
-    pub batch_bytes_max: usize,
-}
-
-impl Default for ConsumerConfig {
-    fn default() -> Self {
-        ConsumerConfig {
-            fetch_bytes_max: 16 << 20,
-            partition_bytes_max: 4 << 20,
-            fetch_bytes_min: 1,
-            fetch_wait_max: Duration::from_millis(500),
-            start_from: SeekTo::Beginning,
-            batch_bytes_max: 256 << 20,
-        }
-    }
-}
-
-/// Where to read a partition from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SeekTo {
-    Offset(u64),
-    /// The first record held.
-    Beginning,
-    /// After the last record: only new records.
-    End,
-    /// The first record whose timestamp (ms since the epoch) is at or after this one; the end if
-    /// there is none.
-    Timestamp(i64),
-}
-
-/// A record read from a partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConsumerRecord {
-    pub topic: String,
-    pub partition: u32,
-    pub offset: u64,
-    pub timestamp: i64,
-    pub key: Option<Bytes>,
-    pub value: Option<Bytes>,
-    pub headers: Vec<(String, Option<Bytes>)>,
-}
-
-/// A topic and a partition.
-pub type TopicPartition = (String, u32);
-
-/// A fetch in flight: the positions it asked for, and its task.
-type Prefetch = (HashMap<TopicPartition, u64>, JoinHandle<Result<FetchResponse<Bytes>>>);
+use crate::fetcher::{ConsumerConfig, ConsumerRecord, Fetcher, SeekTo};
+use crate::group::{GroupConfig, GroupState, RebalanceEvent};
+use crate::{Client, ClientError, Result};
 
 /// Reads partitions: assigned by the caller ([`Consumer::assign`]) or by a consumer group
 /// ([`Consumer::subscribe`], see [`crate::group`]).
 pub struct Consumer {
-    pub(crate) client: Client,
-    pub(crate) config: ConsumerConfig,
-    pub(crate) assignment: Vec<TopicPartition>,
-    pub(crate) positions: HashMap<TopicPartition, u64>,
-    pub(crate) buffered: VecDeque<ConsumerRecord>,
-    prefetch: Option<Prefetch>,
-    pub(crate) group: Option<GroupState>,
+    fetcher: Fetcher,
+    group: Option<GroupState>,
 }
 
 impl Consumer {
     pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
-        Consumer {
-            client,
-            config,
-            assignment: Vec::new(),
-            positions: HashMap::new(),
-            buffered: VecDeque::new(),
-            prefetch: None,
-            group: None,
-        }
-    }
-
-    /// Forgets the assignment, positions and buffered records.
-    pub(crate) fn clear_assignment(&mut self) {
-        self.assignment.clear();
-        self.positions.clear();
-        self.buffered.clear();
-        self.cancel_prefetch();
+        Consumer { fetcher: Fetcher::new(client, config), group: None }
     }
 
     /// Adds partitions of a topic to the assignment (checked against the topic's metadata).
@@ -118,151 +36,56 @@ impl Consumer {
         if self.group.is_some() {
             return Err(ClientError::Config("a consumer in a group cannot assign partitions itself"));
         }
-        let info = self.client.topic(topic).await?;
+        let info = self.fetcher.client.topic(topic).await?;
         for &partition in partitions {
             if partition >= info.partitions {
                 return Err(ClientError::UnknownPartition { topic: topic.to_owned(), partition });
             }
-            let key = (topic.to_owned(), partition);
-            if !self.assignment.contains(&key) {
-                self.assignment.push(key);
+            let key = TopicPartition::new(topic, partition);
+            if !self.fetcher.assignment.contains(&key) {
+                self.fetcher.assignment.push(key);
             }
         }
-        self.cancel_prefetch();
+        self.fetcher.cancel_prefetch();
         Ok(())
     }
 
     /// Assigns every partition of a topic.
     pub async fn assign_all(&mut self, topic: &str) -> Result<()> {
-        let info = self.client.topic(topic).await?;
+        let info = self.fetcher.client.topic(topic).await?;
         let partitions: Vec<u32> = (0..info.partitions).collect();
         self.assign(topic, &partitions).await
     }
 
     pub fn assignment(&self) -> &[TopicPartition] {
-        &self.assignment
+        &self.fetcher.assignment
     }
 
     /// The offset of the next record `poll` returns for a partition.
     pub fn position(&self, topic: &str, partition: u32) -> Option<u64> {
-        self.positions.get(&(topic.to_owned(), partition)).copied()
-    }
-
-    pub(crate) fn cancel_prefetch(&mut self) {
-        if let Some((_, handle)) = self.prefetch.take() {
-            handle.abort();
-        }
+        self.fetcher.positions.get(&TopicPartition::new(topic, partition)).copied()
     }
 
     /// Moves one partition's position.
     pub async fn seek(&mut self, topic: &str, partition: u32, to: SeekTo) -> Result<()> {
-        let offset = self.resolve(&[(topic.to_owned(), partition)], to).await?[0];
-        self.positions.insert((topic.to_owned(), partition), offset);
-        self.buffered.retain(|r| !(r.topic == topic && r.partition == partition));
-        self.cancel_prefetch();
+        let key = TopicPartition::new(topic, partition);
+        let offset = self.fetcher.resolve(std::slice::from_ref(&key), to).await?[0];
+        self.fetcher.positions.insert(key, offset);
+        self.fetcher.buffered.retain(|r| !(r.topic == topic && r.partition == partition));
+        self.fetcher.cancel_prefetch();
         Ok(())
     }
 
     /// Moves every assigned partition's position.
     pub async fn seek_all(&mut self, to: SeekTo) -> Result<()> {
-        let assignment = self.assignment.clone();
-        let offsets = self.resolve(&assignment, to).await?;
+        let assignment = self.fetcher.assignment.clone();
+        let offsets = self.fetcher.resolve(&assignment, to).await?;
         for (key, offset) in assignment.into_iter().zip(offsets) {
-            self.positions.insert(key, offset);
+            self.fetcher.positions.insert(key, offset);
         }
-        self.buffered.clear();
-        self.cancel_prefetch();
+        self.fetcher.buffered.clear();
+        self.fetcher.cancel_prefetch();
         Ok(())
-    }
-
-    /// Offsets for partitions from a seek target (ListOffsets).
-    pub(crate) async fn resolve(&self, partitions: &[TopicPartition], to: SeekTo) -> Result<Vec<u64>> {
-        let timestamp = match to {
-            SeekTo::Offset(offset) => return Ok(vec![offset; partitions.len()]),
-            SeekTo::Beginning => EARLIEST_TIMESTAMP,
-            SeekTo::End => LATEST_TIMESTAMP,
-            SeekTo::Timestamp(t) => t,
-        };
-        let mut topics: Vec<TopicData<ListOffsetsPartition>> = Vec::new();
-        for (topic, partition) in partitions {
-            let entry = ListOffsetsPartition { partition: *partition, timestamp };
-            match topics.iter_mut().find(|t| &t.name == topic) {
-                Some(t) => t.partitions.push(entry),
-                None => topics.push(TopicData { name: topic.clone(), partitions: vec![entry] }),
-            }
-        }
-        let body = self.client.request(&Request::ListOffsets(ListOffsetsRequest { topics })).await?;
-        let response = decode(&body, ListOffsetsResponse::decode)?;
-        let mut offsets = Vec::with_capacity(partitions.len());
-        for (topic, partition) in partitions {
-            let answer = response
-                .topics
-                .iter()
-                .filter(|t| &t.name == topic)
-                .flat_map(|t| t.partitions.iter())
-                .find(|p| p.partition == *partition)
-                .ok_or_else(|| ClientError::Protocol(format!("no offset for {topic}/{partition}")))?;
-            if !answer.error.is_ok() {
-                return Err(ClientError::broker(
-                    answer.error,
-                    format!("listing offsets of {topic}/{partition}"),
-                ));
-            }
-            let offset = if answer.offset >= 0 {
-                answer.offset as u64
-            } else {
-                // No record at or after the timestamp: the end.
-                Box::pin(self.resolve(&[(topic.clone(), *partition)], SeekTo::End)).await?[0]
-            };
-            offsets.push(offset);
-        }
-        Ok(offsets)
-    }
-
-    /// Gives positions to assigned partitions that have none (per `start_from`).
-    async fn initialise_positions(&mut self) -> Result<()> {
-        let missing: Vec<TopicPartition> =
-            self.assignment.iter().filter(|key| !self.positions.contains_key(*key)).cloned().collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let offsets = self.resolve(&missing, self.config.start_from).await?;
-        for (key, offset) in missing.into_iter().zip(offsets) {
-            self.positions.insert(key, offset);
-        }
-        Ok(())
-    }
-
-    fn start_fetch(
-        &self,
-        positions: HashMap<TopicPartition, u64>,
-        wait: Duration,
-    ) -> JoinHandle<Result<FetchResponse<Bytes>>> {
-        let mut topics: Vec<TopicData<FetchPartition>> = Vec::new();
-        for (topic, partition) in &self.assignment {
-            let Some(&offset) = positions.get(&(topic.clone(), *partition)) else { continue };
-            let entry = FetchPartition {
-                partition: *partition,
-                fetch_offset: offset,
-                partition_bytes_max: self.config.partition_bytes_max,
-            };
-            match topics.iter_mut().find(|t| &t.name == topic) {
-                Some(t) => t.partitions.push(entry),
-                None => topics.push(TopicData { name: topic.clone(), partitions: vec![entry] }),
-            }
-        }
-        let request = Request::Fetch(FetchRequest {
-            max_wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
-            min_bytes: self.config.fetch_bytes_min,
-            max_bytes: self.config.fetch_bytes_max,
-            topics,
-        });
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            let body = client.request(&request).await?;
-            let response = decode(&body, FetchResponse::decode)?;
-            Ok(response.map_records(|range| body.slice(range)))
-        })
     }
 
     /// Returns the records available now or within `timeout` (possibly none). Starts the next
@@ -275,10 +98,10 @@ impl Consumer {
         let deadline = tokio::time::Instant::now() + timeout;
         self.auto_commit().await?;
         self.reconcile_group().await?;
-        if !self.buffered.is_empty() {
-            return Ok(self.buffered.drain(..).collect());
+        if !self.fetcher.buffered.is_empty() {
+            return Ok(self.fetcher.buffered.drain(..).collect());
         }
-        while self.assignment.is_empty() {
+        while self.fetcher.assignment.is_empty() {
             let now = tokio::time::Instant::now();
             if self.group.is_none() || now >= deadline {
                 tokio::time::sleep_until(deadline).await;
@@ -287,16 +110,16 @@ impl Consumer {
             tokio::time::sleep(Duration::from_millis(20).min(deadline - now)).await;
             self.reconcile_group().await?;
         }
-        self.initialise_positions().await?;
+        self.fetcher.initialise_positions().await?;
         loop {
-            let (asked, mut handle) = match self.prefetch.take() {
+            let (asked, mut handle) = match self.fetcher.prefetch.take() {
                 Some(prefetch) => prefetch,
                 None => {
                     let wait = deadline
                         .saturating_duration_since(tokio::time::Instant::now())
-                        .min(self.config.fetch_wait_max);
-                    let positions = self.positions.clone();
-                    (positions.clone(), self.start_fetch(positions, wait))
+                        .min(self.fetcher.config.fetch_wait_max);
+                    let positions = self.fetcher.positions.clone();
+                    (positions.clone(), self.fetcher.start_fetch(positions, wait))
                 }
             };
             // A fetch still on its way at the deadline (a broker being restarted, or paused)
@@ -304,15 +127,15 @@ impl Consumer {
             let joined = tokio::select! {
                 joined = &mut handle => joined,
                 _ = tokio::time::sleep_until(deadline) => {
-                    self.prefetch = Some((asked, handle));
+                    self.fetcher.prefetch = Some((asked, handle));
                     return Ok(Vec::new());
                 }
             };
             match joined {
                 Ok(Ok(response)) => {
                     // A response to positions that moved since (a seek) is stale.
-                    if asked.iter().all(|(key, offset)| self.positions.get(key) == Some(offset)) {
-                        self.absorb(response).await?;
+                    if asked.iter().all(|(key, offset)| self.fetcher.positions.get(key) == Some(offset)) {
+                        self.fetcher.absorb(response).await?;
                     }
                 }
                 Ok(Err(error)) if error.is_retriable() => {
@@ -325,103 +148,97 @@ impl Consumer {
                 Ok(Err(error)) => return Err(error),
                 Err(join_error) => return Err(ClientError::ConnectionLost(join_error.to_string())),
             }
-            if !self.buffered.is_empty() {
-                let positions = self.positions.clone();
-                self.prefetch =
-                    Some((positions.clone(), self.start_fetch(positions, self.config.fetch_wait_max)));
-                return Ok(self.buffered.drain(..).collect());
+            if !self.fetcher.buffered.is_empty() {
+                let positions = self.fetcher.positions.clone();
+                self.fetcher.prefetch = Some((
+                    positions.clone(),
+                    self.fetcher.start_fetch(positions, self.fetcher.config.fetch_wait_max),
+                ));
+                return Ok(self.fetcher.buffered.drain(..).collect());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Vec::new());
             }
             if self.group.is_some() {
                 self.reconcile_group().await?;
-                if self.assignment.is_empty() {
+                if self.fetcher.assignment.is_empty() {
                     return Ok(Vec::new());
                 }
             }
         }
     }
 
-    /// Decodes a fetch response into the buffer and advances positions.
-    async fn absorb(&mut self, response: FetchResponse<Bytes>) -> Result<()> {
-        for topic in response.topics {
-            for partition in topic.partitions {
-                let key = (topic.name.clone(), partition.partition);
-                let Some(&position) = self.positions.get(&key) else { continue };
-                match partition.error {
-                    ErrorCode::None => {}
-                    ErrorCode::OffsetOutOfRange => {
-                        let reset = if position < partition.log_start_offset {
-                            SeekTo::Beginning
-                        } else {
-                            SeekTo::End
-                        };
-                        tracing::warn!(
-                            topic = topic.name,
-                            partition = partition.partition,
-                            position,
-                            ?reset,
-                            "offset out of range; resetting"
-                        );
-                        // A failure here is retried at the next fetch; the records of the other
-                        // partitions already taken from this response stay buffered.
-                        match self.resolve(std::slice::from_ref(&key), reset).await {
-                            Ok(offsets) => {
-                                self.positions.insert(key, offsets[0]);
-                            }
-                            Err(error) => tracing::warn!(%error, "resetting an out-of-range position failed"),
-                        }
-                        continue;
-                    }
-                    code if code.needs_metadata_refresh() => {
-                        let _ = self.client.refresh_topic(&topic.name).await;
-                        continue;
-                    }
-                    code if code.is_retriable() => continue,
-                    code => {
-                        return Err(ClientError::broker(
-                            code,
-                            format!("fetching {}/{}", topic.name, partition.partition),
-                        ))
-                    }
-                }
-                let mut next = position;
-                for batch in BatchSplitter::new(partition.records, self.config.batch_bytes_max) {
-                    let batch = batch.map_err(|error| ClientError::Corrupt {
-                        topic: topic.name.clone(),
-                        partition: partition.partition,
-                        offset: next,
-                        error,
-                    })?;
-                    if batch.header().next_offset() <= next {
-                        continue;
-                    }
-                    for record in batch.records() {
-                        let record = record.map_err(|error| ClientError::Corrupt {
-                            topic: topic.name.clone(),
-                            partition: partition.partition,
-                            offset: next,
-                            error,
-                        })?;
-                        if record.offset < position {
-                            continue;
-                        }
-                        self.buffered.push_back(ConsumerRecord {
-                            topic: topic.name.clone(),
-                            partition: partition.partition,
-                            offset: record.offset,
-                            timestamp: record.timestamp,
-                            key: record.key,
-                            value: record.value,
-                            headers: record.headers,
-                        });
-                    }
-                    next = batch.header().next_offset();
-                }
-                self.positions.insert(key, next);
-            }
+    /// Applies the group coordinator's latest assignment (in a group); run by `poll`.
+    async fn reconcile_group(&mut self) -> Result<()> {
+        match self.group.as_mut() {
+            Some(group) => group.reconcile(&mut self.fetcher).await,
+            None => Ok(()),
         }
+    }
+
+    /// Commits automatically if the interval passed (in a group); run by `poll`.
+    async fn auto_commit(&mut self) -> Result<()> {
+        match self.group.as_mut() {
+            Some(group) => group.auto_commit(&self.fetcher).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Joins `group.group_id` and consumes the partitions of `topics` the coordinator assigns
+    /// to this consumer (replacing any manual assignment). Partitions without a committed
+    /// offset start at `ConsumerConfig::start_from` (`Beginning` = earliest, `End` = latest).
+    pub async fn subscribe(&mut self, topics: &[&str], group: GroupConfig) -> Result<()> {
+        self.group = Some(GroupState::join(&mut self.fetcher, topics, group).await?);
         Ok(())
+    }
+
+    /// The rebalance events since the last call, oldest first.
+    pub fn rebalance_events(&mut self) -> Vec<RebalanceEvent> {
+        self.group.as_mut().map(GroupState::take_events).unwrap_or_default()
+    }
+
+    /// The group member id (once joined).
+    pub fn member_id(&self) -> Option<String> {
+        self.group.as_ref()?.member_id()
+    }
+
+    /// Commits the position of every owned partition (the offset after the last record
+    /// `poll` returned) and waits until the broker has it on disk.
+    pub async fn commit(&mut self) -> Result<()> {
+        match self.group.as_mut() {
+            Some(group) => group.commit(&self.fetcher).await,
+            None => Err(GroupState::NOT_SUBSCRIBED),
+        }
+    }
+
+    /// Like [`Consumer::commit`] but does not wait: the returned task resolves with the outcome.
+    pub fn commit_async(&mut self) -> JoinHandle<Result<()>> {
+        match self.group.as_mut() {
+            Some(group) => group.commit_async(&self.fetcher),
+            None => tokio::spawn(async { Err(GroupState::NOT_SUBSCRIBED) }),
+        }
+    }
+
+    /// Commits explicit offsets (the offset of the next record to read) for owned partitions.
+    pub async fn commit_offsets(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+        match self.group.as_ref() {
+            Some(group) => group.commit_offsets(&self.fetcher.client, offsets).await,
+            None => Err(GroupState::NOT_SUBSCRIBED),
+        }
+    }
+
+    /// The group's committed offsets of these partitions (`None`: no commit).
+    pub async fn committed(&self, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
+        let group = self.group.as_ref().ok_or(ClientError::Config("not in a group"))?;
+        group.committed(&self.fetcher.client, partitions).await
+    }
+
+    /// Commits (with automatic commit), leaves the group and stops heartbeating, so the
+    /// partitions move to the other members at once instead of after the session timeout.
+    pub async fn close(mut self) -> Result<()> {
+        match self.group.take() {
+            Some(group) => group.leave(&self.fetcher).await,
+            None => Ok(()),
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! Consumer groups on the client: [`Consumer::subscribe`] joins a group, a background task
-//! heartbeats to the group's coordinator, and every [`Consumer::poll`] applies the assignment
+//! Consumer groups on the client: [`Consumer::subscribe`](crate::Consumer::subscribe) joins a group, a background task
+//! heartbeats to the group's coordinator, and every [`Consumer::poll`](crate::Consumer::poll) applies the assignment
 //! the coordinator sent (giving up revoked partitions, starting newly assigned ones from their
 //! committed offsets), commits automatically if asked, and fetches.
 //!
@@ -7,8 +7,8 @@
 //! * **At-least-once** (the default): commit *after* processing. With automatic commit, each
 //!   `poll` first commits the positions of the records the previous `poll` returned, so a record
 //!   is committed only once the caller came back for more; a crash re-delivers at most what was
-//!   returned since the last commit. Manually: process, then [`Consumer::commit`].
-//! * **At-most-once**: commit *before* processing: call [`Consumer::commit`] right after `poll`
+//!   returned since the last commit. Manually: process, then [`Consumer::commit`](crate::Consumer::commit).
+//! * **At-most-once**: commit *before* processing: call [`Consumer::commit`](crate::Consumer::commit) right after `poll`
 //!   returns, then process. A crash loses the records being processed, never re-delivers them.
 //! * Revoked partitions are committed (with automatic commit) before they are given up, so the
 //!   next owner starts where this member stopped.
@@ -40,13 +40,13 @@ use std::time::{Duration, Instant};
 
 use skein_net::{
     CommitPartition, ErrorCode, HeartbeatRequest, HeartbeatResponse, OffsetCommitRequest,
-    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, Request, TopicData, TopicPartitions,
-    JOIN_EPOCH, LEAVE_EPOCH,
+    OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, Request, TopicData, TopicPartition,
+    TopicPartitions, JOIN_EPOCH, LEAVE_EPOCH,
 };
 use tokio::task::JoinHandle;
 
-use crate::consumer::TopicPartition;
-use crate::{decode, Client, ClientError, Consumer, Result};
+use crate::fetcher::Fetcher;
+use crate::{decode, Client, ClientError, Result};
 
 /// How a consumer takes part in a group.
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ pub struct GroupConfig {
     /// (the caller did not `poll`).
     pub rebalance_timeout: Duration,
     /// Commit the returned records' positions at most this often (at the next `poll`);
-    /// `None`: only [`Consumer::commit`] commits.
+    /// `None`: only [`Consumer::commit`](crate::Consumer::commit) commits.
     pub auto_commit: Option<Duration>,
 }
 
@@ -148,7 +148,7 @@ async fn run_heartbeats(
                     session_timeout_ms: config.session_timeout.as_millis() as u32,
                     rebalance_timeout_ms: config.rebalance_timeout.as_millis() as u32,
                     subscribed_topics: topics.clone(),
-                    owned: TopicPartitions::from_pairs(&state.owned),
+                    owned: TopicPartitions::from_tps(&state.owned),
                 })
             }
         };
@@ -158,8 +158,7 @@ async fn run_heartbeats(
                     let mut state = shared.lock().expect("not poisoned");
                     state.member_id = response.member_id;
                     state.member_epoch = response.member_epoch;
-                    state.target =
-                        TopicPartitions::to_pairs::<BTreeSet<TopicPartition>>(&response.assignment);
+                    state.target = TopicPartitions::to_tps::<BTreeSet<TopicPartition>>(&response.assignment);
                     interval = Duration::from_millis(response.heartbeat_interval_ms.max(20).into());
                 }
                 Ok(response)
@@ -204,64 +203,66 @@ async fn run_heartbeats(
     }
 }
 
-impl Consumer {
-    /// Joins `group.group_id` and consumes the partitions of `topics` the coordinator assigns
-    /// to this consumer (replacing any manual assignment). Partitions without a committed
-    /// offset start at `ConsumerConfig::start_from` (`Beginning` = earliest, `End` = latest).
-    pub async fn subscribe(&mut self, topics: &[&str], group: GroupConfig) -> Result<()> {
+impl GroupState {
+    /// The error of a group operation on a consumer that did not subscribe.
+    pub(crate) const NOT_SUBSCRIBED: ClientError =
+        ClientError::Config("commit needs a consumer that subscribed to a group");
+
+    /// Joins `group.group_id` (see [`crate::Consumer::subscribe`]): checks the topics, clears
+    /// the fetcher's assignment and starts the heartbeat task.
+    pub(crate) async fn join(
+        fetcher: &mut Fetcher,
+        topics: &[&str],
+        group: GroupConfig,
+    ) -> Result<GroupState> {
         if group.group_id.is_empty() {
             return Err(ClientError::Config("the group id must not be empty"));
         }
         for topic in topics {
-            self.client.topic(topic).await?;
+            fetcher.client.topic(topic).await?;
         }
-        self.clear_assignment();
+        fetcher.clear_assignment();
         let shared = Arc::new(Mutex::new(Membership::default()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(run_heartbeats(
-            self.client.clone(),
+            fetcher.client.clone(),
             group.clone(),
             topics.iter().map(|t| t.to_string()).collect(),
             shared.clone(),
             wake.clone(),
         ));
-        self.group = Some(GroupState {
+        Ok(GroupState {
             config: group,
             shared,
             wake,
             task,
             last_commit: Instant::now(),
             events: VecDeque::new(),
-        });
-        Ok(())
+        })
     }
 
     /// The rebalance events since the last call, oldest first.
-    pub fn rebalance_events(&mut self) -> Vec<RebalanceEvent> {
-        self.group.as_mut().map(|g| g.events.drain(..).collect()).unwrap_or_default()
+    pub(crate) fn take_events(&mut self) -> Vec<RebalanceEvent> {
+        self.events.drain(..).collect()
     }
 
     /// The group member id (once joined).
-    pub fn member_id(&self) -> Option<String> {
-        let group = self.group.as_ref()?;
-        let id = group.shared.lock().expect("not poisoned").member_id.clone();
+    pub(crate) fn member_id(&self) -> Option<String> {
+        let id = self.shared.lock().expect("not poisoned").member_id.clone();
         (!id.is_empty()).then_some(id)
     }
 
     fn push_event(&mut self, event: RebalanceEvent) {
-        if let Some(group) = self.group.as_mut() {
-            if group.events.len() >= EVENTS_KEPT {
-                group.events.pop_front();
-            }
-            group.events.push_back(event);
+        if self.events.len() >= EVENTS_KEPT {
+            self.events.pop_front();
         }
+        self.events.push_back(event);
     }
 
-    /// Applies the coordinator's latest assignment; run by `poll`.
-    pub(crate) async fn reconcile_group(&mut self) -> Result<()> {
-        let Some(group) = self.group.as_ref() else { return Ok(()) };
+    /// Applies the coordinator's latest assignment to the fetcher; run by `poll`.
+    pub(crate) async fn reconcile(&mut self, fetcher: &mut Fetcher) -> Result<()> {
         let (lost, target, owned) = {
-            let mut state = group.shared.lock().expect("not poisoned");
+            let mut state = self.shared.lock().expect("not poisoned");
             if let Some(error) = state.fatal.clone() {
                 return Err(error);
             }
@@ -269,7 +270,7 @@ impl Consumer {
         };
         if lost {
             let dropped: Vec<TopicPartition> = owned.iter().cloned().collect();
-            self.drop_partitions(&dropped);
+            fetcher.drop_partitions(&dropped);
             self.set_owned(BTreeSet::new());
             self.push_event(RebalanceEvent::Lost(dropped));
             return Ok(());
@@ -279,36 +280,36 @@ impl Consumer {
         }
         let revoked: Vec<TopicPartition> = owned.difference(&target).cloned().collect();
         if !revoked.is_empty() {
-            if self.group.as_ref().is_some_and(|g| g.config.auto_commit.is_some()) {
-                if let Err(error) = self.commit_partitions(&revoked).await {
+            if self.config.auto_commit.is_some() {
+                if let Err(error) = self.commit_partitions(fetcher, &revoked).await {
                     tracing::warn!(%error, "committing revoked partitions failed");
                 }
             }
-            self.drop_partitions(&revoked);
+            fetcher.drop_partitions(&revoked);
             self.push_event(RebalanceEvent::Revoked(revoked));
         }
         let added: Vec<TopicPartition> = target.difference(&owned).cloned().collect();
         if !added.is_empty() {
-            let committed = self.committed(&added).await?;
+            let committed = self.committed(&fetcher.client, &added).await?;
             let mut fresh = Vec::new();
             for (key, offset) in added.iter().zip(committed) {
                 match offset {
                     Some(offset) => {
-                        self.positions.insert(key.clone(), offset);
+                        fetcher.positions.insert(key.clone(), offset);
                     }
                     None => fresh.push(key.clone()),
                 }
-                if !self.assignment.contains(key) {
-                    self.assignment.push(key.clone());
+                if !fetcher.assignment.contains(key) {
+                    fetcher.assignment.push(key.clone());
                 }
             }
             if !fresh.is_empty() {
-                let offsets = self.resolve(&fresh, self.config.start_from).await?;
+                let offsets = fetcher.resolve(&fresh, fetcher.config.start_from).await?;
                 for (key, offset) in fresh.into_iter().zip(offsets) {
-                    self.positions.insert(key, offset);
+                    fetcher.positions.insert(key, offset);
                 }
             }
-            self.cancel_prefetch();
+            fetcher.cancel_prefetch();
             self.push_event(RebalanceEvent::Assigned(added));
         }
         self.set_owned(target);
@@ -316,143 +317,123 @@ impl Consumer {
     }
 
     fn set_owned(&mut self, owned: BTreeSet<TopicPartition>) {
-        if let Some(group) = self.group.as_ref() {
-            group.shared.lock().expect("not poisoned").owned = owned;
-            group.wake.notify_one();
-        }
-    }
-
-    fn drop_partitions(&mut self, partitions: &[TopicPartition]) {
-        self.assignment.retain(|key| !partitions.contains(key));
-        for key in partitions {
-            self.positions.remove(key);
-        }
-        self.buffered.retain(|r| !partitions.iter().any(|(t, p)| &r.topic == t && r.partition == *p));
-        self.cancel_prefetch();
+        self.shared.lock().expect("not poisoned").owned = owned;
+        self.wake.notify_one();
     }
 
     /// Commits automatically if the interval passed; run by `poll`.
-    pub(crate) async fn auto_commit(&mut self) -> Result<()> {
-        let Some(group) = self.group.as_ref() else { return Ok(()) };
-        let Some(every) = group.config.auto_commit else { return Ok(()) };
-        if group.last_commit.elapsed() < every {
+    pub(crate) async fn auto_commit(&mut self, fetcher: &Fetcher) -> Result<()> {
+        let Some(every) = self.config.auto_commit else { return Ok(()) };
+        if self.last_commit.elapsed() < every {
             return Ok(());
         }
-        if let Err(error) = self.commit().await {
+        if let Err(error) = self.commit(fetcher).await {
             // Retried at the next poll; a rebalance may have moved a partition meanwhile.
             tracing::warn!(%error, "automatic commit failed");
         }
         Ok(())
     }
 
-    /// Commits the position of every owned partition (the offset after the last record
-    /// `poll` returned) and waits until the broker has it on disk.
-    pub async fn commit(&mut self) -> Result<()> {
-        let partitions: Vec<TopicPartition> = self.assignment.clone();
-        self.commit_partitions(&partitions).await?;
-        if let Some(group) = self.group.as_mut() {
-            group.last_commit = Instant::now();
-        }
+    /// Commits the position of every owned partition (see [`crate::Consumer::commit`]).
+    pub(crate) async fn commit(&mut self, fetcher: &Fetcher) -> Result<()> {
+        let partitions: Vec<TopicPartition> = fetcher.assignment.clone();
+        self.commit_partitions(fetcher, &partitions).await?;
+        self.last_commit = Instant::now();
         Ok(())
     }
 
-    /// Like [`Consumer::commit`] but does not wait: the returned task resolves with the outcome.
-    pub fn commit_async(&mut self) -> JoinHandle<Result<()>> {
-        let offsets = self.committable(&self.assignment);
+    /// Like [`GroupState::commit`] but does not wait: the returned task resolves with the outcome.
+    pub(crate) fn commit_async(&mut self, fetcher: &Fetcher) -> JoinHandle<Result<()>> {
+        let offsets = committable(fetcher, &fetcher.assignment);
         let request = self.commit_request(&offsets);
-        if let Some(group) = self.group.as_mut() {
-            group.last_commit = Instant::now();
-        }
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            match request {
-                Some(request) => send_commit(&client, request).await,
-                None => Err(ClientError::Config("commit needs a consumer that subscribed to a group")),
-            }
-        })
+        self.last_commit = Instant::now();
+        let client = fetcher.client.clone();
+        tokio::spawn(async move { send_commit(&client, request).await })
     }
 
     /// Commits explicit offsets (the offset of the next record to read) for owned partitions.
-    pub async fn commit_offsets(&mut self, offsets: &[(TopicPartition, u64)]) -> Result<()> {
-        let request = self
-            .commit_request(offsets)
-            .ok_or(ClientError::Config("commit needs a consumer that subscribed to a group"))?;
-        send_commit(&self.client, request).await
+    pub(crate) async fn commit_offsets(
+        &self,
+        client: &Client,
+        offsets: &[(TopicPartition, u64)],
+    ) -> Result<()> {
+        send_commit(client, self.commit_request(offsets)).await
     }
 
-    async fn commit_partitions(&mut self, partitions: &[TopicPartition]) -> Result<()> {
-        let offsets = self.committable(partitions);
-        self.commit_offsets(&offsets).await
+    async fn commit_partitions(&self, fetcher: &Fetcher, partitions: &[TopicPartition]) -> Result<()> {
+        let offsets = committable(fetcher, partitions);
+        self.commit_offsets(&fetcher.client, &offsets).await
     }
 
-    /// What can be committed for each partition: the position, or the first record fetched but
-    /// not yet returned by `poll` (never past a record the caller did not get).
-    fn committable(&self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, u64)> {
-        partitions
-            .iter()
-            .filter_map(|key| {
-                let position = *self.positions.get(key)?;
-                let buffered = self.buffered.iter().find(|r| r.topic == key.0 && r.partition == key.1);
-                Some((key.clone(), buffered.map_or(position, |r| r.offset.min(position))))
-            })
-            .collect()
-    }
-
-    fn commit_request(&self, offsets: &[(TopicPartition, u64)]) -> Option<OffsetCommitRequest> {
-        let group = self.group.as_ref()?;
+    fn commit_request(&self, offsets: &[(TopicPartition, u64)]) -> OffsetCommitRequest {
         let (member_id, member_epoch) = {
-            let state = group.shared.lock().expect("not poisoned");
+            let state = self.shared.lock().expect("not poisoned");
             (state.member_id.clone(), state.member_epoch)
         };
         let mut topics: Vec<TopicData<CommitPartition>> = Vec::new();
-        for ((topic, partition), offset) in offsets {
-            let entry = CommitPartition { partition: *partition, offset: *offset, metadata: String::new() };
-            match topics.iter_mut().find(|t| &t.name == topic) {
+        for (tp, offset) in offsets {
+            let entry = CommitPartition { partition: tp.partition, offset: *offset, metadata: String::new() };
+            match topics.iter_mut().find(|t| t.name == tp.topic()) {
                 Some(t) => t.partitions.push(entry),
-                None => topics.push(TopicData { name: topic.clone(), partitions: vec![entry] }),
+                None => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
             }
         }
-        Some(OffsetCommitRequest { group_id: group.config.group_id.clone(), member_id, member_epoch, topics })
+        OffsetCommitRequest { group_id: self.config.group_id.clone(), member_id, member_epoch, topics }
     }
 
     /// The group's committed offsets of these partitions (`None`: no commit).
-    pub async fn committed(&self, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
-        let group = self.group.as_ref().ok_or(ClientError::Config("not in a group"))?;
-        fetch_committed(&self.client, &group.config.group_id, partitions).await
+    pub(crate) async fn committed(
+        &self,
+        client: &Client,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Option<u64>>> {
+        fetch_committed(client, &self.config.group_id, partitions).await
     }
 
-    /// Commits (with automatic commit), leaves the group and stops heartbeating, so the
-    /// partitions move to the other members at once instead of after the session timeout.
-    pub async fn close(mut self) -> Result<()> {
-        let Some(group) = self.group.as_ref() else { return Ok(()) };
-        if group.config.auto_commit.is_some() {
-            self.commit().await?;
+    /// Commits (with automatic commit), leaves the group and stops heartbeating (see
+    /// [`crate::Consumer::close`]).
+    pub(crate) async fn leave(mut self, fetcher: &Fetcher) -> Result<()> {
+        if self.config.auto_commit.is_some() {
+            self.commit(fetcher).await?;
         }
-        let group = self.group.take().expect("checked");
-        group.task.abort();
+        self.task.abort();
         let (member_id, owned) = {
-            let state = group.shared.lock().expect("not poisoned");
+            let state = self.shared.lock().expect("not poisoned");
             (state.member_id.clone(), state.owned.clone())
         };
         if member_id.is_empty() {
             return Ok(());
         }
         let request = HeartbeatRequest {
-            group_id: group.config.group_id.clone(),
+            group_id: self.config.group_id.clone(),
             member_id,
             member_epoch: LEAVE_EPOCH,
-            client_id: self.client.config().client_id.clone(),
-            session_timeout_ms: group.config.session_timeout.as_millis() as u32,
-            rebalance_timeout_ms: group.config.rebalance_timeout.as_millis() as u32,
+            client_id: fetcher.client.config().client_id.clone(),
+            session_timeout_ms: self.config.session_timeout.as_millis() as u32,
+            rebalance_timeout_ms: self.config.rebalance_timeout.as_millis() as u32,
             subscribed_topics: Vec::new(),
-            owned: TopicPartitions::from_pairs(&owned),
+            owned: TopicPartitions::from_tps(&owned),
         };
-        let response = heartbeat(&self.client, request).await?;
+        let response = heartbeat(&fetcher.client, request).await?;
         if !response.error.is_ok() {
             return Err(ClientError::broker(response.error, "leaving the group"));
         }
         Ok(())
     }
+}
+
+/// What can be committed for each partition: the position, or the first record fetched but
+/// not yet returned by `poll` (never past a record the caller did not get).
+fn committable(fetcher: &Fetcher, partitions: &[TopicPartition]) -> Vec<(TopicPartition, u64)> {
+    partitions
+        .iter()
+        .filter_map(|key| {
+            let position = *fetcher.positions.get(key)?;
+            let buffered =
+                fetcher.buffered.iter().find(|r| *r.topic == *key.topic && r.partition == key.partition);
+            Some((key.clone(), buffered.map_or(position, |r| r.offset.min(position))))
+        })
+        .collect()
 }
 
 async fn send_commit(client: &Client, request: OffsetCommitRequest) -> Result<()> {
@@ -505,7 +486,7 @@ pub(crate) async fn fetch_committed(
     let wanted: BTreeSet<TopicPartition> = partitions.iter().cloned().collect();
     let request = Request::OffsetFetch(OffsetFetchRequest {
         group_id: group_id.to_owned(),
-        topics: Some(TopicPartitions::from_pairs(&wanted)),
+        topics: Some(TopicPartitions::from_tps(&wanted)),
     });
     let body = client.request(&request).await?;
     let response = decode(&body, OffsetFetchResponse::decode)?;
@@ -514,13 +495,13 @@ pub(crate) async fn fetch_committed(
     }
     Ok(partitions
         .iter()
-        .map(|(topic, partition)| {
+        .map(|tp| {
             response
                 .topics
                 .iter()
-                .filter(|t| &t.name == topic)
+                .filter(|t| t.name == tp.topic())
                 .flat_map(|t| t.partitions.iter())
-                .find(|p| p.partition == *partition)
+                .find(|p| p.partition == tp.partition)
                 .and_then(|p| (p.offset >= 0).then_some(p.offset as u64))
         })
         .collect())

@@ -36,6 +36,7 @@ mod admin;
 mod connection;
 mod consumer;
 mod error;
+mod fetcher;
 pub mod group;
 mod producer;
 
@@ -51,12 +52,13 @@ use skein_net::{
 
 pub use crate::admin::{Admin, GroupDescription, PartitionDescription, PartitionLag, TopicDescription};
 pub use crate::connection::Connection;
-pub use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord, SeekTo, TopicPartition};
+pub use crate::consumer::Consumer;
 pub use crate::error::{ClientError, Result};
+pub use crate::fetcher::{ConsumerConfig, ConsumerRecord, SeekTo};
 pub use crate::group::{GroupConfig, RebalanceEvent};
 pub use crate::producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
 pub use skein_net::ErrorCode as BrokerErrorCode;
-pub use skein_net::{GroupListing, MemberDescription};
+pub use skein_net::{GroupListing, MemberDescription, TopicPartition};
 
 /// How to reach the broker.
 #[derive(Debug, Clone)]

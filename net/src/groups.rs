@@ -2,14 +2,10 @@
 //! ConsumerGroupHeartbeat (8), OffsetCommit (9), OffsetFetch (10), ListGroups (11) and
 //! DescribeGroup (12). Byte layouts are in `PROTOCOL.md`.
 
+use crate::common::{error_code, get_strings, put_strings, TopicData};
 use crate::error::ErrorCode;
-use crate::messages::TopicData;
+use crate::types::TopicPartition;
 use crate::wire::{DecodeError, Reader, Writer};
-
-fn error_code(r: &mut Reader<'_>, field: &'static str) -> Result<ErrorCode, DecodeError> {
-    let raw = r.u16(field)?;
-    Ok(ErrorCode::from_u16(raw))
-}
 
 fn put_topic_partitions(w: &mut Writer, topics: &[TopicPartitions]) {
     w.array(topics, |w, t| {
@@ -30,16 +26,6 @@ fn get_topic_partitions(
             partitions: r.array("partitions", 4, |r| r.u32("partition"))?,
         })
     })
-}
-
-fn put_strings(w: &mut Writer, items: &[String]) {
-    w.array(items, |w, s| {
-        w.str(s);
-    });
-}
-
-fn get_strings(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<String>, DecodeError> {
-    r.array(field, 2, |r| r.str(field))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -102,21 +88,28 @@ pub struct TopicPartitions {
 }
 
 impl TopicPartitions {
-    /// Groups sorted `(topic, partition)` pairs by topic (a set's order).
-    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = &'a (String, u32)>) -> Vec<TopicPartitions> {
+    /// Groups sorted topic-partitions by topic (a set's order).
+    pub fn from_tps<'a>(tps: impl IntoIterator<Item = &'a TopicPartition>) -> Vec<TopicPartitions> {
         let mut out: Vec<TopicPartitions> = Vec::new();
-        for (topic, partition) in pairs {
+        for tp in tps {
             match out.last_mut() {
-                Some(last) if &last.topic == topic => last.partitions.push(*partition),
-                _ => out.push(TopicPartitions { topic: topic.clone(), partitions: vec![*partition] }),
+                Some(last) if *last.topic == *tp.topic => last.partitions.push(tp.partition),
+                _ => {
+                    out.push(TopicPartitions { topic: tp.topic().to_owned(), partitions: vec![tp.partition] })
+                }
             }
         }
         out
     }
 
-    /// The `(topic, partition)` pairs of a list.
-    pub fn to_pairs<C: FromIterator<(String, u32)>>(list: &[TopicPartitions]) -> C {
-        list.iter().flat_map(|t| t.partitions.iter().map(move |p| (t.topic.clone(), *p))).collect()
+    /// The topic-partitions of a list (one shared name per topic).
+    pub fn to_tps<C: FromIterator<TopicPartition>>(list: &[TopicPartitions]) -> C {
+        list.iter()
+            .flat_map(|t| {
+                let topic: std::sync::Arc<str> = t.topic.as_str().into();
+                t.partitions.iter().map(move |&partition| TopicPartition { topic: topic.clone(), partition })
+            })
+            .collect()
     }
 }
 

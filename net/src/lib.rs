@@ -10,15 +10,18 @@
 //!
 #![doc = include_str!("../PROTOCOL.md")]
 
+mod common;
 pub mod error;
 pub mod frame;
 pub mod groups;
 pub mod messages;
+pub mod request;
 pub mod types;
 pub mod wire;
 
 pub use error::ErrorCode;
 pub use groups::*;
 pub use messages::*;
+pub use request::*;
 pub use types::{BrokerEpoch, LeaderEpoch, NodeId, Offset, PartitionEpoch, ShardId, TopicPartition};
 pub use wire::{DecodeError, Reader, Writer};

@@ -1,1 +1,15 @@
-//! Replication and the consensus shard (not built yet).
+//! # skein-replication: the I/O-free cores of the cluster
+//!
+//! No runtime, no clock, no sockets, no files: state machines that take events (records,
+//! requests, time passed in) and return what to do. The broker runs them on its shards; the
+//! simulator (to come) runs them under seeded faults.
+//!
+//! * [`metadata`]: metadata as versioned records, the image they build, the one pure `apply`
+//!   function and the deltas each shard reconciles its partitions against.
+//! * [`controller`]: the controller's rules (request + image → records or a refusal).
+//!
+//! Partition replication (`ReplicaState`), the controller's cluster state (brokers, ISR,
+//! elections) and the Raft wrapper come next (issue 14).
+
+pub mod controller;
+pub mod metadata;

@@ -40,11 +40,11 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::BytesMut;
-use skein_net::{CommittedOffset, TopicData};
+use skein_net::TopicPartition;
 use skein_storage::batch::{Batch, BatchBuilder};
 use skein_storage::{FsyncPolicy, Log, LogConfig, StorageError};
 
-use crate::groups::{Committed, Tp};
+use super::state::Committed;
 
 pub const OFFSETS_PARTITIONS: u32 = 16;
 /// The name used to place offsets partitions on shards.
@@ -134,39 +134,11 @@ pub fn decode_value(value: &[u8]) -> Option<Committed> {
     (at == value.len()).then_some(Committed { offset, metadata, commit_ms })
 }
 
-/// A partition's committed offset as the wire gives it (offset -1: no commit).
-pub fn committed_offset(partition: u32, committed: Option<&Committed>) -> CommittedOffset {
-    match committed {
-        Some(c) => CommittedOffset {
-            partition,
-            offset: c.offset as i64,
-            metadata: c.metadata.clone(),
-            commit_ms: c.commit_ms,
-        },
-        None => CommittedOffset { partition, offset: -1, metadata: String::new(), commit_ms: -1 },
-    }
-}
-
-/// One group's committed offsets as the wire lists them.
-pub fn committed_to_wire<'a>(
-    offsets: impl Iterator<Item = (&'a Tp, &'a Committed)>,
-) -> Vec<TopicData<CommittedOffset>> {
-    let mut topics: Vec<TopicData<CommittedOffset>> = Vec::new();
-    for ((topic, partition), committed) in offsets {
-        let entry = committed_offset(*partition, Some(committed));
-        match topics.last_mut() {
-            Some(last) if &last.name == topic => last.partitions.push(entry),
-            _ => topics.push(TopicData { name: topic.clone(), partitions: vec![entry] }),
-        }
-    }
-    topics
-}
-
 /// A change to one group's offsets: set or (`None`) delete.
-pub type OffsetChange = (Tp, Option<Committed>);
+pub type OffsetChange = (TopicPartition, Option<Committed>);
 
 /// All committed offsets of one offsets partition, by group.
-pub type OffsetsState = BTreeMap<String, BTreeMap<Tp, Committed>>;
+pub type OffsetsState = BTreeMap<String, BTreeMap<TopicPartition, Committed>>;
 
 /// One offsets partition: its log and the serialisation of appends with compaction.
 pub struct OffsetsPartition {
@@ -212,10 +184,11 @@ impl OffsetsPartition {
                     let offsets = state.entry(group).or_default();
                     match record.value.as_deref() {
                         Some(value) => {
-                            offsets.insert((topic, p), decode_value(value).ok_or_else(|| bad("value"))?);
+                            let committed = decode_value(value).ok_or_else(|| bad("value"))?;
+                            offsets.insert(TopicPartition::new(topic, p), committed);
                         }
                         None => {
-                            offsets.remove(&(topic, p));
+                            offsets.remove(&TopicPartition::new(topic, p));
                         }
                     }
                     records += 1;
@@ -243,8 +216,8 @@ impl OffsetsPartition {
         let mut batches = Vec::new();
         let now = skein_storage::now_ms();
         let mut builder = BatchBuilder::new();
-        for ((topic, partition), committed) in changes {
-            let key = encode_key(group, topic, *partition);
+        for (tp, committed) in changes {
+            let key = encode_key(group, tp.topic(), tp.partition);
             let value = committed.as_ref().map(encode_value);
             builder.push(now, Some(&key), value.as_deref(), &[]);
             if builder.size_bytes() >= BATCH_BYTES {

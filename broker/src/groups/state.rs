@@ -1,9 +1,11 @@
 //! The consumer-group coordinator: membership, server-side assignment with incremental
 //! (cooperative) rebalancing in the spirit of Kafka's KIP-848, and the committed offsets held
-//! in memory (their durable copy is the offsets log, [`crate::offsets`]).
+//! in memory (their durable copy is the offsets log, `offsets.rs`), and how committed offsets
+//! look on the wire.
 //!
 //! Pure state machine: no I/O, no clock of its own (callers pass `now`), so it is tested
-//! directly. Each group lives on one shard (see [`crate::offsets::partition_for_group`]).
+//! directly. Each group lives on one shard (the one owning its offsets partition,
+//! `offsets::partition_for_group`).
 //!
 //! # Protocol
 //! * A member joins with epoch 0 and gets a member id. It heartbeats every
@@ -30,15 +32,13 @@
 //! which are durable.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use skein_net::{
-    DescribeGroupResponse, ErrorCode, GroupListing, HeartbeatRequest, HeartbeatResponse, MemberDescription,
-    TopicPartitions, JOIN_EPOCH, LEAVE_EPOCH,
+    CommittedOffset, DescribeGroupResponse, ErrorCode, GroupListing, HeartbeatRequest, HeartbeatResponse,
+    MemberDescription, TopicData, TopicPartition, TopicPartitions, JOIN_EPOCH, LEAVE_EPOCH,
 };
-
-/// A topic and partition.
-pub type Tp = (String, u32);
 
 pub const GROUP_ID_BYTES_MAX: usize = 249;
 pub const SESSION_TIMEOUT_MIN: Duration = Duration::from_millis(500);
@@ -53,6 +53,34 @@ pub struct Committed {
     pub commit_ms: i64,
 }
 
+/// A partition's committed offset as the wire gives it (offset -1: no commit).
+pub fn committed_offset(partition: u32, committed: Option<&Committed>) -> CommittedOffset {
+    match committed {
+        Some(c) => CommittedOffset {
+            partition,
+            offset: c.offset as i64,
+            metadata: c.metadata.clone(),
+            commit_ms: c.commit_ms,
+        },
+        None => CommittedOffset { partition, offset: -1, metadata: String::new(), commit_ms: -1 },
+    }
+}
+
+/// One group's committed offsets as the wire lists them.
+pub fn committed_to_wire<'a>(
+    offsets: impl Iterator<Item = (&'a TopicPartition, &'a Committed)>,
+) -> Vec<TopicData<CommittedOffset>> {
+    let mut topics: Vec<TopicData<CommittedOffset>> = Vec::new();
+    for (tp, committed) in offsets {
+        let entry = committed_offset(tp.partition, Some(committed));
+        match topics.last_mut() {
+            Some(last) if last.name == tp.topic() => last.partitions.push(entry),
+            _ => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
+        }
+    }
+    topics
+}
+
 #[derive(Debug, Clone)]
 pub struct Member {
     pub id: String,
@@ -62,9 +90,9 @@ pub struct Member {
     pub session_timeout: Duration,
     pub rebalance_timeout: Duration,
     /// Partitions given to the member and not yet given back.
-    pub owned: BTreeSet<Tp>,
+    pub owned: BTreeSet<TopicPartition>,
     /// The part of `owned` it was asked to give up, and by when.
-    pub revoking: BTreeSet<Tp>,
+    pub revoking: BTreeSet<TopicPartition>,
     pub revoke_deadline: Option<Instant>,
     pub last_heartbeat: Instant,
 }
@@ -75,8 +103,8 @@ pub struct Group {
     pub epoch: i32,
     pub members: BTreeMap<String, Member>,
     /// The target assignment computed at `epoch`.
-    pub target: BTreeMap<String, BTreeSet<Tp>>,
-    pub offsets: BTreeMap<Tp, Committed>,
+    pub target: BTreeMap<String, BTreeSet<TopicPartition>>,
+    pub offsets: BTreeMap<TopicPartition, Committed>,
     /// Partition counts of the subscribed topics when the target was computed.
     topic_sizes: BTreeMap<String, u32>,
 }
@@ -106,23 +134,33 @@ pub fn validate_group_id(group: &str) -> Result<(), ErrorCode> {
 pub fn assign(
     members: &BTreeMap<String, BTreeSet<String>>,
     sizes: &BTreeMap<String, u32>,
-    previous: &BTreeMap<String, BTreeSet<Tp>>,
-) -> BTreeMap<String, BTreeSet<Tp>> {
-    let mut result: BTreeMap<String, BTreeSet<Tp>> =
+    previous: &BTreeMap<String, BTreeSet<TopicPartition>>,
+) -> BTreeMap<String, BTreeSet<TopicPartition>> {
+    let mut result: BTreeMap<String, BTreeSet<TopicPartition>> =
         members.keys().map(|m| (m.clone(), BTreeSet::new())).collect();
-    let all: Vec<Tp> = sizes.iter().flat_map(|(t, n)| (0..*n).map(move |p| (t.clone(), p))).collect();
-    let eligible = |member: &str, tp: &Tp| members.get(member).is_some_and(|subs| subs.contains(&tp.0));
+    let all: Vec<TopicPartition> = sizes
+        .iter()
+        .flat_map(|(t, n)| {
+            let topic: Arc<str> = t.as_str().into();
+            (0..*n).map(move |partition| TopicPartition { topic: topic.clone(), partition })
+        })
+        .collect();
+    let eligible =
+        |member: &str, tp: &TopicPartition| members.get(member).is_some_and(|subs| subs.contains(tp.topic()));
     let active = members.values().filter(|subs| subs.iter().any(|t| sizes.contains_key(t))).count().max(1);
     let floor = all.len() / active;
     let mut extra = all.len() % active; // members allowed floor + 1
-    let mut taken: BTreeSet<Tp> = BTreeSet::new();
+    let mut taken: BTreeSet<TopicPartition> = BTreeSet::new();
     // Sticky pass: keep previous partitions up to the fair share.
     for (member, had) in previous {
         if !members.contains_key(member) {
             continue;
         }
         for tp in had {
-            if sizes.get(&tp.0).is_none_or(|n| tp.1 >= *n) || !eligible(member, tp) || taken.contains(tp) {
+            if sizes.get(tp.topic()).is_none_or(|n| tp.partition >= *n)
+                || !eligible(member, tp)
+                || taken.contains(tp)
+            {
                 continue;
             }
             let count = result[member].len();
@@ -181,7 +219,7 @@ impl Group {
     }
 
     /// Who owns a partition now (given, not yet given back).
-    fn owner_of(&self, tp: &Tp) -> Option<&str> {
+    fn owner_of(&self, tp: &TopicPartition) -> Option<&str> {
         self.members.values().find(|m| m.owned.contains(tp)).map(|m| m.id.as_str())
     }
 
@@ -201,7 +239,7 @@ impl Group {
         let members: BTreeMap<String, BTreeSet<String>> =
             self.members.iter().map(|(id, m)| (id.clone(), m.subscribed.clone())).collect();
         // Stickiness follows what members own now, then their previous target.
-        let mut previous: BTreeMap<String, BTreeSet<Tp>> = BTreeMap::new();
+        let mut previous: BTreeMap<String, BTreeSet<TopicPartition>> = BTreeMap::new();
         for (id, member) in &self.members {
             let mut had = member.owned.clone();
             if let Some(target) = self.target.get(id) {
@@ -227,13 +265,13 @@ impl Group {
     }
 
     /// Moves a member towards its target; returns what it should own now.
-    fn reconcile(&mut self, member_id: &str, now: Instant) -> BTreeSet<Tp> {
+    fn reconcile(&mut self, member_id: &str, now: Instant) -> BTreeSet<TopicPartition> {
         let target = self.target.get(member_id).cloned().unwrap_or_default();
         let (owned, epoch) = {
             let member = &self.members[member_id];
             (member.owned.clone(), member.epoch)
         };
-        let to_revoke: BTreeSet<Tp> = owned.difference(&target).cloned().collect();
+        let to_revoke: BTreeSet<TopicPartition> = owned.difference(&target).cloned().collect();
         if !to_revoke.is_empty() {
             let member = self.members.get_mut(member_id).expect("present");
             if member.revoking != to_revoke {
@@ -242,7 +280,7 @@ impl Group {
             }
             return owned.intersection(&target).cloned().collect();
         }
-        let free: Vec<Tp> =
+        let free: Vec<TopicPartition> =
             target.iter().filter(|tp| !owned.contains(*tp) && self.owner_of(tp).is_none()).cloned().collect();
         let group_epoch = self.epoch;
         let member = self.members.get_mut(member_id).expect("present");
@@ -358,7 +396,7 @@ impl Coordinator {
             // Partitions it was asked to give up and no longer reports are released. A partition
             // it does not report but was not asked for stays its own: it may simply not have
             // applied the answer that gave it yet (the next answer lists it again).
-            let reported = TopicPartitions::to_pairs::<BTreeSet<Tp>>(&request.owned);
+            let reported = TopicPartitions::to_tps::<BTreeSet<TopicPartition>>(&request.owned);
             let revoking = member.revoking.clone();
             member.owned.retain(|tp| reported.contains(tp) || !revoking.contains(tp));
             member.revoking.retain(|tp| reported.contains(tp));
@@ -377,7 +415,7 @@ impl Coordinator {
             member_id: member_id.clone(),
             member_epoch: group.members[&member_id].epoch,
             heartbeat_interval_ms: heartbeat_interval(session).as_millis() as u32,
-            assignment: TopicPartitions::from_pairs(&assignment),
+            assignment: TopicPartitions::from_tps(&assignment),
         }
     }
 
@@ -412,7 +450,7 @@ impl Coordinator {
         group_id: &str,
         member_id: &str,
         member_epoch: i32,
-        partitions: &[Tp],
+        partitions: &[TopicPartition],
     ) -> Result<Vec<ErrorCode>, ErrorCode> {
         validate_group_id(group_id)?;
         let group = self.groups.get(group_id);
@@ -470,11 +508,11 @@ impl Coordinator {
                     client_id: m.client_id.clone(),
                     member_epoch: m.epoch,
                     subscribed_topics: m.subscribed.iter().cloned().collect(),
-                    assigned: TopicPartitions::from_pairs(&m.owned),
-                    revoking: TopicPartitions::from_pairs(&m.revoking),
+                    assigned: TopicPartitions::from_tps(&m.owned),
+                    revoking: TopicPartitions::from_tps(&m.revoking),
                 })
                 .collect(),
-            offsets: crate::offsets::committed_to_wire(group.offsets.iter()),
+            offsets: committed_to_wire(group.offsets.iter()),
         }
     }
 }
@@ -491,7 +529,7 @@ mod tests {
         }
     }
 
-    fn beat(member: &str, epoch: i32, owned: &BTreeSet<Tp>) -> HeartbeatRequest {
+    fn beat(member: &str, epoch: i32, owned: &BTreeSet<TopicPartition>) -> HeartbeatRequest {
         HeartbeatRequest {
             group_id: "g".into(),
             member_id: member.into(),
@@ -500,7 +538,7 @@ mod tests {
             session_timeout_ms: 3000,
             rebalance_timeout_ms: 3000,
             subscribed_topics: vec!["t".into()],
-            owned: TopicPartitions::from_pairs(owned),
+            owned: TopicPartitions::from_tps(owned),
         }
     }
 
@@ -508,7 +546,7 @@ mod tests {
     struct Sim {
         id: String,
         epoch: i32,
-        owned: BTreeSet<Tp>,
+        owned: BTreeSet<TopicPartition>,
     }
 
     impl Sim {
@@ -518,7 +556,7 @@ mod tests {
             Sim {
                 id: r.member_id,
                 epoch: r.member_epoch,
-                owned: TopicPartitions::to_pairs::<BTreeSet<Tp>>(&r.assignment),
+                owned: TopicPartitions::to_tps::<BTreeSet<TopicPartition>>(&r.assignment),
             }
         }
 
@@ -526,7 +564,7 @@ mod tests {
             let r = c.heartbeat(&beat(&self.id, self.epoch, &self.owned), &sizes, now);
             if r.error.is_ok() {
                 self.epoch = r.member_epoch;
-                self.owned = TopicPartitions::to_pairs::<BTreeSet<Tp>>(&r.assignment);
+                self.owned = TopicPartitions::to_tps::<BTreeSet<TopicPartition>>(&r.assignment);
             }
             r.error
         }
@@ -560,7 +598,7 @@ mod tests {
             assert_eq!(sim.owned.len(), 2, "{} owns {:?}", sim.id, sim.owned);
         }
         assert_eq!(c.group("g").unwrap().state(), "stable");
-        let before: Vec<BTreeSet<Tp>> = sims.iter().map(|s| s.owned.clone()).collect();
+        let before: Vec<BTreeSet<TopicPartition>> = sims.iter().map(|s| s.owned.clone()).collect();
         // The third member dies: only the other two heartbeat.
         let dead = sims.pop().unwrap();
         for _ in 0..40 {
@@ -571,14 +609,14 @@ mod tests {
             }
             no_double_ownership(&sims.iter().collect::<Vec<_>>());
         }
-        let owned: BTreeSet<Tp> = sims.iter().flat_map(|s| s.owned.iter().cloned()).collect();
+        let owned: BTreeSet<TopicPartition> = sims.iter().flat_map(|s| s.owned.iter().cloned()).collect();
         assert_eq!(owned.len(), 6, "the survivors own every partition");
         for (sim, had) in sims.iter().zip(&before) {
             assert!(had.is_subset(&sim.owned), "a staying member keeps its partitions");
             assert_eq!(sim.owned.len(), 3);
         }
         assert_eq!(
-            c.check_commit("g", &dead.id, dead.epoch, &[("t".into(), 0)]),
+            c.check_commit("g", &dead.id, dead.epoch, &[TopicPartition::new("t", 0)]),
             Err(ErrorCode::UnknownMemberId)
         );
     }
@@ -597,9 +635,9 @@ mod tests {
         // a is told to give up three; it commits them (allowed while it still owns them)...
         let kept_before = a.owned.clone();
         let response = c.heartbeat(&beat(&a.id, a.epoch, &a.owned), &sizes, now);
-        let keep = TopicPartitions::to_pairs::<BTreeSet<Tp>>(&response.assignment);
+        let keep = TopicPartitions::to_tps::<BTreeSet<TopicPartition>>(&response.assignment);
         assert_eq!(keep.len(), 3);
-        let revoked: Vec<Tp> = kept_before.difference(&keep).cloned().collect();
+        let revoked: Vec<TopicPartition> = kept_before.difference(&keep).cloned().collect();
         assert_eq!(c.check_commit("g", &a.id, a.epoch, &revoked).unwrap(), vec![ErrorCode::None; 3]);
         a.owned = keep;
         a.epoch = response.member_epoch;
@@ -633,7 +671,7 @@ mod tests {
         // nothing, since nothing was asked back.
         let response = c.heartbeat(&beat(&a.id, a.epoch, &BTreeSet::new()), &sizes, now);
         assert_eq!(
-            TopicPartitions::to_pairs::<BTreeSet<Tp>>(&response.assignment).len(),
+            TopicPartitions::to_tps::<BTreeSet<TopicPartition>>(&response.assignment).len(),
             3,
             "told to keep three"
         );
@@ -641,13 +679,15 @@ mod tests {
         assert!(b.owned.is_empty(), "b gets nothing while a may still read them: {:?}", b.owned);
         // Once a reports the three it keeps, the other three are free for b.
         c.heartbeat(
-            &beat(&a.id, a.epoch, &TopicPartitions::to_pairs::<BTreeSet<Tp>>(&response.assignment)),
+            &beat(&a.id, a.epoch, &TopicPartitions::to_tps::<BTreeSet<TopicPartition>>(&response.assignment)),
             &sizes,
             now,
         );
         b.beat(&mut c, now);
         assert_eq!(b.owned.len(), 3);
-        assert!(b.owned.is_disjoint(&TopicPartitions::to_pairs::<BTreeSet<Tp>>(&response.assignment)));
+        assert!(b
+            .owned
+            .is_disjoint(&TopicPartitions::to_tps::<BTreeSet<TopicPartition>>(&response.assignment)));
         // An empty group with no offsets is forgotten.
         for id in [&a.id, &b.id] {
             c.heartbeat(&beat(id, LEAVE_EPOCH, &BTreeSet::new()), &sizes, now);
@@ -668,8 +708,8 @@ mod tests {
         let result = assign(&members, &sizes, &BTreeMap::new());
         let total: usize = result.values().map(BTreeSet::len).sum();
         assert_eq!(total, 9);
-        assert!(result["b"].iter().all(|tp| tp.0 == "t"));
-        assert!(result["c"].iter().all(|tp| tp.0 == "u"));
+        assert!(result["b"].iter().all(|tp| tp.topic() == "t"));
+        assert!(result["c"].iter().all(|tp| tp.topic() == "u"));
         assert!(result.values().all(|s| s.len() == 3), "{result:?}");
     }
 }

@@ -1,0 +1,299 @@
+//! What a consumer reads and where it stands: the assigned partitions, their positions, the
+//! records fetched and not yet returned, and the fetch in flight (prefetch); with the requests
+//! that move them (ListOffsets, Fetch). [`crate::Consumer`] drives it, and so does the group
+//! code (`group.rs`), which applies the coordinator's assignment to it; neither of those two
+//! modules uses the other.
+//!
+//! Every batch's CRC is checked before its records are buffered; a batch that fails is an
+//! error ([`ClientError::Corrupt`]), never skipped.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use skein_net::{
+    ErrorCode, FetchPartition, FetchRequest, FetchResponse, ListOffsetsPartition, ListOffsetsRequest,
+    ListOffsetsResponse, Request, TopicData, TopicPartition, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
+};
+use skein_storage::batch::BatchSplitter;
+use tokio::task::JoinHandle;
+
+use crate::{decode, Client, ClientError, Result};
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Bound on a fetch response's records.
+    pub fetch_bytes_max: u32,
+    /// Bound per partition per fetch.
+    pub partition_bytes_max: u32,
+    /// The broker answers once this many bytes are available…
+    pub fetch_bytes_min: u32,
+    /// …or after this long (long poll).
+    pub fetch_wait_max: Duration,
+    /// Where to start a partition that has no position.
+    pub start_from: SeekTo,
+    /// Largest batch accepted from the broker.
+    pub batch_bytes_max: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            fetch_bytes_max: 16 << 20,
+            partition_bytes_max: 4 << 20,
+            fetch_bytes_min: 1,
+            fetch_wait_max: Duration::from_millis(500),
+            start_from: SeekTo::Beginning,
+            batch_bytes_max: 256 << 20,
+        }
+    }
+}
+
+/// Where to read a partition from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeekTo {
+    Offset(u64),
+    /// The first record held.
+    Beginning,
+    /// After the last record: only new records.
+    End,
+    /// The first record whose timestamp (ms since the epoch) is at or after this one; the end if
+    /// there is none.
+    Timestamp(i64),
+}
+
+/// A record read from a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
+
+/// A fetch in flight: the positions it asked for, and its task.
+pub(crate) type Prefetch = (HashMap<TopicPartition, u64>, JoinHandle<Result<FetchResponse<Bytes>>>);
+
+/// A consumer's partitions, positions, buffered records and fetch in flight.
+pub(crate) struct Fetcher {
+    pub(crate) client: Client,
+    pub(crate) config: ConsumerConfig,
+    pub(crate) assignment: Vec<TopicPartition>,
+    pub(crate) positions: HashMap<TopicPartition, u64>,
+    pub(crate) buffered: VecDeque<ConsumerRecord>,
+    pub(crate) prefetch: Option<Prefetch>,
+}
+
+impl Fetcher {
+    pub(crate) fn new(client: Client, config: ConsumerConfig) -> Fetcher {
+        Fetcher {
+            client,
+            config,
+            assignment: Vec::new(),
+            positions: HashMap::new(),
+            buffered: VecDeque::new(),
+            prefetch: None,
+        }
+    }
+
+    /// Forgets the assignment, positions and buffered records.
+    pub(crate) fn clear_assignment(&mut self) {
+        self.assignment.clear();
+        self.positions.clear();
+        self.buffered.clear();
+        self.cancel_prefetch();
+    }
+
+    pub(crate) fn cancel_prefetch(&mut self) {
+        if let Some((_, handle)) = self.prefetch.take() {
+            handle.abort();
+        }
+    }
+
+    /// Offsets for partitions from a seek target (ListOffsets).
+    pub(crate) async fn resolve(&self, partitions: &[TopicPartition], to: SeekTo) -> Result<Vec<u64>> {
+        let timestamp = match to {
+            SeekTo::Offset(offset) => return Ok(vec![offset; partitions.len()]),
+            SeekTo::Beginning => EARLIEST_TIMESTAMP,
+            SeekTo::End => LATEST_TIMESTAMP,
+            SeekTo::Timestamp(t) => t,
+        };
+        let mut topics: Vec<TopicData<ListOffsetsPartition>> = Vec::new();
+        for tp in partitions {
+            let entry = ListOffsetsPartition { partition: tp.partition, timestamp };
+            match topics.iter_mut().find(|t| t.name == tp.topic()) {
+                Some(t) => t.partitions.push(entry),
+                None => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
+            }
+        }
+        let body = self.client.request(&Request::ListOffsets(ListOffsetsRequest { topics })).await?;
+        let response = decode(&body, ListOffsetsResponse::decode)?;
+        let mut offsets = Vec::with_capacity(partitions.len());
+        for tp in partitions {
+            let (topic, partition) = (tp.topic(), tp.partition);
+            let answer = response
+                .topics
+                .iter()
+                .filter(|t| t.name == topic)
+                .flat_map(|t| t.partitions.iter())
+                .find(|p| p.partition == partition)
+                .ok_or_else(|| ClientError::Protocol(format!("no offset for {topic}/{partition}")))?;
+            if !answer.error.is_ok() {
+                return Err(ClientError::broker(
+                    answer.error,
+                    format!("listing offsets of {topic}/{partition}"),
+                ));
+            }
+            let offset = if answer.offset >= 0 {
+                answer.offset as u64
+            } else {
+                // No record at or after the timestamp: the end.
+                Box::pin(self.resolve(std::slice::from_ref(tp), SeekTo::End)).await?[0]
+            };
+            offsets.push(offset);
+        }
+        Ok(offsets)
+    }
+
+    /// Gives positions to assigned partitions that have none (per `start_from`).
+    pub(crate) async fn initialise_positions(&mut self) -> Result<()> {
+        let missing: Vec<TopicPartition> =
+            self.assignment.iter().filter(|key| !self.positions.contains_key(*key)).cloned().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let offsets = self.resolve(&missing, self.config.start_from).await?;
+        for (key, offset) in missing.into_iter().zip(offsets) {
+            self.positions.insert(key, offset);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn start_fetch(
+        &self,
+        positions: HashMap<TopicPartition, u64>,
+        wait: Duration,
+    ) -> JoinHandle<Result<FetchResponse<Bytes>>> {
+        let mut topics: Vec<TopicData<FetchPartition>> = Vec::new();
+        for tp in &self.assignment {
+            let Some(&offset) = positions.get(tp) else { continue };
+            let entry = FetchPartition {
+                partition: tp.partition,
+                fetch_offset: offset,
+                partition_bytes_max: self.config.partition_bytes_max,
+            };
+            match topics.iter_mut().find(|t| t.name == tp.topic()) {
+                Some(t) => t.partitions.push(entry),
+                None => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
+            }
+        }
+        let request = Request::Fetch(FetchRequest {
+            max_wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            min_bytes: self.config.fetch_bytes_min,
+            max_bytes: self.config.fetch_bytes_max,
+            topics,
+        });
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let body = client.request(&request).await?;
+            let response = decode(&body, FetchResponse::decode)?;
+            Ok(response.map_records(|range| body.slice(range)))
+        })
+    }
+
+    /// Drops partitions from the assignment, with their positions and buffered records.
+    pub(crate) fn drop_partitions(&mut self, partitions: &[TopicPartition]) {
+        self.assignment.retain(|key| !partitions.contains(key));
+        for key in partitions {
+            self.positions.remove(key);
+        }
+        self.buffered
+            .retain(|r| !partitions.iter().any(|tp| *tp.topic == *r.topic && r.partition == tp.partition));
+        self.cancel_prefetch();
+    }
+
+    /// Decodes a fetch response into the buffer and advances positions.
+    pub(crate) async fn absorb(&mut self, response: FetchResponse<Bytes>) -> Result<()> {
+        for topic in response.topics {
+            for partition in topic.partitions {
+                let key = TopicPartition::new(topic.name.as_str(), partition.partition);
+                let Some(&position) = self.positions.get(&key) else { continue };
+                match partition.error {
+                    ErrorCode::None => {}
+                    ErrorCode::OffsetOutOfRange => {
+                        let reset = if position < partition.log_start_offset {
+                            SeekTo::Beginning
+                        } else {
+                            SeekTo::End
+                        };
+                        tracing::warn!(
+                            topic = topic.name,
+                            partition = partition.partition,
+                            position,
+                            ?reset,
+                            "offset out of range; resetting"
+                        );
+                        // A failure here is retried at the next fetch; the records of the other
+                        // partitions already taken from this response stay buffered.
+                        match self.resolve(std::slice::from_ref(&key), reset).await {
+                            Ok(offsets) => {
+                                self.positions.insert(key, offsets[0]);
+                            }
+                            Err(error) => tracing::warn!(%error, "resetting an out-of-range position failed"),
+                        }
+                        continue;
+                    }
+                    code if code.needs_metadata_refresh() => {
+                        let _ = self.client.refresh_topic(&topic.name).await;
+                        continue;
+                    }
+                    code if code.is_retriable() => continue,
+                    code => {
+                        return Err(ClientError::broker(
+                            code,
+                            format!("fetching {}/{}", topic.name, partition.partition),
+                        ))
+                    }
+                }
+                let mut next = position;
+                for batch in BatchSplitter::new(partition.records, self.config.batch_bytes_max) {
+                    let batch = batch.map_err(|error| ClientError::Corrupt {
+                        topic: topic.name.clone(),
+                        partition: partition.partition,
+                        offset: next,
+                        error,
+                    })?;
+                    if batch.header().next_offset() <= next {
+                        continue;
+                    }
+                    for record in batch.records() {
+                        let record = record.map_err(|error| ClientError::Corrupt {
+                            topic: topic.name.clone(),
+                            partition: partition.partition,
+                            offset: next,
+                            error,
+                        })?;
+                        if record.offset < position {
+                            continue;
+                        }
+                        self.buffered.push_back(ConsumerRecord {
+                            topic: topic.name.clone(),
+                            partition: partition.partition,
+                            offset: record.offset,
+                            timestamp: record.timestamp,
+                            key: record.key,
+                            value: record.value,
+                            headers: record.headers,
+                        });
+                    }
+                    next = batch.header().next_offset();
+                }
+                self.positions.insert(key, next);
+            }
+        }
+        Ok(())
+    }
+}

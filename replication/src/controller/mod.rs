@@ -1,0 +1,101 @@
+//! The controller's rules, without I/O: a request and the current image in, the records to
+//! commit (or why not) out. On one node the controller shard runs them, persists, and hands
+//! the records to every shard; in a cluster the consensus shard's leader will, and commit them
+//! through Raft.
+
+use crate::metadata::record::MetadataRecord;
+use crate::metadata::topic::{validate_topic_name, MetadataError, TopicConfig, TopicDefaults};
+use crate::metadata::MetadataImage;
+
+/// The record that creates a topic, after every rule: a valid name not in use, a valid
+/// partition count and settings (defaults filling the rest).
+pub fn create_topic(
+    image: &MetadataImage,
+    name: &str,
+    partitions: u32,
+    configs: &[(String, String)],
+    defaults: &TopicDefaults,
+    now_ms: i64,
+) -> Result<MetadataRecord, MetadataError> {
+    validate_topic_name(name)?;
+    if image.topics.contains_key(name) {
+        return Err(MetadataError::TopicExists(name.to_owned()));
+    }
+    let config = TopicConfig::from_request(partitions, configs, defaults, now_ms)?;
+    Ok(MetadataRecord::TopicCreated { name: name.to_owned(), config })
+}
+
+/// The record that deletes a topic that exists.
+pub fn delete_topic(image: &MetadataImage, name: &str) -> Result<MetadataRecord, MetadataError> {
+    if !image.topics.contains_key(name) {
+        return Err(MetadataError::UnknownTopic(name.to_owned()));
+    }
+    Ok(MetadataRecord::TopicDeleted { name: name.to_owned() })
+}
+
+/// The records that rebuild an image holding these topics and producer-id reservation (a
+/// node's start-up from its stored snapshot).
+pub fn records_for<'a>(
+    topics: impl IntoIterator<Item = (&'a String, &'a TopicConfig)>,
+    producer_ids_next_block: i64,
+) -> Vec<MetadataRecord> {
+    let mut records: Vec<MetadataRecord> = topics
+        .into_iter()
+        .map(|(name, config)| MetadataRecord::TopicCreated { name: name.clone(), config: config.clone() })
+        .collect();
+    if producer_ids_next_block > 0 {
+        records.push(MetadataRecord::ProducerIdsReserved { next_block: producer_ids_next_block });
+    }
+    records
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::apply;
+
+    fn defaults() -> TopicDefaults {
+        TopicDefaults { segment_bytes: 1 << 30, retention_ms: None, max_message_bytes: 1 << 20 }
+    }
+
+    #[test]
+    fn requests_become_records_only_when_every_rule_holds() {
+        let mut image = MetadataImage::default();
+        let record = create_topic(&image, "orders", 3, &[], &defaults(), 5).unwrap();
+        apply(&mut image, &[record]).unwrap();
+        assert_eq!(
+            create_topic(&image, "orders", 3, &[], &defaults(), 6),
+            Err(MetadataError::TopicExists("orders".into()))
+        );
+        assert!(matches!(
+            create_topic(&image, "bad/name", 1, &[], &defaults(), 6),
+            Err(MetadataError::InvalidTopic { .. })
+        ));
+        assert_eq!(
+            create_topic(&image, "t", 0, &[], &defaults(), 6),
+            Err(MetadataError::InvalidPartitions(0))
+        );
+        let bad = [("retention.ms".to_owned(), "soon".to_owned())];
+        assert!(matches!(
+            create_topic(&image, "t", 1, &bad, &defaults(), 6),
+            Err(MetadataError::InvalidConfig { .. })
+        ));
+        assert_eq!(delete_topic(&image, "nope"), Err(MetadataError::UnknownTopic("nope".into())));
+        let delete = delete_topic(&image, "orders").unwrap();
+        apply(&mut image, &[delete]).unwrap();
+        assert!(image.topics.is_empty());
+    }
+
+    #[test]
+    fn a_stored_snapshot_rebuilds_the_same_image() {
+        let mut image = MetadataImage::default();
+        for (name, partitions) in [("a", 1), ("b", 7)] {
+            let record = create_topic(&image, name, partitions, &[], &defaults(), 1).unwrap();
+            apply(&mut image, &[record]).unwrap();
+        }
+        apply(&mut image, &[MetadataRecord::ProducerIdsReserved { next_block: 3000 }]).unwrap();
+        let mut rebuilt = MetadataImage::default();
+        apply(&mut rebuilt, &records_for(&image.topics, image.producer_ids_next_block)).unwrap();
+        assert_eq!((rebuilt.topics, rebuilt.producer_ids_next_block), (image.topics, 3000));
+    }
+}
