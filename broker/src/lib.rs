@@ -2,8 +2,7 @@
 //!
 //! One glommio executor per core, each pinned to its CPU (a *shard*). Every partition is owned
 //! by exactly one shard (its [`router::PartitionTable`] says which), and only that shard
-//! touches its log; shards share
-//! nothing and talk through glommio's lock-free channel mesh. Each shard accepts connections on
+//! touches its log; shards share nothing and talk through glommio's lock-free channel mesh. Each shard accepts connections on
 //! the same port (SO_REUSEPORT) and forwards requests for partitions it does not own; the
 //! answer comes back the same way. There is no `Mutex` or `RwLock` on the produce or fetch path.
 //!
@@ -15,10 +14,12 @@
 //!   from metadata; the hash survives only as placement of new partitions.
 //! * [`connection`]: framing, pipelining and limits of one client connection.
 //! * [`handlers`]: what each API does.
-//! * [`sendfile`]: how records reach the socket (memory, `sendfile` on the shard, or `sendfile`
-//!   on a blocking thread for ranges not in the page cache).
-//! * [`metadata`]: topics and their settings, stored durably; the interface the Raft controller
-//!   will implement; producer ids.
+//! * [`sendfile`]: how records reach the socket (memory, or `sendfile` on the shard for ranges
+//!   wholly in the page cache; cold ranges are read with O_DIRECT by the storage engine).
+//! * [`metadata`]: the stored snapshot of the topics and the producer-id blocks (the topic
+//!   settings, records, image and controller rules themselves are in `skein-replication`).
+//! * [`reconcile`]: what a shard opens and closes so that its partitions match its metadata
+//!   image (a pure plan; the shard applies records, then carries it out).
 //! * [`producers`]: idempotent producers: the per-partition table of sequences that turns a
 //!   retried batch into its original offsets, its snapshots and its rebuild from the log.
 //! * [`groups`]: consumer groups: the state machine (membership, KIP-848-style incremental
@@ -30,10 +31,17 @@
 //! ## How a produced record travels
 //! socket → the accepting shard's reader task frames the request ([`connection`]) → the records
 //! of each partition are carved out of the frame without copying → the owning shard (local, or
-//! through the mesh) checks every batch and appends it to the partition's `Log` (offsets
+//! through the mesh, a typed call with the produce's deadline) checks every batch and appends
+//! it to the partition's `Log` (offsets
 //! assigned, copied into O_DIRECT buffers) → the log's flusher writes (and syncs with
 //! `--fsync always`) → the ack resolves → the response goes back through the mesh and out of
 //! the connection's writer, in request order.
+//!
+//! ## Which core runs what
+//! Every shard runs its connections, the partitions placed on it, its copy of the metadata
+//! image and partition table, and the consumer groups whose offsets partition it holds. Shard 0
+//! is also the controller: it turns topic requests into metadata records, persists them and
+//! sends them to every shard (itself included).
 //!
 //! ## Must never
 //! * block a shard on disk I/O (storage goes through io_uring; blocking calls go to
