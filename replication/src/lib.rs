@@ -7,9 +7,13 @@
 //! * [`metadata`]: metadata as versioned records, the image they build, the one pure `apply`
 //!   function and the deltas each shard reconciles its partitions against.
 //! * [`controller`]: the controller's rules (request + image → records or a refusal).
+//! * [`partition`]: one partition's replica ([`partition::ReplicaState`]): leader and follower,
+//!   durable offsets, the high watermark, the leader-epoch cache and divergence, ISR proposals,
+//!   `acks=all`.
 //!
-//! Partition replication (`ReplicaState`), the controller's cluster state (brokers, ISR,
-//! elections) and the Raft wrapper come next (issue 14).
+//! Still to come (issue 14): the controller's cluster state (brokers, ISR validation,
+//! elections, ELR), the Raft wrapper, and the simulator that runs all of them under faults.
 
 pub mod controller;
 pub mod metadata;
+pub mod partition;

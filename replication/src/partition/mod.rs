@@ -1,0 +1,579 @@
+//! One partition's replica as a state machine: events in ([`Event`]), commands out
+//! ([`Command`]), time passed in, no I/O. The broker's replica manager will feed it the log's
+//! appends and durability, follower fetches and metadata; the simulator feeds it the same under
+//! faults. The rules are those of DESIGN-CLUSTER.md section 4.
+//!
+//! * A replica counts toward the high watermark only up to its **durable** offset (what it has
+//!   written, and synced under `fsync always`), not its log end.
+//! * The leader's **high watermark** is the minimum durable offset over the leader and the
+//!   *maximal* ISR (the committed ISR plus a member whose addition is pending; a pending removal
+//!   keeps the member), and never goes back. While the committed ISR is smaller than
+//!   `min.insync.replicas` it does not move at all, and `acks=all` is refused.
+//! * A new leader exposes nothing ([`ReplicaState::readable_end`] is `OffsetNotAvailable`)
+//!   until its high watermark reaches the start of its epoch.
+//! * A follower's fetch carries its current leader epoch, its log end and the epoch of its last
+//!   record; the leader answers a stale epoch with `FencedLeaderEpoch`, a newer one with
+//!   `UnknownLeaderEpoch`, and a log that parted from its own with the **diverging epoch** (the
+//!   follower's last epoch as the leader knows it, and where it ends); the follower truncates to
+//!   the smaller of that end and its own end of the epoch, never below its high watermark.
+//! * The leader proposes ISR changes and never applies them alone: a follower that has not
+//!   caught up for `lag_time_max_ms` is proposed for removal; a follower durable up to the high
+//!   watermark and the epoch start is proposed for addition; one change in flight at a time.
+
+pub mod epochs;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use skein_net::types::{LeaderEpoch, NodeId, Offset, PartitionEpoch};
+
+pub use epochs::EpochCache;
+
+/// Settings of a partition's replication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// `min.insync.replicas`.
+    pub min_insync: usize,
+    /// `replica.lag.time.max.ms`: a follower not caught up for this long leaves the ISR.
+    pub lag_time_max_ms: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> ReplicaConfig {
+        ReplicaConfig { min_insync: 2, lag_time_max_ms: 10_000 }
+    }
+}
+
+/// Why a request to the replica is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("this replica does not lead the partition")]
+    NotLeader,
+    #[error("the request's leader epoch is older than the leader's")]
+    FencedLeaderEpoch,
+    #[error("the request's leader epoch is newer than this replica knows")]
+    UnknownLeaderEpoch,
+    #[error("fewer in-sync replicas than min.insync.replicas")]
+    NotEnoughReplicas,
+    #[error("written, but the in-sync replicas fell below min.insync.replicas before it was replicated")]
+    NotEnoughReplicasAfterAppend,
+    #[error("not replicated in time")]
+    RequestTimedOut,
+    #[error("the new leader's high watermark has not reached its epoch start yet")]
+    OffsetNotAvailable,
+}
+
+/// An `acks=all` produce waiting for the high watermark.
+pub type AckId = u64;
+
+/// What a leader answers a follower's fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchAnswer {
+    /// Send the records from `from` up to `to` (the leader's log end); the leader's high
+    /// watermark is `high_watermark`.
+    Records {
+        from: Offset,
+        to: Offset,
+        high_watermark: Offset,
+    },
+    /// The follower's log parted from the leader's: its last epoch, as the leader knows it,
+    /// ends at `end`.
+    Diverging {
+        epoch: LeaderEpoch,
+        end: Offset,
+    },
+    Refused(ReplicaError),
+}
+
+/// What happens to the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Metadata made this replica the leader at `epoch`.
+    BecomeLeader {
+        epoch: LeaderEpoch,
+        partition_epoch: PartitionEpoch,
+        replicas: Vec<NodeId>,
+        isr: Vec<NodeId>,
+    },
+    /// Metadata made `leader` the leader at `epoch`; this replica follows.
+    BecomeFollower { leader: NodeId, epoch: LeaderEpoch },
+    /// Batches of `epoch` were appended locally; the log now ends at `end`.
+    Appended { end: Offset, epoch: LeaderEpoch },
+    /// Everything below `offset` is durable locally.
+    Durable { offset: Offset },
+    /// A follower's fetch reached the leader.
+    FollowerFetch {
+        from: NodeId,
+        current_leader_epoch: LeaderEpoch,
+        fetch_offset: Offset,
+        /// The epoch of the follower's last record (`None`: its log is empty).
+        last_fetched_epoch: Option<LeaderEpoch>,
+        durable: Offset,
+    },
+    /// The leader answered this follower's fetch with its high watermark (the records, if
+    /// any, were appended before this event: see [`Event::Appended`]).
+    LeaderHighWatermark { high_watermark: Offset },
+    /// The leader answered this follower's fetch with a diverging epoch.
+    Diverged { epoch: LeaderEpoch, end: Offset },
+    /// An `acks=all` produce whose records end at `end` waits, until `deadline_ms` at most.
+    AwaitAck { id: AckId, end: Offset, deadline_ms: u64 },
+    /// A committed ISR change arrived through metadata.
+    IsrCommitted { isr: Vec<NodeId>, partition_epoch: PartitionEpoch },
+    /// Time passed.
+    Tick,
+}
+
+/// What the replica asks its shell to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Persist `(epoch, start)` to the leader-epoch checkpoint before appending anything.
+    WriteEpochCheckpoint {
+        epoch: LeaderEpoch,
+        start: Offset,
+    },
+    /// Answer a follower's fetch.
+    AnswerFetch {
+        to: NodeId,
+        answer: FetchAnswer,
+    },
+    /// The high watermark moved (consumers may read below it).
+    HighWatermark {
+        offset: Offset,
+    },
+    AckResolved {
+        id: AckId,
+    },
+    AckFailed {
+        id: AckId,
+        error: ReplicaError,
+    },
+    /// Ask the controller to change the ISR (one change in flight at a time).
+    ProposeIsr {
+        isr: Vec<NodeId>,
+        leader_epoch: LeaderEpoch,
+        partition_epoch: PartitionEpoch,
+    },
+    /// Cut the local log at `offset` (a follower whose log parted from its leader's).
+    Truncate {
+        offset: Offset,
+    },
+    /// Start (or keep) fetching from `leader` at `epoch`.
+    FetchFrom {
+        leader: NodeId,
+        epoch: LeaderEpoch,
+    },
+}
+
+/// The leader's view of one follower.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Follower {
+    fetch_offset: Offset,
+    durable: Offset,
+    /// When the follower was last caught up (its fetch reached the leader's log end as it
+    /// stood at the follower's previous fetch).
+    caught_up_ms: u64,
+    /// The leader's log end when this follower last fetched.
+    leader_end_at_last_fetch: Offset,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Leading {
+    epoch: LeaderEpoch,
+    epoch_start: Offset,
+    partition_epoch: PartitionEpoch,
+    isr: BTreeSet<NodeId>,
+    /// The ISR proposed and not committed yet.
+    proposed: Option<BTreeSet<NodeId>>,
+    followers: BTreeMap<NodeId, Follower>,
+    waiting: BTreeMap<AckId, (Offset, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// No leader known yet.
+    Idle,
+    Leader(Leading),
+    Follower {
+        leader: NodeId,
+        epoch: LeaderEpoch,
+        leader_high_watermark: Offset,
+    },
+}
+
+/// One partition's replica on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaState {
+    node: NodeId,
+    config: ReplicaConfig,
+    log_start: Offset,
+    log_end: Offset,
+    durable: Offset,
+    high_watermark: Offset,
+    epochs: EpochCache,
+    role: Role,
+}
+
+impl ReplicaState {
+    /// A replica whose log (recovered from disk) holds `[log_start, log_end)`, durable up to
+    /// `durable`, with these epochs and the last high watermark it knew.
+    pub fn new(
+        node: NodeId,
+        config: ReplicaConfig,
+        log_start: Offset,
+        log_end: Offset,
+        durable: Offset,
+        epochs: EpochCache,
+        high_watermark: Offset,
+    ) -> ReplicaState {
+        let durable = durable.min(log_end);
+        ReplicaState {
+            node,
+            config,
+            log_start,
+            log_end,
+            durable,
+            high_watermark: high_watermark.clamp(log_start, durable.max(log_start)),
+            epochs,
+            role: Role::Idle,
+        }
+    }
+
+    pub fn log_end(&self) -> Offset {
+        self.log_end
+    }
+
+    pub fn durable(&self) -> Offset {
+        self.durable
+    }
+
+    pub fn high_watermark(&self) -> Offset {
+        self.high_watermark
+    }
+
+    pub fn epochs(&self) -> &EpochCache {
+        &self.epochs
+    }
+
+    pub fn is_leader(&self) -> bool {
+        matches!(self.role, Role::Leader(_))
+    }
+
+    /// The committed ISR, on the leader.
+    pub fn isr(&self) -> Option<Vec<NodeId>> {
+        match &self.role {
+            Role::Leader(leading) => Some(leading.isr.iter().copied().collect()),
+            _ => None,
+        }
+    }
+
+    /// Where consumers may read up to (exclusive): the high watermark, once a new leader's has
+    /// reached its epoch start.
+    pub fn readable_end(&self) -> Result<Offset, ReplicaError> {
+        match &self.role {
+            Role::Leader(leading) if self.high_watermark < leading.epoch_start => {
+                Err(ReplicaError::OffsetNotAvailable)
+            }
+            Role::Leader(_) => Ok(self.high_watermark),
+            _ => Err(ReplicaError::NotLeader),
+        }
+    }
+
+    /// Whether an `acks=all` produce may be appended now.
+    pub fn check_acks_all(&self) -> Result<(), ReplicaError> {
+        match &self.role {
+            Role::Leader(leading) if leading.isr.len() < self.config.min_insync => {
+                Err(ReplicaError::NotEnoughReplicas)
+            }
+            Role::Leader(_) => Ok(()),
+            _ => Err(ReplicaError::NotLeader),
+        }
+    }
+
+    /// What a follower sends in its next fetch: current leader epoch, fetch offset, last
+    /// fetched epoch, durable offset.
+    pub fn next_fetch(&self) -> Option<(LeaderEpoch, Offset, Option<LeaderEpoch>, Offset)> {
+        match &self.role {
+            Role::Follower { epoch, .. } => Some((*epoch, self.log_end, self.epochs.latest(), self.durable)),
+            _ => None,
+        }
+    }
+
+    /// Handles one event at `now_ms`.
+    pub fn on(&mut self, event: Event, now_ms: u64) -> Vec<Command> {
+        let mut out = Vec::new();
+        match event {
+            Event::BecomeLeader { epoch, partition_epoch, replicas, isr } => {
+                self.fail_waiting(ReplicaError::NotLeader, &mut out);
+                let followers = replicas
+                    .iter()
+                    .filter(|&&node| node != self.node)
+                    .map(|&node| {
+                        let follower = Follower {
+                            fetch_offset: 0,
+                            durable: 0,
+                            caught_up_ms: now_ms,
+                            leader_end_at_last_fetch: self.log_end,
+                        };
+                        (node, follower)
+                    })
+                    .collect();
+                self.epochs.assign(epoch, self.log_end);
+                out.push(Command::WriteEpochCheckpoint { epoch, start: self.log_end });
+                self.role = Role::Leader(Leading {
+                    epoch,
+                    epoch_start: self.log_end,
+                    partition_epoch,
+                    isr: isr.into_iter().collect(),
+                    proposed: None,
+                    followers,
+                    waiting: BTreeMap::new(),
+                });
+                self.advance_high_watermark(&mut out);
+            }
+            Event::BecomeFollower { leader, epoch } => {
+                self.fail_waiting(ReplicaError::NotLeader, &mut out);
+                self.role = Role::Follower { leader, epoch, leader_high_watermark: self.high_watermark };
+                out.push(Command::FetchFrom { leader, epoch });
+            }
+            Event::Appended { end, epoch } => {
+                if end > self.log_end {
+                    self.epochs.assign(epoch, self.log_end);
+                    self.log_end = end;
+                }
+            }
+            Event::Durable { offset } => {
+                self.durable = self.durable.max(offset.min(self.log_end));
+                match &self.role {
+                    Role::Leader(_) => self.advance_high_watermark(&mut out),
+                    Role::Follower { leader_high_watermark, .. } => {
+                        let hw = *leader_high_watermark;
+                        self.follow_high_watermark(hw, &mut out);
+                    }
+                    Role::Idle => {}
+                }
+            }
+            Event::FollowerFetch {
+                from,
+                current_leader_epoch,
+                fetch_offset,
+                last_fetched_epoch,
+                durable,
+            } => {
+                let answer = self.answer_fetch(
+                    from,
+                    current_leader_epoch,
+                    fetch_offset,
+                    last_fetched_epoch,
+                    durable,
+                    now_ms,
+                    &mut out,
+                );
+                out.insert(0, Command::AnswerFetch { to: from, answer });
+            }
+            Event::LeaderHighWatermark { high_watermark } => {
+                if let Role::Follower { leader_high_watermark, .. } = &mut self.role {
+                    *leader_high_watermark = (*leader_high_watermark).max(high_watermark);
+                    self.follow_high_watermark(high_watermark, &mut out);
+                }
+            }
+            Event::Diverged { epoch, end } => {
+                if matches!(self.role, Role::Follower { .. }) {
+                    let own_end = match self.epochs.end_offset_for(epoch, self.log_end) {
+                        Some((own, own_end)) if own == epoch => own_end,
+                        // We never had that epoch: cut where our epochs before it end.
+                        Some((_, own_end)) => own_end.min(end),
+                        None => self.high_watermark,
+                    };
+                    // Never below what this replica has exposed (I7).
+                    let to = end.min(own_end).max(self.high_watermark).min(self.log_end);
+                    if to < self.log_end {
+                        self.log_end = to;
+                        self.durable = self.durable.min(to);
+                        self.epochs.truncate_from_end(to);
+                        out.push(Command::Truncate { offset: to });
+                    }
+                }
+            }
+            Event::AwaitAck { id, end, deadline_ms } => match &mut self.role {
+                Role::Leader(leading) => {
+                    if self.high_watermark >= end {
+                        out.push(Command::AckResolved { id });
+                    } else {
+                        leading.waiting.insert(id, (end, deadline_ms));
+                    }
+                }
+                _ => out.push(Command::AckFailed { id, error: ReplicaError::NotLeader }),
+            },
+            Event::IsrCommitted { isr, partition_epoch } => {
+                if let Role::Leader(leading) = &mut self.role {
+                    if partition_epoch > leading.partition_epoch {
+                        leading.isr = isr.into_iter().collect();
+                        leading.partition_epoch = partition_epoch;
+                        leading.proposed = None;
+                        self.advance_high_watermark(&mut out);
+                    }
+                }
+            }
+            Event::Tick => self.tick(now_ms, &mut out),
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn answer_fetch(
+        &mut self,
+        from: NodeId,
+        current_leader_epoch: LeaderEpoch,
+        fetch_offset: Offset,
+        last_fetched_epoch: Option<LeaderEpoch>,
+        durable: Offset,
+        now_ms: u64,
+        out: &mut Vec<Command>,
+    ) -> FetchAnswer {
+        let log_end = self.log_end;
+        let Role::Leader(leading) = &mut self.role else {
+            return FetchAnswer::Refused(ReplicaError::NotLeader);
+        };
+        if current_leader_epoch < leading.epoch {
+            return FetchAnswer::Refused(ReplicaError::FencedLeaderEpoch);
+        }
+        if current_leader_epoch > leading.epoch {
+            return FetchAnswer::Refused(ReplicaError::UnknownLeaderEpoch);
+        }
+        if let Some(last) = last_fetched_epoch {
+            match self.epochs.end_offset_for(last, log_end) {
+                Some((epoch, end)) if epoch != last || end < fetch_offset => {
+                    return FetchAnswer::Diverging { epoch, end };
+                }
+                None => return FetchAnswer::Diverging { epoch: last, end: self.log_start },
+                Some(_) => {}
+            }
+        } else if fetch_offset > log_end {
+            return FetchAnswer::Diverging { epoch: LeaderEpoch(0), end: log_end };
+        }
+        let Some(follower) = leading.followers.get_mut(&from) else {
+            return FetchAnswer::Refused(ReplicaError::NotLeader);
+        };
+        if fetch_offset >= follower.leader_end_at_last_fetch {
+            follower.caught_up_ms = now_ms;
+        }
+        follower.fetch_offset = fetch_offset;
+        follower.durable = durable.min(fetch_offset);
+        follower.leader_end_at_last_fetch = log_end;
+        // A follower out of the ISR that holds everything exposed and everything of this
+        // epoch is proposed back in.
+        let in_isr =
+            leading.isr.contains(&from) || leading.proposed.as_ref().is_some_and(|p| p.contains(&from));
+        if !in_isr
+            && leading.proposed.is_none()
+            && follower.durable >= self.high_watermark
+            && follower.durable >= leading.epoch_start
+        {
+            let mut isr = leading.isr.clone();
+            isr.insert(from);
+            out.push(Command::ProposeIsr {
+                isr: isr.iter().copied().collect(),
+                leader_epoch: leading.epoch,
+                partition_epoch: leading.partition_epoch,
+            });
+            leading.proposed = Some(isr);
+        }
+        self.advance_high_watermark(out);
+        FetchAnswer::Records { from: fetch_offset, to: log_end, high_watermark: self.high_watermark }
+    }
+
+    /// Moves the leader's high watermark to the minimum durable offset over the leader and the
+    /// maximal ISR, if the committed ISR is large enough; resolves the acks it passes.
+    fn advance_high_watermark(&mut self, out: &mut Vec<Command>) {
+        let Role::Leader(leading) = &mut self.role else { return };
+        if leading.isr.len() < self.config.min_insync {
+            return;
+        }
+        let maximal: BTreeSet<NodeId> = match &leading.proposed {
+            Some(proposed) => leading.isr.union(proposed).copied().collect(),
+            None => leading.isr.clone(),
+        };
+        let candidate = maximal
+            .iter()
+            .filter(|&&node| node != self.node)
+            .map(|node| leading.followers.get(node).map_or(0, |f| f.durable))
+            .fold(self.durable, Offset::min)
+            .min(self.log_end);
+        if candidate > self.high_watermark {
+            self.high_watermark = candidate;
+            out.push(Command::HighWatermark { offset: candidate });
+            let resolved: Vec<AckId> =
+                leading.waiting.iter().filter(|(_, &(end, _))| end <= candidate).map(|(&id, _)| id).collect();
+            for id in resolved {
+                leading.waiting.remove(&id);
+                out.push(Command::AckResolved { id });
+            }
+        }
+    }
+
+    /// A follower's high watermark: the leader's, but never above what it holds durably.
+    fn follow_high_watermark(&mut self, leader_high_watermark: Offset, out: &mut Vec<Command>) {
+        let hw = leader_high_watermark.min(self.durable);
+        if hw > self.high_watermark {
+            self.high_watermark = hw;
+            out.push(Command::HighWatermark { offset: hw });
+        }
+    }
+
+    fn tick(&mut self, now_ms: u64, out: &mut Vec<Command>) {
+        let min_insync = self.config.min_insync;
+        let lag_max = self.config.lag_time_max_ms;
+        let node = self.node;
+        let Role::Leader(leading) = &mut self.role else { return };
+        let expired: Vec<(AckId, Offset)> = leading
+            .waiting
+            .iter()
+            .filter(|(_, &(_, deadline))| deadline <= now_ms)
+            .map(|(&id, &(end, _))| (id, end))
+            .collect();
+        for (id, _) in expired {
+            leading.waiting.remove(&id);
+            let error = if leading.isr.len() < min_insync {
+                ReplicaError::NotEnoughReplicasAfterAppend
+            } else {
+                ReplicaError::RequestTimedOut
+            };
+            out.push(Command::AckFailed { id, error });
+        }
+        if leading.proposed.is_none() {
+            let lagging: Vec<NodeId> = leading
+                .isr
+                .iter()
+                .filter(|&&member| member != node)
+                .filter(|member| {
+                    leading
+                        .followers
+                        .get(member)
+                        .is_none_or(|f| now_ms.saturating_sub(f.caught_up_ms) > lag_max)
+                })
+                .copied()
+                .collect();
+            if !lagging.is_empty() {
+                let isr: BTreeSet<NodeId> =
+                    leading.isr.iter().filter(|m| !lagging.contains(m)).copied().collect();
+                out.push(Command::ProposeIsr {
+                    isr: isr.iter().copied().collect(),
+                    leader_epoch: leading.epoch,
+                    partition_epoch: leading.partition_epoch,
+                });
+                // The maximal ISR keeps the members being removed until the change commits.
+                leading.proposed = Some(leading.isr.clone());
+            }
+        }
+    }
+
+    fn fail_waiting(&mut self, error: ReplicaError, out: &mut Vec<Command>) {
+        if let Role::Leader(leading) = &mut self.role {
+            for id in std::mem::take(&mut leading.waiting).into_keys() {
+                out.push(Command::AckFailed { id, error });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
