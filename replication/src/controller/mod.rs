@@ -3,6 +3,8 @@
 //! the records to every shard; in a cluster the consensus shard's leader will, and commit them
 //! through Raft.
 
+pub mod cluster;
+
 use crate::metadata::record::MetadataRecord;
 use crate::metadata::topic::{validate_topic_name, MetadataError, TopicConfig, TopicDefaults};
 use crate::metadata::MetadataImage;
