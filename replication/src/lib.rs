@@ -6,14 +6,23 @@
 //!
 //! * [`metadata`]: metadata as versioned records, the image they build, the one pure `apply`
 //!   function and the deltas each shard reconciles its partitions against.
-//! * [`controller`]: the controller's rules (request + image → records or a refusal).
+//! * [`controller`]: the controller's rules (request + image → records or a refusal) and the
+//!   cluster state ([`controller::cluster`]: brokers, fencing, ISR validation, elections, ELR).
 //! * [`partition`]: one partition's replica ([`partition::ReplicaState`]): leader and follower,
 //!   durable offsets, the high watermark, the leader-epoch cache and divergence, ISR proposals,
 //!   `acks=all`.
 //!
-//! Still to come (issue 14): the controller's cluster state (brokers, ISR validation,
-//! elections, ELR), the Raft wrapper, and the simulator that runs all of them under faults.
+//! * `raft` (feature `raft`: raft-rs's build needs `protoc`): the consensus shard's Raft around
+//!   raft-rs as a state machine, with the persistence-before-send rule and elections drawn from
+//!   the caller's seed ([`rng`]). Tested by `cargo test -p skein-replication --features raft`
+//!   (in `.ci/run`).
+//!
+//! Still to come (issue 14): the simulator that runs all of them under faults, and the broker
+//! shells that run them over the network.
 
 pub mod controller;
 pub mod metadata;
 pub mod partition;
+#[cfg(feature = "raft")]
+pub mod raft;
+pub mod rng;
