@@ -105,12 +105,17 @@ impl Cluster {
         unclean: bool,
         now_ms: u64,
     ) -> Vec<PartitionChange> {
-        self.brokers.insert(
+        // A broker that registers again is a new incarnation (it restarted, perhaps before its
+        // session expired): what it led or held in an ISR under its old epoch is taken from it
+        // now, as if it had been fenced, so it never leads an epoch again with a log it may
+        // have lost part of. (The simulator found this: a leader that crashed and re-registered
+        // within its session led the same epoch twice, with different records.)
+        let previous = self.brokers.insert(
             node,
             Broker { epoch, fenced: true, shutting_down: false, unclean, last_heartbeat_ms: now_ms },
         );
-        if unclean {
-            // Out of every ISR and ELR until it catches up.
+        if previous.is_some() || unclean {
+            // Out of leadership and every ISR (and, unclean, the ELR) until it catches up.
             return self.change_all(|tp, p, cluster| cluster.without(tp, p, node));
         }
         Vec::new()
@@ -371,6 +376,18 @@ mod tests {
         cluster.heartbeat(n(1), BrokerEpoch(50), 50, 20).unwrap();
         assert!(!cluster.brokers[&n(1)].fenced);
         assert_eq!(cluster.heartbeat(n(1), BrokerEpoch(49), 60, 30), Err(ControllerError::StaleBrokerEpoch));
+    }
+
+    #[test]
+    fn a_leader_that_registers_again_loses_its_epoch() {
+        let (mut cluster, tp) = cluster();
+        assert_eq!(cluster.partitions[&tp].leader, Some(n(1)));
+        // Broker 1 restarts within its session: the new incarnation leads nothing of the old.
+        let changes = cluster.register(n(1), BrokerEpoch(30), false, 100);
+        assert_eq!(changes.len(), 1);
+        let partition = &cluster.partitions[&tp];
+        assert_eq!((partition.leader, partition.leader_epoch), (Some(n(2)), LeaderEpoch(1)));
+        assert_eq!(partition.isr, vec![n(2), n(3)]);
     }
 
     #[test]

@@ -35,12 +35,34 @@ pub struct ReplicaConfig {
     pub min_insync: usize,
     /// `replica.lag.time.max.ms`: a follower not caught up for this long leaves the ISR.
     pub lag_time_max_ms: u64,
+    /// Test-only switches that turn one rule off each, so a scenario can show the bug the rule
+    /// prevents. Always [`Rules::ALL`] outside tests.
+    #[doc(hidden)]
+    pub rules: Rules,
 }
 
 impl Default for ReplicaConfig {
     fn default() -> ReplicaConfig {
-        ReplicaConfig { min_insync: 2, lag_time_max_ms: 10_000 }
+        ReplicaConfig { min_insync: 2, lag_time_max_ms: 10_000, rules: Rules::ALL }
     }
+}
+
+/// The rules that can be switched off in tests (see [`ReplicaConfig::rules`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// A follower counts toward the high watermark only up to its durable offset (off: up to
+    /// what it fetched, which a crash may take back).
+    pub durable_counts: bool,
+    /// The high watermark does not move while the ISR is below min.insync.replicas.
+    pub freeze_below_min_isr: bool,
+    /// A follower never truncates below its high watermark.
+    pub no_truncation_below_hw: bool,
+}
+
+impl Rules {
+    pub const ALL: Rules =
+        Rules { durable_counts: true, freeze_below_min_isr: true, no_truncation_below_hw: true };
 }
 
 /// Why a request to the replica is refused.
@@ -253,6 +275,14 @@ impl ReplicaState {
         &self.epochs
     }
 
+    /// The epoch this replica leads in.
+    pub fn leader_epoch(&self) -> Option<LeaderEpoch> {
+        match &self.role {
+            Role::Leader(leading) => Some(leading.epoch),
+            _ => None,
+        }
+    }
+
     pub fn is_leader(&self) -> bool {
         matches!(self.role, Role::Leader(_))
     }
@@ -384,7 +414,9 @@ impl ReplicaState {
                         None => self.high_watermark,
                     };
                     // Never below what this replica has exposed (I7).
-                    let to = end.min(own_end).max(self.high_watermark).min(self.log_end);
+                    let floor =
+                        if self.config.rules.no_truncation_below_hw { self.high_watermark } else { 0 };
+                    let to = end.min(own_end).max(floor).min(self.log_end);
                     if to < self.log_end {
                         self.log_end = to;
                         self.durable = self.durable.min(to);
@@ -457,7 +489,8 @@ impl ReplicaState {
             follower.caught_up_ms = now_ms;
         }
         follower.fetch_offset = fetch_offset;
-        follower.durable = durable.min(fetch_offset);
+        follower.durable =
+            if self.config.rules.durable_counts { durable.min(fetch_offset) } else { fetch_offset };
         follower.leader_end_at_last_fetch = log_end;
         // A follower out of the ISR that holds everything exposed and everything of this
         // epoch is proposed back in.
@@ -485,7 +518,7 @@ impl ReplicaState {
     /// maximal ISR, if the committed ISR is large enough; resolves the acks it passes.
     fn advance_high_watermark(&mut self, out: &mut Vec<Command>) {
         let Role::Leader(leading) = &mut self.role else { return };
-        if leading.isr.len() < self.config.min_insync {
+        if leading.isr.len() < self.config.min_insync && self.config.rules.freeze_below_min_isr {
             return;
         }
         let maximal: BTreeSet<NodeId> = match &leading.proposed {

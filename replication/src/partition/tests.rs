@@ -11,7 +11,7 @@ fn e(n: u32) -> LeaderEpoch {
 }
 
 fn config() -> ReplicaConfig {
-    ReplicaConfig { min_insync: 2, lag_time_max_ms: 10_000 }
+    ReplicaConfig { min_insync: 2, lag_time_max_ms: 10_000, rules: Rules::ALL }
 }
 
 /// A leader of replicas 1, 2, 3 (ISR all three) at epoch 5, over a log of `end` records, all
