@@ -1,19 +1,23 @@
 //! `skein-sim`: runs the replication simulator over many seeds and reports what broke.
 //!
 //! ```text
-//! skein-sim [--seeds N] [--seed S] [--steps K]
+//! skein-sim [--seeds N] [--seed S] [--steps K] [--without-rule RULE]
 //! ```
+//! `--without-rule` switches one rule of the replica off (`durable-counts`,
+//! `freeze-below-min-isr`, `no-truncation-below-hw`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is
 //! printed with its broken invariants (the first few, with the simulated time); the last line
 //! is `N seeds, S steps, F faults, C checks, V violations`. Exits 1 on any violation or on a
 //! run that exercised nothing (no record acknowledged, no fault, no failover).
 
+use skein_replication::partition::Rules;
 use skein_replication::sim::{run, SimConfig};
 
 fn main() {
     let mut seeds: Vec<u64> = (1..=200).collect();
     let mut steps = 3_000u64;
+    let mut rules = Rules::ALL;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || -> u64 {
@@ -24,8 +28,14 @@ fn main() {
             "--seeds" => seeds = (1..=value()).collect(),
             "--seed" => seeds = vec![value()],
             "--steps" => steps = value(),
+            "--without-rule" => match args.next().as_deref() {
+                Some("durable-counts") => rules.durable_counts = false,
+                Some("freeze-below-min-isr") => rules.freeze_below_min_isr = false,
+                Some("no-truncation-below-hw") => rules.no_truncation_below_hw = false,
+                other => fail(&format!("--without-rule: unknown rule {other:?}")),
+            },
             "-h" | "--help" => {
-                println!("skein-sim [--seeds N] [--seed S] [--steps K]");
+                println!("skein-sim [--seeds N] [--seed S] [--steps K] [--without-rule RULE]");
                 return;
             }
             other => fail(&format!("unknown argument {other:?} (try --help)")),
@@ -34,7 +44,7 @@ fn main() {
     let (mut total_steps, mut faults, mut checks, mut violations, mut idle) =
         (0u64, 0u64, 0u64, 0usize, 0usize);
     for &seed in &seeds {
-        let report = run(SimConfig { steps, ..SimConfig::new(seed) });
+        let report = run(SimConfig { seed, steps, rules });
         total_steps += report.steps;
         faults += report.faults;
         checks += report.checks;
