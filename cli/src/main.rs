@@ -238,8 +238,16 @@ fn parse_from(text: &str) -> Result<SeekTo, String> {
     }
 }
 
+/// `skein --version`: the release and the git commit the binary was built from.
+fn version() -> &'static str {
+    let text = format!("{} (commit {})", env!("CARGO_PKG_VERSION"), skein_broker::BUILD_COMMIT);
+    Box::leak(text.into_boxed_str())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().version(version()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
         Command::Broker(args) => run_broker(args),
         command => {

@@ -147,3 +147,19 @@ fn errors_print_one_line_and_exit_non_zero() {
     assert!(!ok);
     assert!(err.starts_with("error: cannot connect to"), "{err}");
 }
+
+/// `skein --version` names the release and the commit it was built from.
+#[test]
+fn version_names_the_release_and_the_commit() {
+    let output = common::skein().arg("--version").output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.starts_with(&format!("skein {} (commit ", env!("CARGO_PKG_VERSION"))), "{text}");
+    let head = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output();
+    if let Some(head) = head.ok().filter(|h| h.status.success()) {
+        let head = String::from_utf8(head.stdout).unwrap();
+        assert!(text.contains(head.trim()), "{text} names HEAD {head}");
+    } else {
+        assert!(text.contains("(commit unknown)"), "outside a git checkout: {text}");
+    }
+}
