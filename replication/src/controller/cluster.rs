@@ -281,10 +281,10 @@ impl Cluster {
         }
         let mut next = partition.clone();
         let new_isr: Vec<NodeId> = next.isr.iter().copied().filter(|&n| n != node).collect();
-        // The last member standing stays in the ISR (KIP-966) unless it is unclean: the ISR
-        // never empties by fencing, so that its data stays electable once it is back; it leads
-        // nothing while fenced.
-        if new_isr.len() < next.isr.len() && (!new_isr.is_empty() || unclean) {
+        // KIP-966: a member leaving an ISR that is (or falls) below min ISR joins the ELR, the
+        // last one standing too: the ISR may empty, and the ELR keeps those clean replicas
+        // electable (they hold everything below the frozen high watermark).
+        if new_isr.len() < next.isr.len() {
             self.move_to_elr(&mut next, &new_isr);
             next.isr = new_isr;
         }
@@ -476,14 +476,11 @@ mod tests {
             (partition.isr.clone(), partition.elr.clone(), partition.leader),
             (vec![n(1)], vec![n(2)], Some(n(1)))
         );
-        // 1 dies too: the last member stays in the ISR, but leads nothing while fenced.
+        // 1 dies too: the ISR empties and 1 joins the ELR; nobody eligible is left.
         cluster.tick(7_001);
         let partition = cluster.partitions[&tp].clone();
-        assert_eq!(
-            (partition.isr.clone(), partition.leader),
-            (vec![n(1)], None),
-            "offline, no unclean election"
-        );
+        assert_eq!((partition.isr.clone(), partition.leader), (vec![], None), "offline, no unclean election");
+        assert_eq!(partition.elr, vec![n(2), n(1)]);
         // 2 (in the ELR) comes back clean: it may lead.
         cluster.register(n(2), BrokerEpoch(20), false, 8_000);
         let changes = cluster.heartbeat(n(2), BrokerEpoch(20), 20, 8_000).unwrap();

@@ -17,6 +17,9 @@
 //! * **I2** the offset exposed to consumers never goes back across leaders.
 //! * **I3** any two replicas hold the same records below the smaller of their high watermarks.
 //! * **I4** at most one replica leads in a given epoch.
+//! * **I5** a new leader comes from the ISR, or from the ELR when no ISR member is eligible,
+//!   and never leads while fenced.
+//! * **I9** the committed ISR is within the replicas, holds the leader and no fenced member.
 //! * **Liveness** after healing: a leader, every replica alive with the leader's records, the
 //!   high watermark at the log end, no acknowledgement left waiting.
 
@@ -148,6 +151,8 @@ struct Sim {
     leaders_by_epoch: BTreeMap<u32, NodeId>,
     /// When the nemesis kills the leader (every run fails over at least once).
     leader_crash_at: u64,
+    /// The partition as the brokers last saw it (I5 compares elections with it).
+    last_partition: Option<crate::controller::cluster::Partition>,
     report: SimReport,
 }
 
@@ -223,6 +228,7 @@ impl Sim {
             max_exposed: 0,
             leaders_by_epoch: BTreeMap::new(),
             leader_crash_at: 0,
+            last_partition: None,
             report: SimReport::default(),
         };
         let quarter = (config.steps / 4).max(1);
@@ -539,6 +545,7 @@ impl Sim {
     fn notify(&mut self) {
         let partition = self.cluster.partitions[&self.tp].clone();
         let now = self.now;
+        self.check_metadata(&partition);
         for id in NODES {
             if !self.node(id).alive {
                 continue;
@@ -581,6 +588,46 @@ impl Sim {
             if let Some(event) = event {
                 let commands = self.node_mut(id).replica.on(event, now);
                 self.apply(id, commands);
+            }
+        }
+    }
+
+    /// I5: a new leader comes from the ISR, or the ELR when the ISR is empty, and is neither
+    /// fenced nor unclean. I9: the committed ISR is within the replicas, holds the leader, and
+    /// no fenced or unclean member.
+    fn check_metadata(&mut self, partition: &crate::controller::cluster::Partition) {
+        let previous = self.last_partition.replace(partition.clone());
+        if let (Some(before), Some(leader)) = (&previous, partition.leader) {
+            if before.leader != Some(leader) {
+                let from_isr = before.isr.contains(&leader);
+                let from_elr =
+                    before.isr.iter().all(|m| self.cluster.brokers[m].fenced) && before.elr.contains(&leader);
+                if !(from_isr || from_elr) {
+                    let detail = format!(
+                        "{leader} elected from neither the ISR {:?} nor the ELR {:?}",
+                        before.isr, before.elr
+                    );
+                    self.violation("I5", detail);
+                }
+            }
+        }
+        if let Some(leader) = partition.leader {
+            let broker = &self.cluster.brokers[&leader];
+            if broker.fenced || broker.unclean {
+                self.violation("I5", format!("{leader} leads while fenced or unclean"));
+            }
+            if !partition.isr.contains(&leader) {
+                self.violation("I9", format!("the leader {leader} is not in the ISR {:?}", partition.isr));
+            }
+        }
+        for member in &partition.isr {
+            let outside = !partition.replicas.contains(member);
+            let ineligible = self.cluster.brokers.get(member).is_none_or(|b| b.fenced || b.unclean);
+            if outside || ineligible {
+                self.violation(
+                    "I9",
+                    format!("ISR {:?} holds {member}, outside the replicas or fenced", partition.isr),
+                );
             }
         }
     }
