@@ -62,6 +62,24 @@ pub struct PartitionChange {
     pub partition: Partition,
 }
 
+impl PartitionChange {
+    /// The metadata record that commits this change.
+    pub fn to_record(&self) -> crate::metadata::MetadataRecord {
+        let p = &self.partition;
+        crate::metadata::MetadataRecord::PartitionChanged {
+            tp: self.tp.clone(),
+            state: crate::metadata::record::PartitionState {
+                leader: p.leader,
+                leader_epoch: p.leader_epoch,
+                partition_epoch: p.partition_epoch,
+                replicas: p.replicas.clone(),
+                isr: p.isr.clone(),
+                elr: p.elr.clone(),
+            },
+        }
+    }
+}
+
 /// Why a request to the controller is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ControllerError {

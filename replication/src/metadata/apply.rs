@@ -1,7 +1,7 @@
 //! The one pure function that changes a metadata image.
 
 use crate::metadata::delta::Delta;
-use crate::metadata::image::MetadataImage;
+use crate::metadata::image::{BrokerImage, MetadataImage};
 use crate::metadata::record::MetadataRecord;
 
 /// Why a batch of records cannot be applied to an image. A controller never commits such a
@@ -16,6 +16,12 @@ pub enum ApplyError {
         "record {index}: producer ids reserved up to {next_block}, below the {current} already reserved"
     )]
     ProducerIdsBackwards { index: usize, next_block: i64, current: i64 },
+    #[error("record {index}: broker {node} registers at epoch {epoch}, not above its current {current}")]
+    StaleBrokerEpoch { index: usize, node: u32, epoch: u64, current: u64 },
+    #[error("record {index}: broker {node} is not registered")]
+    UnknownBroker { index: usize, node: u32 },
+    #[error("record {index}: partition {tp}: {reason}")]
+    InvalidPartitionChange { index: usize, tp: String, reason: &'static str },
 }
 
 /// Applies a batch of records, all or nothing: if any record does not fit the image as the
@@ -37,6 +43,7 @@ pub fn apply(image: &mut MetadataImage, records: &[MetadataRecord]) -> Result<Ve
                 let Some(config) = next.topics.remove(name) else {
                     return Err(ApplyError::UnknownTopic { index, name: name.clone() });
                 };
+                next.partitions.retain(|tp, _| tp.topic() != name);
                 deltas.push(Delta::TopicDeleted { name: name.clone(), config });
             }
             MetadataRecord::ProducerIdsReserved { next_block } => {
@@ -49,6 +56,53 @@ pub fn apply(image: &mut MetadataImage, records: &[MetadataRecord]) -> Result<Ve
                 }
                 next.producer_ids_next_block = *next_block;
                 deltas.push(Delta::ProducerIdsReserved { next_block: *next_block });
+            }
+            MetadataRecord::BrokerRegistered { node, epoch, unclean } => {
+                if let Some(current) = next.brokers.get(node).filter(|b| b.epoch >= *epoch) {
+                    return Err(ApplyError::StaleBrokerEpoch {
+                        index,
+                        node: node.0,
+                        epoch: epoch.0,
+                        current: current.epoch.0,
+                    });
+                }
+                let broker =
+                    BrokerImage { epoch: *epoch, fenced: true, shutting_down: false, unclean: *unclean };
+                next.brokers.insert(*node, broker);
+                deltas.push(Delta::BrokerChanged { node: *node });
+            }
+            MetadataRecord::BrokerChanged { node, fenced, shutting_down } => {
+                let Some(broker) = next.brokers.get_mut(node) else {
+                    return Err(ApplyError::UnknownBroker { index, node: node.0 });
+                };
+                broker.fenced = *fenced;
+                broker.shutting_down = *shutting_down;
+                deltas.push(Delta::BrokerChanged { node: *node });
+            }
+            MetadataRecord::PartitionChanged { tp, state } => {
+                let invalid =
+                    |reason| ApplyError::InvalidPartitionChange { index, tp: tp.to_string(), reason };
+                if next.topics.get(tp.topic()).is_none_or(|t| tp.partition >= t.partitions) {
+                    return Err(invalid("no such topic or partition"));
+                }
+                if state.isr.iter().chain(&state.elr).any(|n| !state.replicas.contains(n)) {
+                    return Err(invalid("an ISR or ELR member is not a replica"));
+                }
+                if state.leader.is_some_and(|l| !state.isr.contains(&l)) {
+                    return Err(invalid("the leader is not in the ISR"));
+                }
+                if let Some(before) = next.partitions.get(tp) {
+                    if state.partition_epoch <= before.partition_epoch {
+                        return Err(invalid("the partition epoch does not rise"));
+                    }
+                    if state.leader_epoch < before.leader_epoch
+                        || (state.leader != before.leader && state.leader_epoch == before.leader_epoch)
+                    {
+                        return Err(invalid("a new leader without a higher leader epoch"));
+                    }
+                }
+                next.partitions.insert(tp.clone(), state.clone());
+                deltas.push(Delta::PartitionChanged { tp: tp.clone(), state: state.clone() });
             }
         }
     }
@@ -106,6 +160,55 @@ mod tests {
             apply(&mut image, &[MetadataRecord::ProducerIdsReserved { next_block: 1000 }]).unwrap_err();
         assert!(matches!(error, ApplyError::ProducerIdsBackwards { current: 2000, .. }));
         assert_eq!(image.producer_ids_next_block, 2000);
+    }
+
+    #[test]
+    fn partition_changes_only_move_epochs_forward() {
+        use crate::metadata::record::PartitionState;
+        use skein_net::types::{BrokerEpoch, LeaderEpoch, NodeId, PartitionEpoch, TopicPartition};
+        let mut image = MetadataImage::default();
+        let tp = TopicPartition::new("t", 0);
+        let state = |leader: u32, le: u32, pe: u32| PartitionState {
+            leader: Some(NodeId(leader)),
+            leader_epoch: LeaderEpoch(le),
+            partition_epoch: PartitionEpoch(pe),
+            replicas: vec![NodeId(1), NodeId(2)],
+            isr: vec![NodeId(1), NodeId(2)],
+            elr: vec![],
+        };
+        let change = |leader, le, pe| MetadataRecord::PartitionChanged {
+            tp: tp.clone(),
+            state: state(leader, le, pe),
+        };
+        let refused = apply(&mut image, &[change(1, 0, 0)]).unwrap_err();
+        assert!(matches!(refused, ApplyError::InvalidPartitionChange { .. }), "no topic yet");
+        apply(&mut image, &[created("t", 1), change(1, 0, 0)]).unwrap();
+        assert!(apply(&mut image, &[change(1, 0, 0)]).is_err(), "the same partition epoch again");
+        assert!(apply(&mut image, &[change(2, 0, 1)]).is_err(), "a new leader in the same epoch");
+        let deltas = apply(&mut image, &[change(2, 1, 1)]).unwrap();
+        assert_eq!(deltas, vec![Delta::PartitionChanged { tp: tp.clone(), state: state(2, 1, 1) }]);
+        let mut outside = state(2, 1, 2);
+        outside.isr.push(NodeId(9));
+        assert!(apply(&mut image, &[MetadataRecord::PartitionChanged { tp: tp.clone(), state: outside }])
+            .is_err());
+        // Brokers: registration fenced, epochs only rise.
+        let register = |epoch| MetadataRecord::BrokerRegistered {
+            node: NodeId(1),
+            epoch: BrokerEpoch(epoch),
+            unclean: false,
+        };
+        apply(&mut image, &[register(5)]).unwrap();
+        assert!(image.brokers[&NodeId(1)].fenced);
+        assert!(matches!(apply(&mut image, &[register(5)]), Err(ApplyError::StaleBrokerEpoch { .. })));
+        apply(
+            &mut image,
+            &[MetadataRecord::BrokerChanged { node: NodeId(1), fenced: false, shutting_down: false }],
+        )
+        .unwrap();
+        assert!(!image.brokers[&NodeId(1)].fenced);
+        // Deleting the topic drops its partitions.
+        apply(&mut image, &[MetadataRecord::TopicDeleted { name: "t".into() }]).unwrap();
+        assert!(image.partitions.is_empty());
     }
 
     /// Deleting and creating a topic of the same name in one batch is a new topic.

@@ -1,6 +1,9 @@
 //! What applying records changed: each shard turns these into opening and closing partitions
 //! (the broker's reconciler), rather than re-reading the whole image.
 
+use skein_net::types::{NodeId, TopicPartition};
+
+use crate::metadata::record::PartitionState;
 use crate::metadata::topic::TopicConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,5 +19,15 @@ pub enum Delta {
     },
     ProducerIdsReserved {
         next_block: i64,
+    },
+    /// A broker registered or changed (fenced, unfenced, shutting down).
+    BrokerChanged {
+        node: NodeId,
+    },
+    /// A partition's leader, epochs or replica sets changed: its replicas become leader or
+    /// follower, or learn a new ISR.
+    PartitionChanged {
+        tp: TopicPartition,
+        state: PartitionState,
     },
 }

@@ -4,7 +4,19 @@
 
 use std::collections::BTreeMap;
 
+use skein_net::types::{BrokerEpoch, NodeId, TopicPartition};
+
+use crate::metadata::record::PartitionState;
 use crate::metadata::topic::TopicConfig;
+
+/// A registered broker, as the records say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerImage {
+    pub epoch: BrokerEpoch,
+    pub fenced: bool,
+    pub shutting_down: bool,
+    pub unclean: bool,
+}
 
 /// Topics and their settings, and the producer-id blocks reserved, after `applied` records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -14,6 +26,10 @@ pub struct MetadataImage {
     pub topics: BTreeMap<String, TopicConfig>,
     /// Producer ids below this may have been handed out.
     pub producer_ids_next_block: i64,
+    /// The cluster: brokers and each partition's replication state (empty on a single node,
+    /// which needs neither).
+    pub brokers: BTreeMap<NodeId, BrokerImage>,
+    pub partitions: BTreeMap<TopicPartition, PartitionState>,
 }
 
 impl MetadataImage {

@@ -34,10 +34,15 @@
 //! | 1 | TopicCreated | 1 | `name string`, `partitions u32`, `retention_ms i64`, `retention_bytes i64`, `segment_bytes u64`, `segment_ms i64`, `max_message_bytes u32`, `created_ms i64` |
 //! | 2 | TopicDeleted | 1 | `name string` |
 //! | 3 | ProducerIdsReserved | 1 | `next_block i64`: ids below it may have been handed out |
+//! | 4 | BrokerRegistered | 1 | `node u32`, `broker_epoch u64`, `unclean u8` (0 or 1): registered, fenced |
+//! | 5 | BrokerChanged | 1 | `node u32`, `fenced u8`, `shutting_down u8` |
+//! | 6 | PartitionChanged | 1 | `topic string`, `partition u32`, `leader i64` (−1: none), `leader_epoch u32`, `partition_epoch u32`, `replicas`, `isr`, `elr` (each `count u32` then `node u32`s) |
 //!
 //! A record of an unknown type, or of a known type at a version this build does not read, is
 //! refused by name ([`RecordError`]): a node never applies metadata it does not understand.
 //! A new field is a new version of its type; a reader keeps reading every older version.
+
+use skein_net::types::{BrokerEpoch, LeaderEpoch, NodeId, PartitionEpoch, TopicPartition};
 
 use crate::metadata::topic::TopicConfig;
 
@@ -47,6 +52,20 @@ pub enum MetadataRecord {
     TopicCreated { name: String, config: TopicConfig },
     TopicDeleted { name: String },
     ProducerIdsReserved { next_block: i64 },
+    BrokerRegistered { node: NodeId, epoch: BrokerEpoch, unclean: bool },
+    BrokerChanged { node: NodeId, fenced: bool, shutting_down: bool },
+    PartitionChanged { tp: TopicPartition, state: PartitionState },
+}
+
+/// A partition's replication state as a record carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionState {
+    pub leader: Option<NodeId>,
+    pub leader_epoch: LeaderEpoch,
+    pub partition_epoch: PartitionEpoch,
+    pub replicas: Vec<NodeId>,
+    pub isr: Vec<NodeId>,
+    pub elr: Vec<NodeId>,
 }
 
 pub const BATCH_MAGIC: [u8; 4] = *b"SKMR";
@@ -57,6 +76,9 @@ const RECORD_HEADER_BYTES: usize = 8;
 const TOPIC_CREATED: u16 = 1;
 const TOPIC_DELETED: u16 = 2;
 const PRODUCER_IDS_RESERVED: u16 = 3;
+const BROKER_REGISTERED: u16 = 4;
+const BROKER_CHANGED: u16 = 5;
+const PARTITION_CHANGED: u16 = 6;
 
 /// Why bytes are not a valid record batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +100,9 @@ impl MetadataRecord {
             MetadataRecord::TopicCreated { .. } => (TOPIC_CREATED, "TopicCreated"),
             MetadataRecord::TopicDeleted { .. } => (TOPIC_DELETED, "TopicDeleted"),
             MetadataRecord::ProducerIdsReserved { .. } => (PRODUCER_IDS_RESERVED, "ProducerIdsReserved"),
+            MetadataRecord::BrokerRegistered { .. } => (BROKER_REGISTERED, "BrokerRegistered"),
+            MetadataRecord::BrokerChanged { .. } => (BROKER_CHANGED, "BrokerChanged"),
+            MetadataRecord::PartitionChanged { .. } => (PARTITION_CHANGED, "PartitionChanged"),
         }
     }
 
@@ -103,6 +128,29 @@ impl MetadataRecord {
             MetadataRecord::ProducerIdsReserved { next_block } => {
                 out.extend_from_slice(&next_block.to_le_bytes())
             }
+            MetadataRecord::BrokerRegistered { node, epoch, unclean } => {
+                out.extend_from_slice(&node.0.to_le_bytes());
+                out.extend_from_slice(&epoch.0.to_le_bytes());
+                out.push(u8::from(*unclean));
+            }
+            MetadataRecord::BrokerChanged { node, fenced, shutting_down } => {
+                out.extend_from_slice(&node.0.to_le_bytes());
+                out.push(u8::from(*fenced));
+                out.push(u8::from(*shutting_down));
+            }
+            MetadataRecord::PartitionChanged { tp, state } => {
+                put_str(out, tp.topic());
+                out.extend_from_slice(&tp.partition.to_le_bytes());
+                out.extend_from_slice(&state.leader.map_or(-1i64, |n| i64::from(n.0)).to_le_bytes());
+                out.extend_from_slice(&state.leader_epoch.0.to_le_bytes());
+                out.extend_from_slice(&state.partition_epoch.0.to_le_bytes());
+                for nodes in [&state.replicas, &state.isr, &state.elr] {
+                    out.extend_from_slice(&(nodes.len() as u32).to_le_bytes());
+                    for node in nodes {
+                        out.extend_from_slice(&node.0.to_le_bytes());
+                    }
+                }
+            }
         }
         let body = (out.len() - start - RECORD_HEADER_BYTES) as u32;
         out[start + 4..start + 8].copy_from_slice(&body.to_le_bytes());
@@ -123,6 +171,9 @@ impl MetadataRecord {
             TOPIC_CREATED => "TopicCreated",
             TOPIC_DELETED => "TopicDeleted",
             PRODUCER_IDS_RESERVED => "ProducerIdsReserved",
+            BROKER_REGISTERED => "BrokerRegistered",
+            BROKER_CHANGED => "BrokerChanged",
+            PARTITION_CHANGED => "PartitionChanged",
             _ => return Err(RecordError::UnknownType { kind, version }),
         };
         if version != 1 {
@@ -144,7 +195,31 @@ impl MetadataRecord {
                 MetadataRecord::TopicCreated { name, config }
             }
             TOPIC_DELETED => MetadataRecord::TopicDeleted { name: r.str()? },
-            _ => MetadataRecord::ProducerIdsReserved { next_block: r.u64()? as i64 },
+            PRODUCER_IDS_RESERVED => MetadataRecord::ProducerIdsReserved { next_block: r.u64()? as i64 },
+            BROKER_REGISTERED => MetadataRecord::BrokerRegistered {
+                node: NodeId(r.u32()?),
+                epoch: BrokerEpoch(r.u64()?),
+                unclean: r.flag()?,
+            },
+            BROKER_CHANGED => MetadataRecord::BrokerChanged {
+                node: NodeId(r.u32()?),
+                fenced: r.flag()?,
+                shutting_down: r.flag()?,
+            },
+            _ => {
+                let topic = r.str()?;
+                let partition = r.u32()?;
+                let leader = match r.u64()? as i64 {
+                    -1 => None,
+                    n if (0..=i64::from(u32::MAX)).contains(&n) => Some(NodeId(n as u32)),
+                    n => return Err(RecordError::Malformed { name, reason: format!("leader {n}") }),
+                };
+                let leader_epoch = LeaderEpoch(r.u32()?);
+                let partition_epoch = PartitionEpoch(r.u32()?);
+                let (replicas, isr, elr) = (r.nodes()?, r.nodes()?, r.nodes()?);
+                let state = PartitionState { leader, leader_epoch, partition_epoch, replicas, isr, elr };
+                MetadataRecord::PartitionChanged { tp: TopicPartition::new(topic, partition), state }
+            }
         };
         if !r.bytes.is_empty() {
             return Err(RecordError::Malformed {
@@ -236,6 +311,25 @@ impl Body<'_> {
         Ok(u64::from_le_bytes(self.take(8, "a u64")?.try_into().expect("8 bytes")))
     }
 
+    fn flag(&mut self) -> Result<bool, RecordError> {
+        match self.take(1, "a flag")?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(RecordError::Malformed { name: self.name, reason: format!("flag {other}") }),
+        }
+    }
+
+    fn nodes(&mut self) -> Result<Vec<NodeId>, RecordError> {
+        let count = self.u32()? as usize;
+        if count * 4 > self.bytes.len() {
+            return Err(RecordError::Malformed {
+                name: self.name,
+                reason: format!("{count} nodes in {} bytes", self.bytes.len()),
+            });
+        }
+        (0..count).map(|_| self.u32().map(NodeId)).collect()
+    }
+
     fn limit(&mut self) -> Result<Option<u64>, RecordError> {
         match self.u64()? as i64 {
             -1 => Ok(None),
@@ -274,6 +368,30 @@ mod tests {
             MetadataRecord::TopicCreated { name: "orders".into(), config: config(12) },
             MetadataRecord::TopicDeleted { name: "orders".into() },
             MetadataRecord::ProducerIdsReserved { next_block: 2000 },
+            MetadataRecord::BrokerRegistered { node: NodeId(3), epoch: BrokerEpoch(77), unclean: true },
+            MetadataRecord::BrokerChanged { node: NodeId(3), fenced: false, shutting_down: true },
+            MetadataRecord::PartitionChanged {
+                tp: TopicPartition::new("orders", 4),
+                state: PartitionState {
+                    leader: Some(NodeId(2)),
+                    leader_epoch: LeaderEpoch(5),
+                    partition_epoch: PartitionEpoch(9),
+                    replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
+                    isr: vec![NodeId(2)],
+                    elr: vec![NodeId(1)],
+                },
+            },
+            MetadataRecord::PartitionChanged {
+                tp: TopicPartition::new("orders", 5),
+                state: PartitionState {
+                    leader: None,
+                    leader_epoch: LeaderEpoch(1),
+                    partition_epoch: PartitionEpoch(2),
+                    replicas: vec![NodeId(1)],
+                    isr: vec![],
+                    elr: vec![],
+                },
+            },
         ]
     }
 

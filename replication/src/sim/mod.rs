@@ -151,6 +151,9 @@ struct Sim {
     leaders_by_epoch: BTreeMap<u32, NodeId>,
     /// When the nemesis kills the leader (every run fails over at least once).
     leader_crash_at: u64,
+    /// The metadata image built from the controller's changes as records (every change must
+    /// apply: epochs rise, the leader is in the ISR, the ISR within the replicas).
+    image: crate::metadata::MetadataImage,
     /// The partition as the brokers last saw it (I5 compares elections with it).
     last_partition: Option<crate::controller::cluster::Partition>,
     report: SimReport,
@@ -209,7 +212,7 @@ impl Sim {
                 }
             })
             .collect();
-        cluster.create_partitions("t", 1, 3).expect("three brokers");
+        let created = cluster.create_partitions("t", 1, 3).expect("three brokers");
         let mut sim = Sim {
             config,
             rng: Rng::new(config.seed),
@@ -229,8 +232,23 @@ impl Sim {
             leaders_by_epoch: BTreeMap::new(),
             leader_crash_at: 0,
             last_partition: None,
+            image: crate::metadata::MetadataImage::default(),
             report: SimReport::default(),
         };
+        let topic = crate::metadata::MetadataRecord::TopicCreated {
+            name: "t".into(),
+            config: crate::metadata::TopicConfig {
+                partitions: 1,
+                retention_ms: None,
+                retention_bytes: None,
+                segment_bytes: 1 << 30,
+                segment_ms: None,
+                max_message_bytes: 1 << 20,
+                created_ms: 0,
+            },
+        };
+        crate::metadata::apply(&mut sim.image, &[topic]).expect("a new image takes a topic");
+        sim.record(created);
         let quarter = (config.steps / 4).max(1);
         sim.leader_crash_at = sim.rng.range(quarter, 2 * quarter + 1) * TICK_MS;
         sim.notify();
@@ -535,10 +553,19 @@ impl Sim {
         }
     }
 
-    /// The controller changed partitions: every live broker applies the metadata at once.
+    /// The controller changed partitions: the changes become records (checked by `apply`),
+    /// and every live broker applies the metadata at once.
     fn applied(&mut self, changes: Vec<PartitionChange>) {
         if !changes.is_empty() {
+            self.record(changes);
             self.notify();
+        }
+    }
+
+    fn record(&mut self, changes: Vec<PartitionChange>) {
+        let records: Vec<_> = changes.iter().map(PartitionChange::to_record).collect();
+        if let Err(error) = crate::metadata::apply(&mut self.image, &records) {
+            self.violation("records", error.to_string());
         }
     }
 
