@@ -3,7 +3,8 @@
 //! ```text
 //! skein-sim [--seeds N] [--seed S] [--steps K] [--without-rule RULE]
 //! ```
-//! `--without-rule` switches one rule of the replica off (`durable-counts`,
+//! `SKEIN_SIM_TRACE=1` prints every metadata notification and high-watermark move of the run
+//! on stderr (use it with `--seed`). `--without-rule` switches one rule of the replica off (`durable-counts`,
 //! `freeze-below-min-isr`, `no-truncation-below-hw`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is

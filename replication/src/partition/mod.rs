@@ -118,6 +118,9 @@ pub enum Event {
     },
     /// Metadata made `leader` the leader at `epoch`; this replica follows.
     BecomeFollower { leader: NodeId, epoch: LeaderEpoch },
+    /// Metadata says the partition has no leader at `epoch` (no eligible replica): this replica
+    /// leads nothing and fetches from no one.
+    Offline { epoch: LeaderEpoch },
     /// Batches of `epoch` were appended locally; the log now ends at `end`.
     Appended { end: Offset, epoch: LeaderEpoch },
     /// Everything below `offset` is durable locally.
@@ -140,6 +143,9 @@ pub enum Event {
     AwaitAck { id: AckId, end: Offset, deadline_ms: u64 },
     /// A committed ISR change arrived through metadata.
     IsrCommitted { isr: Vec<NodeId>, partition_epoch: PartitionEpoch },
+    /// The controller refused the ISR change proposed last (stale epochs, an ineligible
+    /// member): the leader may propose again.
+    IsrRejected,
     /// Time passed.
     Tick,
 }
@@ -364,6 +370,10 @@ impl ReplicaState {
                 self.role = Role::Follower { leader, epoch, leader_high_watermark: self.high_watermark };
                 out.push(Command::FetchFrom { leader, epoch });
             }
+            Event::Offline { .. } => {
+                self.fail_waiting(ReplicaError::NotLeader, &mut out);
+                self.role = Role::Idle;
+            }
             Event::Appended { end, epoch } => {
                 if end > self.log_end {
                     self.epochs.assign(epoch, self.log_end);
@@ -420,9 +430,13 @@ impl ReplicaState {
                     if to < self.log_end {
                         self.log_end = to;
                         self.durable = self.durable.min(to);
-                        self.epochs.truncate_from_end(to);
                         out.push(Command::Truncate { offset: to });
                     }
+                    // Epochs that start at the cut go even when no record does: an epoch this
+                    // replica led without writing anything would otherwise be its "last fetched
+                    // epoch" forever, and every fetch would diverge again (found by the
+                    // simulator: a follower that fetched the same divergence in a loop).
+                    self.epochs.truncate_from_end(to);
                 }
             }
             Event::AwaitAck { id, end, deadline_ms } => match &mut self.role {
@@ -443,6 +457,11 @@ impl ReplicaState {
                         leading.proposed = None;
                         self.advance_high_watermark(&mut out);
                     }
+                }
+            }
+            Event::IsrRejected => {
+                if let Role::Leader(leading) = &mut self.role {
+                    leading.proposed = None;
                 }
             }
             Event::Tick => self.tick(now_ms, &mut out),

@@ -296,3 +296,52 @@ fn leadership_lost_fails_waiting_acks_and_starts_fetching() {
         vec![Command::AckFailed { id: 4, error: ReplicaError::NotLeader }]
     );
 }
+
+#[test]
+fn a_refused_isr_proposal_can_be_made_again() {
+    let mut replica = leader(0, 0);
+    replica.on(fetch(F2, 0, Some(5), 0), 1);
+    let proposal =
+        Command::ProposeIsr { isr: vec![L, F2], leader_epoch: e(5), partition_epoch: PartitionEpoch(1) };
+    assert_eq!(replica.on(Event::Tick, 10_001), vec![proposal.clone()]);
+    assert!(replica.on(Event::Tick, 10_002).is_empty(), "one change in flight");
+    // The controller refused it (say, a member's broker epoch was stale): the leader must not
+    // wait forever for a commit that will not come.
+    assert!(replica.on(Event::IsrRejected, 10_003).is_empty());
+    replica.on(fetch(F2, 0, Some(5), 0), 10_004);
+    assert_eq!(replica.on(Event::Tick, 10_005), vec![proposal]);
+}
+
+/// A follower that once led an epoch without writing a record has that epoch last in its
+/// cache; the leader never had it, answers with the epoch before, and the follower must drop
+/// the empty epoch so that its next fetch agrees (instead of diverging again forever).
+#[test]
+fn an_empty_epoch_of_the_follower_is_dropped_when_the_fetch_diverges() {
+    let mut follower =
+        ReplicaState::new(F2, config(), 0, 50, 50, EpochCache::new(vec![(e(1), 0), (e(3), 50)]), 40);
+    follower.on(Event::BecomeFollower { leader: L, epoch: e(5) }, 0);
+    assert_eq!(follower.next_fetch().map(|f| f.2), Some(Some(e(3))));
+    // The leader: epoch 1 from 0, epoch 4 from 60; epoch 3 it never had: epoch 1 ends at 60.
+    assert!(follower.on(Event::Diverged { epoch: e(1), end: 60 }, 1).is_empty(), "nothing to truncate");
+    assert_eq!(follower.epochs().entries(), [(e(1), 0)]);
+    assert_eq!(follower.next_fetch().map(|f| (f.1, f.2)), Some((50, Some(e(1)))));
+}
+
+/// A leader whose partition goes offline (metadata: no leader at a newer epoch) steps down:
+/// it fails what waits and exposes nothing more (found by the simulator: a paused leader that
+/// resumed into an offline partition went on exposing its old high watermark).
+#[test]
+fn a_leader_steps_down_when_its_partition_goes_offline() {
+    let mut replica = leader(0, 0);
+    replica.on(Event::Appended { end: 10, epoch: e(5) }, 1);
+    replica.on(Event::AwaitAck { id: 1, end: 10, deadline_ms: 100 }, 1);
+    assert_eq!(
+        replica.on(Event::Offline { epoch: e(6) }, 2),
+        vec![Command::AckFailed { id: 1, error: ReplicaError::NotLeader }]
+    );
+    assert_eq!(replica.readable_end(), Err(ReplicaError::NotLeader));
+    assert!(replica
+        .on(fetch(F2, 10, Some(5), 10), 3)
+        .iter()
+        .all(|c| !matches!(c, Command::HighWatermark { .. })));
+}

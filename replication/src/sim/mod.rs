@@ -2,7 +2,8 @@
 //! [`ReplicaState`] on each, the real controller rules ([`Cluster`]) deciding leadership and ISR,
 //! a simulated clock, network and disk, and faults drawn from one seed: messages dropped,
 //! delayed and reordered, brokers crashing (losing part of what they had not synced) and
-//! restarting. After every step the invariants of DESIGN-CLUSTER.md are checked; then a healing
+//! restarting, brokers pausing past their session and coming back as zombies that still think
+//! they lead (clients with stale metadata produce to them). After every step the invariants of DESIGN-CLUSTER.md are checked; then a healing
 //! phase without faults must converge. One seed replays a run bit for bit.
 //!
 //! What is simulated and what is not (yet): the controller here is an oracle that never fails
@@ -114,6 +115,8 @@ enum Ev {
         generation: u64,
     },
     Restart(NodeId),
+    /// A paused broker runs again (a SIGSTOP or a long GC pause ends).
+    Resume(NodeId),
 }
 
 struct Node {
@@ -124,6 +127,8 @@ struct Node {
     /// How much of it is on disk.
     synced: usize,
     alive: bool,
+    /// Paused (not running, not heartbeating, deaf) until this time.
+    paused_until: u64,
     broker_epoch: BrokerEpoch,
     /// The leader epoch of the last metadata this broker applied.
     known: Option<(LeaderEpoch, u32)>,
@@ -175,6 +180,10 @@ pub fn run(config: SimConfig) -> SimReport {
         if !sim.node(id).alive {
             sim.restart(id);
         }
+        if sim.node(id).paused_until > sim.now {
+            sim.node_mut(id).paused_until = 0;
+            sim.notify();
+        }
     }
     for _ in 0..HEAL_TICKS {
         sim.step();
@@ -206,6 +215,7 @@ impl Sim {
                     log: Vec::new(),
                     synced: 0,
                     alive: true,
+                    paused_until: 0,
                     broker_epoch: BrokerEpoch(1),
                     known: None,
                     fetch_generation: 0,
@@ -259,6 +269,23 @@ impl Sim {
         &self.nodes[id.0 as usize - 1]
     }
 
+    /// Alive and not paused.
+    fn running(&self, id: NodeId) -> bool {
+        let node = self.node(id);
+        node.alive && self.now >= node.paused_until
+    }
+
+    /// If `id` is paused, the event waits until it runs again; returns whether it waits.
+    fn defer_if_paused(&mut self, id: NodeId, event: &Ev) -> bool {
+        let node = self.node(id);
+        if node.alive && self.now < node.paused_until {
+            let delay = node.paused_until - self.now + 1;
+            self.schedule(delay, event.clone());
+            return true;
+        }
+        false
+    }
+
     fn node_mut(&mut self, id: NodeId) -> &mut Node {
         &mut self.nodes[id.0 as usize - 1]
     }
@@ -302,6 +329,16 @@ impl Sim {
     }
 
     fn handle(&mut self, event: Ev) {
+        let target = match &event {
+            Ev::Deliver { to, .. } => Some(*to),
+            Ev::SendFetch { node, .. } | Ev::FetchTimeout { node, .. } => Some(*node),
+            _ => None,
+        };
+        if let Some(id) = target {
+            if self.defer_if_paused(id, &event) {
+                return;
+            }
+        }
         match event {
             Ev::Tick => self.tick(),
             Ev::Deliver { to, msg } => {
@@ -334,6 +371,11 @@ impl Sim {
                 }
             }
             Ev::Restart(id) => self.restart(id),
+            Ev::Resume(id) => {
+                self.node_mut(id).paused_until = 0;
+                // It learns, late, what the controller decided meanwhile.
+                self.notify();
+            }
         }
     }
 
@@ -341,7 +383,7 @@ impl Sim {
         let now = self.now;
         // Heartbeats of live brokers, then the controller's session checks.
         for id in NODES {
-            let (alive, epoch) = (self.node(id).alive, self.node(id).broker_epoch);
+            let (alive, epoch) = (self.running(id), self.node(id).broker_epoch);
             if alive {
                 let changes = self.cluster.heartbeat(id, epoch, u64::MAX, now).unwrap_or_default();
                 self.applied(changes);
@@ -351,7 +393,7 @@ impl Sim {
         self.applied(changes);
         // Disks sync now and then; replicas learn time passed.
         for id in NODES {
-            if !self.node(id).alive {
+            if !self.running(id) {
                 continue;
             }
             if self.rng.range(0, 100) < 30 {
@@ -376,6 +418,17 @@ impl Sim {
                 }
             }
         }
+        // Faults: a broker pauses for longer than its session (it comes back a zombie that
+        // still thinks it leads, until it hears the metadata).
+        if self.faults_on && self.rng.range(0, 1000) < 3 {
+            let id = NODES[self.rng.range(0, 3) as usize];
+            if self.running(id) {
+                self.report.faults += 1;
+                let pause = self.rng.range(300, 900);
+                self.node_mut(id).paused_until = self.now + pause;
+                self.schedule(pause, Ev::Resume(id));
+            }
+        }
         // Faults: a broker crashes.
         if self.faults_on && self.rng.range(0, 1000) < 4 {
             let id = NODES[self.rng.range(0, 3) as usize];
@@ -385,8 +438,18 @@ impl Sim {
         }
     }
 
+    /// A client produces to a broker that believes it leads (with stale metadata it may be a
+    /// zombie: a deposed leader that has not heard yet).
     fn produce(&mut self) {
-        let Some(leader) = self.cluster.partitions[&self.tp].leader else { return };
+        let believers: Vec<NodeId> = NODES
+            .iter()
+            .copied()
+            .filter(|&id| self.running(id) && self.node(id).replica.is_leader())
+            .collect();
+        if believers.is_empty() {
+            return;
+        }
+        let leader = believers[self.rng.range(0, believers.len() as u64) as usize];
         let now = self.now;
         let value = self.next_value;
         let node = self.node_mut(leader);
@@ -496,7 +559,16 @@ impl Sim {
             match command {
                 Command::WriteEpochCheckpoint { .. } => {}
                 Command::AnswerFetch { .. } => unreachable!("answered where fetches are delivered"),
-                Command::HighWatermark { .. } => {
+                Command::HighWatermark { offset } => {
+                    if std::env::var_os("SKEIN_SIM_TRACE").is_some() {
+                        eprintln!(
+                            "t={} {id} hw {offset} readable {:?} leader_epoch {:?} log {}",
+                            self.now,
+                            self.node(id).replica.readable_end(),
+                            self.node(id).replica.leader_epoch(),
+                            self.node(id).log.len()
+                        );
+                    }
                     if let Ok(exposed) = self.node(id).replica.readable_end() {
                         if exposed < self.max_exposed {
                             self.violation(
@@ -532,14 +604,15 @@ impl Sim {
                         .iter()
                         .map(|&n| (n, self.cluster.brokers.get(&n).map_or(BrokerEpoch(0), |b| b.epoch)))
                         .collect();
-                    if let Ok(change) = self.cluster.alter_partition(
-                        &self.tp.clone(),
-                        id,
-                        leader_epoch,
-                        partition_epoch,
-                        &members,
-                    ) {
-                        self.applied(vec![change]);
+                    let tp = self.tp.clone();
+                    match self.cluster.alter_partition(&tp, id, leader_epoch, partition_epoch, &members) {
+                        Ok(change) => self.applied(vec![change]),
+                        Err(_) => {
+                            // The leader hears the refusal and may propose again.
+                            let now = self.now;
+                            let commands = self.node_mut(id).replica.on(Event::IsrRejected, now);
+                            self.apply(id, commands);
+                        }
                     }
                 }
                 Command::Truncate { offset } => {
@@ -574,7 +647,7 @@ impl Sim {
         let now = self.now;
         self.check_metadata(&partition);
         for id in NODES {
-            if !self.node(id).alive {
+            if !self.running(id) {
                 continue;
             }
             let known = self.node(id).known;
@@ -609,9 +682,19 @@ impl Sim {
                 Some(leader) if epoch_changed => {
                     Some(Event::BecomeFollower { leader, epoch: partition.leader_epoch })
                 }
+                None if epoch_changed => Some(Event::Offline { epoch: partition.leader_epoch }),
                 _ => None,
             };
             self.node_mut(id).known = Some(current);
+            if std::env::var_os("SKEIN_SIM_TRACE").is_some() {
+                eprintln!(
+                    "t={} notify {id}: {event:?} (log {}, isr {:?}, elr {:?})",
+                    self.now,
+                    self.node(id).log.len(),
+                    partition.isr,
+                    partition.elr
+                );
+            }
             if let Some(event) = event {
                 let commands = self.node_mut(id).replica.on(event, now);
                 self.apply(id, commands);
@@ -743,19 +826,25 @@ impl Sim {
             if node.log != log {
                 let same = node.log.iter().zip(&log).take_while(|(a, b)| a == b).count();
                 let detail = format!(
-                    "{id} does not hold the leader's log after healing: {} records (the leader {} has {}), same up to {same}, its high watermark {}, fetching in epoch {:?}",
+                    "{id} does not hold the leader's log after healing: {} records (its replica says {}; the leader {} has {}), same up to {same}, its high watermark {}, fetching in epoch {:?}",
                     node.log.len(),
+                    node.replica.log_end(),
                     leader,
                     log.len(),
                     node.replica.high_watermark(),
                     node.replica.next_fetch().map(|f| f.0),
                 );
                 let detail = format!(
+                    "{detail}; epochs: its {:?}, the leader's {:?}",
+                    node.replica.epochs().entries(),
+                    self.node(leader).replica.epochs().entries()
+                );
+                let detail = format!(
                     "{detail}; metadata: leader epoch {:?}, ISR {:?}; the leader leads epoch {:?}; fetches pending for it: {}",
                     partition.leader_epoch,
                     partition.isr,
                     self.node(leader).replica.leader_epoch(),
-                    self.events.values().filter(|e| matches!(e, Ev::SendFetch { node, .. } | Ev::FetchTimeout { node, .. } if *node == id) || matches!(e, Ev::Deliver { msg: Msg::Fetch { from, .. }, .. } if *from == id)).count(),
+                    self.queue.iter().filter_map(|Reverse((at, seq))| self.events.get(seq).map(|e| (at, e))).filter(|(_, e)| matches!(e, Ev::SendFetch { node, .. } | Ev::FetchTimeout { node, .. } if *node == id) || matches!(e, Ev::Deliver { msg: Msg::Fetch { from, .. }, .. } if *from == id)).map(|(at, e)| format!("{at}:{}", match e { Ev::SendFetch { epoch, .. } => format!("send e{}", epoch.0), Ev::FetchTimeout { epoch, generation, .. } => format!("timeout e{} g{generation} (now g{})", epoch.0, node.fetch_generation), Ev::Deliver { to, .. } => format!("fetch to {to}"), _ => String::new() })).collect::<Vec<_>>().join(", "),
                 );
                 self.violation("liveness", detail);
             }
