@@ -300,7 +300,11 @@ impl Shard {
                     self.preparing.borrow_mut().remove(name);
                 }
                 Delta::TopicDeleted { name, .. } => self.router.borrow_mut().remove(name),
-                Delta::ProducerIdsReserved { .. } => {}
+                // A single node's controller makes no broker or partition records yet (every
+                // partition is led here); the replica manager will act on these.
+                Delta::ProducerIdsReserved { .. }
+                | Delta::BrokerChanged { .. }
+                | Delta::PartitionChanged { .. } => {}
             }
         }
         self.reconcile().await
