@@ -149,11 +149,27 @@ async fn three_members_share_six_partitions_and_survive_a_killed_member() {
 
     // New records are all read by the survivors, nothing lost.
     produce(&broker, "events", 600, 600).await;
-    eventually(Duration::from_secs(30), "all 1200 records read", async || {
+    let read_all = async || {
         let seen: BTreeSet<String> = members.iter().flat_map(|m| m.records()).map(|r| r.2).collect();
         seen.len() == 1200
-    })
-    .await;
+    };
+    let started = Instant::now();
+    while !read_all().await && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !read_all().await {
+        // Say where reading stopped: per partition, the last offset each survivor printed,
+        // and who owns what now.
+        let mut last: BTreeMap<(usize, u32), u64> = BTreeMap::new();
+        for (index, member) in members.iter().enumerate() {
+            for (partition, offset, _) in member.records() {
+                let entry = last.entry((index, partition)).or_default();
+                *entry = (*entry).max(offset);
+            }
+        }
+        let owned = ownership(&admin, "workers").await;
+        panic!("all 1200 records read did not happen within 30s: last offset printed per (member, partition) {last:?}; ownership {owned:?}");
+    }
     // Re-reads happen only on the victim's partitions, and only after its last commit.
     let mut count: HashMap<(u32, u64), usize> = HashMap::new();
     for record in members.iter().flat_map(|m| m.records()) {
