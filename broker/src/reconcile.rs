@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use skein_net::types::ShardId;
 use skein_replication::metadata::{MetadataImage, TopicConfig};
 
-use crate::router::place;
+use crate::router::placed_on;
 
 /// What to do on one shard.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -38,8 +38,8 @@ pub fn plan(
     let mut plan = Plan::default();
     for (name, config) in &image.topics {
         let opened = open.get(name);
-        let missing: Vec<u32> = (0..config.partitions)
-            .filter(|&p| place(name, p, shards) == shard)
+        let missing: Vec<u32> = placed_on(name, config.partitions, shards, shard)
+            .into_iter()
             .filter(|p| opened.is_none_or(|o| !o.contains(p)))
             .collect();
         if !missing.is_empty() {
@@ -76,7 +76,7 @@ mod tests {
         let mut image = MetadataImage::default();
         apply(&mut image, &[MetadataRecord::TopicCreated { name: "t".into(), config: config(4) }]).unwrap();
         let shard = ShardId(1);
-        let placed: Vec<u32> = (0..4).filter(|&p| place("t", p, 2) == shard).collect();
+        let placed = placed_on("t", 4, 2, shard);
         assert_eq!(placed.len(), 2);
         let nothing_open = BTreeMap::new();
         let plan = plan(&image, shard, 2, &nothing_open, &HashSet::new());

@@ -22,6 +22,11 @@ pub fn place(topic: &str, partition: u32, shards: usize) -> ShardId {
     ShardId::from_index((crc32c::crc32c(topic.as_bytes()) as usize).wrapping_add(partition as usize) % shards)
 }
 
+/// The partitions of a topic of `partitions` that [`place`] puts on `shard`.
+pub fn placed_on(topic: &str, partitions: u32, shards: usize, shard: ShardId) -> Vec<u32> {
+    (0..partitions).filter(|&p| place(topic, p, shards) == shard).collect()
+}
+
 /// Where to send a request for a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Location {

@@ -250,8 +250,7 @@ impl Shard {
 
     /// The partitions of a topic placed on this shard.
     fn placed_here(&self, name: &str, partitions: u32) -> Vec<u32> {
-        let me = ShardId::from_index(self.id);
-        (0..partitions).filter(|&p| crate::router::place(name, p, self.shards) == me).collect()
+        crate::router::placed_on(name, partitions, self.shards, ShardId::from_index(self.id))
     }
 
     /// A partition this shard owns.

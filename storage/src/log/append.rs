@@ -7,11 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 
-use super::{
-    failed_error, Active, AppendAck, Appended, Log, Mark, PendingAck, Sealed, FREE_BUFFERS_MAX,
-    PREALLOCATE_STEP_MIN,
-};
-use crate::appender::Appender;
+use super::{failed_error, Active, AppendAck, Appended, Log, Mark, PendingAck, Sealed, PREALLOCATE_STEP_MIN};
 use crate::batch::{self, BatchError};
 use crate::cache::CacheEntry;
 use crate::error::{glommio_io, Result, StorageError};
@@ -279,19 +275,7 @@ impl Log {
         let mark =
             Mark { offset: summary.next_offset, position: SEGMENT_HEADER_BYTES, max_timestamp: i64::MIN };
         let base = summary.base_offset;
-        state.active = Active {
-            file: next,
-            allocated: SEGMENT_HEADER_BYTES,
-            created_ms,
-            max_timestamp: i64::MIN,
-            index: Vec::new(),
-            appender: Appender::new(
-                shared.config.write_buffer_bytes,
-                FREE_BUFFERS_MAX,
-                SEGMENT_HEADER_BYTES,
-                Vec::new(),
-            ),
-        };
+        state.active = Active::empty(next, created_ms, shared.config.write_buffer_bytes);
         state.sealed.insert(base, Sealed { file: segment, summary, index: Some(entries) });
         state.touch_loaded(base, shared.config.loaded_indexes_max);
         state.written = mark;

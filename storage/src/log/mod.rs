@@ -165,6 +165,25 @@ struct Active {
     appender: Appender,
 }
 
+impl Active {
+    /// A segment just created: nothing after its header, no index, empty write buffers.
+    fn empty(file: Rc<SegmentFile>, created_ms: i64, write_buffer_bytes: usize) -> Active {
+        Active {
+            file,
+            allocated: crate::files::SEGMENT_HEADER_BYTES,
+            created_ms,
+            max_timestamp: i64::MIN,
+            index: Vec::new(),
+            appender: Appender::new(
+                write_buffer_bytes,
+                FREE_BUFFERS_MAX,
+                crate::files::SEGMENT_HEADER_BYTES,
+                Vec::new(),
+            ),
+        }
+    }
+}
+
 struct State {
     sealed: BTreeMap<u64, Sealed>,
     active: Active,

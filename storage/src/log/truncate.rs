@@ -187,19 +187,7 @@ impl Log {
         let mark = Mark { offset: start, position: SEGMENT_HEADER_BYTES, max_timestamp: i64::MIN };
         state.sealed.clear();
         state.loaded.clear();
-        state.active = Active {
-            file: segment,
-            allocated: SEGMENT_HEADER_BYTES,
-            created_ms,
-            max_timestamp: i64::MIN,
-            index: Vec::new(),
-            appender: Appender::new(
-                shared.config.write_buffer_bytes,
-                FREE_BUFFERS_MAX,
-                SEGMENT_HEADER_BYTES,
-                Vec::new(),
-            ),
-        };
+        state.active = Active::empty(segment, created_ms, shared.config.write_buffer_bytes);
         state.next_offset = start;
         state.written = mark;
         state.synced = mark;
