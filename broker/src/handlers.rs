@@ -248,7 +248,7 @@ async fn produce(
             } else if !partition_exists(shard, &topic.name, partition.partition) {
                 Box::pin(std::future::ready(immediate(ErrorCode::UnknownTopicOrPartition)))
             } else {
-                match locate(shard, &topic.name, partition.partition) {
+                match shard.route(&topic.name, partition.partition) {
                     None => Box::pin(std::future::ready(immediate(ErrorCode::UnknownTopicOrPartition))),
                     Some((owner, _)) if owner == shard.id => {
                         shard
@@ -297,11 +297,6 @@ async fn produce(
 
 /// Time a forwarded call gets beyond its own timeout for the answer to come back.
 const CALL_SLACK: Duration = Duration::from_secs(5);
-
-/// The shard holding a partition, and its shared topic-partition.
-fn locate(shard: &Shard, topic: &str, partition: u32) -> Option<(usize, skein_net::TopicPartition)> {
-    Some((shard.shard_of(topic, partition)?, shard.topic_partition(topic, partition)?))
-}
 
 /// One partition of a fetch, with where its answer goes.
 struct FetchSlot {
@@ -359,7 +354,7 @@ async fn fetch(shard: &Rc<Shard>, request: FetchRequest) -> FetchResponse<Record
         let remaining = (deadline - now).as_millis().max(1) as u32;
         let mut by_owner: BTreeMap<usize, Vec<(skein_net::TopicPartition, u64)>> = BTreeMap::new();
         for slot in &slots {
-            if let Some((owner, tp)) = locate(shard, &slot.topic, slot.partition) {
+            if let Some((owner, tp)) = shard.route(&slot.topic, slot.partition) {
                 by_owner.entry(owner).or_default().push((tp, slot.offset));
             }
         }
@@ -392,7 +387,7 @@ async fn read_pass(shard: &Rc<Shard>, slots: &[FetchSlot], max_bytes: u32) -> Ve
     let mut outcomes: Vec<Option<FetchOutcome>> = (0..slots.len()).map(|_| None).collect();
     let mut reads: BTreeMap<(bool, usize), Vec<(usize, mesh::FetchRead)>> = BTreeMap::new();
     for (index, slot) in slots.iter().enumerate() {
-        let Some((owner, tp)) = locate(shard, &slot.topic, slot.partition) else {
+        let Some((owner, tp)) = shard.route(&slot.topic, slot.partition) else {
             outcomes[index] = Some(FetchOutcome::error(ErrorCode::UnknownTopicOrPartition));
             continue;
         };
@@ -432,7 +427,7 @@ async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOff
                     error,
                     offset: -1,
                 };
-                match locate(shard, &topic.name, partition.partition) {
+                match shard.route(&topic.name, partition.partition) {
                     None => failed(ErrorCode::UnknownTopicOrPartition),
                     Some((owner, tp)) => {
                         match shard

@@ -3,7 +3,7 @@
 //! Each shard keeps its own [`PartitionTable`] (no sharing, no locks). An entry is written when
 //! the shard learns of a topic (at start-up from the stored metadata, or when the controller
 //! applies a creation) and removed when the topic goes; requests look partitions up with
-//! [`PartitionTable::locate`] instead of hashing at each call. Today every partition is led by
+//! [`PartitionTable::route`] instead of hashing at each call. Today every partition is led by
 //! this node, so a location is a shard of this node; in a cluster the same table will say
 //! which node leads a partition, and that no one does during an election.
 //!
@@ -27,15 +27,6 @@ pub fn placed_on(topic: &str, partitions: u32, shards: usize, shard: ShardId) ->
     (0..partitions).filter(|&p| place(topic, p, shards) == shard).collect()
 }
 
-/// Where to send a request for a partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Location {
-    /// A shard of this node holds it.
-    Local(ShardId),
-    /// No such topic or partition here.
-    Unknown,
-}
-
 /// The partitions this node knows, topic by topic, with the shard holding each.
 #[derive(Debug, Default)]
 pub struct PartitionTable {
@@ -53,33 +44,12 @@ impl PartitionTable {
         self.topics.remove(topic);
     }
 
-    pub fn locate(&self, topic: &str, partition: u32) -> Location {
-        match self.topics.get(topic).and_then(|owners| owners.get(partition as usize)) {
-            Some(&shard) => Location::Local(shard),
-            None => Location::Unknown,
-        }
-    }
-
-    /// The shard holding a partition, if this node knows it.
-    pub fn shard_of(&self, topic: &str, partition: u32) -> Option<ShardId> {
-        match self.locate(topic, partition) {
-            Location::Local(shard) => Some(shard),
-            Location::Unknown => None,
-        }
-    }
-
-    /// The partitions of `topic` that `shard` holds.
-    pub fn partitions_on(&self, topic: &str, shard: ShardId) -> Vec<u32> {
-        self.topics
-            .get(topic)
-            .map(|owners| (0..owners.len() as u32).filter(|&p| owners[p as usize] == shard).collect())
-            .unwrap_or_default()
-    }
-
-    /// The table's entry for a topic as shared topic-partitions.
-    pub fn topic_partition(&self, topic: &str, partition: u32) -> Option<TopicPartition> {
+    /// The shard holding a partition this node knows, with the partition's shared
+    /// topic-partition (one lookup on the request path).
+    pub fn route(&self, topic: &str, partition: u32) -> Option<(ShardId, TopicPartition)> {
         let (name, owners) = self.topics.get_key_value(topic)?;
-        ((partition as usize) < owners.len()).then(|| TopicPartition { topic: name.clone(), partition })
+        let shard = *owners.get(partition as usize)?;
+        Some((shard, TopicPartition { topic: name.clone(), partition }))
     }
 }
 
@@ -101,18 +71,17 @@ mod tests {
     #[test]
     fn the_table_answers_from_what_was_assigned_not_from_a_hash() {
         let mut table = PartitionTable::default();
-        assert_eq!(table.locate("t", 0), Location::Unknown);
+        assert_eq!(table.route("t", 0), None);
         table.assign("t", 3, 2);
         for p in 0..3 {
-            assert_eq!(table.locate("t", p), Location::Local(place("t", p, 2)));
+            assert_eq!(table.route("t", p).map(|r| r.0), Some(place("t", p, 2)));
         }
-        assert_eq!(table.locate("t", 3), Location::Unknown, "past the partition count");
-        let on_0 = table.partitions_on("t", ShardId(0));
-        let on_1 = table.partitions_on("t", ShardId(1));
+        assert_eq!(table.route("t", 3), None, "past the partition count");
+        let on_0 = placed_on("t", 3, 2, ShardId(0));
+        let on_1 = placed_on("t", 3, 2, ShardId(1));
         assert_eq!(on_0.len() + on_1.len(), 3);
-        assert_eq!(table.topic_partition("t", 2).map(|tp| tp.to_string()), Some("t/2".to_owned()));
+        assert_eq!(table.route("t", 2).map(|r| r.1.to_string()), Some("t/2".to_owned()));
         table.remove("t");
-        assert_eq!(table.locate("t", 0), Location::Unknown);
-        assert_eq!(table.topic_partition("t", 0), None);
+        assert_eq!(table.route("t", 0), None);
     }
 }

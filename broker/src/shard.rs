@@ -42,7 +42,7 @@ use crate::metadata::{
 };
 use crate::producers::{self, Check, ProducerTable};
 use crate::reconcile;
-use crate::router::{Location, PartitionTable};
+use crate::router::PartitionTable;
 use skein_replication::controller;
 use skein_replication::metadata::{apply as metadata_apply, Delta, MetadataImage, MetadataRecord};
 
@@ -233,19 +233,10 @@ impl Shard {
         std::cell::Ref::map(self.image.borrow(), |image| &image.topics)
     }
 
-    /// Where a partition lives (from the partition table, never a hash at the call).
-    pub fn locate(&self, topic: &str, partition: u32) -> Location {
-        self.router.borrow().locate(topic, partition)
-    }
-
-    /// The shard holding a partition this node knows.
-    pub fn shard_of(&self, topic: &str, partition: u32) -> Option<usize> {
-        self.router.borrow().shard_of(topic, partition).map(ShardId::index)
-    }
-
-    /// The shared topic-partition of a partition this node knows.
-    pub fn topic_partition(&self, topic: &str, partition: u32) -> Option<TopicPartition> {
-        self.router.borrow().topic_partition(topic, partition)
+    /// The shard holding a partition this node knows, and its shared topic-partition (from
+    /// the partition table, never a hash at the call).
+    pub fn route(&self, topic: &str, partition: u32) -> Option<(usize, TopicPartition)> {
+        self.router.borrow().route(topic, partition).map(|(shard, tp)| (shard.index(), tp))
     }
 
     /// The partitions of a topic placed on this shard.
