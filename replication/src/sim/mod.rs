@@ -844,7 +844,7 @@ impl Sim {
                     partition.leader_epoch,
                     partition.isr,
                     self.node(leader).replica.leader_epoch(),
-                    self.queue.iter().filter_map(|Reverse((at, seq))| self.events.get(seq).map(|e| (at, e))).filter(|(_, e)| matches!(e, Ev::SendFetch { node, .. } | Ev::FetchTimeout { node, .. } if *node == id) || matches!(e, Ev::Deliver { msg: Msg::Fetch { from, .. }, .. } if *from == id)).map(|(at, e)| format!("{at}:{}", match e { Ev::SendFetch { epoch, .. } => format!("send e{}", epoch.0), Ev::FetchTimeout { epoch, generation, .. } => format!("timeout e{} g{generation} (now g{})", epoch.0, node.fetch_generation), Ev::Deliver { to, .. } => format!("fetch to {to}"), _ => String::new() })).collect::<Vec<_>>().join(", "),
+                    self.pending_fetches(id),
                 );
                 self.violation("liveness", detail);
             }
@@ -852,6 +852,27 @@ impl Sim {
         if !self.waiting.is_empty() {
             self.violation("liveness", format!("{} acknowledgements still waiting", self.waiting.len()));
         }
+    }
+}
+
+impl Sim {
+    /// The fetch events of `id` still queued, for a liveness report: when, and what.
+    fn pending_fetches(&self, id: NodeId) -> String {
+        let mut pending = Vec::new();
+        for Reverse((at, seq)) in &self.queue {
+            let what = match self.events.get(seq) {
+                Some(Ev::SendFetch { node, epoch }) if *node == id => format!("send e{}", epoch.0),
+                Some(Ev::FetchTimeout { node, epoch, generation }) if *node == id => {
+                    format!("timeout e{} g{generation} (now g{})", epoch.0, self.node(id).fetch_generation)
+                }
+                Some(Ev::Deliver { to, msg: Msg::Fetch { from, .. } }) if *from == id => {
+                    format!("fetch to {to}")
+                }
+                _ => continue,
+            };
+            pending.push(format!("{at}:{what}"));
+        }
+        pending.join(", ")
     }
 }
 
