@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{cli, skein, Broker};
 use skein_client::{
     Admin, Consumer, ConsumerConfig, GroupConfig, Producer, ProducerConfig, ProducerRecord, RebalanceEvent,
-    TopicPartition,
+    SeekTo, TopicPartition,
 };
 
 /// A `skein consume --group` process whose printed records (partition, offset, value) are
@@ -28,9 +28,9 @@ impl Member {
         let mut child = skein()
             .args(["consume", topic, "--group", group, "--format", "full", "--session-timeout-ms", "3000"])
             .env("SKEIN_BOOTSTRAP", &broker.addr)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("SKEIN_TEST_MEMBER_LOG_LEVEL").unwrap_or("warn".into()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(member_log())
             .spawn()
             .expect("skein consume starts");
         let stdout = child.stdout.take().unwrap();
@@ -48,6 +48,21 @@ impl Member {
 
     fn records(&self) -> Vec<(u32, u64, String)> {
         self.lines.lock().unwrap().clone()
+    }
+}
+
+/// Where a member's log goes: a new file under `SKEIN_TEST_MEMBER_LOG_DIR` when set (to
+/// diagnose a failure), otherwise nowhere.
+fn member_log() -> Stdio {
+    match std::env::var_os("SKEIN_TEST_MEMBER_LOG_DIR") {
+        Some(dir) => {
+            let path = tempfile::Builder::new().prefix("member-").suffix(".log").tempfile_in(dir);
+            match path.and_then(|file| file.keep().map_err(|e| e.error)) {
+                Ok((file, _)) => Stdio::from(file),
+                Err(_) => Stdio::null(),
+            }
+        }
+        None => Stdio::null(),
     }
 }
 
@@ -123,6 +138,9 @@ async fn three_members_share_six_partitions_and_survive_a_killed_member() {
     let mut members = members;
     let victim = members.pop().unwrap();
     let victim_partitions: BTreeSet<u32> = victim.records().iter().map(|r| r.0).collect();
+    // What the victim printed stays readable after the kill (its reader thread keeps it): the
+    // records it alone read before the survivors joined count as read.
+    let victim_lines = victim.lines.clone();
     drop(victim); // SIGKILL
     let seen_at_kill: Vec<usize> = members.iter().map(|m| m.records().len()).collect();
     let committed_at_kill: HashMap<u32, u64> = {
@@ -147,11 +165,17 @@ async fn three_members_share_six_partitions_and_survive_a_killed_member() {
         );
     }
 
-    // New records are all read by the survivors, nothing lost.
+    // New records are all read by the survivors, nothing lost; the first 600 by someone.
     produce(&broker, "events", 600, 600).await;
     let read_all = async || {
-        let seen: BTreeSet<String> = members.iter().flat_map(|m| m.records()).map(|r| r.2).collect();
-        seen.len() == 1200
+        let survivors: BTreeSet<String> = members.iter().flat_map(|m| m.records()).map(|r| r.2).collect();
+        let new_ones = (600..1200).filter(|i| survivors.contains(&format!("r{i}"))).count();
+        let victim: Vec<String> = victim_lines.lock().unwrap().iter().map(|r| r.2.clone()).collect();
+        let old_ones = (0..600).filter(|i| {
+            let value = format!("r{i}");
+            survivors.contains(&value) || victim.contains(&value)
+        });
+        new_ones == 600 && old_ones.count() == 600
     };
     let started = Instant::now();
     while !read_all().await && started.elapsed() < Duration::from_secs(30) {
@@ -168,7 +192,24 @@ async fn three_members_share_six_partitions_and_survive_a_killed_member() {
             }
         }
         let owned = ownership(&admin, "workers").await;
-        panic!("all 1200 records read did not happen within 30s: last offset printed per (member, partition) {last:?}; ownership {owned:?}");
+        // Whether the broker serves what the members did not print: per partition, its end
+        // and how many records a fresh consumer reads from after the highest printed offset.
+        let ends: Vec<u64> =
+            admin.describe_topic("events").await.unwrap().partitions.iter().map(|p| p.end_offset).collect();
+        let mut fresh_reads = BTreeMap::new();
+        for partition in 0..6u32 {
+            let from =
+                last.iter().filter(|((_, p), _)| *p == partition).map(|(_, o)| o + 1).max().unwrap_or(0);
+            let mut consumer = Consumer::new(broker.client().await, ConsumerConfig::default());
+            consumer.assign("events", &[partition]).await.unwrap();
+            consumer.seek("events", partition, SeekTo::Offset(from)).await.unwrap();
+            let wanted = ends[partition as usize].saturating_sub(from) as usize;
+            fresh_reads.insert(partition, (from, read(&mut consumer, wanted).await.len()));
+        }
+        panic!(
+            "all 600 new records read by the survivors (and the first 600 by anyone) did not happen within 30s: last offset printed per (member, partition) {last:?}; \
+             ownership {owned:?}; partition ends {ends:?}; a fresh consumer from the next offset read (from, count) {fresh_reads:?}"
+        );
     }
     // Re-reads happen only on the victim's partitions, and only after its last commit.
     let mut count: HashMap<(u32, u64), usize> = HashMap::new();

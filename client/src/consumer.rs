@@ -136,6 +136,8 @@ impl Consumer {
                     // A response to positions that moved since (a seek) is stale.
                     if asked.iter().all(|(key, offset)| self.fetcher.positions.get(key) == Some(offset)) {
                         self.fetcher.absorb(response).await?;
+                    } else {
+                        tracing::trace!(?asked, positions = ?self.fetcher.positions, "stale fetch response dropped");
                     }
                 }
                 Ok(Err(error)) if error.is_retriable() => {

@@ -221,6 +221,14 @@ impl Fetcher {
             for partition in topic.partitions {
                 let key = TopicPartition::new(topic.name.as_str(), partition.partition);
                 let Some(&position) = self.positions.get(&key) else { continue };
+                tracing::trace!(
+                    %key,
+                    position,
+                    error = ?partition.error,
+                    high_watermark = partition.high_watermark,
+                    bytes = partition.records.len(),
+                    "fetched"
+                );
                 match partition.error {
                     ErrorCode::None => {}
                     ErrorCode::OffsetOutOfRange => {

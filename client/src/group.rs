@@ -310,6 +310,7 @@ impl GroupState {
                 }
             }
             fetcher.cancel_prefetch();
+            tracing::debug!(?added, positions = ?fetcher.positions, "partitions assigned");
             self.push_event(RebalanceEvent::Assigned(added));
         }
         self.set_owned(target);
