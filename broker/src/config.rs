@@ -42,6 +42,13 @@ pub struct BrokerConfig {
     /// Disk space the whole broker may have allocated ahead of its partitions' data (split
     /// evenly across shards).
     pub preallocate_bytes_max: u64,
+    /// Where `/metrics`, `/health` and `/ready` are served (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Per-partition metric series only while the broker holds at most this many partitions
+    /// (0: never).
+    pub partition_series_max: usize,
+    /// Log every request (API, correlation id, size, time to respond) at `info`.
+    pub log_requests: bool,
 }
 
 impl BrokerConfig {
@@ -65,6 +72,9 @@ impl BrokerConfig {
             preempt_timer: Duration::from_micros(250),
             open_files_max: None,
             preallocate_bytes_max: 1 << 30,
+            metrics_listen: None,
+            partition_series_max: 1000,
+            log_requests: false,
         }
     }
 

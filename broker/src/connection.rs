@@ -91,7 +91,11 @@ async fn read_loop(
                         Ok(header) => header,
                         Err(error) => return End::Frame(error),
                     };
+                    let received = std::time::Instant::now();
+                    shard.metrics.request(header.api_key, whole.len());
+                    let (api_key, correlation_id) = (header.api_key, header.correlation_id);
                     let pending = handlers::handle(shard, header, whole).await;
+                    let pending = measured(shard.clone(), api_key, correlation_id, received, pending);
                     if sender.send(pending).await.is_err() {
                         return End::Closed;
                     }
@@ -135,6 +139,44 @@ async fn read_loop(
             Err(end) => return end,
         }
     }
+}
+
+/// The response future, counted in the shard's metrics when it is ready (and logged with
+/// `log_requests`).
+fn measured(
+    shard: Rc<Shard>,
+    api_key: u16,
+    correlation_id: u32,
+    received: std::time::Instant,
+    pending: LocalFuture<Outgoing>,
+) -> LocalFuture<Outgoing> {
+    Box::pin(async move {
+        let outgoing = pending.await;
+        let elapsed = received.elapsed();
+        let bytes = match &outgoing {
+            Outgoing::None => 0,
+            Outgoing::Frame(frame) => frame.len(),
+            Outgoing::Parts(parts) => parts
+                .iter()
+                .map(|part| match part {
+                    Part::Bytes(bytes) => bytes.len(),
+                    Part::Records(records) => records.len(),
+                })
+                .sum(),
+        };
+        shard.metrics.responded(api_key, elapsed);
+        shard.metrics.response_bytes(bytes);
+        if shard.config.log_requests {
+            tracing::info!(
+                api = %crate::metrics::api_name(api_key),
+                correlation_id,
+                response_bytes = bytes,
+                micros = elapsed.as_micros() as u64,
+                "request"
+            );
+        }
+        outgoing
+    })
 }
 
 /// Reads once, giving up after `timeout`; wakes every second to notice a broker shutdown.

@@ -43,6 +43,7 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
         // answered, at version 0 (which every client reads), with the versions it does speak,
         // so the client can retry at one of them.
         Err(RequestError::UnsupportedVersion { api: ApiKey::ApiVersions, .. }) if expects_response => {
+            shard.metrics.errors(header.api_key, 1);
             let response =
                 ApiVersionsResponse { error: ErrorCode::UnsupportedVersion, ..api_versions(shard) };
             return Box::pin(std::future::ready(Outgoing::Frame(encode_response(correlation_id, |w| {
@@ -50,6 +51,7 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
             }))));
         }
         Err(error) => {
+            shard.metrics.errors(header.api_key, 1);
             tracing::info!(%error, correlation_id, "refused a request");
             let outgoing = if expects_response {
                 Outgoing::Frame(frame::encode_error_response(correlation_id, error.code()))
@@ -73,6 +75,9 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
             let shard = shard.clone();
             Box::pin(async move {
                 let topics = shard.request_create_topics(request.topics).await;
+                shard
+                    .metrics
+                    .errors(ApiKey::CreateTopics as u16, topics.iter().filter(|t| !t.error.is_ok()).count());
                 respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
             })
         }
@@ -80,13 +85,20 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
             let shard = shard.clone();
             Box::pin(async move {
                 let topics = shard.request_delete_topics(request.names).await;
+                shard
+                    .metrics
+                    .errors(ApiKey::DeleteTopics as u16, topics.iter().filter(|t| !t.error.is_ok()).count());
                 respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
             })
         }
         Request::Produce(request) => {
             let completion = produce(shard, request, frame).await;
+            let shard = shard.clone();
             Box::pin(async move {
                 let response = completion.await;
+                let failed =
+                    response.topics.iter().flat_map(|t| &t.partitions).filter(|p| !p.error.is_ok()).count();
+                shard.metrics.errors(ApiKey::Produce as u16, failed);
                 respond(encode_response(correlation_id, |w| response.encode(w)))
             })
         }
@@ -94,6 +106,12 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
             let shard = shard.clone();
             Box::pin(async move {
                 let response = fetch(&shard, request).await;
+                let partitions = response.topics.iter().flat_map(|t| &t.partitions);
+                let (failed, bytes) = partitions.fold((0, 0), |(failed, bytes), p| {
+                    (failed + usize::from(!p.error.is_ok()), bytes + p.records.len())
+                });
+                shard.metrics.errors(ApiKey::Fetch as u16, failed);
+                shard.metrics.fetched(bytes);
                 if expects_response {
                     Outgoing::Parts(response.encode_parts(correlation_id))
                 } else {
@@ -105,6 +123,9 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
             let shard = shard.clone();
             Box::pin(async move {
                 let response = list_offsets(&shard, request).await;
+                let failed =
+                    response.topics.iter().flat_map(|t| &t.partitions).filter(|p| !p.error.is_ok()).count();
+                shard.metrics.errors(ApiKey::ListOffsets as u16, failed);
                 respond(encode_response(correlation_id, |w| response.encode(w)))
             })
         }

@@ -16,6 +16,10 @@
 //! * [`handlers`]: what each API does.
 //! * [`sendfile`]: how records reach the socket (memory, or `sendfile` on the shard for ranges
 //!   wholly in the page cache; cold ranges are read with O_DIRECT by the storage engine).
+//! * [`metrics`]: Prometheus metrics counted per shard and merged on scrape, `/health`,
+//!   `/ready` (an HTTP thread beside the shards).
+//! * [`settings`]: the config file (`skein.toml`), its environment overrides, and how they
+//!   and the flags make a [`BrokerConfig`].
 //! * [`metadata`]: the stored snapshot of the topics and the producer-id blocks (the topic
 //!   settings, records, image and controller rules themselves are in `skein-replication`).
 //! * [`reconcile`]: what a shard opens and closes so that its partitions match its metadata
@@ -55,6 +59,7 @@ pub mod groups;
 pub mod handlers;
 pub mod mesh;
 pub mod metadata;
+pub mod metrics;
 mod oneshot;
 pub mod preflight;
 pub mod producers;
@@ -62,6 +67,7 @@ pub mod reconcile;
 pub mod router;
 pub mod sendfile;
 pub mod server;
+pub mod settings;
 pub mod shard;
 
 pub use config::BrokerConfig;

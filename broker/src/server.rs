@@ -92,6 +92,9 @@ struct Phase {
 /// A running broker. Dropping it without [`RunningBroker::stop`] stops it too.
 pub struct RunningBroker {
     pub addr: SocketAddr,
+    /// Where `/metrics`, `/health` and `/ready` are served, when they are.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics: Option<crate::metrics::MetricsThread>,
     stop: Arc<AtomicBool>,
     executors: Vec<glommio::ExecutorJoinHandle<()>>,
     _lock: std::fs::File,
@@ -104,10 +107,14 @@ impl RunningBroker {
     }
 
     fn stop_and_join(&mut self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.hub.set_ready(false);
+        }
         self.stop.store(true, Ordering::SeqCst);
         for executor in self.executors.drain(..) {
             let _ = executor.join();
         }
+        self.metrics = None;
     }
 }
 
@@ -187,6 +194,15 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         preallocate_bytes_max = config.preallocate_bytes_max,
         "budgets: segment files kept open, disk allocated ahead of data"
     );
+    // Metrics first: `/health` answers (and `/ready` says why not) while the shards recover.
+    let metrics = match config.metrics_listen {
+        Some(listen) => Some(
+            crate::metrics::MetricsThread::start(listen, cores, config.partition_series_max)
+                .map_err(|source| StartError::Listen { addr: listen, source })?,
+        ),
+        None => None,
+    };
+    let hub = metrics.as_ref().map(|m| m.hub.clone());
     let config = Arc::new(config);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mesh: MeshBuilder<MeshMessage, _> = MeshBuilder::full(cores, 1024);
@@ -209,6 +225,7 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         let topics = topics.clone();
         let controller = if id == 0 { store.take() } else { None };
         let listen = addr;
+        let hub = hub.clone();
         // The executor keeps glommio's long default time slice; the shard's work runs in a task
         // queue that asks for `preempt_timer` (see `keep_awake`).
         let builder =
@@ -224,10 +241,11 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
             );
             let work = glommio::spawn_local_into(
                 async move {
+                    // Every event logged on this executor's thread carries its shard.
+                    let _shard_span = tracing::info_span!("shard", shard = id).entered();
                     let config = Rc::new(BrokerConfig::clone(&shard_config));
-                    if let Err(reason) =
-                        run_shard(id, config, listen, topics, mesh, controller, &phase, &events).await
-                    {
+                    let shard = ShardStart { id, config, listen, topics, mesh, controller, hub };
+                    if let Err(reason) = run_shard(shard, &phase, &events).await {
                         let _ = events.send((id, ShardEvent::Failed(reason)));
                     }
                 },
@@ -285,7 +303,11 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         }
     }
     let executors = executors.into_iter().map(|handle| handle.expect("every shard is running")).collect();
-    Ok(RunningBroker { addr, stop, executors, _lock: lock })
+    if let Some(metrics) = &metrics {
+        metrics.hub.set_ready(true);
+    }
+    let metrics_addr = metrics.as_ref().map(|m| m.addr);
+    Ok(RunningBroker { addr, metrics_addr, metrics, stop, executors, _lock: lock })
 }
 
 /// Checks that nothing holds the address (and resolves port 0). After a crash the kernel may
@@ -345,17 +367,23 @@ async fn wait_for(flag: &AtomicBool, stop: &AtomicBool) -> bool {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_shard(
+/// What one shard starts with.
+struct ShardStart {
     id: usize,
     config: Rc<BrokerConfig>,
     listen: SocketAddr,
     topics: BTreeMap<String, TopicConfig>,
     mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
     controller: Option<(FileMetadataStore, ProducerIdAllocator)>,
+    hub: Option<Arc<crate::metrics::MetricsHub>>,
+}
+
+async fn run_shard(
+    start: ShardStart,
     phase: &Phase,
     events: &mpsc::Sender<(usize, ShardEvent)>,
 ) -> Result<(), String> {
+    let ShardStart { id, config, listen, topics, mesh, controller, hub } = start;
     let stop = phase.stop.clone();
     tracing::debug!(shard = id, "priming");
     skein_storage::prime_executor(&config.data_dir).await.map_err(|e| e.to_string())?;
@@ -376,6 +404,11 @@ async fn run_shard(
     #[cfg(debug_assertions)]
     if std::env::var("SKEIN_TEST_PANIC_SHARD").is_ok_and(|v| v == id.to_string()) {
         panic!("SKEIN_TEST_PANIC_SHARD: shard {id} panics during recovery");
+    }
+    // Test builds only: a slow recovery (to watch `/ready` say 503 before it says 200).
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("SKEIN_TEST_RECOVERY_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        glommio::timer::sleep(Duration::from_millis(ms)).await;
     }
     let recovery = async {
         // The stored topics as metadata records, applied one by one: each shard's image is
@@ -398,6 +431,10 @@ async fn run_shard(
     glommio::spawn_local(retention_loop(shard.clone())).detach();
     glommio::spawn_local(shard.clone().reconcile_loop()).detach();
     glommio::spawn_local(crate::groups::coordinator_loop(shard.clone())).detach();
+    if let Some(hub) = hub {
+        hub.shard_recovered();
+        glommio::spawn_local(crate::metrics::answer_scrapes(shard.clone(), hub)).detach();
+    }
     let _ = events.send((id, ShardEvent::Recovered));
     tracing::debug!(shard = id, partitions = shard.all_logs().len(), "recovered");
     // Listen only once every shard recovered, so that no request reaches a shard (or is
@@ -438,9 +475,11 @@ async fn run_shard(
                 }
                 let peer = stream.peer_addr().ok();
                 if shard.connections.get() >= shard.config.connections_per_shard() {
+                    shard.metrics.connections_refused.set(shard.metrics.connections_refused.get() + 1);
                     glommio::spawn_local(connection::refuse(stream, peer)).detach();
                     continue;
                 }
+                shard.metrics.connections_accepted.set(shard.metrics.connections_accepted.get() + 1);
                 shard.connections.set(shard.connections.get() + 1);
                 let served = shard.clone();
                 glommio::spawn_local(async move {
@@ -515,9 +554,15 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 ///
 /// It runs until the shard's work is done (the caller drops it then), shutdown included: a
 /// shard that stops flushing its logs needs the wake-ups as much as one that serves.
+///
+/// How late it fires is the shard's reactor lag (`skein_reactor_stalls_total`: a task that ran
+/// too long without yielding, or a starved CPU).
 async fn keep_awake() {
+    const PERIOD: Duration = Duration::from_millis(10);
     loop {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
+        let started = std::time::Instant::now();
+        glommio::timer::sleep(PERIOD).await;
+        crate::metrics::note_timer_lateness(started.elapsed().saturating_sub(PERIOD));
     }
 }
 
@@ -593,9 +638,35 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         fsync,
         data_dir.display()
     );
+    if let Some(metrics) = broker.metrics_addr {
+        println!("skein metrics on http://{metrics}/metrics (/health, /ready)");
+    }
+    notify_systemd("READY=1\nSTATUS=serving");
     let received = signal_receiver.recv().unwrap_or(libc::SIGTERM);
     tracing::info!(signal = received, "stopping");
+    notify_systemd("STOPPING=1");
     broker.stop();
     eprintln!("skein broker stopped");
     Ok(())
+}
+
+/// Tells systemd (a `Type=notify` unit) how the broker stands: a datagram to `$NOTIFY_SOCKET`
+/// (a path, or `@name` in the abstract namespace), the `sd_notify` protocol. Nothing happens
+/// without the variable; a failure is logged, never fatal.
+pub fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = UnixDatagram::unbound().and_then(|socket| {
+        let bytes = path.as_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => UnixAddr::from_abstract_name(name)?,
+            None => UnixAddr::from_pathname(&path)?,
+        };
+        socket.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(error) = sent {
+        tracing::warn!(%error, socket = ?path, "could not notify systemd");
+    }
 }

@@ -189,6 +189,8 @@ pub struct Shard {
     /// Serialises topic changes on the controller.
     controller_gate: glommio::sync::Semaphore,
     pub connections: Cell<usize>,
+    /// What this shard did, for `/metrics` (see [`crate::metrics`]).
+    pub metrics: crate::metrics::ShardMetrics,
     pub shutting_down: Cell<bool>,
     /// The address clients reach this broker at (Metadata responses).
     pub advertised: RefCell<(String, u16)>,
@@ -223,6 +225,7 @@ impl Shard {
             controller: RefCell::new(controller),
             controller_gate: glommio::sync::Semaphore::new(1),
             connections: Cell::new(0),
+            metrics: crate::metrics::ShardMetrics::default(),
             shutting_down: Cell::new(false),
             advertised: RefCell::new(advertised),
         }
@@ -671,8 +674,10 @@ impl Shard {
                 duplicate_through = Some(duplicate_through.map_or(last, |d: u64| d.max(last)));
                 continue;
             }
+            let (records, bytes) = (header.record_count, batch.len());
             match log.append_validated(batch).await {
                 Ok(appended) => {
+                    self.metrics.produced(records, bytes);
                     owned.producers.borrow_mut().record(
                         &header,
                         appended.base_offset,

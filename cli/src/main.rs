@@ -11,7 +11,6 @@ use skein_client::{
     Acks, Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, Producer,
     ProducerConfig, ProducerRecord, SeekTo, TopicPartition,
 };
-use skein_storage::FsyncPolicy;
 
 #[derive(Parser, Debug)]
 #[command(name = "skein", version, about = "Skein: a thread-per-core commit log")]
@@ -23,7 +22,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a broker.
-    Broker(BrokerArgs),
+    Broker(Box<BrokerArgs>),
     /// Create, list, describe and delete topics.
     Topic {
         #[command(subcommand)]
@@ -66,60 +65,127 @@ enum GroupCommand {
     },
 }
 
+/// `skein broker`: every flag is one key of the config file (`--frame-bytes-max` is
+/// `network.frame_bytes_max`); flags beat `SKEIN_<SECTION>_<KEY>` variables, which beat the
+/// file, which beats the defaults (see skein_broker::settings).
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  skein broker\n  skein broker --config /etc/skein/skein.toml --metrics-listen 0.0.0.0:9401\n  SKEIN_STORAGE_FSYNC=always skein broker --print-config"
+)]
 struct BrokerArgs {
-    #[arg(long, default_value = "./skein-data")]
-    data_dir: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:9400")]
-    listen: SocketAddr,
-    /// Shards (one pinned executor each); default: every CPU.
+    /// A TOML config file (sections broker, network, storage, metrics, log).
+    #[arg(long, short = 'c', env = "SKEIN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective settings (file, environment and flags applied) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Where the data lives [broker.data_dir; default ./skein-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Client address [network.listen; default 127.0.0.1:9400].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Shards, one pinned executor each [broker.cores; default 0: every CPU].
     #[arg(long)]
     cores: Option<usize>,
-    /// always, never or interval:MS
-    #[arg(long, default_value = "never")]
-    fsync: FsyncPolicy,
-    #[arg(long, default_value_t = 0)]
-    node_id: u32,
-    /// Largest request frame (bytes).
-    #[arg(long, default_value_t = 64 << 20)]
-    frame_bytes_max: usize,
-    #[arg(long, default_value_t = 10_000)]
-    connections_max: usize,
-    /// Requests in flight per connection before the broker stops reading it.
-    #[arg(long, default_value_t = 64)]
-    in_flight_max: usize,
-    /// Close connections idle this long (seconds).
-    #[arg(long, default_value_t = 600)]
-    idle_timeout_s: u64,
-    /// A frame must arrive completely within this time once started (slow-loris protection,
-    /// milliseconds).
-    #[arg(long, default_value_t = 30_000)]
-    frame_timeout_ms: u64,
-    /// How often retention runs (milliseconds).
-    #[arg(long, default_value_t = 60_000)]
-    retention_check_ms: u64,
-    /// Default segment size of new topics (bytes).
-    #[arg(long, default_value_t = 1 << 30)]
-    segment_bytes: u64,
-    /// Default retention of new topics (hours; 0: forever).
-    #[arg(long, default_value_t = 168)]
-    retention_hours: u64,
-    /// Tail cache per partition (bytes).
-    #[arg(long, default_value_t = 4 << 20)]
-    cache_bytes: usize,
+    /// always, never or interval:MS [storage.fsync; default never].
+    #[arg(long)]
+    fsync: Option<String>,
+    /// [broker.node_id; default 0]
+    #[arg(long)]
+    node_id: Option<u32>,
+    /// Largest request frame, bytes [network.frame_bytes_max; default 64 MiB].
+    #[arg(long)]
+    frame_bytes_max: Option<usize>,
+    /// [network.connections_max; default 10000]
+    #[arg(long)]
+    connections_max: Option<usize>,
+    /// Requests in flight per connection before the broker stops reading it
+    /// [network.in_flight_max; default 64].
+    #[arg(long)]
+    in_flight_max: Option<usize>,
+    /// Close connections idle this long, seconds [network.idle_timeout_s; default 600].
+    #[arg(long)]
+    idle_timeout_s: Option<u64>,
+    /// A frame must arrive completely within this time once started (slow-loris protection),
+    /// milliseconds [network.frame_timeout_ms; default 30000].
+    #[arg(long)]
+    frame_timeout_ms: Option<u64>,
+    /// How often retention runs, milliseconds [storage.retention_check_ms; default 60000].
+    #[arg(long)]
+    retention_check_ms: Option<u64>,
+    /// Default segment size of new topics, bytes [storage.segment_bytes; default 1 GiB].
+    #[arg(long)]
+    segment_bytes: Option<u64>,
+    /// Default retention of new topics, hours; 0: forever [storage.retention_hours; default 168].
+    #[arg(long)]
+    retention_hours: Option<u64>,
+    /// Tail cache per partition, bytes [storage.cache_bytes; default 4 MiB].
+    #[arg(long)]
+    cache_bytes: Option<usize>,
     /// Segment files the broker keeps open at most (idle ones are closed and reopened when
-    /// used); default: three quarters of what RLIMIT_NOFILE leaves after the broker's own
-    /// descriptors.
+    /// used); 0: three quarters of what RLIMIT_NOFILE leaves [storage.open_files_max].
     #[arg(long)]
     open_files_max: Option<usize>,
-    /// Disk space all partitions together may have allocated ahead of their data (bytes).
-    #[arg(long, default_value_t = 1 << 30)]
-    preallocate_bytes_max: u64,
+    /// Disk space all partitions together may have allocated ahead of their data, bytes
+    /// [storage.preallocate_bytes_max; default 1 GiB].
+    #[arg(long)]
+    preallocate_bytes_max: Option<u64>,
+    /// Serve Prometheus /metrics, /health and /ready on HOST:PORT [metrics.listen; default off].
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Per-partition metric series only up to this many partitions; 0: none
+    /// [metrics.partition_series_max; default 1000].
+    #[arg(long)]
+    partition_series_max: Option<usize>,
+    /// text or json [log.format; default text].
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    /// A tracing filter such as info or skein_broker=debug; RUST_LOG wins when set
+    /// [log.level; default info].
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log every request (API, correlation id, response size, time) [log.requests].
+    #[arg(long)]
+    log_requests: bool,
     /// Check what the broker needs (locked memory, open files, io_uring, an O_DIRECT-capable
     /// data directory), print each check with ok / warning / FAILED, and exit (non-zero on a
     /// failure) without starting.
     #[arg(long)]
     check: bool,
+}
+
+impl BrokerArgs {
+    /// The flags given, as `section.key` overrides.
+    fn overrides(&self) -> Vec<skein_broker::settings::Override> {
+        use toml::Value;
+        let int = |v: u64| Value::Integer(v.min(i64::MAX as u64) as i64);
+        let text = |v: &dyn std::fmt::Display| Value::String(v.to_string());
+        let given: [(&str, Option<Value>); 21] = [
+            ("broker.data_dir", self.data_dir.as_ref().map(|v| text(&v.display()))),
+            ("network.listen", self.listen.map(|v| text(&v))),
+            ("broker.cores", self.cores.map(|v| int(v as u64))),
+            ("storage.fsync", self.fsync.as_ref().map(|v| text(v))),
+            ("broker.node_id", self.node_id.map(|v| int(v.into()))),
+            ("network.frame_bytes_max", self.frame_bytes_max.map(|v| int(v as u64))),
+            ("network.connections_max", self.connections_max.map(|v| int(v as u64))),
+            ("network.in_flight_max", self.in_flight_max.map(|v| int(v as u64))),
+            ("network.idle_timeout_s", self.idle_timeout_s.map(int)),
+            ("network.frame_timeout_ms", self.frame_timeout_ms.map(int)),
+            ("storage.retention_check_ms", self.retention_check_ms.map(int)),
+            ("storage.segment_bytes", self.segment_bytes.map(int)),
+            ("storage.retention_hours", self.retention_hours.map(int)),
+            ("storage.cache_bytes", self.cache_bytes.map(|v| int(v as u64))),
+            ("storage.open_files_max", self.open_files_max.map(|v| int(v as u64))),
+            ("storage.preallocate_bytes_max", self.preallocate_bytes_max.map(int)),
+            ("metrics.listen", self.metrics_listen.map(|v| text(&v))),
+            ("metrics.partition_series_max", self.partition_series_max.map(|v| int(v as u64))),
+            ("log.format", self.log_format.as_ref().map(|v| text(v))),
+            ("log.level", self.log_level.as_ref().map(|v| text(v))),
+            ("log.requests", self.log_requests.then_some(Value::Boolean(true))),
+        ];
+        given.into_iter().filter_map(|(key, value)| Some((key.to_owned(), value?))).collect()
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -249,7 +315,7 @@ fn main() -> ExitCode {
     let matches = Cli::command().version(version()).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
-        Command::Broker(args) => run_broker(args),
+        Command::Broker(args) => run_broker(*args),
         command => {
             init_logging("warn");
             let runtime =
@@ -267,39 +333,35 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(default: &str) {
+    init_logging_as(default, skein_broker::settings::LogFormat::Text);
+}
+
+/// Logs to stderr; `RUST_LOG`, when set, wins over `default`. With JSON, one object per line
+/// (timestamp, level, fields, and the spans: `shard.id` on every shard's lines).
+fn init_logging_as(default: &str, format: skein_broker::settings::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        skein_broker::settings::LogFormat::Json => {
+            builder.json().with_current_span(true).with_span_list(false).try_init()
+        }
+        skein_broker::settings::LogFormat::Text => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
+        }
+    };
 }
 
 fn run_broker(args: BrokerArgs) -> Result<(), String> {
-    init_logging("info");
-    let mut config = skein_broker::BrokerConfig::new(args.data_dir, args.listen);
-    if let Some(cores) = args.cores {
-        if cores == 0 {
-            return Err("--cores must be at least 1".into());
-        }
-        config.cores = cores;
+    let settings =
+        skein_broker::settings::Settings::load(args.config.as_deref(), std::env::vars(), &args.overrides())
+            .map_err(|e| e.to_string())?;
+    if args.print_config {
+        print!("{}", settings.to_toml());
+        return Ok(());
     }
-    config.fsync = args.fsync;
-    config.node_id = args.node_id;
-    config.frame_bytes_max = args.frame_bytes_max;
-    config.connections_max = args.connections_max;
-    config.in_flight_max = args.in_flight_max.max(1);
-    config.idle_timeout = Duration::from_secs(args.idle_timeout_s.max(1));
-    config.frame_timeout = Duration::from_millis(args.frame_timeout_ms.max(10));
-    config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
-    config.default_segment_bytes = args.segment_bytes;
-    config.default_retention =
-        (args.retention_hours > 0).then(|| Duration::from_secs(args.retention_hours * 3600));
-    config.cache_bytes_per_partition = args.cache_bytes;
-    config.open_files_max = args.open_files_max;
-    config.preallocate_bytes_max = args.preallocate_bytes_max;
+    let config = settings.to_broker_config().map_err(|e| e.to_string())?;
+    init_logging_as(&settings.log.level, settings.log.format);
     if args.check {
         let report = skein_broker::preflight::run(&config);
         for line in report.lines() {

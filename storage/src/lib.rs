@@ -9,6 +9,8 @@
 //!   Pure code, no I/O; also what the client and the wire protocol use (build with
 //!   `default-features = false` to get only the format, without glommio).
 //! * [`files`]: byte tables of the segment header, the index files and the checkpoint.
+//! * [`metrics`] (feature `engine`): what a shard's logs did (rolls, fsync latency, cache and
+//!   file reads), counted per shard for the broker's Prometheus metrics.
 //! * [`Log`] (feature `engine`, on by default): the engine. Its module documentation holds the
 //!   crash-consistency argument and the path of an append; the code is split along its seams
 //!   (`log/{append, flusher, recovery, read, retention, truncate}.rs`).
@@ -80,6 +82,8 @@ mod io;
 mod log;
 #[cfg(feature = "mem")]
 pub mod mem;
+#[cfg(feature = "engine")]
+pub mod metrics;
 #[cfg(feature = "engine")]
 mod notify;
 #[cfg(feature = "engine")]

@@ -12,6 +12,8 @@ use skein_client::{Client, ClientConfig};
 pub struct Broker {
     child: Option<Child>,
     pub addr: String,
+    /// Where `/metrics` is served, when started with `--metrics-listen`.
+    pub metrics_addr: Option<String>,
     pub data_dir: PathBuf,
     extra: Vec<String>,
     /// Resource limits (soft = hard) the process starts with.
@@ -37,6 +39,7 @@ impl Broker {
         let mut broker = Broker {
             child: None,
             addr: String::new(),
+            metrics_addr: None,
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             limits: Vec::new(),
@@ -54,6 +57,7 @@ impl Broker {
         let mut broker = Broker {
             child: None,
             addr: String::new(),
+            metrics_addr: None,
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             limits: limits.to_vec(),
@@ -68,6 +72,7 @@ impl Broker {
         let mut broker = Broker {
             child: None,
             addr: String::new(),
+            metrics_addr: None,
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             limits: Vec::new(),
@@ -100,6 +105,11 @@ impl Broker {
             .expect("listening address")
             .to_owned();
         self.addr = addr;
+        if self.extra.iter().any(|arg| arg == "--metrics-listen") {
+            let line = receiver.recv_timeout(Duration::from_secs(10)).expect("the metrics address line");
+            let at = line.find("http://").expect("skein metrics on http://ADDR/metrics") + "http://".len();
+            self.metrics_addr = Some(line[at..].split('/').next().unwrap().to_owned());
+        }
     }
 
     /// Starts the broker process again on the same data directory and address without waiting

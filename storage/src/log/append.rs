@@ -281,6 +281,7 @@ impl Log {
         state.written = mark;
         state.synced = mark;
         state.visible = mark;
+        crate::metrics::count(|c| c.segment_rolls += 1);
         Ok(())
     }
 

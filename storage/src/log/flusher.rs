@@ -303,7 +303,12 @@ impl Flusher {
             }
             if result.is_ok() {
                 result = match segment.file().await {
-                    Ok(file) => file.fdatasync().await.map_err(glommio_io),
+                    Ok(file) => {
+                        let started = Instant::now();
+                        let synced = file.fdatasync().await.map_err(glommio_io);
+                        crate::metrics::count(|c| c.fsync.observe(started.elapsed()));
+                        synced
+                    }
                     Err(error) => Err(error.into_io()),
                 };
             }

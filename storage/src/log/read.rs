@@ -182,8 +182,10 @@ impl Log {
                 return Ok(ReadSlice::empty(offset));
             }
             if let Some((chunks, first_offset, next_offset)) = state.cache.read(offset, bytes_max, visible) {
+                crate::metrics::count(|c| c.cache_reads += 1);
                 return Ok(ReadSlice { first_offset, next_offset, data: ReadData::Memory(chunks) });
             }
+            crate::metrics::count(|c| c.file_reads += 1);
             if offset >= state.active.file.base_offset() {
                 None
             } else {
@@ -404,6 +406,7 @@ fn boundary_at_or_before(index: &[IndexEntry], base: u64, limit: u64, first_end:
 /// once, into one buffer.
 async fn read_direct(segment: &SegmentFile, position: u64, len: usize) -> Result<Bytes> {
     let file = segment.file().await?;
+    crate::metrics::count(|c| c.direct_read_bytes += len as u64);
     let pieces: Vec<(u64, usize)> = (0..len.div_ceil(DIRECT_READ_CHUNK_BYTES))
         .map(|i| {
             let at = i * DIRECT_READ_CHUNK_BYTES;

@@ -1,0 +1,95 @@
+//! What this shard's logs did, for the broker's metrics: counted per shard (a thread-local, as
+//! the logs themselves are), without atomics or locks, and read by the shard that owns them
+//! with [`snapshot`] when a scrape asks.
+//!
+//! [`Histogram`] is the latency histogram every Skein metric uses (fixed buckets, so shards'
+//! histograms add up bucket by bucket).
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency buckets: 50 µs to 10 s, roughly ×2–2.5 apart.
+pub const LATENCY_BUCKETS_S: [f64; 18] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// A latency histogram over [`LATENCY_BUCKETS_S`]: per bucket the observations at or below its
+/// bound and above the previous one (not cumulative), plus one bucket above the last bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Histogram {
+    pub buckets: [u64; LATENCY_BUCKETS_S.len() + 1],
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket =
+            LATENCY_BUCKETS_S.iter().position(|bound| seconds <= *bound).unwrap_or(LATENCY_BUCKETS_S.len());
+        self.buckets[bucket] += 1;
+        self.count += 1;
+        self.sum_seconds += seconds;
+    }
+
+    /// Adds another histogram's observations (another shard's).
+    pub fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *mine += theirs;
+        }
+        self.count += other.count;
+        self.sum_seconds += other.sum_seconds;
+    }
+}
+
+/// What one shard's logs did since the shard started.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StorageCounters {
+    /// Active segments sealed and replaced by a new one.
+    pub segment_rolls: u64,
+    /// `fdatasync` calls of data segments and how long each took.
+    pub fsync: Histogram,
+    /// Reads answered from a log's tail cache (memory).
+    pub cache_reads: u64,
+    /// Reads answered with a range of a segment file (page cache or disk).
+    pub file_reads: u64,
+    /// Bytes read from segment files with O_DIRECT (cold reads and read-ahead).
+    pub direct_read_bytes: u64,
+}
+
+thread_local! {
+    static COUNTERS: RefCell<StorageCounters> = RefCell::new(StorageCounters::default());
+}
+
+/// This shard's counters now.
+pub fn snapshot() -> StorageCounters {
+    COUNTERS.try_with(|counters| *counters.borrow()).unwrap_or_default()
+}
+
+pub(crate) fn count(f: impl FnOnce(&mut StorageCounters)) {
+    let _ = COUNTERS.try_with(|counters| f(&mut counters.borrow_mut()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observations_land_in_their_bucket_and_merge() {
+        let mut histogram = Histogram::default();
+        histogram.observe(Duration::from_micros(10)); // ≤ 50 µs
+        histogram.observe(Duration::from_micros(50)); // ≤ 50 µs (bounds are inclusive)
+        histogram.observe(Duration::from_millis(3)); // ≤ 5 ms
+        histogram.observe(Duration::from_secs(60)); // above every bound
+        assert_eq!(histogram.count, 4);
+        assert_eq!(histogram.buckets[0], 2);
+        assert_eq!(histogram.buckets[6], 1);
+        assert_eq!(histogram.buckets[LATENCY_BUCKETS_S.len()], 1);
+        let mut merged = histogram;
+        merged.merge(&histogram);
+        assert_eq!(merged.count, 8);
+        assert_eq!(merged.buckets[0], 4);
+        assert!((merged.sum_seconds - 2.0 * histogram.sum_seconds).abs() < 1e-9);
+    }
+}
