@@ -18,6 +18,7 @@
 //! | `broker.node_id` | 0 | this broker's id |
 //! | `broker.data_dir` | `./skein-data` | where partitions, offsets and metadata live |
 //! | `broker.cores` | 0 | shards (pinned executors); 0: one per CPU |
+//! | `broker.preempt_timer_us` | 250 | the shards' time slice (I/O is submitted between slices) |
 //! | `network.listen` | `127.0.0.1:9400` | client address (TCP) |
 //! | `network.frame_bytes_max` | 67108864 | largest request frame |
 //! | `network.connections_max` | 10000 | client connections, all shards together |
@@ -31,6 +32,7 @@
 //! | `storage.cache_bytes` | 4194304 | tail cache per partition |
 //! | `storage.open_files_max` | 0 | segment files kept open; 0: from `RLIMIT_NOFILE` |
 //! | `storage.preallocate_bytes_max` | 1073741824 | disk allocated ahead of data, all partitions |
+//! | `storage.max_message_bytes` | 8388608 | default largest batch of new topics |
 //! | `metrics.listen` | unset | `HOST:PORT` for `/metrics`, `/health`, `/ready` |
 //! | `metrics.partition_series_max` | 1000 | per-partition series up to this many partitions (0: none) |
 //! | `log.format` | `text` | `text` or `json` |
@@ -67,11 +69,13 @@ pub struct BrokerSection {
     pub data_dir: PathBuf,
     /// 0: one shard per CPU.
     pub cores: usize,
+    /// glommio time slice of the shards' work, microseconds (I/O is submitted between slices).
+    pub preempt_timer_us: u64,
 }
 
 impl Default for BrokerSection {
     fn default() -> Self {
-        BrokerSection { node_id: 0, data_dir: PathBuf::from("./skein-data"), cores: 0 }
+        BrokerSection { node_id: 0, data_dir: PathBuf::from("./skein-data"), cores: 0, preempt_timer_us: 250 }
     }
 }
 
@@ -112,6 +116,8 @@ pub struct StorageSection {
     /// 0: derived from `RLIMIT_NOFILE`.
     pub open_files_max: usize,
     pub preallocate_bytes_max: u64,
+    /// Default largest batch of new topics (their `max.message.bytes`).
+    pub max_message_bytes: u32,
 }
 
 impl Default for StorageSection {
@@ -124,6 +130,7 @@ impl Default for StorageSection {
             cache_bytes: 4 << 20,
             open_files_max: 0,
             preallocate_bytes_max: 1 << 30,
+            max_message_bytes: 8 << 20,
         }
     }
 }
@@ -260,6 +267,14 @@ impl Settings {
         config.cache_bytes_per_partition = self.storage.cache_bytes;
         config.open_files_max = (self.storage.open_files_max > 0).then_some(self.storage.open_files_max);
         config.preallocate_bytes_max = self.storage.preallocate_bytes_max;
+        if self.storage.max_message_bytes < 1024 {
+            return Err(invalid("storage.max_message_bytes", "must be at least 1024".into()));
+        }
+        config.default_max_message_bytes = self.storage.max_message_bytes;
+        if !(10..=100_000).contains(&self.broker.preempt_timer_us) {
+            return Err(invalid("broker.preempt_timer_us", "must be within 10..=100000".into()));
+        }
+        config.preempt_timer = Duration::from_micros(self.broker.preempt_timer_us);
         config.metrics_listen = self.metrics.listen;
         config.partition_series_max = self.metrics.partition_series_max;
         config.log_requests = self.log.requests;
@@ -325,6 +340,8 @@ mod tests {
         assert_eq!(config.idle_timeout, defaults.idle_timeout);
         assert_eq!(config.frame_timeout, defaults.frame_timeout);
         assert_eq!(config.cores, defaults.cores);
+        assert_eq!(config.preempt_timer, defaults.preempt_timer);
+        assert_eq!(config.default_max_message_bytes, defaults.default_max_message_bytes);
         assert_eq!(config.metrics_listen, None);
     }
 

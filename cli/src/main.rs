@@ -131,6 +131,12 @@ struct BrokerArgs {
     /// [storage.preallocate_bytes_max; default 1 GiB].
     #[arg(long)]
     preallocate_bytes_max: Option<u64>,
+    /// Default largest batch of new topics, bytes [storage.max_message_bytes; default 8 MiB].
+    #[arg(long)]
+    max_message_bytes: Option<u32>,
+    /// The shards' time slice, microseconds [broker.preempt_timer_us; default 250].
+    #[arg(long)]
+    preempt_timer_us: Option<u64>,
     /// Serve Prometheus /metrics, /health and /ready on HOST:PORT [metrics.listen; default off].
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -161,7 +167,7 @@ impl BrokerArgs {
         use toml::Value;
         let int = |v: u64| Value::Integer(v.min(i64::MAX as u64) as i64);
         let text = |v: &dyn std::fmt::Display| Value::String(v.to_string());
-        let given: [(&str, Option<Value>); 21] = [
+        let given: [(&str, Option<Value>); 23] = [
             ("broker.data_dir", self.data_dir.as_ref().map(|v| text(&v.display()))),
             ("network.listen", self.listen.map(|v| text(&v))),
             ("broker.cores", self.cores.map(|v| int(v as u64))),
@@ -178,6 +184,8 @@ impl BrokerArgs {
             ("storage.cache_bytes", self.cache_bytes.map(|v| int(v as u64))),
             ("storage.open_files_max", self.open_files_max.map(|v| int(v as u64))),
             ("storage.preallocate_bytes_max", self.preallocate_bytes_max.map(int)),
+            ("storage.max_message_bytes", self.max_message_bytes.map(|v| int(v.into()))),
+            ("broker.preempt_timer_us", self.preempt_timer_us.map(int)),
             ("metrics.listen", self.metrics_listen.map(|v| text(&v))),
             ("metrics.partition_series_max", self.partition_series_max.map(|v| int(v as u64))),
             ("log.format", self.log_format.as_ref().map(|v| text(v))),
