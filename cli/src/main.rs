@@ -1,12 +1,15 @@
 //! `skein`: runs a broker, manages topics, produces and consumes from the command line.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+
+mod format;
+mod input;
 use skein_client::{
     Acks, Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, Producer,
     ProducerConfig, ProducerRecord, SeekTo, TopicPartition,
@@ -36,6 +39,11 @@ enum Command {
     Group {
         #[command(subcommand)]
         command: GroupCommand,
+    },
+    /// Print a shell completion script: `skein completions bash > /etc/bash_completion.d/skein`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -199,7 +207,7 @@ impl BrokerArgs {
 #[derive(Args, Debug, Clone)]
 struct Connect {
     /// Broker address.
-    #[arg(long, env = "SKEIN_BOOTSTRAP", default_value = "127.0.0.1:9400", global = true)]
+    #[arg(short = 'b', long, env = "SKEIN_BOOTSTRAP", default_value = "127.0.0.1:9400", global = true)]
     bootstrap: String,
 }
 
@@ -231,20 +239,46 @@ enum TopicCommand {
     },
 }
 
+/// `skein produce`.
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    printf 'a\\nb\\n' | skein produce orders\n  \
+    printf 'alice:order-1\\n' | skein produce -t orders -K : -H source=cli --report\n  \
+    skein produce images --file cat.png --file dog.png -k pets\n  \
+    find . -print0 | skein produce paths -D '\\0'")]
 struct ProduceArgs {
-    topic: String,
-    #[arg(long)]
+    /// The topic (or -t TOPIC).
+    #[arg(value_name = "TOPIC")]
+    topic_arg: Option<String>,
+    /// The topic.
+    #[arg(short = 't', long = "topic", conflicts_with = "topic_arg")]
+    topic: Option<String>,
+    /// Send every record to this partition (default: by key hash, or spread without a key).
+    #[arg(short, long)]
     partition: Option<u32>,
-    /// Split each line into KEY SEP VALUE at the first SEP.
-    #[arg(long)]
+    /// Split each record into KEY SEP VALUE at the first SEP.
+    #[arg(short = 'K', long)]
     key_separator: Option<String>,
-    /// 0, 1 or all
-    #[arg(long, default_value = "all")]
+    /// The same key for every record.
+    #[arg(short, long, conflicts_with = "key_separator")]
+    key: Option<String>,
+    /// A header NAME=VALUE on every record (repeatable).
+    #[arg(short = 'H', long = "header", value_parser = input::parse_header)]
+    headers: Vec<(String, String)>,
+    /// What ends a record on standard input; escapes \n \t \r \0 \\ (default: newline).
+    /// Input is bytes: no UTF-8 needed.
+    #[arg(short = 'D', long, default_value = "\\n")]
+    delimiter: String,
+    /// Produce this file's bytes as one record (repeatable); standard input is not read.
+    #[arg(long = "file")]
+    files: Vec<PathBuf>,
+    /// 0, 1 or all.
+    #[arg(short, long, default_value = "all")]
     acks: Acks,
     /// Print "PARTITION OFFSET" for each acknowledged record, in acknowledgement order.
     #[arg(long)]
     report: bool,
+    /// How long a batch waits for more records (milliseconds).
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
     /// A record not acknowledged this long after it was read fails (the command then exits
@@ -255,36 +289,53 @@ struct ProduceArgs {
     connect: Connect,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    Value,
-    Full,
-}
-
+/// `skein consume`.
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    skein consume orders -o beginning -e\n  \
+    skein consume orders -o -10 -f '%p %o %k=%v\\n'\n  \
+    skein consume orders payments -o time:-1h -f json\n  \
+    skein consume orders -g billing")]
 struct ConsumeArgs {
-    topic: String,
-    #[arg(long)]
+    /// Topics to read (or -t TOPIC, repeatable).
+    #[arg(value_name = "TOPIC")]
+    topics_arg: Vec<String>,
+    /// A topic to read (repeatable).
+    #[arg(short = 't', long = "topic")]
+    topics: Vec<String>,
+    /// Read only this partition (with one topic).
+    #[arg(short, long)]
     partition: Option<u32>,
-    /// beginning, end, an offset, or time:EPOCH_MS. With --group: where partitions without a
+    /// beginning, end, an OFFSET, -N (the last N records of each partition), time:EPOCH_MS,
+    /// time:RFC3339 or time:-DURATION (time:-1h). With --group: where partitions without a
     /// committed offset start (beginning or end).
-    #[arg(long, default_value = "beginning", value_parser = parse_from)]
-    from: SeekTo,
+    #[arg(short = 'o', long, default_value = "beginning", value_parser = input::parse_start, allow_hyphen_values = true)]
+    from: input::StartAt,
     /// Join this consumer group: consume the partitions it assigns, from the committed offsets,
-    /// and commit what was printed.
-    #[arg(long, conflicts_with = "partition")]
+    /// and commit what was printed. SIGINT/SIGTERM leave the group at once.
+    #[arg(short, long, conflicts_with = "partition")]
     group: Option<String>,
     /// With --group: the session timeout (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     session_timeout_ms: u64,
     /// Exit after this many records.
-    #[arg(long)]
+    #[arg(short = 'c', long = "max-messages")]
     max_messages: Option<u64>,
     /// Exit when nothing arrives for this long (milliseconds).
     #[arg(long)]
     timeout_ms: Option<u64>,
-    #[arg(long, value_enum, default_value = "value")]
-    format: Format,
+    /// Exit once every partition read reached the end it had when reading started (kcat -e).
+    #[arg(short = 'e', long = "exit")]
+    exit: bool,
+    /// value, full (partition, offset, timestamp, key, value; tab-separated), json (one object
+    /// per line), or a template: %t topic, %p partition, %o offset, %k key, %v value,
+    /// %h headers, %T timestamp, %K / %S key / value length, %%; escapes \n \t \r \0 \\.
+    #[arg(short, long, default_value = "value")]
+    format: String,
+    /// How --format json writes bytes: utf8 (base64 for bytes that are not UTF-8, said in
+    /// "<field>_encoding"), base64 or hex.
+    #[arg(long, value_enum, default_value = "utf8")]
+    encoding: format::Encoding,
     #[command(flatten)]
     connect: Connect,
 }
@@ -324,6 +375,10 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let result = match cli.command {
         Command::Broker(args) => run_broker(*args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "skein", &mut std::io::stdout());
+            Ok(())
+        }
         command => {
             init_logging("warn");
             let runtime =
@@ -393,7 +448,7 @@ async fn connect(connect: &Connect) -> Result<Client, String> {
 
 async fn run_client(command: Command) -> Result<(), String> {
     match command {
-        Command::Broker(_) => unreachable!("handled by main"),
+        Command::Broker(_) | Command::Completions { .. } => unreachable!("handled by main"),
         Command::Topic { command } => topic(command).await,
         Command::Produce(args) => produce(args).await,
         Command::Consume(args) => consume(args).await,
@@ -520,8 +575,14 @@ async fn topic(command: TopicCommand) -> Result<(), String> {
 }
 
 async fn produce(args: ProduceArgs) -> Result<(), String> {
+    let topic = args.topic.clone().or(args.topic_arg.clone()).ok_or("name a topic (TOPIC or -t TOPIC)")?;
+    let delimiter = format::unescape(&args.delimiter).map_err(|e| format!("--delimiter: {e}"))?;
+    if delimiter.is_empty() {
+        return Err("--delimiter cannot be empty".into());
+    }
+    let separator = args.key_separator.as_deref().map(format::unescape).transpose()?;
     let client = connect(&args.connect).await?;
-    client.topic(&args.topic).await.map_err(|e| e.to_string())?;
+    client.topic(&topic).await.map_err(|e| e.to_string())?;
     let config = ProducerConfig {
         acks: args.acks,
         linger: Duration::from_millis(args.linger_ms),
@@ -529,12 +590,23 @@ async fn produce(args: ProduceArgs) -> Result<(), String> {
         ..ProducerConfig::default()
     };
     let producer = Producer::new(client, config);
-    // Lines are read on a blocking thread and handed over one by one.
-    let (lines, mut incoming) = tokio::sync::mpsc::channel::<std::io::Result<String>>(1024);
+    // Records are read on a blocking thread and handed over one by one.
+    let (records, mut incoming) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(1024);
+    let files = args.files.clone();
     std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            if lines.blocking_send(line).is_err() {
-                break;
+        if files.is_empty() {
+            for record in input::Records::new(std::io::stdin().lock(), delimiter) {
+                if records.blocking_send(record).is_err() {
+                    break;
+                }
+            }
+        } else {
+            for path in files {
+                let read = std::fs::read(&path)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+                if records.blocking_send(read).is_err() {
+                    break;
+                }
             }
         }
     });
@@ -562,15 +634,20 @@ async fn produce(args: ProduceArgs) -> Result<(), String> {
         let _ = out.flush();
         (failed, first_failure)
     });
+    let topic: std::sync::Arc<str> = topic.into();
     let mut sent = 0u64;
-    while let Some(line) = incoming.recv().await {
-        let line = line.map_err(|e| format!("reading standard input: {e}"))?;
-        let mut record = match args.key_separator.as_deref().and_then(|sep| line.split_once(sep)) {
-            Some((key, value)) => {
-                ProducerRecord::new(args.topic.clone(), value.to_owned()).key(key.to_owned())
-            }
-            None => ProducerRecord::new(args.topic.clone(), line),
+    while let Some(bytes) = incoming.recv().await {
+        let bytes = bytes.map_err(|e| format!("reading the input: {e}"))?;
+        let mut record = match separator.as_deref().and_then(|sep| input::split_key(&bytes, sep)) {
+            Some((key, value)) => ProducerRecord::new(topic.clone(), value).key(key),
+            None => ProducerRecord::new(topic.clone(), bytes),
         };
+        if let Some(key) = &args.key {
+            record = record.key(key.clone());
+        }
+        for (name, value) in &args.headers {
+            record = record.header(name.clone(), value.clone());
+        }
         if let Some(partition) = args.partition {
             record = record.partition(partition);
         }
@@ -593,25 +670,39 @@ async fn produce(args: ProduceArgs) -> Result<(), String> {
     }
 }
 
-fn printable(bytes: &Option<bytes::Bytes>) -> String {
-    match bytes {
-        Some(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-        None => "(null)".to_owned(),
-    }
-}
-
 async fn consume(args: ConsumeArgs) -> Result<(), String> {
+    use input::StartAt;
+    let mut topics: Vec<String> = args.topics_arg.clone();
+    topics.extend(args.topics.iter().cloned());
+    if topics.is_empty() {
+        return Err("name a topic (TOPIC… or -t TOPIC)".into());
+    }
+    if args.partition.is_some() && topics.len() > 1 {
+        return Err("--partition reads one topic".into());
+    }
+    let format = format::Format::parse(&args.format, args.encoding)?;
     let client = connect(&args.connect).await?;
+    let admin = Admin::new(client.clone());
     let mut config = ConsumerConfig::default();
     if args.group.is_some() {
         config.start_from = match args.from {
-            SeekTo::Beginning | SeekTo::End => args.from,
+            StartAt::Seek(to @ (SeekTo::Beginning | SeekTo::End)) => to,
             _ => {
                 return Err(
                     "with --group, --from is beginning or end (for partitions without a commit)".into()
                 )
             }
         };
+    }
+    // With --exit: every partition's end when reading started.
+    let mut ends: std::collections::HashMap<TopicPartition, u64> = std::collections::HashMap::new();
+    let mut starts: std::collections::HashMap<TopicPartition, u64> = std::collections::HashMap::new();
+    for topic in &topics {
+        let description = admin.describe_topic(topic).await.map_err(|e| e.to_string())?;
+        for p in description.partitions {
+            ends.insert(TopicPartition::new(topic.as_str(), p.partition), p.end_offset);
+            starts.insert(TopicPartition::new(topic.as_str(), p.partition), p.start_offset);
+        }
     }
     let mut consumer = Consumer::new(client, config);
     match (&args.group, args.partition) {
@@ -622,15 +713,40 @@ async fn consume(args: ConsumeArgs) -> Result<(), String> {
                 auto_commit: None,
                 ..GroupConfig::new(group.clone())
             };
-            consumer.subscribe(&[&args.topic], group).await
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&names, group).await
         }
-        (None, Some(partition)) => consumer.assign(&args.topic, &[partition]).await,
-        (None, None) => consumer.assign_all(&args.topic).await,
+        (None, Some(partition)) => consumer.assign(&topics[0], &[partition]).await,
+        (None, None) => {
+            let mut assigned = Ok(());
+            for topic in &topics {
+                assigned = assigned.and(consumer.assign_all(topic).await);
+            }
+            assigned
+        }
     }
     .map_err(|e| e.to_string())?;
     if args.group.is_none() {
-        consumer.seek_all(args.from).await.map_err(|e| e.to_string())?;
+        match args.from {
+            StartAt::Seek(to) => consumer.seek_all(to).await.map_err(|e| e.to_string())?,
+            StartAt::Last(count) => {
+                for tp in consumer.assignment().to_vec() {
+                    let end = ends.get(&tp).copied().unwrap_or(0);
+                    let start = starts.get(&tp).copied().unwrap_or(0);
+                    let from = end.saturating_sub(count).max(start);
+                    consumer
+                        .seek(tp.topic(), tp.partition, SeekTo::Offset(from))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
     }
+    // SIGINT or SIGTERM: stop, commit what was printed, and leave the group at once.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| format!("installing the SIGINT handler: {e}"))?;
     // With a group: the offset after the last printed record of each partition, committed
     // once printed.
     let mut printed: std::collections::BTreeMap<TopicPartition, u64> = std::collections::BTreeMap::new();
@@ -652,7 +768,12 @@ async fn consume(args: ConsumeArgs) -> Result<(), String> {
             }
             None => Duration::from_secs(1),
         };
-        let records = consumer.poll(wait).await.map_err(|e| e.to_string())?;
+        let wait = if args.exit { wait.min(Duration::from_millis(200)) } else { wait };
+        let records = tokio::select! {
+            records = consumer.poll(wait) => records.map_err(|e| e.to_string())?,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        };
         if !records.is_empty() {
             last_record = tokio::time::Instant::now();
         }
@@ -660,30 +781,43 @@ async fn consume(args: ConsumeArgs) -> Result<(), String> {
             if args.max_messages.is_some_and(|max| seen >= max) {
                 break;
             }
-            let line = match args.format {
-                Format::Value => printable(&record.value),
-                Format::Full => format!(
-                    "{}\t{}\t{}\t{}\t{}",
-                    record.partition,
-                    record.offset,
-                    record.timestamp,
-                    printable(&record.key),
-                    printable(&record.value)
-                ),
-            };
-            writeln!(out, "{line}").map_err(|e| e.to_string())?;
+            format.write(&mut out, &record).map_err(|e| e.to_string())?;
             printed.insert(TopicPartition::new(record.topic.as_str(), record.partition), record.offset + 1);
             seen += 1;
         }
         out.flush().map_err(|e| e.to_string())?;
-        if args.group.is_some() && !printed.is_empty() {
-            let offsets: Vec<(TopicPartition, u64)> = std::mem::take(&mut printed).into_iter().collect();
-            if let Err(error) = consumer.commit_offsets(&offsets).await {
-                // Printed but not committed: another member may print these again.
-                eprintln!("warning: commit failed: {error}");
-            }
+        commit_printed(&mut consumer, &mut printed, args.group.is_some()).await;
+        if args.exit && at_end(&consumer, &ends) {
+            break;
         }
     }
     out.flush().map_err(|e| e.to_string())?;
+    commit_printed(&mut consumer, &mut printed, args.group.is_some()).await;
     consumer.close().await.map_err(|e| e.to_string())
+}
+
+/// With a group: commits the offsets after the printed records.
+async fn commit_printed(
+    consumer: &mut Consumer,
+    printed: &mut std::collections::BTreeMap<TopicPartition, u64>,
+    in_group: bool,
+) {
+    if !in_group || printed.is_empty() {
+        return;
+    }
+    let offsets: Vec<(TopicPartition, u64)> = std::mem::take(printed).into_iter().collect();
+    if let Err(error) = consumer.commit_offsets(&offsets).await {
+        // Printed but not committed: another member may print these again.
+        eprintln!("warning: commit failed: {error}");
+    }
+}
+
+/// Whether every assigned partition reached the end it had when reading started.
+fn at_end(consumer: &Consumer, ends: &std::collections::HashMap<TopicPartition, u64>) -> bool {
+    let assignment = consumer.assignment();
+    !assignment.is_empty()
+        && assignment.iter().all(|tp| {
+            let end = ends.get(tp).copied().unwrap_or(0);
+            consumer.position(tp.topic(), tp.partition).is_some_and(|position| position >= end)
+        })
 }

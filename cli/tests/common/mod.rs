@@ -306,6 +306,12 @@ impl Drop for Broker {
 
 /// Runs the CLI with `args` against `broker`, feeding `stdin`; returns (success, stdout, stderr).
 pub fn cli(broker: &Broker, args: &[&str], stdin: &str) -> (bool, String, String) {
+    let (ok, out, err) = cli_bytes(broker, args, stdin.as_bytes());
+    (ok, String::from_utf8_lossy(&out).into_owned(), err)
+}
+
+/// [`cli`] with bytes in and out (binary input and output).
+pub fn cli_bytes(broker: &Broker, args: &[&str], stdin: &[u8]) -> (bool, Vec<u8>, String) {
     use std::io::Write;
     let mut child = skein()
         .args(args)
@@ -318,7 +324,7 @@ pub fn cli(broker: &Broker, args: &[&str], stdin: &str) -> (bool, String, String
     let mut input = child.stdin.take().unwrap();
     let stdin = stdin.to_owned();
     let writer = std::thread::spawn(move || {
-        let _ = input.write_all(stdin.as_bytes());
+        let _ = input.write_all(&stdin);
     });
     let pid = child.id();
     let (sender, receiver) = std::sync::mpsc::channel();
@@ -334,11 +340,7 @@ pub fn cli(broker: &Broker, args: &[&str], stdin: &str) -> (bool, String, String
         }
     };
     writer.join().unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    (output.status.success(), output.stdout, String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 /// Stops a test early, with a clear message, when the filesystem holding `path` has less than

@@ -1,0 +1,288 @@
+//! The `skein` command as kcat and rpk users script it: output templates and JSON, headers,
+//! fixed keys, delimiters, files and binary input, `--from -N`, `--exit`, relative times,
+//! several topics, short flags, completions, and a group member that leaves on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{cli, cli_bytes, skein, Broker};
+use skein_client::Admin;
+
+fn create(broker: &Broker, topic: &str, partitions: &str) {
+    let (ok, _, err) = cli(broker, &["topic", "create", topic, "--partitions", partitions], "");
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn templates_json_headers_and_keys_round_trip() {
+    let broker = Broker::start(&[]);
+    create(&broker, "orders", "1");
+    let (ok, _, err) = cli(
+        &broker,
+        &["produce", "-t", "orders", "-K", ":", "-H", "source=cli", "-H", "trace=a=b"],
+        "alice:order-1\nbob:order-2\n",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&broker, &["produce", "orders", "-k", "fixed"], "order-3\n");
+    assert!(ok, "{err}");
+
+    let (ok, out, err) =
+        cli(&broker, &["consume", "orders", "-e", "-f", r"%t|%p|%o|%k|%v|%h|%K|%S|%%\n"], "");
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec![
+            "orders|0|0|alice|order-1|source=cli,trace=a=b|5|7|%",
+            "orders|0|1|bob|order-2|source=cli,trace=a=b|3|7|%",
+            "orders|0|2|fixed|order-3||5|7|%",
+        ]
+    );
+    // %T is the record's timestamp: within the last minute.
+    let (ok, out, _) = cli(&broker, &["consume", "orders", "-e", "-c", "1", "-f", r"%T\n"], "");
+    assert!(ok);
+    let timestamp: i64 = out.trim().parse().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert!((now - 60_000..=now).contains(&timestamp), "{timestamp} vs {now}");
+
+    let (ok, out, err) = cli(&broker, &["consume", "orders", "-e", "-f", "json"], "");
+    assert!(ok, "{err}");
+    let objects: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(objects.len(), 3);
+    let first = &objects[0];
+    assert_eq!(first["topic"], "orders");
+    assert_eq!(first["partition"], 0);
+    assert_eq!(first["offset"], 0);
+    assert!(first["timestamp"].as_i64().unwrap() > 0);
+    assert_eq!(first["key"], "alice");
+    assert_eq!(first["value"], "order-1");
+    assert_eq!(
+        first["headers"],
+        serde_json::json!([{"key": "source", "value": "cli"}, {"key": "trace", "value": "a=b"}])
+    );
+    assert_eq!(objects[2]["headers"], serde_json::json!([]));
+}
+
+#[test]
+fn binary_input_by_delimiter_and_by_file_comes_back_byte_for_byte() {
+    let broker = Broker::start(&[]);
+    create(&broker, "blobs", "1");
+    // NUL-delimited records holding bytes that are not UTF-8 (and newlines).
+    let records: [&[u8]; 3] = [&[0xff, 0xfe, b'\n', 0x80], b"plain", &[0x00u8.wrapping_add(1), 0xc3]];
+    let mut input = Vec::new();
+    for record in records {
+        input.extend_from_slice(record);
+        input.push(0);
+    }
+    let (ok, _, err) = cli_bytes(&broker, &["produce", "blobs", "-D", r"\0"], &input);
+    assert!(ok, "{err}");
+    // One record per file.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let file = dir.path().join("image.bin");
+    let image: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+    std::fs::write(&file, &image).unwrap();
+    let (ok, _, err) =
+        cli(&broker, &["produce", "blobs", "--file", file.to_str().unwrap(), "-k", "image"], "");
+    assert!(ok, "{err}");
+
+    // Values come back as their bytes, each followed by the template's delimiter.
+    let (ok, out, err) = cli_bytes(&broker, &["consume", "blobs", "-e", "-c", "3", "-f", r"%v\0"], b"");
+    assert!(ok, "{err}");
+    assert_eq!(out, input, "byte for byte");
+    // JSON: base64 for bytes that are not UTF-8, and says so; hex on request.
+    let (ok, out, _) = cli(&broker, &["consume", "blobs", "-e", "-f", "json"], "");
+    assert!(ok);
+    let objects: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(objects[0]["value"], "//4KgA==");
+    assert_eq!(objects[0]["value_encoding"], "base64");
+    assert_eq!(objects[1]["value"], "plain");
+    assert!(objects[1].get("value_encoding").is_none());
+    assert_eq!(objects[3]["key"], "image");
+    let (ok, out, _) =
+        cli(&broker, &["consume", "blobs", "-e", "-f", "json", "--encoding", "hex", "-c", "1"], "");
+    assert!(ok);
+    let object: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(object["value"], "fffe0a80");
+    let (ok, out, _) = cli_bytes(&broker, &["consume", "blobs", "-o", "3", "-e", "-f", "%v"], b"");
+    assert!(ok);
+    assert_eq!(out, image, "a file's bytes are one record");
+}
+
+#[test]
+fn from_the_last_n_at_times_and_exit_at_the_end_across_topics() {
+    let broker = Broker::start(&[]);
+    create(&broker, "a", "2");
+    create(&broker, "b", "1");
+    let input: String = (0..20).map(|i| format!("a{i}\n")).collect();
+    assert!(cli(&broker, &["produce", "a"], &input).0);
+    assert!(cli(&broker, &["produce", "b"], "b0\nb1\nb2\n").0);
+
+    // --exit: stops at the end (no --timeout-ms), with everything read.
+    let started = Instant::now();
+    let (ok, out, err) = cli(&broker, &["consume", "a", "b", "-e", "-f", r"%t %v\n"], "");
+    assert!(ok, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(out.lines().filter(|l| l.starts_with("a ")).count(), 20);
+    assert_eq!(out.lines().filter(|l| l.starts_with("b ")).count(), 3);
+    // -t twice is the same as two names.
+    let (ok, out, _) = cli(&broker, &["consume", "-t", "a", "-t", "b", "-e"], "");
+    assert!(ok);
+    assert_eq!(out.lines().count(), 23);
+    // An empty topic exits at once too.
+    create(&broker, "empty", "3");
+    let (ok, out, err) = cli(&broker, &["consume", "empty", "-e"], "");
+    assert!(ok && out.is_empty(), "{err}");
+
+    // -N: the last N records of each partition (fewer where a partition holds fewer).
+    let (ok, out, err) = cli(&broker, &["consume", "a", "b", "-o", "-2", "-e", "-f", r"%t/%p %o\n"], "");
+    assert!(ok, "{err}");
+    let admin_ends = |topic: &str| {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let admin = Admin::new(broker.client().await);
+            admin
+                .describe_topic(topic)
+                .await
+                .unwrap()
+                .partitions
+                .iter()
+                .map(|p| p.end_offset)
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut expected: Vec<String> = Vec::new();
+    for (topic, ends) in [("a", admin_ends("a")), ("b", admin_ends("b"))] {
+        for (partition, end) in ends.iter().enumerate() {
+            for offset in end.saturating_sub(2)..*end {
+                expected.push(format!("{topic}/{partition} {offset}"));
+            }
+        }
+    }
+    let mut got: Vec<String> = out.lines().map(str::to_owned).collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+
+    // Times: an hour ago is everything; RFC 3339 in the future is nothing.
+    let (ok, out, err) = cli(&broker, &["consume", "b", "-o", "time:-1h", "-e"], "");
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), vec!["b0", "b1", "b2"]);
+    let (ok, out, err) = cli(&broker, &["consume", "b", "-o", "time:2999-01-01T00:00:00Z", "-e"], "");
+    assert!(ok && out.is_empty(), "{err}");
+    let (ok, _, err) = cli(&broker, &["consume", "b", "-o", "time:yesterday"], "");
+    assert!(!ok && err.contains("time:yesterday"), "{err}");
+}
+
+#[test]
+fn a_member_that_gets_sigterm_leaves_its_group_at_once() {
+    let broker = Broker::start(&[]);
+    create(&broker, "jobs", "4");
+    // A long session timeout: only a clean leave moves the partitions quickly.
+    let member = || {
+        let mut child = skein()
+            .args(["consume", "jobs", "-g", "workers", "--session-timeout-ms", "60000"])
+            .env("SKEIN_BOOTSTRAP", &broker.addr)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        (KillOnDrop(child), lines)
+    };
+    let (mut first, _) = member();
+    let (_second, second_lines) = member();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let owned = |admin: &Admin| {
+        runtime.block_on(async {
+            let description = admin.describe_group("workers").await;
+            description.map(|d| {
+                d.members
+                    .iter()
+                    .map(|m| m.assigned.iter().map(|t| t.partitions.len()).sum::<usize>())
+                    .collect::<Vec<_>>()
+            })
+        })
+    };
+    let admin = runtime.block_on(async { Admin::new(broker.client().await) });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !owned(&admin).is_ok_and(|o| o.len() == 2 && o.iter().all(|n| *n == 2)) {
+        assert!(Instant::now() < deadline, "two members sharing four partitions: {:?}", owned(&admin).ok());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SIGTERM the first member: it exits cleanly, and the other owns everything well inside
+    // the 60 s session timeout.
+    let stopped = Instant::now();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(first.0.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = first.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(10), "the member did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    while !owned(&admin).is_ok_and(|o| o == vec![4]) {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "the partitions did not move: {:?}",
+            owned(&admin).ok()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And the survivor reads what is produced to all four partitions.
+    let input: String = (0..40).map(|i| format!("job-{i}\n")).collect();
+    assert!(cli(&broker, &["produce", "jobs"], &input).0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while second_lines.lock().unwrap().len() < 40 {
+        assert!(Instant::now() < deadline, "the survivor read {} of 40", second_lines.lock().unwrap().len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn help_has_examples_and_completions_are_generated() {
+    for command in [&["produce"][..], &["consume"], &["broker"]] {
+        let out = skein().args(command).arg("--help").output().unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success() && help.contains("Examples:"), "{command:?}: {help}");
+    }
+    let out = skein().args(["consume", "--help"]).output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "-b, --bootstrap",
+        "-t, --topic",
+        "-p, --partition",
+        "-o, --from",
+        "-c, --max-messages",
+        "-f, --format",
+        "-g, --group",
+        "-e, --exit",
+    ] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef skein"), ("fish", "complete -c skein")]
+    {
+        let out = skein().args(["completions", shell]).output().unwrap();
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success() && script.contains(marker) && script.contains("consume"), "{shell}");
+    }
+}
