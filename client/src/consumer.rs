@@ -170,6 +170,39 @@ impl Consumer {
         }
     }
 
+    /// The records as a [`futures::Stream`], one at a time, from repeated [`Consumer::poll`]s
+    /// of `poll_timeout` each (in a group, each poll also keeps the membership up to date). It
+    /// never ends by itself; a failed poll is yielded as an `Err` and the stream goes on.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use futures::StreamExt;
+    /// # async fn example(mut consumer: skein_client::Consumer) {
+    /// let mut records = std::pin::pin!(consumer.stream(Duration::from_millis(500)));
+    /// while let Some(record) = records.next().await {
+    ///     let record = record.expect("a poll failed");
+    ///     println!("{}/{} @{}", record.topic, record.partition, record.offset);
+    /// }
+    /// # }
+    /// ```
+    pub fn stream(
+        &mut self,
+        poll_timeout: Duration,
+    ) -> impl futures::Stream<Item = Result<ConsumerRecord>> + '_ {
+        let buffered = std::collections::VecDeque::new();
+        futures::stream::unfold((self, buffered), move |(consumer, mut buffered)| async move {
+            loop {
+                if let Some(record) = buffered.pop_front() {
+                    return Some((Ok(record), (consumer, buffered)));
+                }
+                match consumer.poll(poll_timeout).await {
+                    Ok(records) => buffered.extend(records),
+                    Err(error) => return Some((Err(error), (consumer, buffered))),
+                }
+            }
+        })
+    }
+
     /// Applies the group coordinator's latest assignment (in a group); run by `poll`.
     async fn reconcile_group(&mut self) -> Result<()> {
         match self.group.as_mut() {

@@ -63,7 +63,8 @@ pub use skein_net::{GroupListing, MemberDescription, TopicPartition};
 /// How to reach the broker.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `host:port` of a broker.
+    /// `host:port` of a broker, or several separated by commas (`a:9400,b:9400`): tried in
+    /// order at each (re)connection until one answers.
     pub bootstrap: String,
     pub client_id: String,
     pub connect_timeout: Duration,
@@ -103,21 +104,32 @@ impl TopicInfo {
     }
 }
 
-/// A handle to a broker: its connection (re-established when lost) and the metadata cache.
+/// A handle to a broker: its connections (re-established when lost) and the metadata cache.
 /// Cheap to clone; clones share both.
 ///
-/// Requests on one connection are pipelined and answered in order, so a consumer's long poll
-/// (up to `ConsumerConfig::fetch_wait_max`) delays every request sent after it on the same
-/// `Client`: give a producer and a long-polling consumer a `Client` each.
+/// One `Client` can serve a producer and a long-polling consumer at once: fetches have a
+/// connection of their own, so a long poll (up to `ConsumerConfig::fetch_wait_max`) never
+/// holds up a produce, a commit or a group heartbeat sent meanwhile (the broker answers each
+/// connection's requests in order).
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// What a connection of the client carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Everything but fetches: produce, metadata, admin, groups.
+    General,
+    /// Fetch requests (long polls).
+    Fetch,
+}
+
 #[derive(Debug)]
 struct Inner {
     config: ClientConfig,
-    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// By [`Purpose`]: general, fetch.
+    connections: [tokio::sync::Mutex<Option<Arc<Connection>>>; 2],
     topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
     broker: Mutex<Option<ApiVersionsResponse>>,
 }
@@ -140,7 +152,7 @@ impl Client {
         let client = Client {
             inner: Arc::new(Inner {
                 config,
-                connection: tokio::sync::Mutex::new(None),
+                connections: [tokio::sync::Mutex::new(None), tokio::sync::Mutex::new(None)],
                 topics: Mutex::new(HashMap::new()),
                 broker: Mutex::new(None),
             }),
@@ -158,41 +170,59 @@ impl Client {
         self.inner.broker.lock().expect("not poisoned").clone()
     }
 
-    /// The current connection, reconnecting if it broke.
+    /// The current general connection, reconnecting if it broke.
     pub async fn connection(&self) -> Result<Arc<Connection>> {
-        let mut slot = self.inner.connection.lock().await;
+        self.connection_for(Purpose::General).await
+    }
+
+    /// The current connection for `purpose`, reconnecting if it broke (to the first
+    /// bootstrap address that answers).
+    pub async fn connection_for(&self, purpose: Purpose) -> Result<Arc<Connection>> {
+        let mut slot = self.inner.connections[purpose as usize].lock().await;
         if let Some(connection) = slot.as_ref() {
             if !connection.is_closed() {
                 return Ok(connection.clone());
             }
         }
         let config = &self.inner.config;
-        let connection = Arc::new(
-            Connection::connect(
-                &config.bootstrap,
+        let mut failure = None;
+        for addr in config.bootstrap.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let connected = Connection::connect(
+                addr,
                 config.connect_timeout,
                 config.request_timeout,
                 config.in_flight_max,
             )
-            .await?,
-        );
-        let versions = handshake(&connection, &config.client_id).await?;
-        if !versions.error.is_ok() {
-            return Err(ClientError::broker(versions.error, "handshake"));
+            .await;
+            let connection = match connected {
+                Ok(connection) => Arc::new(connection),
+                Err(error) => {
+                    tracing::debug!(addr, %error, "bootstrap address did not answer");
+                    failure = Some(error);
+                    continue;
+                }
+            };
+            let versions = handshake(&connection, &config.client_id).await?;
+            if !versions.error.is_ok() {
+                return Err(ClientError::broker(versions.error, "handshake"));
+            }
+            connection.set_versions(&versions);
+            *self.inner.broker.lock().expect("not poisoned") = Some(versions);
+            *slot = Some(connection.clone());
+            return Ok(connection);
         }
-        connection.set_versions(&versions);
-        *self.inner.broker.lock().expect("not poisoned") = Some(versions);
-        *slot = Some(connection.clone());
-        Ok(connection)
+        Err(failure.unwrap_or(ClientError::Config("no bootstrap address")))
     }
 
-    /// Sends a request on the broker connection and returns the response body. If the
-    /// connection is lost or refused (the broker restarts), it reconnects and sends the request
-    /// again, for up to `retry_timeout`: every request that goes through here is safe to repeat
-    /// (produce requests do not: the producer orders its own resends).
+    /// Sends a request and returns the response body (fetches on the fetch connection, the
+    /// rest on the general one). If the connection is lost or refused (the broker restarts),
+    /// it reconnects and sends the request again, for up to `retry_timeout`: every request
+    /// that goes through here is safe to repeat (produce requests do not: the producer orders
+    /// its own resends).
     pub async fn request(&self, request: &Request<Bytes>) -> Result<Bytes> {
+        let purpose = if matches!(request, Request::Fetch(_)) { Purpose::Fetch } else { Purpose::General };
         let deadline = tokio::time::Instant::now() + self.inner.config.retry_timeout;
-        retry_until(deadline, || async { self.connection().await?.request(request).await }).await
+        retry_until(deadline, || async { self.connection_for(purpose).await?.request(request).await }).await
     }
 
     /// Fetches metadata (`None`: every topic) and refreshes the cache with it.
