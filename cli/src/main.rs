@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
+    /// Describe the cluster (brokers, controller, topics) or check its health (for scripts).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Print a shell completion script: `skein completions bash > /etc/bash_completion.d/skein`.
     Completions {
         #[arg(value_enum)]
@@ -50,27 +55,84 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum GroupCommand {
     /// Every group, with its state and member count.
+    #[command(after_help = "Example:\n  skein group list --output json")]
     List {
+        #[command(flatten)]
+        output: OutputArg,
         #[command(flatten)]
         connect: Connect,
     },
     /// Members, their partitions, and the committed offset and lag of each partition.
+    #[command(after_help = "Example:\n  skein group describe billing")]
     Describe {
+        /// The group id.
         group: String,
+        #[command(flatten)]
+        output: OutputArg,
         #[command(flatten)]
         connect: Connect,
     },
-    /// Set the committed offsets of every partition of a topic (only while the group is empty).
+    /// Move a group's committed offsets of a topic (only while the group has no members).
+    /// Prints TOPIC PARTITION BEFORE AFTER per partition.
+    #[command(
+        group(clap::ArgGroup::new("target").required(true).args(["to", "shift_by"])),
+        after_help = "Examples:\n  skein group reset-offsets billing --topic orders --to earliest --dry-run\n  \
+            skein group reset-offsets billing --topic orders --shift-by -100 --partition 0 --partition 2"
+    )]
     ResetOffsets {
+        /// The group id.
         group: String,
+        /// The topic whose offsets move.
         #[arg(long)]
         topic: String,
-        /// earliest, latest, an offset, or time:EPOCH_MS
+        /// earliest, latest, an offset, or time:EPOCH_MS.
         #[arg(long, value_parser = parse_from)]
-        to: SeekTo,
+        to: Option<SeekTo>,
+        /// Move each committed offset by N records (negative: back), within the log.
+        #[arg(long, allow_hyphen_values = true)]
+        shift_by: Option<i64>,
+        /// Only these partitions (repeatable; default: all).
+        #[arg(short, long = "partition")]
+        partitions: Vec<u32>,
+        /// Print what would be committed, and commit nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         connect: Connect,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// The broker answering, the brokers and controller it knows, and the topics.
+    #[command(after_help = "Example:\n  skein cluster describe --output json")]
+    Describe {
+        #[command(flatten)]
+        output: OutputArg,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Exit 0 when the cluster answers and every partition has a leader, 1 when it answers but
+    /// something is wrong (each problem printed), 2 when no broker answers.
+    #[command(after_help = "Example:\n  skein cluster health && echo healthy")]
+    Health {
+        #[command(flatten)]
+        connect: Connect,
+    },
+}
+
+/// `--output text|json` of describe and list commands.
+#[derive(Args, Debug, Clone, Copy)]
+struct OutputArg {
+    /// text (for people) or json (one document, for scripts).
+    #[arg(long = "output", value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 /// `skein broker`: every flag is one key of the config file (`--frame-bytes-max` is
@@ -213,26 +275,45 @@ struct Connect {
 
 #[derive(Subcommand, Debug)]
 enum TopicCommand {
+    /// Create a topic.
+    #[command(
+        after_help = "Example:\n  skein topic create orders --partitions 6 --config retention.ms=86400000"
+    )]
     Create {
+        /// The topic name (letters, digits, `.`, `_`, `-`).
         name: String,
+        /// How many partitions.
         #[arg(long)]
         partitions: u32,
-        /// Topic setting, e.g. retention.ms=86400000 (repeatable).
+        /// A topic setting KEY=VALUE (repeatable): retention.ms, retention.bytes,
+        /// segment.bytes, segment.ms, max.message.bytes.
         #[arg(long = "config", value_parser = parse_key_value)]
         configs: Vec<(String, String)>,
         #[command(flatten)]
         connect: Connect,
     },
+    /// The topics, one name per line.
+    #[command(after_help = "Example:\n  skein topic list --output json")]
     List {
         #[command(flatten)]
-        connect: Connect,
-    },
-    Describe {
-        name: String,
+        output: OutputArg,
         #[command(flatten)]
         connect: Connect,
     },
+    /// A topic's settings and each partition's leader and offset range.
+    #[command(after_help = "Example:\n  skein topic describe orders")]
+    Describe {
+        /// The topic name.
+        name: String,
+        #[command(flatten)]
+        output: OutputArg,
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Delete a topic and its data.
+    #[command(after_help = "Example:\n  skein topic delete scratch")]
     Delete {
+        /// The topic name.
         name: String,
         #[command(flatten)]
         connect: Connect,
@@ -373,6 +454,12 @@ fn main() -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
     let matches = Cli::command().version(version()).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    if let Command::Cluster { command: ClusterCommand::Health { connect } } = &cli.command {
+        init_logging("error");
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        return runtime.block_on(cluster_health(connect));
+    }
     let result = match cli.command {
         Command::Broker(args) => run_broker(*args),
         Command::Completions { shell } => {
@@ -453,24 +540,69 @@ async fn run_client(command: Command) -> Result<(), String> {
         Command::Produce(args) => produce(args).await,
         Command::Consume(args) => consume(args).await,
         Command::Group { command } => group(command).await,
+        Command::Cluster { command } => cluster(command).await,
     }
 }
 
+/// Prints a JSON document on one line.
+fn print_json(out: &mut impl Write, value: &serde_json::Value) -> Result<(), String> {
+    writeln!(out, "{value}").map_err(|e| e.to_string())
+}
+
 async fn group(command: GroupCommand) -> Result<(), String> {
+    use serde_json::json;
     let mut out = std::io::stdout().lock();
     let io = |e: std::io::Error| e.to_string();
     match command {
-        GroupCommand::List { connect: c } => {
+        GroupCommand::List { output, connect: c } => {
             let admin = Admin::new(connect(&c).await?);
-            for group in admin.list_groups().await.map_err(|e| e.to_string())? {
+            let groups = admin.list_groups().await.map_err(|e| e.to_string())?;
+            if output.output == Output::Json {
+                let groups: Vec<_> = groups
+                    .iter()
+                    .map(|g| json!({"group": g.group_id, "state": g.state, "members": g.members}))
+                    .collect();
+                return print_json(&mut out, &json!(groups));
+            }
+            for group in groups {
                 writeln!(out, "{}\t{}\t{} members", group.group_id, group.state, group.members)
                     .map_err(io)?;
             }
             Ok(())
         }
-        GroupCommand::Describe { group, connect: c } => {
+        GroupCommand::Describe { group, output, connect: c } => {
             let admin = Admin::new(connect(&c).await?);
             let description = admin.describe_group(&group).await.map_err(|e| e.to_string())?;
+            let owned_of = |member: &skein_client::MemberDescription| -> Vec<String> {
+                member
+                    .assigned
+                    .iter()
+                    .flat_map(|t| t.partitions.iter().map(move |p| format!("{}/{p}", t.topic)))
+                    .collect()
+            };
+            if output.output == Output::Json {
+                let members: Vec<_> = description
+                    .members
+                    .iter()
+                    .map(|m| {
+                        json!({"member_id": m.member_id, "client_id": m.client_id, "member_epoch": m.member_epoch,
+                               "subscribed_topics": m.subscribed_topics, "partitions": owned_of(m)})
+                    })
+                    .collect();
+                let offsets: Vec<_> = description
+                    .offsets
+                    .iter()
+                    .map(|p| {
+                        json!({"topic": p.topic, "partition": p.partition, "committed": p.committed,
+                               "end_offset": p.end_offset, "lag": p.lag, "owner": p.owner})
+                    })
+                    .collect();
+                return print_json(
+                    &mut out,
+                    &json!({"group": description.group_id, "state": description.state,
+                            "group_epoch": description.group_epoch, "members": members, "offsets": offsets}),
+                );
+            }
             writeln!(
                 out,
                 "group {} state {} epoch {} members {}",
@@ -481,11 +613,7 @@ async fn group(command: GroupCommand) -> Result<(), String> {
             )
             .map_err(io)?;
             for member in &description.members {
-                let owned: Vec<String> = member
-                    .assigned
-                    .iter()
-                    .flat_map(|t| t.partitions.iter().map(move |p| format!("{}/{p}", t.topic)))
-                    .collect();
+                let owned = owned_of(member);
                 writeln!(
                     out,
                     "member {} client {} epoch {} partitions {}",
@@ -513,14 +641,132 @@ async fn group(command: GroupCommand) -> Result<(), String> {
             }
             Ok(())
         }
-        GroupCommand::ResetOffsets { group, topic, to, connect: c } => {
+        GroupCommand::ResetOffsets { group, topic, to, shift_by, partitions, dry_run, connect: c } => {
             let admin = Admin::new(connect(&c).await?);
-            let offsets = admin.reset_offsets(&group, &topic, to).await.map_err(|e| e.to_string())?;
-            for (partition, offset) in offsets {
-                writeln!(out, "{topic}\t{partition}\t{offset}").map_err(io)?;
+            let target = match (to, shift_by) {
+                (Some(to), None) => skein_client::ResetTo::Seek(to),
+                (None, Some(shift)) => skein_client::ResetTo::ShiftBy(shift),
+                _ => return Err("give one of --to and --shift-by".into()),
+            };
+            let only = (!partitions.is_empty()).then_some(partitions.as_slice());
+            let plan = admin.plan_reset(&group, &topic, target, only).await.map_err(|e| e.to_string())?;
+            if !dry_run {
+                admin.apply_reset(&group, &topic, &plan).await.map_err(|e| e.to_string())?;
+            }
+            for p in &plan {
+                let before = p.before.map_or("-".to_owned(), |o| o.to_string());
+                writeln!(out, "{topic}\t{}\t{before}\t{}", p.partition, p.after).map_err(io)?;
+            }
+            if dry_run {
+                eprintln!("dry run: nothing committed");
             }
             Ok(())
         }
+    }
+}
+
+/// `skein cluster describe` and `skein cluster health`.
+async fn cluster(command: ClusterCommand) -> Result<(), String> {
+    use serde_json::json;
+    let mut out = std::io::stdout().lock();
+    match command {
+        ClusterCommand::Describe { output, connect: c } => {
+            let client = connect(&c).await?;
+            let info = client.broker_info().ok_or("no handshake")?;
+            let metadata = client.metadata(None).await.map_err(|e| e.to_string())?;
+            let partitions: usize = metadata.topics.iter().map(|t| t.partitions.len()).sum();
+            if output.output == Output::Json {
+                let brokers: Vec<_> = metadata
+                    .brokers
+                    .iter()
+                    .map(|b| json!({"node_id": b.node_id, "host": b.host, "port": b.port}))
+                    .collect();
+                let topics: Vec<_> = metadata
+                    .topics
+                    .iter()
+                    .map(|t| json!({"name": t.name, "partitions": t.partitions.len()}))
+                    .collect();
+                return print_json(
+                    &mut out,
+                    &json!({"answered_by": {"node_id": info.node_id, "version": info.broker_version,
+                                            "commit": info.build_commit, "frame_bytes_max": info.frame_bytes_max,
+                                            "batch_bytes_max": info.batch_bytes_max},
+                            "controller_id": metadata.controller_id, "brokers": brokers,
+                            "topics": topics, "partitions": partitions}),
+                );
+            }
+            let io = |e: std::io::Error| e.to_string();
+            writeln!(
+                out,
+                "answered by node {} (skein {}, commit {})",
+                info.node_id, info.broker_version, info.build_commit
+            )
+            .map_err(io)?;
+            writeln!(out, "controller {}", metadata.controller_id).map_err(io)?;
+            for broker in &metadata.brokers {
+                writeln!(out, "broker {} {}:{}", broker.node_id, broker.host, broker.port).map_err(io)?;
+            }
+            writeln!(out, "{} topics, {partitions} partitions", metadata.topics.len()).map_err(io)
+        }
+        ClusterCommand::Health { .. } => unreachable!("main runs the health check for its exit code"),
+    }
+}
+
+/// What is wrong with a cluster, as its metadata says: no broker, topic or partition errors, a
+/// partition whose leader is not a listed broker.
+fn health_problems(metadata: &skein_net::MetadataResponse) -> Vec<String> {
+    let mut problems = Vec::new();
+    if metadata.brokers.is_empty() {
+        problems.push("no broker listed".to_owned());
+    }
+    let brokers: Vec<u32> = metadata.brokers.iter().map(|b| b.node_id).collect();
+    for topic in &metadata.topics {
+        if !topic.error.is_ok() {
+            problems.push(format!("topic {}: {}", topic.name, topic.error));
+        }
+        for p in &topic.partitions {
+            if !p.error.is_ok() {
+                problems.push(format!("{}/{}: {}", topic.name, p.partition, p.error));
+            } else if !brokers.contains(&p.leader) {
+                problems
+                    .push(format!("{}/{}: no live leader (leader {})", topic.name, p.partition, p.leader));
+            }
+        }
+    }
+    problems
+}
+
+/// `skein cluster health`: the exit code is the answer (0 healthy, 1 unhealthy, 2 unreachable).
+async fn cluster_health(connect_to: &Connect) -> ExitCode {
+    let client = match connect(connect_to).await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("unreachable: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let metadata = match client.metadata(None).await {
+        Ok(metadata) => metadata,
+        Err(error) => {
+            eprintln!("unreachable: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let problems = health_problems(&metadata);
+    let brokers = &metadata.brokers;
+    let partitions: usize = metadata.topics.iter().map(|t| t.partitions.len()).sum();
+    if problems.is_empty() {
+        println!(
+            "healthy: {} brokers, {} topics, {partitions} partitions with a leader",
+            brokers.len(),
+            metadata.topics.len()
+        );
+        ExitCode::SUCCESS
+    } else {
+        for problem in &problems {
+            println!("unhealthy: {problem}");
+        }
+        ExitCode::from(1)
     }
 }
 
@@ -533,16 +779,36 @@ async fn topic(command: TopicCommand) -> Result<(), String> {
             admin.create_topic(&name, partitions, &configs).await.map_err(|e| e.to_string())?;
             writeln!(out, "created topic {name} with {partitions} partitions").map_err(|e| e.to_string())
         }
-        TopicCommand::List { connect: c } => {
+        TopicCommand::List { output, connect: c } => {
             let admin = Admin::new(connect(&c).await?);
-            for name in admin.list_topics().await.map_err(|e| e.to_string())? {
+            let names = admin.list_topics().await.map_err(|e| e.to_string())?;
+            if output.output == Output::Json {
+                return print_json(&mut out, &serde_json::json!(names));
+            }
+            for name in names {
                 writeln!(out, "{name}").map_err(|e| e.to_string())?;
             }
             Ok(())
         }
-        TopicCommand::Describe { name, connect: c } => {
+        TopicCommand::Describe { name, output, connect: c } => {
             let admin = Admin::new(connect(&c).await?);
             let description = admin.describe_topic(&name).await.map_err(|e| e.to_string())?;
+            if output.output == Output::Json {
+                let configs: serde_json::Map<String, serde_json::Value> =
+                    description.configs.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+                let partitions: Vec<_> = description
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({"partition": p.partition, "leader": p.leader,
+                                           "start_offset": p.start_offset, "end_offset": p.end_offset})
+                    })
+                    .collect();
+                return print_json(
+                    &mut out,
+                    &serde_json::json!({"name": description.name, "configs": configs, "partitions": partitions}),
+                );
+            }
             let configs: Vec<String> = description.configs.iter().map(|(k, v)| format!("{k}={v}")).collect();
             writeln!(
                 out,
@@ -820,4 +1086,55 @@ fn at_end(consumer: &Consumer, ends: &std::collections::HashMap<TopicPartition, 
             let end = ends.get(tp).copied().unwrap_or(0);
             consumer.position(tp.topic(), tp.partition).is_some_and(|position| position >= end)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use skein_net::{BrokerInfo, ErrorCode, MetadataResponse, PartitionMetadata, TopicMetadata};
+
+    fn partition(partition: u32, leader: u32, error: ErrorCode) -> PartitionMetadata {
+        PartitionMetadata {
+            partition,
+            error,
+            leader,
+            leader_epoch: 0,
+            replicas: vec![leader],
+            isr: vec![leader],
+        }
+    }
+
+    #[test]
+    fn health_names_every_problem() {
+        let broker = BrokerInfo { node_id: 1, host: "h".into(), port: 1 };
+        let topic = |name: &str, partitions| TopicMetadata {
+            name: name.into(),
+            error: ErrorCode::None,
+            partitions,
+            configs: Vec::new(),
+        };
+        let healthy = MetadataResponse {
+            brokers: vec![broker.clone()],
+            controller_id: 1,
+            topics: vec![topic("a", vec![partition(0, 1, ErrorCode::None)])],
+        };
+        assert!(super::health_problems(&healthy).is_empty());
+        let sick = MetadataResponse {
+            brokers: vec![broker],
+            controller_id: 1,
+            topics: vec![topic(
+                "a",
+                vec![
+                    partition(0, 1, ErrorCode::None),
+                    partition(1, 7, ErrorCode::None),
+                    partition(2, 1, ErrorCode::UnknownServerError),
+                ],
+            )],
+        };
+        let problems = super::health_problems(&sick);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("a/1") && problems[0].contains("no live leader"), "{problems:?}");
+        assert!(problems[1].contains("a/2"), "{problems:?}");
+        let empty = MetadataResponse { brokers: Vec::new(), controller_id: 0, topics: Vec::new() };
+        assert_eq!(super::health_problems(&empty), vec!["no broker listed".to_owned()]);
+    }
 }

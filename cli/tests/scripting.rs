@@ -286,3 +286,81 @@ fn help_has_examples_and_completions_are_generated() {
         assert!(out.status.success() && script.contains(marker) && script.contains("consume"), "{shell}");
     }
 }
+
+#[test]
+fn admin_commands_speak_json_and_reset_offsets_precisely() {
+    let broker = Broker::start(&[]);
+    create(&broker, "ledger", "2");
+    let input: String = (0..20).map(|i| format!("k{}:v{i}\n", i % 2)).collect();
+    assert!(cli(&broker, &["produce", "ledger", "-K", ":"], &input).0);
+    assert!(cli(&broker, &["consume", "ledger", "-g", "audit", "-e"], "").0);
+
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = cli(&broker, args, "");
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    assert_eq!(json(&["topic", "list", "--output", "json"]), serde_json::json!(["ledger"]));
+    let topic = json(&["topic", "describe", "ledger", "--output", "json"]);
+    assert_eq!(topic["name"], "ledger");
+    assert_eq!(topic["partitions"].as_array().unwrap().len(), 2);
+    let ends: Vec<u64> =
+        topic["partitions"].as_array().unwrap().iter().map(|p| p["end_offset"].as_u64().unwrap()).collect();
+    assert_eq!(ends.iter().sum::<u64>(), 20);
+    assert!(topic["configs"]["retention.ms"].is_string());
+    let groups = json(&["group", "list", "--output", "json"]);
+    assert_eq!(groups, serde_json::json!([{"group": "audit", "state": "empty", "members": 0}]));
+    let group = json(&["group", "describe", "audit", "--output", "json"]);
+    assert_eq!(group["state"], "empty");
+    let lags: Vec<u64> =
+        group["offsets"].as_array().unwrap().iter().map(|p| p["lag"].as_u64().unwrap()).collect();
+    assert!(lags.iter().all(|l| *l == 0), "{group}");
+    let cluster = json(&["cluster", "describe", "--output", "json"]);
+    assert_eq!(cluster["brokers"].as_array().unwrap().len(), 1);
+    assert_eq!(cluster["partitions"], 2, "the offsets partitions are internal: {cluster}");
+    assert!(cluster["answered_by"]["commit"].is_string());
+
+    // A dry run prints and commits nothing.
+    let committed = |partition: u64| {
+        let group = json(&["group", "describe", "audit", "--output", "json"]);
+        group["offsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["partition"] == partition)
+            .map(|p| p["committed"].as_u64().unwrap())
+    };
+    let (ok, out, err) = cli(
+        &broker,
+        &["group", "reset-offsets", "audit", "--topic", "ledger", "--to", "earliest", "--dry-run"],
+        "",
+    );
+    assert!(ok && err.contains("dry run"), "{err}");
+    assert_eq!(out.lines().count(), 2);
+    assert_eq!(committed(0), Some(ends[0]), "nothing committed");
+    // --shift-by on one partition: back 3 from the commit; the other stays.
+    let (ok, out, err) = cli(
+        &broker,
+        &["group", "reset-offsets", "audit", "--topic", "ledger", "--shift-by", "-3", "--partition", "0"],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("ledger\t0\t{}\t{}", ends[0], ends[0] - 3));
+    assert_eq!(committed(0), Some(ends[0] - 3));
+    assert_eq!(committed(1), Some(ends[1]));
+    // Shifting past the start stops at the start.
+    let (ok, _, err) =
+        cli(&broker, &["group", "reset-offsets", "audit", "--topic", "ledger", "--shift-by", "-1000"], "");
+    assert!(ok, "{err}");
+    assert_eq!((committed(0), committed(1)), (Some(0), Some(0)));
+    let (ok, _, err) = cli(&broker, &["group", "reset-offsets", "audit", "--topic", "ledger"], "");
+    assert!(!ok && err.contains("--to") && err.contains("--shift-by"), "one of them is required: {err}");
+
+    // Health: 0 for a serving broker, 2 when nothing answers.
+    let status = skein().args(["cluster", "health"]).env("SKEIN_BOOTSTRAP", &broker.addr).output().unwrap();
+    assert_eq!(status.status.code(), Some(0), "{}", String::from_utf8_lossy(&status.stdout));
+    assert!(String::from_utf8_lossy(&status.stdout).starts_with("healthy: 1 brokers"));
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let status = skein().args(["cluster", "health", "-b", &dead.to_string()]).output().unwrap();
+    assert_eq!(status.status.code(), Some(2));
+}

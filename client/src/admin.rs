@@ -195,25 +195,75 @@ impl Admin {
     /// offset, an offset, or the first offset at a timestamp). Refused with `GroupNotEmpty` while
     /// the group has members. Returns `(partition, offset)` as committed.
     pub async fn reset_offsets(&self, group: &str, topic: &str, to: SeekTo) -> Result<Vec<(u32, u64)>> {
-        let mut reader = Consumer::new(self.client.clone(), ConsumerConfig::default());
-        reader.assign_all(topic).await?;
-        reader.seek_all(to).await?;
-        let offsets: Vec<(u32, u64)> = reader
-            .assignment()
-            .iter()
-            .map(|tp| (tp.partition, reader.position(topic, tp.partition).expect("seeked")))
-            .collect();
+        let plan = self.plan_reset(group, topic, ResetTo::Seek(to), None).await?;
+        self.apply_reset(group, topic, &plan).await?;
+        Ok(plan.iter().map(|p| (p.partition, p.after)).collect())
+    }
+
+    /// What a reset would commit, without committing it (a dry run): per partition of `topic`
+    /// (or of `partitions` only), the committed offset now and the one after. `ShiftBy` moves
+    /// each committed offset (the log start where there is none) by N, kept within the log.
+    pub async fn plan_reset(
+        &self,
+        group: &str,
+        topic: &str,
+        to: ResetTo,
+        partitions: Option<&[u32]>,
+    ) -> Result<Vec<OffsetReset>> {
+        let description = self.describe_topic(topic).await?;
+        let chosen: Vec<u32> = match partitions {
+            Some(list) => {
+                for &partition in list {
+                    if partition as usize >= description.partitions.len() {
+                        return Err(ClientError::UnknownPartition { topic: topic.to_owned(), partition });
+                    }
+                }
+                list.to_vec()
+            }
+            None => description.partitions.iter().map(|p| p.partition).collect(),
+        };
+        let keys: Vec<TopicPartition> = chosen.iter().map(|&p| TopicPartition::new(topic, p)).collect();
+        let before = self.committed_offsets(group, &keys).await?;
+        let after: Vec<u64> = match to {
+            ResetTo::Seek(to) => {
+                let mut reader = Consumer::new(self.client.clone(), ConsumerConfig::default());
+                reader.assign(topic, &chosen).await?;
+                reader.seek_all(to).await?;
+                chosen.iter().map(|&p| reader.position(topic, p).expect("seeked")).collect()
+            }
+            ResetTo::ShiftBy(shift) => chosen
+                .iter()
+                .zip(&before)
+                .map(|(&p, committed)| {
+                    let range = &description.partitions[p as usize];
+                    let from = committed.unwrap_or(range.start_offset) as i128;
+                    (from + i128::from(shift)).clamp(range.start_offset as i128, range.end_offset as i128)
+                        as u64
+                })
+                .collect(),
+        };
+        Ok(chosen
+            .into_iter()
+            .zip(before)
+            .zip(after)
+            .map(|((partition, before), after)| OffsetReset { partition, before, after })
+            .collect())
+    }
+
+    /// Commits a planned reset ([`Admin::plan_reset`]). Refused with `GroupNotEmpty` while the
+    /// group has members.
+    pub async fn apply_reset(&self, group: &str, topic: &str, plan: &[OffsetReset]) -> Result<()> {
         let request = Request::OffsetCommit(OffsetCommitRequest {
             group_id: group.to_owned(),
             member_id: String::new(),
             member_epoch: ADMIN_EPOCH,
             topics: vec![TopicData {
                 name: topic.to_owned(),
-                partitions: offsets
+                partitions: plan
                     .iter()
-                    .map(|&(partition, offset)| CommitPartition {
-                        partition,
-                        offset,
+                    .map(|p| CommitPartition {
+                        partition: p.partition,
+                        offset: p.after,
                         metadata: String::new(),
                     })
                     .collect(),
@@ -235,7 +285,7 @@ impl Admin {
                 ));
             }
         }
-        Ok(offsets)
+        Ok(())
     }
 
     /// A group's committed offset of each partition (`None`: no commit).
@@ -246,6 +296,22 @@ impl Admin {
     ) -> Result<Vec<Option<u64>>> {
         crate::group::fetch_committed(&self.client, group, partitions).await
     }
+}
+
+/// Where [`Admin::plan_reset`] moves committed offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    Seek(SeekTo),
+    /// By this many records (negative: back), from the committed offset.
+    ShiftBy(i64),
+}
+
+/// One partition of a reset: the committed offset before (`None`: none) and after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetReset {
+    pub partition: u32,
+    pub before: Option<u64>,
+    pub after: u64,
 }
 
 /// One partition of a group, as `describe_group` reports it.

@@ -51,6 +51,7 @@ use skein_net::{
 };
 
 pub use crate::admin::{Admin, GroupDescription, PartitionDescription, PartitionLag, TopicDescription};
+pub use crate::admin::{OffsetReset, ResetTo};
 pub use crate::connection::Connection;
 pub use crate::consumer::Consumer;
 pub use crate::error::{ClientError, Result};
