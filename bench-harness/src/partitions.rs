@@ -182,10 +182,8 @@ async fn read_all(addr: &str, records: u64) -> Result<u64, String> {
     let mut config = ClientConfig::new(addr.to_owned());
     config.request_timeout = Duration::from_secs(120);
     let client = Client::connect(config).await.map_err(|e| e.to_string())?;
-    let mut consumer = Consumer::new(
-        client,
-        ConsumerConfig { fetch_wait_max: Duration::from_millis(100), ..ConsumerConfig::default() },
-    );
+    let mut consumer =
+        Consumer::new(client, ConsumerConfig::default().fetch_wait_max(Duration::from_millis(100)));
     consumer.assign_all(TOPIC).await.map_err(|e| e.to_string())?;
     let mut read = 0u64;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -232,7 +230,7 @@ pub fn run(options: PartitionsOptions, git_commit: String) -> Result<PartitionsR
 
     let (_, seconds) = timed(Box::pin(async {
         let client = Client::connect(ClientConfig::new(addr.clone())).await.map_err(|e| e.to_string())?;
-        let producer = Producer::new(client, ProducerConfig { acks: Acks::All, ..ProducerConfig::default() });
+        let producer = Producer::new(client, ProducerConfig::default().acks(Acks::All));
         let value = bytes::Bytes::from(vec![b'r'; options.message_size]);
         for _ in 0..options.records_per_partition {
             let mut deliveries = Vec::with_capacity(partitions as usize);

@@ -131,13 +131,11 @@ pub async fn produce(
     stamp: bool,
 ) -> Result<ProducerOutcome, ClientError> {
     let client = connect(&workload.bootstrap).await?;
-    let config = ProducerConfig {
-        acks: workload.acks,
-        batch_bytes: workload.batch_bytes,
-        linger: workload.linger,
-        max_in_flight: workload.max_in_flight,
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::default()
+        .acks(workload.acks)
+        .batch_bytes(workload.batch_bytes)
+        .linger(workload.linger)
+        .max_in_flight(workload.max_in_flight);
     let producer = Producer::new(client, config);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1));
     let payload: Bytes = (0..workload.message_size).map(|_| rng.next() as u8).collect::<Vec<u8>>().into();
@@ -210,12 +208,10 @@ pub async fn consume(
     stamped: bool,
 ) -> Result<ConsumerOutcome, ClientError> {
     let client = connect(&workload.bootstrap).await?;
-    let config = ConsumerConfig {
-        fetch_wait_max: Duration::from_millis(100),
-        partition_bytes_max: 4 << 20,
-        fetch_bytes_max: 32 << 20,
-        ..ConsumerConfig::default()
-    };
+    let config = ConsumerConfig::default()
+        .fetch_wait_max(Duration::from_millis(100))
+        .partition_bytes_max(4 << 20)
+        .fetch_bytes_max(32 << 20);
     let mut consumer = Consumer::new(client, config);
     consumer.assign(&workload.topic, &partitions).await?;
     match &until {

@@ -849,12 +849,10 @@ async fn produce(args: ProduceArgs) -> Result<(), String> {
     let separator = args.key_separator.as_deref().map(format::unescape).transpose()?;
     let client = connect(&args.connect).await?;
     client.topic(&topic).await.map_err(|e| e.to_string())?;
-    let config = ProducerConfig {
-        acks: args.acks,
-        linger: Duration::from_millis(args.linger_ms),
-        delivery_timeout: Duration::from_millis(args.delivery_timeout_ms.max(1)),
-        ..ProducerConfig::default()
-    };
+    let config = ProducerConfig::default()
+        .acks(args.acks)
+        .linger(Duration::from_millis(args.linger_ms))
+        .delivery_timeout(Duration::from_millis(args.delivery_timeout_ms.max(1)));
     let producer = Producer::new(client, config);
     // Records are read on a blocking thread and handed over one by one.
     let (records, mut incoming) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(1024);
@@ -973,12 +971,10 @@ async fn consume(args: ConsumeArgs) -> Result<(), String> {
     let mut consumer = Consumer::new(client, config);
     match (&args.group, args.partition) {
         (Some(group), _) => {
-            let group = GroupConfig {
-                session_timeout: Duration::from_millis(args.session_timeout_ms),
+            let group = GroupConfig::new(group.clone())
+                .session_timeout(Duration::from_millis(args.session_timeout_ms))
                 // Commits are made here, after printing (at-least-once).
-                auto_commit: None,
-                ..GroupConfig::new(group.clone())
-            };
+                .auto_commit(None);
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
             consumer.subscribe(&names, group).await
         }

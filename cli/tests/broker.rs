@@ -29,10 +29,7 @@ async fn round_trip_across_four_partitions_on_two_shards_keeps_per_key_order() {
     let owners: Vec<usize> = (0..4).map(|p| skein_broker::router::place("orders", p, 2).index()).collect();
     assert!(owners.contains(&0) && owners.contains(&1), "{owners:?}");
 
-    let producer = Producer::new(
-        client.clone(),
-        ProducerConfig { linger: Duration::from_millis(2), ..ProducerConfig::default() },
-    );
+    let producer = Producer::new(client.clone(), ProducerConfig::default().linger(Duration::from_millis(2)));
     let mut deliveries = Vec::new();
     for i in 0..2000u32 {
         let key = format!("customer-{}", i % 17);
@@ -110,10 +107,8 @@ async fn a_long_poll_fetch_wakes_up_when_data_arrives() {
     let broker = Broker::start(&[]);
     let client = broker.client().await;
     Admin::new(client.clone()).create_topic("waits", 2, &[]).await.unwrap();
-    let mut consumer = Consumer::new(
-        client.clone(),
-        ConsumerConfig { fetch_wait_max: Duration::from_secs(20), ..ConsumerConfig::default() },
-    );
+    let mut consumer =
+        Consumer::new(client.clone(), ConsumerConfig::default().fetch_wait_max(Duration::from_secs(20)));
     consumer.assign_all("waits").await.unwrap();
     consumer.seek_all(SeekTo::End).await.unwrap();
     // Its own connection: responses on one connection come back in request order, so a
@@ -187,8 +182,7 @@ async fn old_data_is_served_from_segment_files_once_the_tail_cache_evicted_it() 
         .create_topic("history", 2, &[("segment.bytes", "65536"), ("max.message.bytes", "16384")])
         .await
         .unwrap();
-    let producer =
-        Producer::new(client.clone(), ProducerConfig { batch_bytes: 8192, ..ProducerConfig::default() });
+    let producer = Producer::new(client.clone(), ProducerConfig::default().batch_bytes(8192));
     for i in 0..3000u32 {
         producer.send(ProducerRecord::new("history", format!("{i:0>500}")).partition(i % 2)).await.unwrap();
     }
@@ -200,10 +194,8 @@ async fn old_data_is_served_from_segment_files_once_the_tail_cache_evicted_it() 
     assert!(data_files > 5, "the partition spans {data_files} segments");
     // Two passes: the first reads cold ranges (blocking-thread sendfile), the second warm ones.
     for pass in 0..2 {
-        let mut consumer = Consumer::new(
-            client.clone(),
-            ConsumerConfig { partition_bytes_max: 100_000, ..ConsumerConfig::default() },
-        );
+        let mut consumer =
+            Consumer::new(client.clone(), ConsumerConfig::default().partition_bytes_max(100_000));
         consumer.assign_all("history").await.unwrap();
         let records = read_all(&mut consumer, 3000).await;
         assert_eq!(records.len(), 3000, "pass {pass}");
@@ -222,8 +214,7 @@ async fn acks_zero_and_missing_topics() {
     let client = broker.client().await;
     let admin = Admin::new(client.clone());
     admin.create_topic("fast", 1, &[]).await.unwrap();
-    let producer =
-        Producer::new(client.clone(), ProducerConfig { acks: Acks::None, ..ProducerConfig::default() });
+    let producer = Producer::new(client.clone(), ProducerConfig::default().acks(Acks::None));
     let mut deliveries = Vec::new();
     for i in 0..100 {
         deliveries.push(producer.send(ProducerRecord::new("fast", format!("{i}"))).await.unwrap());

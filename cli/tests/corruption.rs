@@ -60,10 +60,7 @@ fn restore(path: &Path, position: u64, value: u8) {
 }
 
 async fn produce(broker: &Broker, from: u32, count: u32) {
-    let producer = Producer::new(
-        broker.client().await,
-        ProducerConfig { batch_bytes: 8 << 10, ..ProducerConfig::default() },
-    );
+    let producer = Producer::new(broker.client().await, ProducerConfig::default().batch_bytes(8 << 10));
     for i in from..from + count {
         producer.send(ProducerRecord::new("c", format!("value-{i:06}-{}", "x".repeat(80)))).await.unwrap();
     }

@@ -40,13 +40,11 @@ async fn write(
     let client = Client::connect(config).await.unwrap();
     let producer = Arc::new(Producer::new(
         client,
-        ProducerConfig {
-            acks: Acks::Leader,
-            linger: Duration::from_millis(1),
-            batch_bytes: 16 << 10,
-            buffer_bytes: 4 << 20,
-            ..ProducerConfig::default()
-        },
+        ProducerConfig::default()
+            .acks(Acks::Leader)
+            .linger(Duration::from_millis(1))
+            .batch_bytes(16 << 10)
+            .buffer_bytes(4 << 20),
     ));
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -91,10 +89,8 @@ async fn read_all(addr: &str) -> HashMap<(u32, u64), String> {
         .iter()
         .map(|p| p.end_offset)
         .collect();
-    let mut consumer = Consumer::new(
-        client,
-        ConsumerConfig { fetch_wait_max: Duration::from_millis(50), ..ConsumerConfig::default() },
-    );
+    let mut consumer =
+        Consumer::new(client, ConsumerConfig::default().fetch_wait_max(Duration::from_millis(50)));
     consumer.assign_all("crash").await.unwrap();
     let mut records = HashMap::new();
     let total: u64 = ends.iter().sum();

@@ -78,12 +78,7 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_recovers_when_space_is_freed
         .unwrap();
     let producer = Producer::new(
         broker.client().await,
-        ProducerConfig {
-            acks: Acks::All,
-            retries: 0,
-            linger: Duration::from_millis(1),
-            ..ProducerConfig::default()
-        },
+        ProducerConfig::default().acks(Acks::All).retries(0).linger(Duration::from_millis(1)),
     );
     // Fill the disk, 16 records at a time; every outcome is awaited, so the acknowledged set
     // is exact.

@@ -245,7 +245,7 @@ async fn read(consumer: &mut Consumer, expected: usize) -> Vec<skein_client::Con
 }
 
 fn fast_group(name: &str) -> GroupConfig {
-    GroupConfig { session_timeout: Duration::from_secs(2), ..GroupConfig::new(name) }
+    GroupConfig::new(name).session_timeout(Duration::from_secs(2))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

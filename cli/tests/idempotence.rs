@@ -118,17 +118,15 @@ async fn retried_batches_are_written_exactly_once_and_in_order_across_a_restart(
     let client = Client::connect(config).await.unwrap();
     let producer = Producer::new(
         client,
-        ProducerConfig {
-            acks: Acks::All,
-            linger: Duration::from_millis(2),
-            batch_bytes: 2 << 10,
-            max_in_flight: 5,
-            retries: 100,
-            retry_backoff: Duration::from_millis(20),
+        ProducerConfig::default()
+            .acks(Acks::All)
+            .linger(Duration::from_millis(2))
+            .batch_bytes(2 << 10)
+            .max_in_flight(5)
+            .retries(100)
+            .retry_backoff(Duration::from_millis(20))
             // Small requests: many of them, so many responses to lose.
-            request_bytes_max: 4 << 10,
-            ..ProducerConfig::default()
-        },
+            .request_bytes_max(4 << 10),
     );
     let total = 6000u32;
     let mut deliveries = send_range(&producer, 0, total / 2).await;

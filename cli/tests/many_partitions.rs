@@ -25,7 +25,7 @@ async fn client(broker: &Broker) -> Client {
 async fn read_each(broker: &Broker, topic: &str, records: usize) -> Vec<Vec<String>> {
     let mut consumer = Consumer::new(
         client(broker).await,
-        ConsumerConfig { fetch_wait_max: Duration::from_millis(100), ..ConsumerConfig::default() },
+        ConsumerConfig::default().fetch_wait_max(Duration::from_millis(100)),
     );
     consumer.assign_all(topic).await.unwrap();
     let mut by_partition = vec![Vec::new(); PARTITIONS as usize];
@@ -50,8 +50,7 @@ async fn two_thousand_partitions_under_a_small_open_files_limit_round_trip_and_r
     admin.create_topic("wide", PARTITIONS, &[]).await.unwrap();
     let created_in = started.elapsed();
     // A keyed producer writing to every partition at once: one record per partition, by key.
-    let producer =
-        Producer::new(client(&broker).await, ProducerConfig { acks: Acks::All, ..ProducerConfig::default() });
+    let producer = Producer::new(client(&broker).await, ProducerConfig::default().acks(Acks::All));
     let mut deliveries = Vec::new();
     for partition in 0..PARTITIONS {
         let record = ProducerRecord::new("wide", format!("value-{partition}")).partition(partition);

@@ -209,10 +209,7 @@ async fn metrics_after_traffic_have_every_family_and_the_right_figures() {
     }
     producer.flush().await.unwrap();
     let mut consumer = Consumer::new(broker.client().await, ConsumerConfig::default());
-    consumer
-        .subscribe(&["orders"], GroupConfig { auto_commit: None, ..GroupConfig::new("billing") })
-        .await
-        .unwrap();
+    consumer.subscribe(&["orders"], GroupConfig::new("billing").auto_commit(None)).await.unwrap();
     let mut read = 0;
     let deadline = Instant::now() + Duration::from_secs(30);
     while read < 500 && Instant::now() < deadline {

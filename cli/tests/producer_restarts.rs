@@ -68,17 +68,15 @@ async fn produce(addr: String, producer_index: usize, stop: Arc<AtomicBool>, led
     let client = Client::connect(config).await.unwrap();
     let config = if producer_index == 0 {
         // Small batches and a small buffer: it is full all the time, every request slot in use.
-        ProducerConfig {
-            acks: Acks::All,
-            linger: Duration::from_millis(1),
-            batch_bytes: 16 << 10,
-            buffer_bytes: 1 << 20,
-            max_in_flight: 5,
-            ..ProducerConfig::default()
-        }
+        ProducerConfig::default()
+            .acks(Acks::All)
+            .linger(Duration::from_millis(1))
+            .batch_bytes(16 << 10)
+            .buffer_bytes(1 << 20)
+            .max_in_flight(5)
     } else {
         // What `skein produce` uses: large batches, a 64 MiB buffer.
-        ProducerConfig { acks: Acks::Leader, ..ProducerConfig::default() }
+        ProducerConfig::default().acks(Acks::Leader)
     };
     let producer = Producer::new(client, config);
     let mut sent = 0u64;
@@ -130,10 +128,8 @@ async fn check_log(addr: &str, ledger: &Ledger) -> u64 {
         .map(|p| p.end_offset)
         .collect();
     let total: u64 = ends.iter().sum();
-    let mut consumer = Consumer::new(
-        client,
-        ConsumerConfig { fetch_wait_max: Duration::from_millis(50), ..ConsumerConfig::default() },
-    );
+    let mut consumer =
+        Consumer::new(client, ConsumerConfig::default().fetch_wait_max(Duration::from_millis(50)));
     consumer.assign_all(TOPIC).await.unwrap();
     let mut seen: Vec<Vec<bool>> = ledger.outcomes.iter().map(|o| vec![false; o.len()]).collect();
     let mut last: HashMap<(usize, u32), u64> = HashMap::new();

@@ -271,7 +271,7 @@ async fn clients_that_arrive_the_moment_a_restarted_broker_accepts_succeed() {
     Admin::new(broker.client().await).create_topic("big", 4, &[]).await.unwrap();
     let producer = Producer::new(
         broker.client().await,
-        ProducerConfig { acks: Acks::Leader, linger: Duration::from_millis(2), ..ProducerConfig::default() },
+        ProducerConfig::default().acks(Acks::Leader).linger(Duration::from_millis(2)),
     );
     let value = vec![b'x'; 1000];
     for i in 0..RECORDS {

@@ -18,9 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = Client::connect(ClientConfig::new(bootstrap)).await?;
     let mut consumer = Consumer::new(client, ConsumerConfig::default());
     // No automatic commit: this member commits after processing.
-    consumer
-        .subscribe(&[topic.as_str()], GroupConfig { auto_commit: None, ..GroupConfig::new(group) })
-        .await?;
+    consumer.subscribe(&[topic.as_str()], GroupConfig::new(group).auto_commit(None)).await?;
     let mut processed = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while processed < wanted && Instant::now() < deadline {

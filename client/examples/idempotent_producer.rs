@@ -19,13 +19,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if client.topic(&topic).await.is_err() {
         Admin::new(client.clone()).create_topic(&topic, 1, &[]).await?;
     }
-    let config = ProducerConfig {
-        idempotence: true, // the default, spelled out
-        acks: Acks::All,   // required for idempotence
+    let config = ProducerConfig::default()
+        .idempotence(true) // the default, spelled out
+        .acks(Acks::All) // required for idempotence
         // Keep retrying for as long as a broker restart may take.
-        delivery_timeout: Duration::from_secs(120),
-        ..ProducerConfig::default()
-    };
+        .delivery_timeout(Duration::from_secs(120));
     let producer = Producer::new(client, config);
     let mut deliveries = Vec::new();
     for i in 0..count {

@@ -20,7 +20,9 @@ use tokio::task::JoinHandle;
 
 use crate::{decode, Client, ClientError, Result};
 
+/// How a consumer fetches: `ConsumerConfig::default().fetch_wait_max(Duration::from_secs(1))`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumerConfig {
     /// Bound on a fetch response's records.
     pub fetch_bytes_max: u32,
@@ -48,6 +50,15 @@ impl Default for ConsumerConfig {
         }
     }
 }
+
+crate::setters!(ConsumerConfig {
+    fetch_bytes_max: u32,
+    partition_bytes_max: u32,
+    fetch_bytes_min: u32,
+    fetch_wait_max: Duration,
+    start_from: SeekTo,
+    batch_bytes_max: usize,
+});
 
 /// Where to read a partition from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

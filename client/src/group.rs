@@ -20,7 +20,7 @@
 //! let client = Client::connect(ClientConfig::new("127.0.0.1:9400")).await?;
 //! let mut consumer = Consumer::new(client, ConsumerConfig::default());
 //! // At-least-once, manual: commit after processing.
-//! consumer.subscribe(&["orders"], GroupConfig { auto_commit: None, ..GroupConfig::new("billing") }).await?;
+//! consumer.subscribe(&["orders"], GroupConfig::new("billing").auto_commit(None)).await?;
 //! loop {
 //!     let records = consumer.poll(Duration::from_secs(1)).await?;
 //!     for record in &records {
@@ -48,8 +48,9 @@ use tokio::task::JoinHandle;
 use crate::fetcher::Fetcher;
 use crate::{decode, Client, ClientError, Result};
 
-/// How a consumer takes part in a group.
+/// How a consumer takes part in a group: `GroupConfig::new("billing").auto_commit(None)`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct GroupConfig {
     pub group_id: String,
     /// The coordinator removes the member if no heartbeat arrives for this long (its
@@ -73,6 +74,13 @@ impl GroupConfig {
         }
     }
 }
+
+crate::setters!(GroupConfig {
+    group_id: String,
+    session_timeout: Duration,
+    rebalance_timeout: Duration,
+    auto_commit: Option<Duration>,
+});
 
 /// A change of the partitions this consumer owns.
 #[derive(Debug, Clone, PartialEq, Eq)]

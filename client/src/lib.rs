@@ -32,6 +32,24 @@
 //! # Ok(()) }
 //! ```
 
+/// Chained setters for a config struct's fields (`ProducerConfig::default().linger(d)`): the
+/// config structs are `#[non_exhaustive]`, so new settings never break a caller's code.
+macro_rules! setters {
+    ($ty:ident { $($field:ident: $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                #[doc = concat!("Sets [`", stringify!($ty), "::", stringify!($field), "`].")]
+                #[must_use]
+                pub fn $field(mut self, $field: $t) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+pub(crate) use setters;
+
 mod admin;
 mod connection;
 mod consumer;
@@ -61,8 +79,9 @@ pub use crate::producer::{Acks, DeliveryFuture, Producer, ProducerConfig, Produc
 pub use skein_net::ErrorCode as BrokerErrorCode;
 pub use skein_net::{GroupListing, MemberDescription, TopicPartition};
 
-/// How to reach the broker.
+/// How to reach the broker: `ClientConfig::new("host:9400").client_id("billing")`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// `host:port` of a broker, or several separated by commas (`a:9400,b:9400`): tried in
     /// order at each (re)connection until one answers.
@@ -89,6 +108,15 @@ impl ClientConfig {
         }
     }
 }
+
+setters!(ClientConfig {
+    bootstrap: String,
+    client_id: String,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    retry_timeout: Duration,
+    in_flight_max: usize,
+});
 
 /// A topic as the client knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -212,13 +212,11 @@ fn answer(request: Request<std::ops::Range<usize>>, body: &[u8], log: &Mutex<Log
 }
 
 fn config() -> ProducerConfig {
-    ProducerConfig {
-        acks: Acks::All,
-        linger: Duration::from_millis(1),
-        retry_backoff: Duration::from_millis(5),
-        retry_backoff_max: Duration::from_millis(20),
-        ..ProducerConfig::default()
-    }
+    ProducerConfig::default()
+        .acks(Acks::All)
+        .linger(Duration::from_millis(1))
+        .retry_backoff(Duration::from_millis(5))
+        .retry_backoff_max(Duration::from_millis(20))
 }
 
 async fn send_one_by_one(producer: &Producer, count: usize) -> Vec<Result<u64, ClientError>> {
@@ -270,7 +268,7 @@ async fn refusals_caused_by_an_earlier_batch_cost_no_attempt() {
     let producer = Producer::new(
         Client::connect(ClientConfig::new(addr)).await.unwrap(),
         // One record per batch (a batch is sealed once it reaches 64 bytes).
-        ProducerConfig { retries: 1, batch_bytes: 64, ..config() },
+        config().retries(1).batch_bytes(64),
     );
     let mut deliveries = Vec::new();
     for i in 0..6 {
@@ -316,7 +314,7 @@ async fn a_record_fails_with_the_delivery_timeout_and_the_last_error() {
     let (addr, _log) = scripted_broker(script, Duration::ZERO).await;
     let producer = Producer::new(
         Client::connect(ClientConfig::new(addr)).await.unwrap(),
-        ProducerConfig { delivery_timeout: Duration::from_millis(300), ..config() },
+        config().delivery_timeout(Duration::from_millis(300)),
     );
     let started = std::time::Instant::now();
     let outcome = producer.send(ProducerRecord::new("t", "x")).await.unwrap().await;

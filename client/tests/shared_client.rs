@@ -18,7 +18,7 @@ async fn a_long_poll_does_not_hold_up_a_producer_on_the_same_client() {
     admin.create_topic("quiet", 1, &[]).await.unwrap();
     admin.create_topic("busy", 1, &[]).await.unwrap();
     // A consumer of an empty topic, long-polling for 10 s on the shared client.
-    let config = ConsumerConfig { fetch_wait_max: Duration::from_secs(10), ..ConsumerConfig::default() };
+    let config = ConsumerConfig::default().fetch_wait_max(Duration::from_secs(10));
     let mut consumer = Consumer::new(client.clone(), config);
     consumer.assign_all("quiet").await.unwrap();
     consumer.seek_all(SeekTo::End).await.unwrap();
@@ -55,8 +55,7 @@ async fn the_first_bootstrap_address_that_answers_is_used() {
     let config = ClientConfig::new(format!("{dead}, {}", broker.addr()));
     let client = Client::connect(config).await.expect("the second address answers");
     Admin::new(client).create_topic("t", 1, &[]).await.unwrap();
-    let none =
-        ClientConfig { connect_timeout: Duration::from_millis(500), ..ClientConfig::new(format!("{dead}")) };
+    let none = ClientConfig::new(format!("{dead}")).connect_timeout(Duration::from_millis(500));
     assert!(Client::connect(none).await.is_err());
 }
 

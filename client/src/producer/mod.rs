@@ -77,7 +77,9 @@ impl std::str::FromStr for Acks {
     }
 }
 
+/// How a producer batches, acknowledges and retries: `ProducerConfig::default().acks(Acks::Leader)`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ProducerConfig {
     pub acks: Acks,
     /// A partition's batch is sent once it reaches this size…
@@ -122,6 +124,20 @@ impl Default for ProducerConfig {
         }
     }
 }
+
+crate::setters!(ProducerConfig {
+    acks: Acks,
+    batch_bytes: usize,
+    linger: Duration,
+    max_in_flight: usize,
+    retries: u32,
+    retry_backoff: Duration,
+    retry_backoff_max: Duration,
+    delivery_timeout: Duration,
+    buffer_bytes: usize,
+    request_bytes_max: usize,
+    idempotence: bool,
+});
 
 /// A record to send.
 #[derive(Debug, Clone)]
