@@ -146,6 +146,9 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
         Request::DescribeGroup(request) => {
             group(shard, correlation_id, GroupOp::Describe(request.group_id), respond)
         }
+        Request::DeleteGroup(request) => {
+            group(shard, correlation_id, GroupOp::Delete(request.group_id), respond)
+        }
         Request::ListGroups => {
             let shard = shard.clone();
             Box::pin(async move {

@@ -72,6 +72,14 @@ enum GroupCommand {
         #[command(flatten)]
         connect: Connect,
     },
+    /// Delete a group and its committed offsets (only while it has no members).
+    #[command(after_help = "Example:\n  skein group delete old-billing")]
+    Delete {
+        /// The group id.
+        group: String,
+        #[command(flatten)]
+        connect: Connect,
+    },
     /// Move a group's committed offsets of a topic (only while the group has no members).
     /// Prints TOPIC PARTITION BEFORE AFTER per partition.
     #[command(
@@ -640,6 +648,11 @@ async fn group(command: GroupCommand) -> Result<(), String> {
                 .map_err(io)?;
             }
             Ok(())
+        }
+        GroupCommand::Delete { group, connect: c } => {
+            let admin = Admin::new(connect(&c).await?);
+            admin.delete_group(&group).await.map_err(|e| e.to_string())?;
+            writeln!(out, "deleted group {group}").map_err(io)
         }
         GroupCommand::ResetOffsets { group, topic, to, shift_by, partitions, dry_run, connect: c } => {
             let admin = Admin::new(connect(&c).await?);

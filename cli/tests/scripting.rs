@@ -364,3 +364,68 @@ fn admin_commands_speak_json_and_reset_offsets_precisely() {
     let status = skein().args(["cluster", "health", "-b", &dead.to_string()]).output().unwrap();
     assert_eq!(status.status.code(), Some(2));
 }
+
+#[test]
+fn a_group_is_deleted_only_when_empty_and_stays_deleted_after_a_restart() {
+    let mut broker = Broker::start(&[]);
+    create(&broker, "jobs", "2");
+    assert!(cli(&broker, &["produce", "jobs"], "a\nb\nc\n").0);
+    assert!(cli(&broker, &["consume", "jobs", "-g", "old", "-e"], "").0);
+    assert!(cli(&broker, &["consume", "jobs", "-g", "keep", "-e"], "").0);
+    let groups = |broker: &Broker| -> Vec<String> {
+        let (ok, out, err) = cli(broker, &["group", "list"], "");
+        assert!(ok, "{err}");
+        out.lines().map(|l| l.split('\t').next().unwrap().to_owned()).collect()
+    };
+    assert_eq!(groups(&broker), vec!["keep", "old"]);
+
+    // With a member: refused, nothing changes.
+    let mut member = KillOnDrop(
+        skein()
+            .args(["consume", "jobs", "-g", "old"])
+            .env("SKEIN_BOOTSTRAP", &broker.addr)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out, _) = cli(&broker, &["group", "list"], "");
+        if out.lines().any(|l| l.starts_with("old\t") && l.ends_with("1 members")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the member joined: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, _, err) = cli(&broker, &["group", "delete", "old"], "");
+    assert!(!ok && err.contains("group not empty"), "{err}");
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(member.0.id() as i32, libc::SIGTERM) };
+    let _ = member.0.wait();
+
+    let (ok, out, err) = cli(&broker, &["group", "delete", "old"], "");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "deleted group old");
+    assert_eq!(groups(&broker), vec!["keep"]);
+    let (ok, _, err) = cli(&broker, &["group", "describe", "old"], "");
+    assert!(!ok && err.contains("group not found"), "{err}");
+    let (ok, _, err) = cli(&broker, &["group", "delete", "never-was"], "");
+    assert!(!ok && err.contains("group not found"), "{err}");
+
+    // The deletion is durable; the other group's offsets are untouched; a new group of the same
+    // name starts from scratch (reads everything again).
+    assert!(broker.stop());
+    broker.restart();
+    assert_eq!(groups(&broker), vec!["keep"]);
+    let (ok, out, _) = cli(&broker, &["group", "describe", "keep", "--output", "json"], "");
+    assert!(ok);
+    let keep: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        keep["offsets"].as_array().unwrap().iter().map(|p| p["committed"].as_u64().unwrap()).sum::<u64>(),
+        3
+    );
+    let (ok, out, _) = cli(&broker, &["consume", "jobs", "-g", "old", "-e"], "");
+    assert!(ok);
+    assert_eq!(out.lines().count(), 3);
+}

@@ -1,10 +1,11 @@
 //! Topic and consumer-group administration.
 
 use skein_net::{
-    CommitPartition, CreateTopicsRequest, DeleteTopicsRequest, DescribeGroupRequest, DescribeGroupResponse,
-    ErrorCode, GroupListing, ListGroupsResponse, ListOffsetsPartition, ListOffsetsRequest,
-    ListOffsetsResponse, MemberDescription, NewTopic, OffsetCommitRequest, OffsetCommitResponse, Request,
-    TopicData, TopicResults, ADMIN_EPOCH, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
+    CommitPartition, CreateTopicsRequest, DeleteGroupRequest, DeleteGroupResponse, DeleteTopicsRequest,
+    DescribeGroupRequest, DescribeGroupResponse, ErrorCode, GroupListing, ListGroupsResponse,
+    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, MemberDescription, NewTopic,
+    OffsetCommitRequest, OffsetCommitResponse, Request, TopicData, TopicResults, ADMIN_EPOCH,
+    EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
 };
 
 use crate::{decode, Client, ClientError, Consumer, ConsumerConfig, Result, SeekTo, TopicPartition};
@@ -141,6 +142,18 @@ impl Admin {
             return Err(ClientError::broker(response.error, "listing groups"));
         }
         Ok(response.groups)
+    }
+
+    /// Deletes a group and its committed offsets. Refused with `GroupNotEmpty` while it has
+    /// members; `GroupIdNotFound` if the broker does not know it.
+    pub async fn delete_group(&self, group: &str) -> Result<()> {
+        let request = Request::DeleteGroup(DeleteGroupRequest { group_id: group.to_owned() });
+        let body = self.client.request(&request).await?;
+        let response = decode(&body, DeleteGroupResponse::decode)?;
+        if !response.error.is_ok() {
+            return Err(ClientError::broker(response.error, format!("deleting group {group}")));
+        }
+        Ok(())
     }
 
     /// A group's members and what they own, and its committed offsets with the lag of each

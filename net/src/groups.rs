@@ -1,6 +1,6 @@
 //! Bodies of the idempotent-producer and consumer-group APIs: InitProducerId (7),
 //! ConsumerGroupHeartbeat (8), OffsetCommit (9), OffsetFetch (10), ListGroups (11) and
-//! DescribeGroup (12). Byte layouts are in `PROTOCOL.md`.
+//! DescribeGroup (12), DeleteGroup (13). Byte layouts are in `PROTOCOL.md`.
 
 use crate::common::{error_code, get_strings, put_strings, TopicData};
 use crate::error::ErrorCode;
@@ -444,6 +444,37 @@ pub struct DescribeGroupResponse {
     pub offsets: Vec<TopicData<CommittedOffset>>,
 }
 
+/// DeleteGroup (13): removes an empty group and its committed offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteGroupRequest {
+    pub group_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteGroupResponse {
+    pub error: ErrorCode,
+}
+
+impl DeleteGroupRequest {
+    pub fn encode(&self, w: &mut Writer) {
+        w.str(&self.group_id);
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(DeleteGroupRequest { group_id: r.str("group id")? })
+    }
+}
+
+impl DeleteGroupResponse {
+    pub fn encode(&self, w: &mut Writer) {
+        w.u16(self.error.code());
+    }
+
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(DeleteGroupResponse { error: error_code(r, "error")? })
+    }
+}
+
 impl DescribeGroupRequest {
     pub fn encode(&self, w: &mut Writer) {
         w.str(&self.group_id);
@@ -597,6 +628,16 @@ mod tests {
             },
             DescribeGroupResponse::encode,
             DescribeGroupResponse::decode,
+        );
+        round_trip(
+            &DeleteGroupRequest { group_id: "g".into() },
+            DeleteGroupRequest::encode,
+            DeleteGroupRequest::decode,
+        );
+        round_trip(
+            &DeleteGroupResponse { error: ErrorCode::GroupNotEmpty },
+            DeleteGroupResponse::encode,
+            DeleteGroupResponse::decode,
         );
     }
 }

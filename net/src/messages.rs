@@ -33,10 +33,11 @@ pub enum ApiKey {
     OffsetFetch = 10,
     ListGroups = 11,
     DescribeGroup = 12,
+    DeleteGroup = 13,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 13] = [
+    pub const ALL: [ApiKey; 14] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -50,6 +51,7 @@ impl ApiKey {
         ApiKey::OffsetFetch,
         ApiKey::ListGroups,
         ApiKey::DescribeGroup,
+        ApiKey::DeleteGroup,
     ];
 
     pub fn from_u16(value: u16) -> Option<ApiKey> {

@@ -10,7 +10,8 @@ use crate::common::{get_configs, get_topics, put_configs, put_topics, TopicData}
 use crate::error::ErrorCode;
 use crate::frame::{self, RequestHeader};
 use crate::groups::{
-    DescribeGroupRequest, HeartbeatRequest, InitProducerIdRequest, OffsetCommitRequest, OffsetFetchRequest,
+    DeleteGroupRequest, DescribeGroupRequest, HeartbeatRequest, InitProducerIdRequest, OffsetCommitRequest,
+    OffsetFetchRequest,
 };
 use crate::messages::{
     ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteTopicsRequest, FetchPartition, FetchRequest,
@@ -34,6 +35,7 @@ pub enum Request<R> {
     OffsetFetch(OffsetFetchRequest),
     ListGroups,
     DescribeGroup(DescribeGroupRequest),
+    DeleteGroup(DeleteGroupRequest),
 }
 
 /// Why a request frame's body could not be turned into a [`Request`]. The broker answers each
@@ -108,6 +110,7 @@ impl<R> Request<R> {
             Request::OffsetFetch(r) => Request::OffsetFetch(r),
             Request::ListGroups => Request::ListGroups,
             Request::DescribeGroup(r) => Request::DescribeGroup(r),
+            Request::DeleteGroup(r) => Request::DeleteGroup(r),
         }
     }
 
@@ -126,6 +129,7 @@ impl<R> Request<R> {
             Request::OffsetFetch(_) => ApiKey::OffsetFetch,
             Request::ListGroups => ApiKey::ListGroups,
             Request::DescribeGroup(_) => ApiKey::DescribeGroup,
+            Request::DeleteGroup(_) => ApiKey::DeleteGroup,
         }
     }
 }
@@ -182,6 +186,7 @@ impl<R: RecordsBytes> Request<R> {
             Request::OffsetFetch(request) => request.encode(w),
             Request::ListGroups => {}
             Request::DescribeGroup(request) => request.encode(w),
+            Request::DeleteGroup(request) => request.encode(w),
         }
     }
 
@@ -309,6 +314,7 @@ impl Request<Range<usize>> {
             ApiKey::OffsetFetch => Request::OffsetFetch(OffsetFetchRequest::decode(r)?),
             ApiKey::ListGroups => Request::ListGroups,
             ApiKey::DescribeGroup => Request::DescribeGroup(DescribeGroupRequest::decode(r)?),
+            ApiKey::DeleteGroup => Request::DeleteGroup(DeleteGroupRequest::decode(r)?),
         })
     }
 }

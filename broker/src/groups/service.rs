@@ -29,6 +29,8 @@ pub enum GroupOp {
     Commit(skein_net::OffsetCommitRequest),
     FetchOffsets(skein_net::OffsetFetchRequest),
     Describe(String),
+    /// Remove an empty group and its committed offsets.
+    Delete(String),
 }
 
 impl GroupOp {
@@ -38,6 +40,7 @@ impl GroupOp {
             GroupOp::Commit(r) => &r.group_id,
             GroupOp::FetchOffsets(r) => &r.group_id,
             GroupOp::Describe(group) => group,
+            GroupOp::Delete(group) => group,
         }
     }
 }
@@ -77,6 +80,54 @@ impl GroupService<'_> {
             GroupOp::Describe(group) => {
                 let response = self.coordinator.borrow().describe(&group);
                 body(|w| response.encode(w))
+            }
+            GroupOp::Delete(group) => {
+                let response = skein_net::DeleteGroupResponse { error: self.delete(&group).await };
+                body(|w| response.encode(w))
+            }
+        }
+    }
+
+    /// Deletes a group without members: tombstones for every committed offset (durable before
+    /// the answer), then the group is forgotten. A member that joins while the tombstones are
+    /// written keeps the group (without offsets).
+    async fn delete(&self, group_id: &str) -> ErrorCode {
+        if let Err(error) = state::validate_group_id(group_id) {
+            return error;
+        }
+        let changes: Vec<OffsetChange> = {
+            let coordinator = self.coordinator.borrow();
+            let Some(group) = coordinator.groups.get(group_id) else { return ErrorCode::GroupIdNotFound };
+            if !group.members.is_empty() {
+                return ErrorCode::GroupNotEmpty;
+            }
+            group.offsets.keys().map(|tp| (tp.clone(), None)).collect()
+        };
+        let forget = || {
+            let mut coordinator = self.coordinator.borrow_mut();
+            if let Some(group) = coordinator.groups.get_mut(group_id) {
+                group.offsets.clear();
+                if group.members.is_empty() {
+                    coordinator.groups.remove(group_id);
+                }
+            }
+        };
+        if changes.is_empty() {
+            forget();
+            return ErrorCode::None;
+        }
+        let partition = offsets::partition_for_group(group_id);
+        let Some(log) = self.offsets.borrow().get(&partition).cloned() else {
+            return ErrorCode::ShuttingDown;
+        };
+        match log.commit(group_id, &changes, forget).await {
+            Ok(()) => {
+                tracing::info!(group = group_id, offsets = changes.len(), "group deleted");
+                ErrorCode::None
+            }
+            Err(error) => {
+                tracing::warn!(group = group_id, %error, "deleting a group failed");
+                storage_error_code(&error)
             }
         }
     }
