@@ -91,6 +91,17 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
                 respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
             })
         }
+        Request::CreatePartitions(request) => {
+            let shard = shard.clone();
+            Box::pin(async move {
+                let topics = shard.request_create_partitions(request.topics).await;
+                shard.metrics.errors(
+                    ApiKey::CreatePartitions as u16,
+                    topics.iter().filter(|t| !t.error.is_ok()).count(),
+                );
+                respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
+            })
+        }
         Request::Produce(request) => {
             let completion = produce(shard, request, frame).await;
             let shard = shard.clone();

@@ -110,6 +110,10 @@ pub struct ListOffsets {
 #[derive(Debug)]
 pub struct CreateTopics(pub Vec<NewTopic>);
 
+/// To the controller shard: grow topics to a partition count each.
+#[derive(Debug)]
+pub struct CreatePartitions(pub Vec<(String, u32)>);
+
 /// To the controller shard: delete topics.
 #[derive(Debug)]
 pub struct DeleteTopics(pub Vec<String>);
@@ -155,6 +159,7 @@ pub enum Op {
     ListOffsets(ListOffsets),
     CreateTopics(CreateTopics),
     DeleteTopics(DeleteTopics),
+    CreatePartitions(CreatePartitions),
     PrepareCreate(PrepareCreate),
     DropPrepared(DropPrepared),
     ApplyRecords(ApplyRecords),
@@ -205,6 +210,7 @@ calls! {
     ListOffsets => ListOffsets(response) -> ListOffsetsPartitionResponse = response;
     CreateTopics => Topics(results) -> Vec<TopicResult> = results;
     DeleteTopics => Topics(results) -> Vec<TopicResult> = results;
+    CreatePartitions => Topics(results) -> Vec<TopicResult> = results;
     PrepareCreate => Created(result) -> Result<(), (ErrorCode, String)> = result;
     DropPrepared => Applied(result) -> Result<(), String> = result;
     ApplyRecords => Applied(result) -> Result<(), String> = result;

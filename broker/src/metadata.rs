@@ -49,6 +49,8 @@ pub trait MetadataStore {
     fn create_topic(&mut self, name: &str, config: TopicConfig) -> Result<(), MetadataError>;
     /// Removes a topic durably; returns its settings.
     fn delete_topic(&mut self, name: &str) -> Result<TopicConfig, MetadataError>;
+    /// Replaces a topic's settings durably (more partitions).
+    fn update_topic(&mut self, name: &str, config: TopicConfig) -> Result<(), MetadataError>;
 }
 
 /// The single-node store: a snapshot file rewritten atomically on every change.
@@ -93,6 +95,16 @@ impl MetadataStore for FileMetadataStore {
         let mut next = self.snapshot.clone();
         next.epoch += 1;
         next.topics.insert(name.to_owned(), config);
+        self.persist(&next)?;
+        self.snapshot = next;
+        Ok(())
+    }
+
+    fn update_topic(&mut self, name: &str, config: TopicConfig) -> Result<(), MetadataError> {
+        let mut next = self.snapshot.clone();
+        let slot = next.topics.get_mut(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_owned()))?;
+        *slot = config;
+        next.epoch += 1;
         self.persist(&next)?;
         self.snapshot = next;
         Ok(())

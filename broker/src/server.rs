@@ -456,6 +456,15 @@ async fn run_shard(
     *shard.advertised.borrow_mut() = advertised(bound);
     let _ = events.send((id, ShardEvent::Listening));
     tracing::info!(shard = id, %bound, partitions = shard.all_logs().len(), "shard ready");
+    // Test builds only: a shard that dies while serving (the process must exit, not hang).
+    #[cfg(debug_assertions)]
+    if std::env::var("SKEIN_TEST_PANIC_SERVING_SHARD").is_ok_and(|v| v == id.to_string()) {
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+            panic!("SKEIN_TEST_PANIC_SERVING_SHARD: shard {id} panics while serving");
+        })
+        .detach();
+    }
 
     // Accept until told to stop.
     let accept = {
@@ -599,6 +608,24 @@ async fn retention_loop(shard: Rc<Shard>) {
 
 /// Runs a broker until SIGINT or SIGTERM, then stops it cleanly. Prints the listening address
 /// on stdout once ready. A signal during start-up stops the start.
+/// Once serving, a panic on any thread (a shard's executor above all) ends the process: a
+/// shard that died would leave its partitions unanswered while the process looks alive, and a
+/// supervisor (systemd's `Restart=on-failure`) can only restart a process that exited. The
+/// default hook prints the panic and its backtrace first; recovery at the next start makes the
+/// logs whole, as after `kill -9`.
+fn exit_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        tracing::error!(thread, "a thread panicked while serving; the broker exits");
+        eprintln!(
+            "skein broker: thread {thread} panicked while serving; exiting so that a supervisor restarts it"
+        );
+        std::process::exit(70);
+    }));
+}
+
 pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     // Block the signals before any thread starts, so only the waiting thread receives them.
     // SAFETY: plain libc signal-set manipulation on locals.
@@ -641,6 +668,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     if let Some(metrics) = broker.metrics_addr {
         println!("skein metrics on http://{metrics}/metrics (/health, /ready)");
     }
+    exit_on_panic();
     notify_systemd("READY=1\nSTATUS=serving");
     let received = signal_receiver.recv().unwrap_or(libc::SIGTERM);
     tracing::info!(signal = received, "stopping");

@@ -293,6 +293,10 @@ impl Shard {
                     self.preparing.borrow_mut().remove(name);
                 }
                 Delta::TopicDeleted { name, .. } => self.router.borrow_mut().remove(name),
+                // More partitions: the table learns them; reconciling opens those placed here.
+                Delta::TopicChanged { name, after, .. } => {
+                    self.router.borrow_mut().assign(name, after.partitions, self.shards)
+                }
                 // A single node's controller makes no broker or partition records yet (every
                 // partition is led here); the replica manager will act on these.
                 Delta::ProducerIdsReserved { .. }
@@ -557,6 +561,9 @@ impl Shard {
             }
             Op::DeleteTopics(mesh::DeleteTopics(names)) => {
                 Box::pin(async move { Reply::Topics(shard.delete_topics(names).await) })
+            }
+            Op::CreatePartitions(mesh::CreatePartitions(topics)) => {
+                Box::pin(async move { Reply::Topics(shard.add_partitions(topics).await) })
             }
             Op::PrepareCreate(mesh::PrepareCreate { name, config }) => Box::pin(async move {
                 match shard.create_partitions(&name, &config).await {
@@ -952,6 +959,57 @@ impl Shard {
         // Committed: every shard applies the record (the partitions are open already).
         self.broadcast(|| mesh::ApplyRecords(vec![record.clone()])).await;
         Ok(config.partitions)
+    }
+
+    /// On the controller: grows each topic to its partition count. The change is stored, then
+    /// applied on every shard, which opens (creates) the new partitions placed on it; a shard
+    /// that cannot yet retries every few seconds (its new partitions answer
+    /// `UnknownTopicOrPartition`, retriable, meanwhile).
+    async fn add_partitions(self: &Rc<Self>, topics: Vec<(String, u32)>) -> Vec<TopicResult> {
+        let _permit = self.controller_gate.acquire_permit(1).await.expect("never closed");
+        let mut results = Vec::with_capacity(topics.len());
+        for (name, total) in topics {
+            // The image is borrowed only to build the record, never across the await.
+            let record = controller::add_partitions(&self.image.borrow(), &name, total);
+            let outcome = match record {
+                Ok(record) => self.change_topic(record).await,
+                Err(error) => Err((error.code(), error.to_string())),
+            };
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(topic = name, partitions = total, "partitions added");
+                    results.push(TopicResult { name, error: ErrorCode::None, message: String::new() });
+                }
+                Err((error, message)) => {
+                    tracing::warn!(topic = name, %error, message, "partitions not added");
+                    results.push(TopicResult { name, error, message });
+                }
+            }
+        }
+        results
+    }
+
+    /// On the controller: stores a TopicChanged record, then has every shard apply it.
+    async fn change_topic(self: &Rc<Self>, record: MetadataRecord) -> Result<(), (ErrorCode, String)> {
+        let MetadataRecord::TopicChanged { name, config } = &record else {
+            unreachable!("controller::add_partitions makes TopicChanged records")
+        };
+        let added = config.partitions - self.image.borrow().topics.get(name).map_or(0, |c| c.partitions);
+        check_space_for(&self.config.data_dir, added)?;
+        let (stored_name, stored) = (name.clone(), config.clone());
+        self.persist(move |store| store.update_topic(&stored_name, stored))
+            .await
+            .map_err(|error| (error.code(), error.to_string()))?;
+        self.broadcast(|| mesh::ApplyRecords(vec![record.clone()])).await;
+        Ok(())
+    }
+
+    pub async fn request_create_partitions(self: &Rc<Self>, topics: Vec<(String, u32)>) -> Vec<TopicResult> {
+        let names: Vec<String> = topics.iter().map(|(name, _)| name.clone()).collect();
+        match self.call(0, mesh::CreatePartitions(topics)).await {
+            Ok(results) => results,
+            Err(error) => failed_topics(names, &error),
+        }
     }
 
     async fn delete_topics(self: &Rc<Self>, names: Vec<String>) -> Vec<TopicResult> {

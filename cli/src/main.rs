@@ -318,6 +318,18 @@ enum TopicCommand {
         #[command(flatten)]
         connect: Connect,
     },
+    /// Grow a topic to a partition count (existing partitions keep their data; keyed records
+    /// may map to other partitions from then on).
+    #[command(after_help = "Example:\n  skein topic add-partitions orders --total 12")]
+    AddPartitions {
+        /// The topic name.
+        name: String,
+        /// The partition count the topic should have (more than it has).
+        #[arg(long)]
+        total: u32,
+        #[command(flatten)]
+        connect: Connect,
+    },
     /// Delete a topic and its data.
     #[command(after_help = "Example:\n  skein topic delete scratch")]
     Delete {
@@ -844,6 +856,11 @@ async fn topic(command: TopicCommand) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             }
             Ok(())
+        }
+        TopicCommand::AddPartitions { name, total, connect: c } => {
+            let admin = Admin::new(connect(&c).await?);
+            admin.add_partitions(&name, total).await.map_err(|e| e.to_string())?;
+            writeln!(out, "topic {name} now has {total} partitions").map_err(|e| e.to_string())
         }
         TopicCommand::Delete { name, connect: c } => {
             let admin = Admin::new(connect(&c).await?);

@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{cli, cli_bytes, skein, Broker};
@@ -180,24 +181,7 @@ fn a_member_that_gets_sigterm_leaves_its_group_at_once() {
     let broker = Broker::start(&[]);
     create(&broker, "jobs", "4");
     // A long session timeout: only a clean leave moves the partitions quickly.
-    let member = || {
-        let mut child = skein()
-            .args(["consume", "jobs", "-g", "workers", "--session-timeout-ms", "60000"])
-            .env("SKEIN_BOOTSTRAP", &broker.addr)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        (KillOnDrop(child), lines)
-    };
+    let member = || spawn_member(&broker, "jobs", "workers");
     let (mut first, _) = member();
     let (_second, second_lines) = member();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -247,6 +231,26 @@ fn a_member_that_gets_sigterm_leaves_its_group_at_once() {
         assert!(Instant::now() < deadline, "the survivor read {} of 40", second_lines.lock().unwrap().len());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A `skein consume TOPIC -g GROUP` running in the background, with the lines it printed.
+fn spawn_member(broker: &Broker, topic: &str, group: &str) -> (KillOnDrop, Arc<Mutex<Vec<String>>>) {
+    let mut child = skein()
+        .args(["consume", topic, "-g", group, "--session-timeout-ms", "60000"])
+        .env("SKEIN_BOOTSTRAP", &broker.addr)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (KillOnDrop(child), lines)
 }
 
 struct KillOnDrop(std::process::Child);
@@ -428,4 +432,70 @@ fn a_group_is_deleted_only_when_empty_and_stays_deleted_after_a_restart() {
     let (ok, out, _) = cli(&broker, &["consume", "jobs", "-g", "old", "-e"], "");
     assert!(ok);
     assert_eq!(out.lines().count(), 3);
+}
+
+#[test]
+fn partitions_are_added_to_a_live_topic_and_survive_a_restart() {
+    let mut broker = Broker::start(&[]);
+    create(&broker, "orders", "2");
+    let input: String = (0..10).map(|i| format!("o{i}\n")).collect();
+    assert!(cli(&broker, &["produce", "orders"], &input).0);
+    // A member already reading the topic: it must be given the new partitions while it runs.
+    let (_live, live_lines) = spawn_member(&broker, "orders", "live");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live_lines.lock().unwrap().len() < 10 {
+        assert!(Instant::now() < deadline, "the live member read {:?}", live_lines.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, out, err) = cli(&broker, &["topic", "add-partitions", "orders", "--total", "5"], "");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "topic orders now has 5 partitions");
+    let describe = |broker: &Broker| -> serde_json::Value {
+        let (ok, out, err) = cli(broker, &["topic", "describe", "orders", "--output", "json"], "");
+        assert!(ok, "{err}");
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let topic = describe(&broker);
+    let partitions = topic["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 5);
+    let ends: Vec<u64> = partitions.iter().map(|p| p["end_offset"].as_u64().unwrap()).collect();
+    assert_eq!(ends[..2].iter().sum::<u64>(), 10, "the old partitions keep their records: {ends:?}");
+    assert_eq!(&ends[2..], &[0, 0, 0]);
+    // A new partition takes records (its shard opens it right after the change; a produce
+    // that arrives first is retried) and serves them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, _, err) =
+            cli(&broker, &["produce", "orders", "-p", "4", "--delivery-timeout-ms", "10000"], "new\n");
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{err}");
+    }
+    let (ok, out, _) = cli(&broker, &["consume", "orders", "-p", "4", "-e"], "");
+    assert!(ok);
+    assert_eq!(out, "new\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !live_lines.lock().unwrap().iter().any(|line| line == "new") {
+        assert!(Instant::now() < deadline, "the live member never read partition 4");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Only growth, of a topic that exists.
+    let (ok, _, err) = cli(&broker, &["topic", "add-partitions", "orders", "--total", "3"], "");
+    assert!(!ok && err.contains("partition"), "{err}");
+    let (ok, _, err) = cli(&broker, &["topic", "add-partitions", "nope", "--total", "3"], "");
+    assert!(!ok && err.contains("nope"), "{err}");
+    // A group reading the topic gets the new partitions too.
+    let (ok, out, _) = cli(&broker, &["consume", "orders", "-g", "all", "-e"], "");
+    assert!(ok);
+    assert_eq!(out.lines().count(), 11);
+
+    assert!(broker.stop());
+    broker.restart();
+    let topic = describe(&broker);
+    let ends: Vec<u64> =
+        topic["partitions"].as_array().unwrap().iter().map(|p| p["end_offset"].as_u64().unwrap()).collect();
+    assert_eq!(ends.len(), 5);
+    assert_eq!(ends.iter().sum::<u64>(), 11, "{ends:?}");
+    assert_eq!(ends[4], 1);
 }

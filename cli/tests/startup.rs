@@ -202,6 +202,27 @@ fn a_shard_that_dies_during_start_up_stops_the_start_with_its_error() {
 }
 
 #[test]
+fn a_shard_that_dies_while_serving_ends_the_process() {
+    // A process with a dead shard looks alive but leaves that shard's partitions unanswered;
+    // it must exit so that its supervisor restarts it.
+    let dir = data_dir();
+    let (ok, stderr, seconds) = run_broker(
+        &dir.path().join("data"),
+        &[],
+        &[("SKEIN_TEST_PANIC_SERVING_SHARD", "1")],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert!(!ok);
+    assert!(stderr.contains("SKEIN_TEST_PANIC_SERVING_SHARD: shard 1 panics while serving"), "{stderr}");
+    assert!(
+        last_line(&stderr).contains("panicked while serving; exiting so that a supervisor restarts it"),
+        "{stderr}"
+    );
+    eprintln!("dead shard while serving: exit after {seconds:.2} s");
+}
+
+#[test]
 fn a_shard_that_cannot_open_its_partition_stops_the_start_naming_it() {
     // Start once to create a topic whose partitions land on both shards, then make one of
     // them unreadable (a file where its directory was).

@@ -1,10 +1,10 @@
 //! Topic and consumer-group administration.
 
 use skein_net::{
-    CommitPartition, CreateTopicsRequest, DeleteGroupRequest, DeleteGroupResponse, DeleteTopicsRequest,
-    DescribeGroupRequest, DescribeGroupResponse, ErrorCode, GroupListing, ListGroupsResponse,
-    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, MemberDescription, NewTopic,
-    OffsetCommitRequest, OffsetCommitResponse, Request, TopicData, TopicResults, ADMIN_EPOCH,
+    CommitPartition, CreatePartitionsRequest, CreateTopicsRequest, DeleteGroupRequest, DeleteGroupResponse,
+    DeleteTopicsRequest, DescribeGroupRequest, DescribeGroupResponse, ErrorCode, GroupListing,
+    ListGroupsResponse, ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, MemberDescription,
+    NewTopic, OffsetCommitRequest, OffsetCommitResponse, Request, TopicData, TopicResults, ADMIN_EPOCH,
     EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
 };
 
@@ -64,6 +64,16 @@ impl Admin {
         check(decode(&body, TopicResults::decode)?, "creating topic")?;
         self.client.forget_topic(name);
         Ok(())
+    }
+
+    /// Grows a topic to `total` partitions (more than it has). Existing partitions keep their
+    /// data; keyed records may map to other partitions from now on.
+    pub async fn add_partitions(&self, name: &str, total: u32) -> Result<()> {
+        let request =
+            Request::CreatePartitions(CreatePartitionsRequest { topics: vec![(name.to_owned(), total)] });
+        let body = self.client.request(&request).await?;
+        self.client.forget_topic(name);
+        check(decode(&body, TopicResults::decode)?, "adding partitions")
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {

@@ -34,10 +34,11 @@ pub enum ApiKey {
     ListGroups = 11,
     DescribeGroup = 12,
     DeleteGroup = 13,
+    CreatePartitions = 14,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 14] = [
+    pub const ALL: [ApiKey; 15] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -52,6 +53,7 @@ impl ApiKey {
         ApiKey::ListGroups,
         ApiKey::DescribeGroup,
         ApiKey::DeleteGroup,
+        ApiKey::CreatePartitions,
     ];
 
     pub fn from_u16(value: u16) -> Option<ApiKey> {
@@ -282,7 +284,14 @@ pub struct DeleteTopicsRequest {
     pub timeout_ms: u32,
 }
 
-/// Per-topic outcome of CreateTopics and DeleteTopics.
+/// CreatePartitions (14): grow topics to a partition count each (answered with [`TopicResults`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatePartitionsRequest {
+    /// (topic, the partition count it should have).
+    pub topics: Vec<(String, u32)>,
+}
+
+/// Per-topic outcome of CreateTopics, DeleteTopics and CreatePartitions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicResult {
     pub name: String,

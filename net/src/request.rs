@@ -14,8 +14,9 @@ use crate::groups::{
     OffsetFetchRequest,
 };
 use crate::messages::{
-    ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteTopicsRequest, FetchPartition, FetchRequest,
-    ListOffsetsPartition, ListOffsetsRequest, MetadataRequest, NewTopic, ProducePartition, ProduceRequest,
+    ApiKey, ApiVersionsRequest, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest,
+    FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, MetadataRequest, NewTopic,
+    ProducePartition, ProduceRequest,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 
@@ -36,6 +37,7 @@ pub enum Request<R> {
     ListGroups,
     DescribeGroup(DescribeGroupRequest),
     DeleteGroup(DeleteGroupRequest),
+    CreatePartitions(CreatePartitionsRequest),
 }
 
 /// Why a request frame's body could not be turned into a [`Request`]. The broker answers each
@@ -111,6 +113,7 @@ impl<R> Request<R> {
             Request::ListGroups => Request::ListGroups,
             Request::DescribeGroup(r) => Request::DescribeGroup(r),
             Request::DeleteGroup(r) => Request::DeleteGroup(r),
+            Request::CreatePartitions(r) => Request::CreatePartitions(r),
         }
     }
 
@@ -130,6 +133,7 @@ impl<R> Request<R> {
             Request::ListGroups => ApiKey::ListGroups,
             Request::DescribeGroup(_) => ApiKey::DescribeGroup,
             Request::DeleteGroup(_) => ApiKey::DeleteGroup,
+            Request::CreatePartitions(_) => ApiKey::CreatePartitions,
         }
     }
 }
@@ -187,6 +191,11 @@ impl<R: RecordsBytes> Request<R> {
             Request::ListGroups => {}
             Request::DescribeGroup(request) => request.encode(w),
             Request::DeleteGroup(request) => request.encode(w),
+            Request::CreatePartitions(request) => {
+                w.array(&request.topics, |w, (name, total)| {
+                    w.str(name).u32(*total);
+                });
+            }
         }
     }
 
@@ -315,6 +324,9 @@ impl Request<Range<usize>> {
             ApiKey::ListGroups => Request::ListGroups,
             ApiKey::DescribeGroup => Request::DescribeGroup(DescribeGroupRequest::decode(r)?),
             ApiKey::DeleteGroup => Request::DeleteGroup(DeleteGroupRequest::decode(r)?),
+            ApiKey::CreatePartitions => Request::CreatePartitions(CreatePartitionsRequest {
+                topics: r.array("topics", 6, |r| Ok((r.str("topic")?, r.u32("partitions")?)))?,
+            }),
         })
     }
 }
@@ -347,6 +359,9 @@ mod tests {
         round_trip(Request::ApiVersions(ApiVersionsRequest { client_id: "cli".into() }));
         round_trip(Request::Metadata(MetadataRequest { topics: None }));
         round_trip(Request::Metadata(MetadataRequest { topics: Some(vec!["a".into(), "b".into()]) }));
+        round_trip(Request::CreatePartitions(CreatePartitionsRequest {
+            topics: vec![("a".into(), 7), ("b".into(), 2)],
+        }));
         round_trip(Request::CreateTopics(CreateTopicsRequest {
             topics: vec![NewTopic {
                 name: "t".into(),

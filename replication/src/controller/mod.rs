@@ -6,7 +6,9 @@
 pub mod cluster;
 
 use crate::metadata::record::MetadataRecord;
-use crate::metadata::topic::{validate_topic_name, MetadataError, TopicConfig, TopicDefaults};
+use crate::metadata::topic::{
+    validate_topic_name, MetadataError, TopicConfig, TopicDefaults, PARTITIONS_MAX,
+};
 use crate::metadata::MetadataImage;
 
 /// The record that creates a topic, after every rule: a valid name not in use, a valid
@@ -33,6 +35,26 @@ pub fn delete_topic(image: &MetadataImage, name: &str) -> Result<MetadataRecord,
         return Err(MetadataError::UnknownTopic(name.to_owned()));
     }
     Ok(MetadataRecord::TopicDeleted { name: name.to_owned() })
+}
+
+/// The record that grows a topic to `total` partitions (Kafka's CreatePartitions): the topic
+/// exists and `total` is more than it has, at most [`PARTITIONS_MAX`]. Existing partitions and
+/// their data stay where they are; keyed records may map to other partitions from now on.
+pub fn add_partitions(
+    image: &MetadataImage,
+    name: &str,
+    total: u32,
+) -> Result<MetadataRecord, MetadataError> {
+    let Some(current) = image.topics.get(name) else {
+        return Err(MetadataError::UnknownTopic(name.to_owned()));
+    };
+    if total <= current.partitions || total > PARTITIONS_MAX {
+        return Err(MetadataError::InvalidPartitions(total));
+    }
+    Ok(MetadataRecord::TopicChanged {
+        name: name.to_owned(),
+        config: TopicConfig { partitions: total, ..current.clone() },
+    })
 }
 
 /// The records that rebuild an image holding these topics and producer-id reservation (a
@@ -86,6 +108,35 @@ mod tests {
         let delete = delete_topic(&image, "orders").unwrap();
         apply(&mut image, &[delete]).unwrap();
         assert!(image.topics.is_empty());
+    }
+
+    #[test]
+    fn partitions_only_grow_on_a_topic_that_exists() {
+        let mut image = MetadataImage::default();
+        let created = create_topic(&image, "t", 2, &[], &defaults(), 1).unwrap();
+        apply(&mut image, &[created]).unwrap();
+        assert_eq!(add_partitions(&image, "t", 2), Err(MetadataError::InvalidPartitions(2)));
+        assert_eq!(add_partitions(&image, "t", 1), Err(MetadataError::InvalidPartitions(1)));
+        assert_eq!(
+            add_partitions(&image, "t", PARTITIONS_MAX + 1),
+            Err(MetadataError::InvalidPartitions(PARTITIONS_MAX + 1))
+        );
+        assert_eq!(add_partitions(&image, "nope", 3), Err(MetadataError::UnknownTopic("nope".into())));
+        let record = add_partitions(&image, "t", 5).unwrap();
+        let deltas = apply(&mut image, std::slice::from_ref(&record)).unwrap();
+        assert_eq!(image.topics["t"].partitions, 5);
+        assert!(
+            matches!(&deltas[..], [crate::metadata::Delta::TopicChanged { before, after, .. }] if before.partitions == 2 && after.partitions == 5)
+        );
+        // The record survives its byte encoding, and a shrinking one is refused by apply.
+        let bytes = crate::metadata::record::encode_batch(std::slice::from_ref(&record));
+        assert_eq!(crate::metadata::record::decode_batch(&bytes).unwrap(), vec![record]);
+        let shrink = MetadataRecord::TopicChanged {
+            name: "t".into(),
+            config: TopicConfig { partitions: 3, ..image.topics["t"].clone() },
+        };
+        assert!(apply(&mut image, &[shrink]).is_err());
+        assert_eq!(image.topics["t"].partitions, 5, "unchanged");
     }
 
     #[test]

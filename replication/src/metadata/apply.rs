@@ -20,6 +20,8 @@ pub enum ApplyError {
     StaleBrokerEpoch { index: usize, node: u32, epoch: u64, current: u64 },
     #[error("record {index}: broker {node} is not registered")]
     UnknownBroker { index: usize, node: u32 },
+    #[error("record {index}: topic {name} would shrink from {from} to {to} partitions")]
+    PartitionsShrink { index: usize, name: String, from: u32, to: u32 },
     #[error("record {index}: partition {tp}: {reason}")]
     InvalidPartitionChange { index: usize, tp: String, reason: &'static str },
 }
@@ -45,6 +47,21 @@ pub fn apply(image: &mut MetadataImage, records: &[MetadataRecord]) -> Result<Ve
                 };
                 next.partitions.retain(|tp, _| tp.topic() != name);
                 deltas.push(Delta::TopicDeleted { name: name.clone(), config });
+            }
+            MetadataRecord::TopicChanged { name, config } => {
+                let Some(before) = next.topics.get(name).cloned() else {
+                    return Err(ApplyError::UnknownTopic { index, name: name.clone() });
+                };
+                if config.partitions < before.partitions {
+                    return Err(ApplyError::PartitionsShrink {
+                        index,
+                        name: name.clone(),
+                        from: before.partitions,
+                        to: config.partitions,
+                    });
+                }
+                next.topics.insert(name.clone(), config.clone());
+                deltas.push(Delta::TopicChanged { name: name.clone(), before, after: config.clone() });
             }
             MetadataRecord::ProducerIdsReserved { next_block } => {
                 if *next_block < next.producer_ids_next_block {

@@ -20,6 +20,12 @@ pub enum Delta {
     ProducerIdsReserved {
         next_block: i64,
     },
+    /// A topic's settings changed; `before` is what they were (fewer partitions, perhaps).
+    TopicChanged {
+        name: String,
+        before: TopicConfig,
+        after: TopicConfig,
+    },
     /// A broker registered or changed (fenced, unfenced, shutting down).
     BrokerChanged {
         node: NodeId,

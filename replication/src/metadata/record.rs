@@ -37,6 +37,7 @@
 //! | 4 | BrokerRegistered | 1 | `node u32`, `broker_epoch u64`, `unclean u8` (0 or 1): registered, fenced |
 //! | 5 | BrokerChanged | 1 | `node u32`, `fenced u8`, `shutting_down u8` |
 //! | 6 | PartitionChanged | 1 | `topic string`, `partition u32`, `leader i64` (−1: none), `leader_epoch u32`, `partition_epoch u32`, `replicas`, `isr`, `elr` (each `count u32` then `node u32`s) |
+//! | 7 | TopicChanged | 1 | the body of TopicCreated: the topic's whole new settings (partitions only grow) |
 //!
 //! A record of an unknown type, or of a known type at a version this build does not read, is
 //! refused by name ([`RecordError`]): a node never applies metadata it does not understand.
@@ -49,12 +50,35 @@ use crate::metadata::topic::TopicConfig;
 /// One metadata change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetadataRecord {
-    TopicCreated { name: String, config: TopicConfig },
-    TopicDeleted { name: String },
-    ProducerIdsReserved { next_block: i64 },
-    BrokerRegistered { node: NodeId, epoch: BrokerEpoch, unclean: bool },
-    BrokerChanged { node: NodeId, fenced: bool, shutting_down: bool },
-    PartitionChanged { tp: TopicPartition, state: PartitionState },
+    TopicCreated {
+        name: String,
+        config: TopicConfig,
+    },
+    TopicDeleted {
+        name: String,
+    },
+    ProducerIdsReserved {
+        next_block: i64,
+    },
+    BrokerRegistered {
+        node: NodeId,
+        epoch: BrokerEpoch,
+        unclean: bool,
+    },
+    BrokerChanged {
+        node: NodeId,
+        fenced: bool,
+        shutting_down: bool,
+    },
+    PartitionChanged {
+        tp: TopicPartition,
+        state: PartitionState,
+    },
+    /// A topic's settings changed (more partitions, other retention): the whole new config.
+    TopicChanged {
+        name: String,
+        config: TopicConfig,
+    },
 }
 
 /// A partition's replication state as a record carries it.
@@ -79,6 +103,7 @@ const PRODUCER_IDS_RESERVED: u16 = 3;
 const BROKER_REGISTERED: u16 = 4;
 const BROKER_CHANGED: u16 = 5;
 const PARTITION_CHANGED: u16 = 6;
+const TOPIC_CHANGED: u16 = 7;
 
 /// Why bytes are not a valid record batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +128,7 @@ impl MetadataRecord {
             MetadataRecord::BrokerRegistered { .. } => (BROKER_REGISTERED, "BrokerRegistered"),
             MetadataRecord::BrokerChanged { .. } => (BROKER_CHANGED, "BrokerChanged"),
             MetadataRecord::PartitionChanged { .. } => (PARTITION_CHANGED, "PartitionChanged"),
+            MetadataRecord::TopicChanged { .. } => (TOPIC_CHANGED, "TopicChanged"),
         }
     }
 
@@ -114,7 +140,7 @@ impl MetadataRecord {
         out.extend_from_slice(&1u16.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
         match self {
-            MetadataRecord::TopicCreated { name, config } => {
+            MetadataRecord::TopicCreated { name, config } | MetadataRecord::TopicChanged { name, config } => {
                 put_str(out, name);
                 out.extend_from_slice(&config.partitions.to_le_bytes());
                 out.extend_from_slice(&limit(config.retention_ms).to_le_bytes());
@@ -174,6 +200,7 @@ impl MetadataRecord {
             BROKER_REGISTERED => "BrokerRegistered",
             BROKER_CHANGED => "BrokerChanged",
             PARTITION_CHANGED => "PartitionChanged",
+            TOPIC_CHANGED => "TopicChanged",
             _ => return Err(RecordError::UnknownType { kind, version }),
         };
         if version != 1 {
@@ -181,7 +208,7 @@ impl MetadataRecord {
         }
         let mut r = Body { bytes: body, name };
         let record = match kind {
-            TOPIC_CREATED => {
+            TOPIC_CREATED | TOPIC_CHANGED => {
                 let name = r.str()?;
                 let config = TopicConfig {
                     partitions: r.u32()?,
@@ -192,7 +219,11 @@ impl MetadataRecord {
                     max_message_bytes: r.u32()?,
                     created_ms: r.u64()? as i64,
                 };
-                MetadataRecord::TopicCreated { name, config }
+                if kind == TOPIC_CREATED {
+                    MetadataRecord::TopicCreated { name, config }
+                } else {
+                    MetadataRecord::TopicChanged { name, config }
+                }
             }
             TOPIC_DELETED => MetadataRecord::TopicDeleted { name: r.str()? },
             PRODUCER_IDS_RESERVED => MetadataRecord::ProducerIdsReserved { next_block: r.u64()? as i64 },
