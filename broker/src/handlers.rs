@@ -102,6 +102,16 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
                 respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
             })
         }
+        Request::AlterConfigs(request) => {
+            let shard = shard.clone();
+            Box::pin(async move {
+                let topics = shard.request_alter_configs(request).await;
+                shard
+                    .metrics
+                    .errors(ApiKey::AlterConfigs as u16, topics.iter().filter(|t| !t.error.is_ok()).count());
+                respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
+            })
+        }
         Request::Produce(request) => {
             let completion = produce(shard, request, frame).await;
             let shard = shard.clone();

@@ -114,6 +114,10 @@ pub struct CreateTopics(pub Vec<NewTopic>);
 #[derive(Debug)]
 pub struct CreatePartitions(pub Vec<(String, u32)>);
 
+/// To the controller shard: change topics' settings.
+#[derive(Debug)]
+pub struct AlterConfigs(pub skein_net::AlterConfigsRequest);
+
 /// To the controller shard: delete topics.
 #[derive(Debug)]
 pub struct DeleteTopics(pub Vec<String>);
@@ -160,6 +164,7 @@ pub enum Op {
     CreateTopics(CreateTopics),
     DeleteTopics(DeleteTopics),
     CreatePartitions(CreatePartitions),
+    AlterConfigs(AlterConfigs),
     PrepareCreate(PrepareCreate),
     DropPrepared(DropPrepared),
     ApplyRecords(ApplyRecords),
@@ -211,6 +216,7 @@ calls! {
     CreateTopics => Topics(results) -> Vec<TopicResult> = results;
     DeleteTopics => Topics(results) -> Vec<TopicResult> = results;
     CreatePartitions => Topics(results) -> Vec<TopicResult> = results;
+    AlterConfigs => Topics(results) -> Vec<TopicResult> = results;
     PrepareCreate => Created(result) -> Result<(), (ErrorCode, String)> = result;
     DropPrepared => Applied(result) -> Result<(), String> = result;
     ApplyRecords => Applied(result) -> Result<(), String> = result;

@@ -470,7 +470,7 @@ mod tests {
         let path = dir.path().join("p");
         run(move || async move {
             let config = skein_storage::LogConfig::tiny();
-            let log = Log::open(&path, config.clone()).await.unwrap();
+            let log = Log::open(&path, config).await.unwrap();
             let mut table = ProducerTable::default();
             for s in 0..10 {
                 append(&log, &mut table, 1, s * 3, 3).await;
@@ -489,7 +489,7 @@ mod tests {
                 }
                 t
             };
-            let log = Log::open(&path, config.clone()).await.unwrap();
+            let log = Log::open(&path, config).await.unwrap();
             assert_eq!(strip(load(&log).await.unwrap()), strip(table.clone()), "snapshot + scan");
             log.close().await.unwrap();
             // A damaged snapshot is ignored: the whole log is scanned instead.

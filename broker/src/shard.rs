@@ -294,8 +294,16 @@ impl Shard {
                 }
                 Delta::TopicDeleted { name, .. } => self.router.borrow_mut().remove(name),
                 // More partitions: the table learns them; reconciling opens those placed here.
+                // New settings take effect at once on the open partitions.
                 Delta::TopicChanged { name, after, .. } => {
-                    self.router.borrow_mut().assign(name, after.partitions, self.shards)
+                    self.router.borrow_mut().assign(name, after.partitions, self.shards);
+                    let log_config = self.config.log_config(after);
+                    for partition in self.logs.borrow().get(name).into_iter().flatten().flatten() {
+                        if let Err(error) = partition.log.set_config(log_config) {
+                            // The controller checked the same rules; a mismatch is a bug.
+                            tracing::error!(topic = name, %error, "new settings refused by a partition");
+                        }
+                    }
                 }
                 // A single node's controller makes no broker or partition records yet (every
                 // partition is led here); the replica manager will act on these.
@@ -561,6 +569,9 @@ impl Shard {
             }
             Op::DeleteTopics(mesh::DeleteTopics(names)) => {
                 Box::pin(async move { Reply::Topics(shard.delete_topics(names).await) })
+            }
+            Op::AlterConfigs(mesh::AlterConfigs(request)) => {
+                Box::pin(async move { Reply::Topics(shard.alter_configs(request).await) })
             }
             Op::CreatePartitions(mesh::CreatePartitions(topics)) => {
                 Box::pin(async move { Reply::Topics(shard.add_partitions(topics).await) })
@@ -872,11 +883,7 @@ impl Shard {
     /// is created all or nothing, persisted, and applied on every shard.
     async fn create_topics(self: &Rc<Self>, topics: Vec<NewTopic>) -> Vec<TopicResult> {
         let _permit = self.controller_gate.acquire_permit(1).await.expect("never closed");
-        let defaults = TopicDefaults {
-            segment_bytes: self.config.default_segment_bytes,
-            retention_ms: self.config.default_retention.map(|d| d.as_millis() as u64),
-            max_message_bytes: self.config.default_max_message_bytes,
-        };
+        let defaults = self.topic_defaults();
         let mut results = Vec::with_capacity(topics.len());
         for topic in topics {
             let record = controller::create_topic(
@@ -907,6 +914,15 @@ impl Shard {
             }
         }
         results
+    }
+
+    /// The settings a new topic gets for what its request leaves out (and a reset gets back).
+    fn topic_defaults(&self) -> TopicDefaults {
+        TopicDefaults {
+            segment_bytes: self.config.default_segment_bytes,
+            retention_ms: self.config.default_retention.map(|d| d.as_millis() as u64),
+            max_message_bytes: self.config.default_max_message_bytes,
+        }
     }
 
     /// On the controller: creates a topic all or nothing. Every shard creates its partitions
@@ -972,7 +988,7 @@ impl Shard {
             // The image is borrowed only to build the record, never across the await.
             let record = controller::add_partitions(&self.image.borrow(), &name, total);
             let outcome = match record {
-                Ok(record) => self.change_topic(record).await,
+                Ok(record) => self.store_topic_change(record).await,
                 Err(error) => Err((error.code(), error.to_string())),
             };
             match outcome {
@@ -990,18 +1006,70 @@ impl Shard {
     }
 
     /// On the controller: stores a TopicChanged record, then has every shard apply it.
-    async fn change_topic(self: &Rc<Self>, record: MetadataRecord) -> Result<(), (ErrorCode, String)> {
+    async fn store_topic_change(self: &Rc<Self>, record: MetadataRecord) -> Result<(), (ErrorCode, String)> {
         let MetadataRecord::TopicChanged { name, config } = &record else {
-            unreachable!("controller::add_partitions makes TopicChanged records")
+            unreachable!("the controller makes TopicChanged records for topic changes")
         };
         let added = config.partitions - self.image.borrow().topics.get(name).map_or(0, |c| c.partitions);
-        check_space_for(&self.config.data_dir, added)?;
+        if added > 0 {
+            check_space_for(&self.config.data_dir, added)?;
+        }
         let (stored_name, stored) = (name.clone(), config.clone());
         self.persist(move |store| store.update_topic(&stored_name, stored))
             .await
             .map_err(|error| (error.code(), error.to_string()))?;
         self.broadcast(|| mesh::ApplyRecords(vec![record.clone()])).await;
         Ok(())
+    }
+
+    /// On the controller: changes each topic's settings (all of a topic's changes or none),
+    /// stored, then applied on every shard; `validate_only` checks and changes nothing.
+    async fn alter_configs(self: &Rc<Self>, request: skein_net::AlterConfigsRequest) -> Vec<TopicResult> {
+        let _permit = self.controller_gate.acquire_permit(1).await.expect("never closed");
+        let defaults = self.topic_defaults();
+        let mut results = Vec::with_capacity(request.topics.len());
+        for topic in request.topics {
+            let record = controller::alter_topic_config(
+                &self.image.borrow(),
+                &topic.name,
+                &topic.set,
+                &topic.reset,
+                &defaults,
+            );
+            let outcome = match record {
+                Ok(_) if request.validate_only => Ok(()),
+                Ok(record) => self.store_topic_change(record).await,
+                Err(error) => Err((error.code(), error.to_string())),
+            };
+            match outcome {
+                Ok(()) => {
+                    if !request.validate_only {
+                        tracing::info!(topic = topic.name, set = ?topic.set, reset = ?topic.reset, "settings changed");
+                    }
+                    results.push(TopicResult {
+                        name: topic.name,
+                        error: ErrorCode::None,
+                        message: String::new(),
+                    });
+                }
+                Err((error, message)) => {
+                    tracing::warn!(topic = topic.name, %error, message, "settings not changed");
+                    results.push(TopicResult { name: topic.name, error, message });
+                }
+            }
+        }
+        results
+    }
+
+    pub async fn request_alter_configs(
+        self: &Rc<Self>,
+        request: skein_net::AlterConfigsRequest,
+    ) -> Vec<TopicResult> {
+        let names: Vec<String> = request.topics.iter().map(|t| t.name.clone()).collect();
+        match self.call(0, mesh::AlterConfigs(request)).await {
+            Ok(results) => results,
+            Err(error) => failed_topics(names, &error),
+        }
     }
 
     pub async fn request_create_partitions(self: &Rc<Self>, topics: Vec<(String, u32)>) -> Vec<TopicResult> {

@@ -330,6 +330,27 @@ enum TopicCommand {
         #[command(flatten)]
         connect: Connect,
     },
+    /// Change a topic's settings while it serves: --set KEY=VALUE gives a value, --delete KEY
+    /// puts the broker default back; the other settings keep theirs.
+    #[command(
+        after_help = "Examples:\n  skein topic alter-config orders --set retention.ms=86400000\n  skein topic alter-config orders --delete retention.bytes --set segment.bytes=268435456\n  skein topic alter-config orders --set max.message.bytes=1048576 --dry-run"
+    )]
+    AlterConfig {
+        /// The topic name.
+        name: String,
+        /// A setting KEY=VALUE (repeatable): retention.ms, retention.bytes, segment.bytes,
+        /// segment.ms, max.message.bytes (-1: no limit).
+        #[arg(long = "set", value_parser = parse_key_value)]
+        set: Vec<(String, String)>,
+        /// A setting to put back to the broker's default (repeatable).
+        #[arg(long = "delete")]
+        delete: Vec<String>,
+        /// Check the change with the broker and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        connect: Connect,
+    },
     /// Delete a topic and its data.
     #[command(after_help = "Example:\n  skein topic delete scratch")]
     Delete {
@@ -861,6 +882,22 @@ async fn topic(command: TopicCommand) -> Result<(), String> {
             let admin = Admin::new(connect(&c).await?);
             admin.add_partitions(&name, total).await.map_err(|e| e.to_string())?;
             writeln!(out, "topic {name} now has {total} partitions").map_err(|e| e.to_string())
+        }
+        TopicCommand::AlterConfig { name, set, delete, dry_run, connect: c } => {
+            if set.is_empty() && delete.is_empty() {
+                return Err("nothing to change: give --set KEY=VALUE or --delete KEY".into());
+            }
+            let admin = Admin::new(connect(&c).await?);
+            let pairs: Vec<(&str, &str)> = set.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let reset: Vec<&str> = delete.iter().map(String::as_str).collect();
+            admin.alter_topic_config(&name, &pairs, &reset, dry_run).await.map_err(|e| e.to_string())?;
+            let changes: Vec<String> = set
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .chain(delete.iter().map(|k| format!("{k}=default")))
+                .collect();
+            let verb = if dry_run { "would change" } else { "changed" };
+            writeln!(out, "topic {name}: {verb} {}", changes.join(" ")).map_err(|e| e.to_string())
         }
         TopicCommand::Delete { name, connect: c } => {
             let admin = Admin::new(connect(&c).await?);

@@ -499,3 +499,121 @@ fn partitions_are_added_to_a_live_topic_and_survive_a_restart() {
     assert_eq!(ends.iter().sum::<u64>(), 11, "{ends:?}");
     assert_eq!(ends[4], 1);
 }
+
+#[test]
+fn settings_are_altered_on_a_live_topic_take_effect_at_once_and_survive_a_restart() {
+    let mut broker = Broker::start(&["--retention-check-ms", "200"]);
+    let (ok, _, err) = cli(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "logs",
+            "--partitions",
+            "1",
+            "--config",
+            "segment.bytes=65536",
+            "--config",
+            "max.message.bytes=16384",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let configs = |broker: &Broker| -> serde_json::Value {
+        let (ok, out, err) = cli(broker, &["topic", "describe", "logs", "--output", "json"], "");
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["configs"].clone()
+    };
+    let big = format!("{}\n", "x".repeat(3000));
+    assert!(cli(&broker, &["produce", "logs"], &big).0, "3000 bytes fit the first limit");
+
+    // A producer that learnt the old limit before the change: the broker itself refuses.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let producer = runtime.block_on(async {
+        let client = broker.client().await;
+        client.topic("logs").await.unwrap();
+        skein_client::Producer::new(client, skein_client::ProducerConfig::default())
+    });
+    // A lower max.message.bytes refuses the same record at once; a small one still goes in.
+    let (ok, out, err) =
+        cli(&broker, &["topic", "alter-config", "logs", "--set", "max.message.bytes=2048"], "");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "topic logs: changed max.message.bytes=2048");
+    assert_eq!(configs(&broker)["max.message.bytes"], "2048");
+    let (ok, _, err) = cli(&broker, &["produce", "logs", "--delivery-timeout-ms", "5000"], &big);
+    assert!(!ok, "a record over the new limit is refused");
+    assert!(err.contains("exceeds the batch limit of 2048 bytes"), "{err}");
+    let refused = runtime.block_on(async {
+        let record = skein_client::ProducerRecord::new("logs", "y".repeat(3000));
+        producer.send(record).await?.await
+    });
+    let error = refused.expect_err("the broker checks the new limit").to_string();
+    eprintln!("stale producer: {error}");
+    assert!(error.to_lowercase().contains("too large") || error.contains("limit"), "{error}");
+    assert!(cli(&broker, &["produce", "logs"], "small\n").0);
+    // What was stored under the old limit is still read.
+    let (ok, out, _) = cli(&broker, &["consume", "logs", "-e"], "");
+    assert!(ok);
+    assert_eq!(out, format!("{big}small\n"));
+
+    // Dry runs change nothing; bad keys and values are refused naming them.
+    let (ok, out, err) =
+        cli(&broker, &["topic", "alter-config", "logs", "--set", "retention.ms=1000", "--dry-run"], "");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "topic logs: would change retention.ms=1000");
+    assert_ne!(configs(&broker)["retention.ms"], "1000");
+    for (args, named) in [
+        (vec!["--set", "colour=blue"], "colour"),
+        (vec!["--set", "segment.bytes=10"], "segment.bytes"),
+        (vec!["--delete", "partitions"], "partitions"),
+    ] {
+        let mut command = vec!["topic", "alter-config", "logs"];
+        command.extend(args);
+        let (ok, _, err) = cli(&broker, &command, "");
+        assert!(!ok && err.contains(named), "{err}");
+    }
+    let (ok, _, err) = cli(&broker, &["topic", "alter-config", "nope", "--set", "retention.ms=1"], "");
+    assert!(!ok && err.contains("nope"), "{err}");
+    let (ok, _, err) = cli(&broker, &["topic", "alter-config", "logs"], "");
+    assert!(!ok && err.contains("nothing to change"), "{err}");
+
+    // A reset goes back to the broker default, under the same rules: the default
+    // max.message.bytes (8 MiB) does not fit these 64 KiB segments.
+    let (ok, _, err) = cli(&broker, &["topic", "alter-config", "logs", "--delete", "max.message.bytes"], "");
+    assert!(!ok && err.contains("segment.bytes"), "{err}");
+    let (ok, _, err) = cli(
+        &broker,
+        &["topic", "alter-config", "logs", "--set", "max.message.bytes=16384", "--delete", "retention.ms"],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(configs(&broker)["max.message.bytes"], "16384");
+    assert_eq!(configs(&broker)["retention.ms"], (168u64 * 3600 * 1000).to_string());
+
+    // Retention by size set on a live topic deletes old segments at the next pass.
+    let input: String = (0..300).map(|i| format!("{i:0>999}\n")).collect();
+    assert!(cli(&broker, &["produce", "logs"], &input).0);
+    let start_offset = |broker: &Broker| -> u64 {
+        let (ok, out, _) = cli(broker, &["topic", "describe", "logs", "--output", "json"], "");
+        assert!(ok);
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["partitions"][0]["start_offset"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(start_offset(&broker), 0);
+    let (ok, _, err) =
+        cli(&broker, &["topic", "alter-config", "logs", "--set", "retention.bytes=100000"], "");
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while start_offset(&broker) == 0 {
+        assert!(Instant::now() < deadline, "retention never ran with the new limit");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Stored: the settings are the same after a restart.
+    let before = configs(&broker);
+    assert!(broker.stop());
+    broker.restart();
+    assert_eq!(configs(&broker), before);
+    assert_eq!(before["retention.bytes"], "100000");
+}

@@ -1,11 +1,12 @@
 //! Topic and consumer-group administration.
 
 use skein_net::{
-    CommitPartition, CreatePartitionsRequest, CreateTopicsRequest, DeleteGroupRequest, DeleteGroupResponse,
-    DeleteTopicsRequest, DescribeGroupRequest, DescribeGroupResponse, ErrorCode, GroupListing,
-    ListGroupsResponse, ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, MemberDescription,
-    NewTopic, OffsetCommitRequest, OffsetCommitResponse, Request, TopicData, TopicResults, ADMIN_EPOCH,
-    EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
+    AlterConfigsRequest, AlterTopicConfig, CommitPartition, CreatePartitionsRequest, CreateTopicsRequest,
+    DeleteGroupRequest, DeleteGroupResponse, DeleteTopicsRequest, DescribeGroupRequest,
+    DescribeGroupResponse, ErrorCode, GroupListing, ListGroupsResponse, ListOffsetsPartition,
+    ListOffsetsRequest, ListOffsetsResponse, MemberDescription, NewTopic, OffsetCommitRequest,
+    OffsetCommitResponse, Request, TopicData, TopicResults, ADMIN_EPOCH, EARLIEST_TIMESTAMP,
+    LATEST_TIMESTAMP,
 };
 
 use crate::{decode, Client, ClientError, Consumer, ConsumerConfig, Result, SeekTo, TopicPartition};
@@ -74,6 +75,30 @@ impl Admin {
         let body = self.client.request(&request).await?;
         self.client.forget_topic(name);
         check(decode(&body, TopicResults::decode)?, "adding partitions")
+    }
+
+    /// Changes a topic's settings (Kafka's incremental alter): each `set` key takes its value,
+    /// each `reset` key goes back to the broker's default, the others keep theirs. With
+    /// `validate_only` the broker checks every rule and changes nothing. Takes effect at once
+    /// on the topic's partitions.
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        set: &[(&str, &str)],
+        reset: &[&str],
+        validate_only: bool,
+    ) -> Result<()> {
+        let request = Request::AlterConfigs(AlterConfigsRequest {
+            topics: vec![AlterTopicConfig {
+                name: name.to_owned(),
+                set: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                reset: reset.iter().map(|k| k.to_string()).collect(),
+            }],
+            validate_only,
+        });
+        let body = self.client.request(&request).await?;
+        self.client.forget_topic(name);
+        check(decode(&body, TopicResults::decode)?, "altering topic settings")
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {

@@ -35,10 +35,11 @@ pub enum ApiKey {
     DescribeGroup = 12,
     DeleteGroup = 13,
     CreatePartitions = 14,
+    AlterConfigs = 15,
 }
 
 impl ApiKey {
-    pub const ALL: [ApiKey; 15] = [
+    pub const ALL: [ApiKey; 16] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -54,6 +55,7 @@ impl ApiKey {
         ApiKey::DescribeGroup,
         ApiKey::DeleteGroup,
         ApiKey::CreatePartitions,
+        ApiKey::AlterConfigs,
     ];
 
     pub fn from_u16(value: u16) -> Option<ApiKey> {
@@ -291,7 +293,25 @@ pub struct CreatePartitionsRequest {
     pub topics: Vec<(String, u32)>,
 }
 
-/// Per-topic outcome of CreateTopics, DeleteTopics and CreatePartitions.
+/// AlterConfigs (15): change topics' settings (answered with [`TopicResults`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlterConfigsRequest {
+    pub topics: Vec<AlterTopicConfig>,
+    /// Check every rule, change nothing.
+    pub validate_only: bool,
+}
+
+/// One topic's changes in an [`AlterConfigsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlterTopicConfig {
+    pub name: String,
+    /// Settings given a value.
+    pub set: Vec<(String, String)>,
+    /// Settings put back to the broker's defaults.
+    pub reset: Vec<String>,
+}
+
+/// Per-topic outcome of CreateTopics, DeleteTopics, CreatePartitions and AlterConfigs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicResult {
     pub name: String,

@@ -14,9 +14,9 @@ use crate::groups::{
     OffsetFetchRequest,
 };
 use crate::messages::{
-    ApiKey, ApiVersionsRequest, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest,
-    FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, MetadataRequest, NewTopic,
-    ProducePartition, ProduceRequest,
+    AlterConfigsRequest, AlterTopicConfig, ApiKey, ApiVersionsRequest, CreatePartitionsRequest,
+    CreateTopicsRequest, DeleteTopicsRequest, FetchPartition, FetchRequest, ListOffsetsPartition,
+    ListOffsetsRequest, MetadataRequest, NewTopic, ProducePartition, ProduceRequest,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 
@@ -38,6 +38,7 @@ pub enum Request<R> {
     DescribeGroup(DescribeGroupRequest),
     DeleteGroup(DeleteGroupRequest),
     CreatePartitions(CreatePartitionsRequest),
+    AlterConfigs(AlterConfigsRequest),
 }
 
 /// Why a request frame's body could not be turned into a [`Request`]. The broker answers each
@@ -114,6 +115,7 @@ impl<R> Request<R> {
             Request::DescribeGroup(r) => Request::DescribeGroup(r),
             Request::DeleteGroup(r) => Request::DeleteGroup(r),
             Request::CreatePartitions(r) => Request::CreatePartitions(r),
+            Request::AlterConfigs(r) => Request::AlterConfigs(r),
         }
     }
 
@@ -134,6 +136,7 @@ impl<R> Request<R> {
             Request::DescribeGroup(_) => ApiKey::DescribeGroup,
             Request::DeleteGroup(_) => ApiKey::DeleteGroup,
             Request::CreatePartitions(_) => ApiKey::CreatePartitions,
+            Request::AlterConfigs(_) => ApiKey::AlterConfigs,
         }
     }
 }
@@ -195,6 +198,18 @@ impl<R: RecordsBytes> Request<R> {
                 w.array(&request.topics, |w, (name, total)| {
                     w.str(name).u32(*total);
                 });
+            }
+            Request::AlterConfigs(request) => {
+                w.array(&request.topics, |w, topic| {
+                    w.str(&topic.name);
+                    w.array(&topic.set, |w, (key, value)| {
+                        w.str(key).str(value);
+                    });
+                    w.array(&topic.reset, |w, key| {
+                        w.str(key);
+                    });
+                });
+                w.bool(request.validate_only);
             }
         }
     }
@@ -327,6 +342,16 @@ impl Request<Range<usize>> {
             ApiKey::CreatePartitions => Request::CreatePartitions(CreatePartitionsRequest {
                 topics: r.array("topics", 6, |r| Ok((r.str("topic")?, r.u32("partitions")?)))?,
             }),
+            ApiKey::AlterConfigs => Request::AlterConfigs(AlterConfigsRequest {
+                topics: r.array("topics", 10, |r| {
+                    Ok(AlterTopicConfig {
+                        name: r.str("topic")?,
+                        set: r.array("set", 4, |r| Ok((r.str("key")?, r.str("value")?)))?,
+                        reset: r.array("reset", 2, |r| r.str("key"))?,
+                    })
+                })?,
+                validate_only: r.bool("validate only")?,
+            }),
         })
     }
 }
@@ -361,6 +386,14 @@ mod tests {
         round_trip(Request::Metadata(MetadataRequest { topics: Some(vec!["a".into(), "b".into()]) }));
         round_trip(Request::CreatePartitions(CreatePartitionsRequest {
             topics: vec![("a".into(), 7), ("b".into(), 2)],
+        }));
+        round_trip(Request::AlterConfigs(AlterConfigsRequest {
+            topics: vec![AlterTopicConfig {
+                name: "a".into(),
+                set: vec![("retention.ms".into(), "1000".into())],
+                reset: vec!["segment.bytes".into()],
+            }],
+            validate_only: true,
         }));
         round_trip(Request::CreateTopics(CreateTopicsRequest {
             topics: vec![NewTopic {

@@ -311,6 +311,12 @@ pub fn compute_crc(bytes: &[u8]) -> u32 {
     crc32c::crc32c(&bytes[CRC_START..])
 }
 
+/// The largest batch any log accepts (a topic's `max.message.bytes` is at most this). Reads,
+/// recovery scans and truncation check stored batches against it, not against the topic's
+/// current limit: lowering a limit must never make batches stored under the old one unreadable
+/// (or look like a torn tail that recovery would cut).
+pub const BATCH_BYTES_LIMIT: usize = 256 << 20;
+
 /// Checks the header rules and the CRC of the batch at the start of `bytes` and returns its
 /// header. `bytes` may hold more after the batch. Records are not decoded (see
 /// [`validate_records`]).

@@ -58,7 +58,7 @@ impl FromStr for FsyncPolicy {
 
 /// Settings of one partition log. [`LogConfig::default`] gives production defaults;
 /// [`LogConfig::tiny`] gives a configuration that reaches edge cases quickly in tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogConfig {
     /// A segment rolls when the next batch would make it larger than this (bytes, header
     /// included). At most 4 GiB − 1 (positions are 32-bit).
@@ -153,6 +153,9 @@ impl LogConfig {
         }
         if self.batch_bytes_max < crate::batch::BATCH_HEADER_BYTES {
             return Err("batch_bytes_max is smaller than a batch header");
+        }
+        if self.batch_bytes_max > crate::batch::BATCH_BYTES_LIMIT {
+            return Err("batch_bytes_max is larger than 256 MiB");
         }
         if !self.preallocate_bytes.is_multiple_of(BLOCK_BYTES as u64) {
             return Err("preallocate_bytes must be a multiple of 4096");

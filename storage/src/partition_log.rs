@@ -247,7 +247,7 @@ impl PartitionLog for Log {
         if offset >= upper_bound {
             return Ok(LogRead::empty(offset));
         }
-        let size_max = self.config().batch_bytes_max;
+        let size_max = crate::batch::BATCH_BYTES_LIMIT;
         let first_offset = slice.first_offset;
         match slice.data {
             ReadData::Empty => Ok(LogRead::empty(offset)),

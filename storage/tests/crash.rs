@@ -307,7 +307,7 @@ fn damage_in_a_segment_after_the_recovery_point_ends_the_log_there() {
     let config = LogConfig { fsync: FsyncPolicy::Never, ..LogConfig::tiny() };
     let dir = tmp();
     let original = dir.path().join("original");
-    let written = write_batches(&original, config.clone(), 80, 11, false);
+    let written = write_batches(&original, config, 80, 11, false);
     let mut bases: Vec<u64> = std::fs::read_dir(&original)
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -325,7 +325,7 @@ fn damage_in_a_segment_after_the_recovery_point_ends_the_log_there() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[(victim.2 + victim.3 / 2) as usize] ^= 0x10;
     std::fs::write(&path, &bytes).unwrap();
-    let (offsets, end) = open_and_read(&copy, config.clone()).unwrap();
+    let (offsets, end) = open_and_read(&copy, config).unwrap();
     assert_eq!(end, victim.0, "the log ends before the damaged batch");
     assert_eq!(offsets, (0..victim.0).collect::<Vec<_>>());
     for later in &bases[3..] {

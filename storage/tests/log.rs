@@ -427,7 +427,7 @@ fn many_logs_live_within_the_open_files_budget() {
         let config = LogConfig { fsync: FsyncPolicy::Never, ..LogConfig::tiny() };
         let mut logs = Vec::new();
         for index in 0..LOGS {
-            logs.push(Log::open(root.join(format!("p{index}")), config.clone()).await.unwrap());
+            logs.push(Log::open(root.join(format!("p{index}")), config).await.unwrap());
         }
         // Enough appends to seal several segments in every log (tiny segments are 16 KiB).
         for round in 0..120u64 {
@@ -454,7 +454,7 @@ fn many_logs_live_within_the_open_files_budget() {
         // Reopened under the same budget: recovery too stays within it.
         let mut reopened = Vec::new();
         for index in 0..LOGS {
-            reopened.push(Log::open(root.join(format!("p{index}")), config.clone()).await.unwrap());
+            reopened.push(Log::open(root.join(format!("p{index}")), config).await.unwrap());
         }
         assert!(skein_storage::handles::stats().open_files <= BUDGET);
         for log in &reopened {
@@ -488,7 +488,7 @@ fn preallocation_follows_the_write_rate_and_the_shard_limit() {
             ..LogConfig::default()
         };
         // One small record: only the first step is allocated, not a whole preallocation.
-        let quiet = Log::open(root.join("quiet"), config.clone()).await.unwrap();
+        let quiet = Log::open(root.join("quiet"), config).await.unwrap();
         append_all(&quiet, &[1]).await;
         let segment = root.join("quiet").join(format!("{:020}.log", 0));
         assert!(
@@ -497,7 +497,7 @@ fn preallocation_follows_the_write_rate_and_the_shard_limit() {
             allocated(&segment)
         );
         // A busy log: the step grows with the rate.
-        let busy = Log::open(root.join("busy"), config.clone()).await.unwrap();
+        let busy = Log::open(root.join("busy"), config).await.unwrap();
         for _ in 0..200 {
             let first = busy.next_offset();
             busy.append(big_batch(first, 64 << 10)).await.unwrap().ack.await.unwrap();
@@ -507,7 +507,7 @@ fn preallocation_follows_the_write_rate_and_the_shard_limit() {
         assert!(ahead > 2 << 20, "a busy partition allocates ahead, more as it goes ({ahead} bytes)");
         // With the shard's limit at zero, a log allocates only what it writes.
         skein_storage::handles::set_preallocate_bytes_max(Some(0));
-        let limited = Log::open(root.join("limited"), config.clone()).await.unwrap();
+        let limited = Log::open(root.join("limited"), config).await.unwrap();
         for _ in 0..50 {
             let first = limited.next_offset();
             limited.append(big_batch(first, 64 << 10)).await.unwrap().ack.await.unwrap();
@@ -539,4 +539,71 @@ fn big_batch(first: u64, bytes: usize) -> BytesMut {
     }
     let _ = batch::BATCH_HEADER_BYTES;
     builder.finish()
+}
+
+#[test]
+fn settings_change_on_an_open_log_and_lowering_a_limit_keeps_stored_batches_readable() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    let path2 = path.clone();
+    let lowered = LogConfig { batch_bytes_max: 2048, ..LogConfig::tiny() };
+    let total = run(move || async move {
+        let log = Log::open(&path, LogConfig::tiny()).await.unwrap();
+        // A batch near the old limit (12 KiB), stored before the limit is lowered.
+        let big = batch_at(0, 50);
+        assert!(big.len() > 2048 && big.len() < 12 << 10, "{}", big.len());
+        log.append(big).await.unwrap().ack.await.unwrap();
+        // A config that breaks a rule changes nothing.
+        let broken = LogConfig { segment_bytes: 1024, ..LogConfig::tiny() };
+        assert!(log.set_config(broken).is_err());
+        assert_eq!(log.config(), LogConfig::tiny());
+        log.set_config(lowered).unwrap();
+        assert_eq!(log.config().batch_bytes_max, 2048);
+        let refused = log.append(batch_at(50, 50)).await;
+        assert!(
+            matches!(refused, Err(StorageError::InvalidBatch(batch::BatchError::TooLarge { .. }))),
+            "{refused:?}"
+        );
+        log.append(batch_at(50, 5)).await.unwrap().ack.await.unwrap();
+        // The stored big batch is still read (and verified) under the lower limit.
+        assert_eq!(read_everything(&log).await, (0..55).collect::<Vec<_>>());
+        // Smaller segments from the next append on.
+        let segments = log.segment_count();
+        log.set_config(LogConfig { segment_bytes: 4096 + 2048, ..lowered }).unwrap();
+        for first in (55..75).step_by(5) {
+            log.append(batch_at(first, 5)).await.unwrap().ack.await.unwrap();
+        }
+        assert!(log.segment_count() > segments + 1, "{} segments, were {segments}", log.segment_count());
+        // A retention limit set now applies at the next pass.
+        let before = log.segment_count();
+        log.set_config(LogConfig { retention_bytes_max: Some(1), segment_bytes: 4096 + 2048, ..lowered })
+            .unwrap();
+        let outcome = log.enforce_retention(skein_storage::now_ms()).await.unwrap();
+        assert!(log.segment_count() < before, "{outcome:?}");
+        assert_eq!(log.segment_count(), 1, "only the active segment stays");
+        let total = log.next_offset();
+        log.close().await.unwrap();
+        total
+    });
+    // Reopened with the lowered limit: recovery keeps every batch (none looks torn). Retention
+    // removed everything but the active segment, so check a log that kept the big batch too.
+    run(move || async move {
+        let log = Log::open(&path2, lowered).await.unwrap();
+        assert_eq!(log.next_offset(), total);
+        log.close().await.unwrap();
+    });
+    let dir = tmp();
+    let path = dir.path().join("p1");
+    let path2 = path.clone();
+    run(move || async move {
+        let log = Log::open(&path, LogConfig::tiny()).await.unwrap();
+        log.append(batch_at(0, 50)).await.unwrap().ack.await.unwrap();
+        log.close().await.unwrap();
+    });
+    run(move || async move {
+        let log = Log::open(&path2, lowered).await.unwrap();
+        assert_eq!(log.next_offset(), 50, "the batch stored under the old limit survives recovery");
+        assert_eq!(read_everything(&log).await, (0..50).collect::<Vec<_>>());
+        log.close().await.unwrap();
+    });
 }

@@ -57,6 +57,23 @@ pub fn add_partitions(
     })
 }
 
+/// The record that changes a topic's settings (Kafka's IncrementalAlterConfigs): `set` keys
+/// take the given values, `reset` keys go back to the broker defaults, with the same rules as
+/// at creation; the partition count is not a setting (see [`add_partitions`]).
+pub fn alter_topic_config(
+    image: &MetadataImage,
+    name: &str,
+    set: &[(String, String)],
+    reset: &[String],
+    defaults: &TopicDefaults,
+) -> Result<MetadataRecord, MetadataError> {
+    let Some(current) = image.topics.get(name) else {
+        return Err(MetadataError::UnknownTopic(name.to_owned()));
+    };
+    let config = current.altered(set, reset, defaults)?;
+    Ok(MetadataRecord::TopicChanged { name: name.to_owned(), config })
+}
+
 /// The records that rebuild an image holding these topics and producer-id reservation (a
 /// node's start-up from its stored snapshot).
 pub fn records_for<'a>(
@@ -137,6 +154,51 @@ mod tests {
         };
         assert!(apply(&mut image, &[shrink]).is_err());
         assert_eq!(image.topics["t"].partitions, 5, "unchanged");
+    }
+
+    #[test]
+    fn settings_are_altered_by_the_creation_rules_and_reset_to_the_defaults() {
+        let mut image = MetadataImage::default();
+        let created =
+            create_topic(&image, "t", 3, &[("retention.bytes".into(), "5000".into())], &defaults(), 7)
+                .unwrap();
+        apply(&mut image, &[created]).unwrap();
+        let set = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let record = alter_topic_config(
+            &image,
+            "t",
+            &set(&[("retention.ms", "60000"), ("max.message.bytes", "2048")]),
+            &["retention.bytes".to_owned()],
+            &defaults(),
+        )
+        .unwrap();
+        apply(&mut image, std::slice::from_ref(&record)).unwrap();
+        let topic = &image.topics["t"];
+        assert_eq!(topic.retention_ms, Some(60_000));
+        assert_eq!(topic.max_message_bytes, 2048);
+        assert_eq!(topic.retention_bytes, None, "reset to the default (no limit)");
+        assert_eq!((topic.partitions, topic.created_ms), (3, 7), "kept");
+        // Reset to the broker defaults.
+        let reset = alter_topic_config(&image, "t", &[], &["max.message.bytes".to_owned()], &defaults());
+        let MetadataRecord::TopicChanged { config, .. } = reset.unwrap() else { panic!() };
+        assert_eq!(config.max_message_bytes, defaults().max_message_bytes);
+        // Every rule of creation, a key once, a topic that exists.
+        for (set_pairs, reset_keys, key) in [
+            (set(&[("retention.ms", "-5")]), vec![], "retention.ms"),
+            (set(&[("segment.bytes", "100")]), vec![], "segment.bytes"),
+            (set(&[("colour", "blue")]), vec![], "colour"),
+            (set(&[("retention.ms", "1")]), vec!["retention.ms".to_owned()], "retention.ms"),
+            (set(&[]), vec!["partitions".to_owned()], "partitions"),
+        ] {
+            let error = alter_topic_config(&image, "t", &set_pairs, &reset_keys, &defaults()).unwrap_err();
+            assert!(matches!(&error, MetadataError::InvalidConfig { key: k, .. } if k == key), "{error}");
+        }
+        assert_eq!(
+            alter_topic_config(&image, "nope", &[], &[], &defaults()),
+            Err(MetadataError::UnknownTopic("nope".into()))
+        );
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl TopicConfig {
         if partitions == 0 || partitions > PARTITIONS_MAX {
             return Err(MetadataError::InvalidPartitions(partitions));
         }
-        let mut config = TopicConfig {
+        let config = TopicConfig {
             partitions,
             retention_ms: defaults.retention_ms,
             retention_bytes: None,
@@ -97,7 +97,46 @@ impl TopicConfig {
             max_message_bytes: defaults.max_message_bytes,
             created_ms,
         };
-        for (key, value) in configs {
+        config.altered(configs, &[], defaults)
+    }
+
+    /// These settings with `set` applied and the `reset` keys back at their defaults (Kafka's
+    /// IncrementalAlterConfigs SET and DELETE), after every rule of a new topic. The partition
+    /// count and creation time are kept. An unknown key or a bad value is an error naming it.
+    pub fn altered(
+        &self,
+        set: &[(String, String)],
+        reset: &[String],
+        defaults: &TopicDefaults,
+    ) -> Result<TopicConfig, MetadataError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for key in set.iter().map(|(key, _)| key).chain(reset) {
+            if !seen.insert(key) {
+                return Err(MetadataError::InvalidConfig {
+                    key: key.clone(),
+                    value: String::new(),
+                    reason: "given more than once",
+                });
+            }
+        }
+        let mut config = self.clone();
+        for key in reset {
+            match key.as_str() {
+                "retention.ms" => config.retention_ms = defaults.retention_ms,
+                "retention.bytes" => config.retention_bytes = None,
+                "segment.ms" => config.segment_ms = None,
+                "segment.bytes" => config.segment_bytes = defaults.segment_bytes,
+                "max.message.bytes" => config.max_message_bytes = defaults.max_message_bytes,
+                _ => {
+                    return Err(MetadataError::InvalidConfig {
+                        key: key.clone(),
+                        value: String::new(),
+                        reason: "unknown setting",
+                    })
+                }
+            }
+        }
+        for (key, value) in set {
             let invalid =
                 |reason| MetadataError::InvalidConfig { key: key.clone(), value: value.clone(), reason };
             let number = value.parse::<i64>().map_err(|_| invalid("not an integer"))?;

@@ -23,17 +23,20 @@ impl Log {
     /// caller stamped it. Returns once the batch is buffered (waiting first if more than
     /// `write_buffered_bytes_max` is buffered); await [`Appended::ack`] for durability.
     pub async fn append(&self, batch: BytesMut) -> Result<Appended> {
-        self.append_validated(batch::ValidatedBatch::new(batch, self.shared.config.batch_bytes_max)?).await
+        self.append_validated(batch::ValidatedBatch::new(batch, self.shared.config.get().batch_bytes_max)?)
+            .await
     }
 
     /// [`Log::append`] for a batch the caller already validated (the broker checks every batch
     /// of a request before appending any, so that a bad one leaves the partition untouched).
     pub async fn append_validated(&self, batch: batch::ValidatedBatch) -> Result<Appended> {
         let shared = &self.shared;
-        if batch.len() > shared.config.batch_bytes_max {
-            return Err(
-                BatchError::TooLarge { size: batch.len(), limit: shared.config.batch_bytes_max }.into()
-            );
+        if batch.len() > shared.config.get().batch_bytes_max {
+            return Err(BatchError::TooLarge {
+                size: batch.len(),
+                limit: shared.config.get().batch_bytes_max,
+            }
+            .into());
         }
         let (batch, header) = batch.into_parts();
         let _permit = shared.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
@@ -57,7 +60,7 @@ impl Log {
     /// or allocating), the batches before it stay appended: [`Log::next_offset`] says where.
     pub async fn append_follower(&self, batches: Bytes) -> Result<Appended> {
         let shared = &self.shared;
-        let batches = split_follower_batches(&batches, shared.config.batch_bytes_max)?;
+        let batches = split_follower_batches(&batches, batch::BATCH_BYTES_LIMIT)?;
         let _permit = shared.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
         shared.check_usable()?;
         let first_offset = batches[0].1.base_offset;
@@ -94,7 +97,7 @@ impl Log {
         let shared = &self.shared;
         loop {
             let buffered = shared.state.borrow().active.appender.buffered();
-            if buffered == 0 || buffered + incoming <= shared.config.write_buffered_bytes_max as u64 {
+            if buffered == 0 || buffered + incoming <= shared.config.get().write_buffered_bytes_max as u64 {
                 break;
             }
             let progress = shared.progress.notified();
@@ -133,7 +136,7 @@ impl Log {
         let active = &mut state.active;
         let segment_base = active.file.base_offset();
         let position = active.appender.end();
-        if segment::wants_index_entry(&active.index, position, shared.config.index_interval_bytes) {
+        if segment::wants_index_entry(&active.index, position, shared.config.get().index_interval_bytes) {
             active.index.push(IndexEntry {
                 relative_offset: (base_offset - segment_base) as u32,
                 position: position as u32,
@@ -161,7 +164,7 @@ impl Log {
     /// [`crate::handles`]), beyond which a log allocates only what it writes.
     async fn preallocate(&self, incoming: u64) -> Result<()> {
         let shared = &self.shared;
-        let config = &shared.config;
+        let config = shared.config.get();
         let (segment, target, end) = {
             let state = shared.state.borrow();
             let end = state.active.appender.end();
@@ -202,7 +205,7 @@ impl Log {
 
     fn should_roll(&self, incoming: u64) -> bool {
         let state = self.shared.state.borrow();
-        let config = &self.shared.config;
+        let config = self.shared.config.get();
         let end = state.active.appender.end();
         if end == SEGMENT_HEADER_BYTES {
             return false;
@@ -221,7 +224,7 @@ impl Log {
         // fsync=always it is synced too, here; otherwise it is synced in the background (as
         // Kafka flushes rolled segments), and until that sync lands the recovery checkpoint
         // still points into it, so recovery rescans it leniently.
-        let sync_now = shared.config.fsync.is_always();
+        let sync_now = shared.config.get().fsync.is_always();
         shared.wait_for(sync_now).await?;
         let (segment, summary, entries) = {
             let state = shared.state.borrow();
@@ -275,9 +278,9 @@ impl Log {
         let mark =
             Mark { offset: summary.next_offset, position: SEGMENT_HEADER_BYTES, max_timestamp: i64::MIN };
         let base = summary.base_offset;
-        state.active = Active::empty(next, created_ms, shared.config.write_buffer_bytes);
+        state.active = Active::empty(next, created_ms, shared.config.get().write_buffer_bytes);
         state.sealed.insert(base, Sealed { file: segment, summary, index: Some(entries) });
-        state.touch_loaded(base, shared.config.loaded_indexes_max);
+        state.touch_loaded(base, shared.config.get().loaded_indexes_max);
         state.written = mark;
         state.synced = mark;
         state.visible = mark;

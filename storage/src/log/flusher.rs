@@ -129,7 +129,7 @@ impl Flusher {
                     }
                     None
                 } else {
-                    match shared.config.fsync {
+                    match shared.config.get().fsync {
                         FsyncPolicy::Interval(every)
                             if self.sync.is_none() && state.written.offset > state.synced.offset =>
                         {
@@ -258,7 +258,7 @@ impl Flusher {
             };
             if mark.offset > state.written.offset {
                 state.written = mark;
-                if !shared.config.fsync.is_always() {
+                if !shared.config.get().fsync.is_always() {
                     state.advance_visible(mark);
                 }
             }
@@ -284,7 +284,7 @@ impl Flusher {
             return;
         }
         let due = state.barriers.iter().any(|b| b.sync)
-            || match self.shared.config.fsync {
+            || match self.shared.config.get().fsync {
                 FsyncPolicy::Always => true,
                 FsyncPolicy::Interval(every) => state.last_sync.elapsed() >= every,
                 FsyncPolicy::Never => false,
@@ -326,11 +326,13 @@ impl Flusher {
                         state.synced = mark;
                     }
                     state.last_sync = Instant::now();
-                    if shared.config.fsync.is_always() {
+                    if shared.config.get().fsync.is_always() {
                         state.advance_visible(mark);
                     }
                     state.resolve_barriers();
-                    state.last_checkpoint.is_none_or(|at| at.elapsed() >= shared.config.checkpoint_interval)
+                    state
+                        .last_checkpoint
+                        .is_none_or(|at| at.elapsed() >= shared.config.get().checkpoint_interval)
                 };
                 if checkpoint_due && Rc::ptr_eq(segment, &shared.state.borrow().active.file) {
                     shared.checkpoint_busy.set(true);

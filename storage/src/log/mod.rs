@@ -213,7 +213,8 @@ struct State {
 
 struct Shared {
     dir: PathBuf,
-    config: LogConfig,
+    /// Replaced whole by [`Log::set_config`] (a topic's settings changed); read by value.
+    config: Cell<LogConfig>,
     state: RefCell<State>,
     /// Wakes the flusher: new data, a barrier, closing.
     wake_flusher: Notify,
@@ -540,8 +541,30 @@ impl Log {
         &self.shared.dir
     }
 
-    pub fn config(&self) -> &LogConfig {
-        &self.shared.config
+    /// The settings in force now.
+    pub fn config(&self) -> LogConfig {
+        self.shared.config.get()
+    }
+
+    /// Replaces the settings of an open log (a topic's settings were altered). Taken at once:
+    /// appends check the new `batch_bytes_max`, the next append rolls by the new
+    /// `segment_bytes` / `segment_age_max`, the next retention pass uses the new limits. Stored
+    /// batches stay readable whatever the new limit ([`crate::batch::BATCH_BYTES_LIMIT`] bounds
+    /// reads and recovery). Settings fixed when the log was opened (buffers, fsync policy,
+    /// cache) keep their values; a config that fails [`LogConfig::validate`] changes nothing.
+    pub fn set_config(&self, config: LogConfig) -> std::result::Result<(), &'static str> {
+        config.validate()?;
+        let current = self.shared.config.get();
+        self.shared.config.set(LogConfig {
+            segment_bytes: config.segment_bytes,
+            segment_age_max: config.segment_age_max,
+            retention_age_max: config.retention_age_max,
+            retention_bytes_max: config.retention_bytes_max,
+            batch_bytes_max: config.batch_bytes_max,
+            preallocate_bytes: config.preallocate_bytes,
+            ..current
+        });
+        Ok(())
     }
 
     /// Offset of the first record held (the log start offset).

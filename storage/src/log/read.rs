@@ -46,20 +46,20 @@ impl Log {
                 end: state.visible.offset,
             })?;
             if let Some(index) = sealed.index.clone() {
-                state.touch_loaded(base, shared.config.loaded_indexes_max);
+                state.touch_loaded(base, shared.config.get().loaded_indexes_max);
                 return Ok(index);
             }
             (sealed.file.clone(), sealed.summary.clone())
         };
         let entries = match segment::load_index(&file, summary.log_bytes).await? {
             Ok((_, entries)) => entries,
-            Err(reason) => rebuild_index(&file, &shared.config, &reason).await?.1,
+            Err(reason) => rebuild_index(&file, &shared.config.get(), &reason).await?.1,
         };
         let entries = Rc::new(entries);
         let mut state = shared.state.borrow_mut();
         if let Some(sealed) = state.sealed.get_mut(&base) {
             sealed.index = Some(entries.clone());
-            state.touch_loaded(base, shared.config.loaded_indexes_max);
+            state.touch_loaded(base, shared.config.get().loaded_indexes_max);
         }
         Ok(entries)
     }
@@ -170,7 +170,7 @@ impl Log {
 
     async fn read_once(&self, offset: u64, bytes_max: usize) -> Result<ReadSlice> {
         let shared = &self.shared;
-        let size_max = shared.config.batch_bytes_max;
+        let size_max = batch::BATCH_BYTES_LIMIT;
         let sealed_base = {
             let state = shared.state.borrow();
             let start = state.start_offset();
@@ -294,7 +294,7 @@ impl Log {
         let mut at = 0usize;
         let mut expected = slice.first_offset;
         while at < bytes.len() {
-            let checked = batch::validate(&bytes[at..], self.shared.config.batch_bytes_max)
+            let checked = batch::validate(&bytes[at..], batch::BATCH_BYTES_LIMIT)
                 .map_err(CorruptionKind::Batch)
                 .and_then(|header| {
                     if header.base_offset == expected {
@@ -323,7 +323,7 @@ impl Log {
     /// The first offset whose record timestamp is at or after `timestamp` (Kafka's
     /// ListOffsets by time), or `None` if every visible record is older.
     pub async fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
-        let size_max = self.shared.config.batch_bytes_max;
+        let size_max = batch::BATCH_BYTES_LIMIT;
         let candidates: Vec<(u64, bool)> = {
             let state = self.shared.state.borrow();
             state

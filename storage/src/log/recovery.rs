@@ -186,7 +186,7 @@ impl Log {
             ),
             checkpoint_gate: Semaphore::new(1),
             dir,
-            config,
+            config: Cell::new(config),
             state: RefCell::new(state),
             wake_flusher: Notify::default(),
             progress: Notify::default(),
@@ -200,7 +200,7 @@ impl Log {
         });
         {
             let mut state = shared.state.borrow_mut();
-            let max = shared.config.loaded_indexes_max;
+            let max = shared.config.get().loaded_indexes_max;
             while state.loaded.len() > max {
                 let base = state.loaded.front().copied().expect("non-empty");
                 state.touch_loaded(base, max);
@@ -230,7 +230,8 @@ pub(super) async fn rebuild_index(
     reason: &str,
 ) -> Result<(SegmentSummary, Vec<IndexEntry>)> {
     tracing::warn!(path = %segment.path().display(), reason, "rebuilding the segment index from the log");
-    let outcome = segment::scan(segment, config.index_interval_bytes, config.batch_bytes_max).await?;
+    let outcome =
+        segment::scan(segment, config.index_interval_bytes, crate::batch::BATCH_BYTES_LIMIT).await?;
     if let Some((position, kind)) = outcome.invalid {
         return Err(segment.corruption(position, kind));
     }
@@ -301,7 +302,7 @@ async fn recover_segment(
         }
         Err(error) => return Err(file.corruption(0, CorruptionKind::Format(error))),
     };
-    let outcome = segment::scan(&file, config.index_interval_bytes, config.batch_bytes_max).await?;
+    let outcome = segment::scan(&file, config.index_interval_bytes, crate::batch::BATCH_BYTES_LIMIT).await?;
     let end = outcome.end_position;
     let mut torn = false;
     if let Some((position, kind)) = &outcome.invalid {

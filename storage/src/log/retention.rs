@@ -9,7 +9,7 @@ impl Log {
     /// `retention_age_max`, and then more while the log is larger than `retention_bytes_max`.
     /// The active segment is never deleted.
     pub async fn enforce_retention(&self, now_ms: i64) -> Result<RetentionOutcome> {
-        let config = &self.shared.config;
+        let config = self.shared.config.get();
         self.delete_oldest_sealed("segment deleted by retention", |state| {
             let mut total = state.size_bytes();
             let mut victims = Vec::new();

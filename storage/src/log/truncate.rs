@@ -18,7 +18,7 @@ impl Log {
         // Bytes read ahead may be about to change.
         self.shared.read_ahead.borrow_mut().clear();
         let shared = &self.shared;
-        let size_max = shared.config.batch_bytes_max;
+        let size_max = crate::batch::BATCH_BYTES_LIMIT;
         let _permit = shared.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
         shared.check_usable()?;
         shared.barrier().await?;
@@ -111,7 +111,12 @@ impl Log {
             created_ms,
             max_timestamp,
             index: kept,
-            appender: Appender::new(shared.config.write_buffer_bytes, FREE_BUFFERS_MAX, cut, tail_block),
+            appender: Appender::new(
+                shared.config.get().write_buffer_bytes,
+                FREE_BUFFERS_MAX,
+                cut,
+                tail_block,
+            ),
         };
         state.next_offset = new_next;
         state.written = mark;
@@ -187,7 +192,7 @@ impl Log {
         let mark = Mark { offset: start, position: SEGMENT_HEADER_BYTES, max_timestamp: i64::MIN };
         state.sealed.clear();
         state.loaded.clear();
-        state.active = Active::empty(segment, created_ms, shared.config.write_buffer_bytes);
+        state.active = Active::empty(segment, created_ms, shared.config.get().write_buffer_bytes);
         state.next_offset = start;
         state.written = mark;
         state.synced = mark;
