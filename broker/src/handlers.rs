@@ -439,17 +439,35 @@ async fn read_pass(shard: &Rc<Shard>, slots: &[FetchSlot], max_bytes: u32) -> Ve
         let read = mesh::FetchRead { tp, offset: slot.offset, partition_bytes_max: slot.partition_bytes_max };
         reads.entry((owner != shard.id, owner)).or_default().push((index, read));
     }
-    let mut budget = max_bytes;
-    for ((_, owner), group) in reads {
-        let (indexes, reads): (Vec<usize>, Vec<mesh::FetchRead>) = group.into_iter().unzip();
+    let call = |owner: usize, reads: Vec<mesh::FetchRead>, bytes_max: u32| async move {
         let count = reads.len();
-        let results = match shard.call(owner, mesh::Fetch { reads, bytes_max: budget }).await {
+        match shard.call(owner, mesh::Fetch { reads, bytes_max }).await {
             Ok(results) => results,
             Err(error) => (0..count).map(|_| FetchOutcome::error(error.code())).collect(),
-        };
-        for (index, outcome) in indexes.into_iter().zip(results) {
-            budget = budget.saturating_sub(outcome.records.len() as u32);
-            outcomes[index] = Some(outcome);
+        }
+    };
+    // When the partitions' limits together fit the budget, it cannot bind: every shard reads
+    // its part at once (their disk reads overlap). Otherwise one shard group after another,
+    // each given what is left.
+    let wanted: u64 = slots.iter().map(|s| u64::from(s.partition_bytes_max)).sum();
+    if wanted <= u64::from(max_bytes) {
+        let calls = reads.into_iter().map(|((_, owner), group)| {
+            let (indexes, reads): (Vec<usize>, Vec<mesh::FetchRead>) = group.into_iter().unzip();
+            async move { (indexes, call(owner, reads, max_bytes).await) }
+        });
+        for (indexes, results) in futures::future::join_all(calls).await {
+            for (index, outcome) in indexes.into_iter().zip(results) {
+                outcomes[index] = Some(outcome);
+            }
+        }
+    } else {
+        let mut budget = max_bytes;
+        for ((_, owner), group) in reads {
+            let (indexes, reads): (Vec<usize>, Vec<mesh::FetchRead>) = group.into_iter().unzip();
+            for (index, outcome) in indexes.into_iter().zip(call(owner, reads, budget).await) {
+                budget = budget.saturating_sub(outcome.records.len() as u32);
+                outcomes[index] = Some(outcome);
+            }
         }
     }
     outcomes.into_iter().map(|o| o.expect("every slot answered")).collect()

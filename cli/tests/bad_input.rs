@@ -314,3 +314,62 @@ async fn every_supported_version_is_answered_in_its_own_layout() {
     let described = client.metadata(Some(vec!["versions".into()])).await.unwrap();
     assert_eq!(described.topics[0].partitions[0].isr, vec![0]);
 }
+
+/// A fetch's `max_bytes` is spent partition after partition (those of the connection's shard
+/// first, then in request order): when it binds, the first partition read gets at least one
+/// batch and the ones after it what is left (here nothing); when the partitions' own limits
+/// fit it, every partition (on both shards) is answered in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_spends_its_byte_budget_in_request_order() {
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    Admin::new(client.clone()).create_topic("budget", 4, &[]).await.unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    let mut deliveries = Vec::new();
+    for partition in 0..4u32 {
+        for i in 0..50 {
+            let record =
+                ProducerRecord::new("budget", vec![b'x'; 1000]).partition(partition).key(format!("{i}"));
+            deliveries.push(producer.send(record).await.unwrap());
+        }
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap();
+    }
+    let fetch = |max_bytes: u32, correlation_id: u32| {
+        let partitions = (0..4)
+            .map(|partition| FetchPartition { partition, fetch_offset: 0, partition_bytes_max: 1 << 20 })
+            .collect();
+        Request::<Bytes>::Fetch(FetchRequest {
+            max_wait_ms: 0,
+            min_bytes: 1,
+            max_bytes,
+            topics: vec![TopicData { name: "budget".into(), partitions }],
+        })
+        .to_frame(correlation_id, 0)
+    };
+    let mut stream = connect(&broker);
+    let answered = |stream: &mut TcpStream, frame: BytesMut| -> Vec<(ErrorCode, usize)> {
+        stream.write_all(&frame).unwrap();
+        let (_, body) = read_response(stream).unwrap();
+        let response = FetchResponse::decode(&mut Reader::new(&body)).unwrap();
+        response.topics[0].partitions.iter().map(|p| (p.error, p.records.len())).collect()
+    };
+    // Budget fits (4 x 1 MiB in 8 MiB): every partition in full (50 records of 1000 bytes).
+    let full = answered(&mut stream, fetch(8 << 20, 1));
+    assert_eq!(full.len(), 4);
+    assert!(full.iter().all(|&(error, len)| error == ErrorCode::None && len >= 50_000), "{full:?}");
+    // Budget binds (1 byte): the first partition read still gets a batch; the rest nothing.
+    let tight = answered(&mut stream, fetch(1, 2));
+    assert!(tight.iter().all(|&(error, _)| error == ErrorCode::None), "{tight:?}");
+    assert_eq!(tight.iter().filter(|&&(_, len)| len > 0).count(), 1, "{tight:?}");
+    // In between (1.5 partitions' worth): the total stays within the budget plus one batch.
+    let half = answered(&mut stream, fetch(75_000, 3));
+    let total: usize = half.iter().map(|&(_, len)| len).sum();
+    let largest = full.iter().map(|&(_, len)| len).max().unwrap();
+    assert!(total > 0 && total <= 75_000 + largest, "{half:?}");
+    assert!(
+        half.iter().zip(&full).any(|(h, f)| h.1 < f.1),
+        "some partition gets less than in full: {half:?}"
+    );
+}
