@@ -58,11 +58,25 @@ pub struct Rules {
     pub freeze_below_min_isr: bool,
     /// A follower never truncates below its high watermark.
     pub no_truncation_below_hw: bool,
+    /// A follower finds where its log parted from the leader's by epochs (its fetch carries
+    /// the epoch of its last record; the leader answers with the diverging epoch) and never
+    /// truncates to its high watermark when it starts following (off: the pre-KIP-101 rule,
+    /// truncate to the high watermark on becoming a follower and fetch by offset alone).
+    pub truncate_by_epoch: bool,
+    /// On a diverging epoch, a follower truncates to the smaller of the leader's end of that
+    /// epoch and its own (off: to the leader's end alone, keeping records of a later epoch of
+    /// its own below it; KIP-279).
+    pub own_epoch_end: bool,
 }
 
 impl Rules {
-    pub const ALL: Rules =
-        Rules { durable_counts: true, freeze_below_min_isr: true, no_truncation_below_hw: true };
+    pub const ALL: Rules = Rules {
+        durable_counts: true,
+        freeze_below_min_isr: true,
+        no_truncation_below_hw: true,
+        truncate_by_epoch: true,
+        own_epoch_end: true,
+    };
 }
 
 /// Why a request to the replica is refused.
@@ -328,7 +342,10 @@ impl ReplicaState {
     /// fetched epoch, durable offset.
     pub fn next_fetch(&self) -> Option<(LeaderEpoch, Offset, Option<LeaderEpoch>, Offset)> {
         match &self.role {
-            Role::Follower { epoch, .. } => Some((*epoch, self.log_end, self.epochs.latest(), self.durable)),
+            Role::Follower { epoch, .. } => {
+                let last = if self.config.rules.truncate_by_epoch { self.epochs.latest() } else { None };
+                Some((*epoch, self.log_end, last, self.durable))
+            }
             _ => None,
         }
     }
@@ -368,6 +385,14 @@ impl ReplicaState {
             Event::BecomeFollower { leader, epoch } => {
                 self.fail_waiting(ReplicaError::NotLeader, &mut out);
                 self.role = Role::Follower { leader, epoch, leader_high_watermark: self.high_watermark };
+                if !self.config.rules.truncate_by_epoch && self.high_watermark < self.log_end {
+                    // The pre-KIP-101 rule, for scenarios only: whatever is above the high
+                    // watermark is assumed not committed and dropped.
+                    self.log_end = self.high_watermark;
+                    self.durable = self.durable.min(self.log_end);
+                    self.epochs.truncate_from_end(self.log_end);
+                    out.push(Command::Truncate { offset: self.log_end });
+                }
                 out.push(Command::FetchFrom { leader, epoch });
             }
             Event::Offline { .. } => {
@@ -426,6 +451,7 @@ impl ReplicaState {
                     // Never below what this replica has exposed (I7).
                     let floor =
                         if self.config.rules.no_truncation_below_hw { self.high_watermark } else { 0 };
+                    let own_end = if self.config.rules.own_epoch_end { own_end } else { end };
                     let to = end.min(own_end).max(floor).min(self.log_end);
                     if to < self.log_end {
                         self.log_end = to;

@@ -53,3 +53,11 @@ fn letting_the_high_watermark_move_below_min_isr_loses_acknowledged_records() {
     let broken = reports.iter().filter(|(_, r)| !r.violations.is_empty()).count();
     assert!(broken > 0, "no seed found the loss the min-ISR rule prevents");
 }
+
+#[test]
+fn truncating_to_the_high_watermark_instead_of_by_epoch_breaks_invariants() {
+    let rules = Rules { truncate_by_epoch: false, ..Rules::ALL };
+    let (reports, _) = seeds(100, rules);
+    let broken = reports.iter().filter(|(_, r)| !r.violations.is_empty()).count();
+    assert!(broken > 0, "no seed found what the KIP-101 rule prevents");
+}

@@ -1,0 +1,402 @@
+//! The known replication bugs of Kafka-like systems, each replayed step by step against the
+//! real [`ReplicaState`]s of a few replicas, once with every rule on (nothing acknowledged is
+//! lost, the replicas' logs agree) and once with the rule that closes it switched off (the
+//! scenario must then find the loss or the divergence: a scenario that passes without its rule
+//! proves nothing).
+//!
+//! The harness plays log, disk and controller: each replica has a log of records, each record
+//! its leader epoch and a unique value; a crash keeps only what was made durable; elections and
+//! ISR changes are decided by the scenario (the controller's election rules have their own
+//! tests in `controller::cluster`). Fetches are delivered at once, or lost when the scenario
+//! says so.
+
+use std::collections::BTreeMap;
+
+use skein_net::types::{LeaderEpoch, NodeId, Offset, PartitionEpoch};
+use skein_replication::partition::{
+    Command, EpochCache, Event, FetchAnswer, ReplicaConfig, ReplicaState, Rules,
+};
+
+const A: NodeId = NodeId(1);
+const B: NodeId = NodeId(2);
+const C: NodeId = NodeId(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record {
+    epoch: LeaderEpoch,
+    value: u64,
+}
+
+struct Node {
+    replica: ReplicaState,
+    log: Vec<Record>,
+    /// Records `[0, durable)` survive a crash.
+    durable: usize,
+}
+
+struct Scenario {
+    config: ReplicaConfig,
+    nodes: BTreeMap<NodeId, Node>,
+    /// (offset, record) of every acknowledged `acks=all` produce.
+    acked: Vec<(Offset, Record)>,
+    /// Produces waiting for their ack: id → (offset, record) of each record.
+    waiting: BTreeMap<u64, Vec<(Offset, Record)>>,
+    next_value: u64,
+    next_ack: u64,
+    partition_epoch: u32,
+    now: u64,
+}
+
+impl Scenario {
+    fn new(rules: Rules, min_insync: usize, nodes: &[NodeId]) -> Scenario {
+        let config = ReplicaConfig { min_insync, lag_time_max_ms: 1_000, rules };
+        let nodes = nodes
+            .iter()
+            .map(|&id| {
+                let replica = ReplicaState::new(id, config, 0, 0, 0, EpochCache::new(Vec::new()), 0);
+                (id, Node { replica, log: Vec::new(), durable: 0 })
+            })
+            .collect();
+        Scenario {
+            config,
+            nodes,
+            acked: Vec::new(),
+            waiting: BTreeMap::new(),
+            next_value: 0,
+            next_ack: 0,
+            partition_epoch: 0,
+            now: 0,
+        }
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut Node {
+        self.nodes.get_mut(&id).expect("a node of the scenario")
+    }
+
+    /// Feeds an event to a node's replica and carries out what it asks.
+    fn on(&mut self, id: NodeId, event: Event) {
+        let now = self.now;
+        let commands = self.node(id).replica.on(event, now);
+        for command in commands {
+            match command {
+                Command::Truncate { offset } => {
+                    let node = self.node(id);
+                    node.log.truncate(offset as usize);
+                    node.durable = node.durable.min(offset as usize);
+                }
+                Command::AckResolved { id } => {
+                    let records = self.waiting.remove(&id).expect("a waiting produce");
+                    self.acked.extend(records);
+                }
+                Command::AckFailed { id, .. } => {
+                    self.waiting.remove(&id);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The controller makes `leader` the leader at `epoch` with `isr`; every other replica
+    /// that is up follows it.
+    fn elect(&mut self, leader: NodeId, epoch: u32, isr: &[NodeId], up: &[NodeId]) {
+        self.partition_epoch += 1;
+        let replicas: Vec<NodeId> = self.nodes.keys().copied().collect();
+        self.on(
+            leader,
+            Event::BecomeLeader {
+                epoch: LeaderEpoch(epoch),
+                partition_epoch: PartitionEpoch(self.partition_epoch),
+                replicas,
+                isr: isr.to_vec(),
+            },
+        );
+        for &follower in up.iter().filter(|&&n| n != leader) {
+            self.on(follower, Event::BecomeFollower { leader, epoch: LeaderEpoch(epoch) });
+        }
+    }
+
+    /// The controller commits a new ISR (the leader proposed it, or the scenario says so).
+    fn commit_isr(&mut self, leader: NodeId, isr: &[NodeId]) {
+        self.partition_epoch += 1;
+        let partition_epoch = PartitionEpoch(self.partition_epoch);
+        self.on(leader, Event::IsrCommitted { isr: isr.to_vec(), partition_epoch });
+    }
+
+    /// The leader appends `count` records of its epoch (an `acks=all` produce, if the replica
+    /// accepts it) and writes them durably.
+    fn produce(&mut self, leader: NodeId, count: usize) {
+        if self.node(leader).replica.check_acks_all().is_err() {
+            return;
+        }
+        let epoch = self.node(leader).replica.leader_epoch().expect("produce to a leader");
+        let start = self.node(leader).log.len();
+        let mut records = Vec::new();
+        for i in 0..count {
+            let record = Record { epoch, value: self.next_value };
+            self.next_value += 1;
+            self.node(leader).log.push(record);
+            records.push(((start + i) as Offset, record));
+        }
+        let end = self.node(leader).log.len() as Offset;
+        self.on(leader, Event::Appended { end, epoch });
+        self.sync(leader);
+        let id = self.next_ack;
+        self.next_ack += 1;
+        self.waiting.insert(id, records);
+        self.on(leader, Event::AwaitAck { id, end, deadline_ms: u64::MAX });
+    }
+
+    /// Everything the node holds becomes durable.
+    fn sync(&mut self, id: NodeId) {
+        let node = self.node(id);
+        node.durable = node.log.len();
+        let offset = node.durable as Offset;
+        self.on(id, Event::Durable { offset });
+    }
+
+    /// One fetch of `follower` from `leader`; the answer is lost when `answered` is false.
+    fn fetch(&mut self, follower: NodeId, leader: NodeId, answered: bool) {
+        let Some((epoch, offset, last, durable)) = self.node(follower).replica.next_fetch() else {
+            return;
+        };
+        let now = self.now;
+        let event = Event::FollowerFetch {
+            from: follower,
+            current_leader_epoch: epoch,
+            fetch_offset: offset,
+            last_fetched_epoch: last,
+            durable,
+        };
+        let commands = self.node(leader).replica.on(event, now);
+        let mut answer = None;
+        for command in commands {
+            match command {
+                Command::AnswerFetch { to, answer: a } if to == follower => answer = Some(a),
+                Command::AckResolved { id } => {
+                    let records = self.waiting.remove(&id).expect("a waiting produce");
+                    self.acked.extend(records);
+                }
+                _ => {}
+            }
+        }
+        if !answered {
+            return;
+        }
+        match answer.expect("the leader answers a fetch") {
+            FetchAnswer::Records { from, to, high_watermark } => {
+                let records: Vec<Record> = self.node(leader).log[from as usize..to as usize].to_vec();
+                let node = self.node(follower);
+                node.log.truncate(from as usize);
+                node.log.extend_from_slice(&records);
+                // One Appended per run of records of the same epoch.
+                let mut at = from as usize;
+                while at < to as usize {
+                    let epoch = records[at - from as usize].epoch;
+                    let mut end = at;
+                    while end < to as usize && records[end - from as usize].epoch == epoch {
+                        end += 1;
+                    }
+                    self.on(follower, Event::Appended { end: end as Offset, epoch });
+                    at = end;
+                }
+                self.on(follower, Event::LeaderHighWatermark { high_watermark });
+            }
+            FetchAnswer::Diverging { epoch, end } => self.on(follower, Event::Diverged { epoch, end }),
+            FetchAnswer::Refused(_) => {}
+        }
+    }
+
+    /// Fetches with answers until the follower stops moving (at most `rounds`).
+    fn catch_up(&mut self, follower: NodeId, leader: NodeId, rounds: usize) {
+        for _ in 0..rounds {
+            let before = (self.node(follower).log.clone(), self.node(follower).replica.high_watermark());
+            self.fetch(follower, leader, true);
+            self.sync(follower);
+            if (self.node(follower).log.clone(), self.node(follower).replica.high_watermark()) == before {
+                return;
+            }
+        }
+    }
+
+    /// The node crashes and restarts: its log keeps what was durable; its replica is rebuilt
+    /// from the log (epochs from the records, as the leader-epoch checkpoint would give) with
+    /// the high watermark it had checkpointed.
+    fn crash(&mut self, id: NodeId) {
+        let config = self.config;
+        let node = self.node(id);
+        node.log.truncate(node.durable);
+        let mut epochs = EpochCache::new(Vec::new());
+        for (offset, record) in node.log.iter().enumerate() {
+            epochs.assign(record.epoch, offset as Offset);
+        }
+        let end = node.log.len() as Offset;
+        let high_watermark = node.replica.high_watermark();
+        node.replica = ReplicaState::new(id, config, 0, end, end, epochs, high_watermark);
+    }
+
+    /// The node's disk is gone for good (it never comes back).
+    fn destroy(&mut self, id: NodeId) {
+        self.nodes.remove(&id);
+    }
+
+    /// Every acknowledged record is in `leader`'s log at its offset, and every replica agrees
+    /// with the leader's log over what they both hold.
+    fn check(&self, leader: NodeId) -> Result<(), String> {
+        let leading = &self.nodes[&leader].log;
+        for (offset, record) in &self.acked {
+            if leading.get(*offset as usize) != Some(record) {
+                return Err(format!(
+                    "acknowledged record {record:?} at offset {offset} is not in the leader's log \
+                     (it holds {:?})",
+                    leading.get(*offset as usize)
+                ));
+            }
+        }
+        for (id, node) in &self.nodes {
+            let common = node.log.len().min(leading.len());
+            if let Some(offset) = (0..common).find(|&o| node.log[o] != leading[o]) {
+                return Err(format!(
+                    "replica {id:?} diverged from the leader at offset {offset}: {:?} against {:?}",
+                    node.log[offset], leading[offset]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// KIP-101 case 1: a follower that truncates to its high watermark when it restarts, then
+/// becomes leader, loses records the old leader acknowledged (its high watermark lagged the
+/// leader's by one fetch). With epochs it keeps them: nothing is truncated without the leader's
+/// word.
+fn kip_101_truncation_to_the_high_watermark(rules: Rules) -> Result<(), String> {
+    let mut s = Scenario::new(rules, 2, &[A, B]);
+    s.elect(A, 1, &[A, B], &[A, B]);
+    s.produce(A, 2);
+    // B fetches both records and makes them durable; its next fetch moves the leader's high
+    // watermark (and acknowledges them) but the answer, with the new high watermark, is lost.
+    s.fetch(B, A, true);
+    s.sync(B);
+    s.fetch(B, A, false);
+    assert_eq!(s.acked.len(), 2, "the set-up acknowledges both records");
+    assert_eq!(s.node(B).replica.high_watermark(), 0, "B has not learnt the high watermark");
+    // B restarts and follows A again; then A dies for good and B is elected.
+    s.crash(B);
+    s.elect(A, 1, &[A, B], &[A, B]);
+    s.destroy(A);
+    s.elect(B, 2, &[B], &[B]);
+    s.check(B)
+}
+
+/// KIP-279: a follower that led an epoch of its own (records no one else got) and then learns
+/// the new leader's end of the epoch before must cut at the smaller of both ends; cutting at
+/// the leader's end alone keeps records of its own epoch where the leader has others, and the
+/// two logs stay apart.
+fn kip_279_truncation_to_the_smaller_end(rules: Rules) -> Result<(), String> {
+    let mut s = Scenario::new(rules, 1, &[A, B, C]);
+    s.elect(A, 1, &[A, B, C], &[A, B, C]);
+    s.produce(A, 4);
+    s.catch_up(B, A, 3);
+    s.catch_up(C, A, 3);
+    // A writes two more records of epoch 1 that only C fetches.
+    s.produce(A, 2);
+    s.fetch(C, A, true);
+    s.sync(C);
+    // A is gone; B leads epoch 2 and writes three records nobody fetches, then crashes.
+    s.destroy(A);
+    s.elect(B, 2, &[B, C], &[B]);
+    s.produce(B, 3);
+    s.crash(B);
+    // C leads epoch 3 and writes; B comes back as C's follower.
+    s.elect(C, 3, &[C], &[C, B]);
+    s.produce(C, 3);
+    s.catch_up(B, C, 6);
+    s.check(C)?;
+    // And B caught up: the same log as its leader's, not just no disagreement so far.
+    let (follower, leader) = (&s.nodes[&B].log, &s.nodes[&C].log);
+    if follower != leader {
+        return Err(format!("B holds {} records, C {}", follower.len(), leader.len()));
+    }
+    Ok(())
+}
+
+/// KIP-966 "last replica standing": the ISR shrinks to the leader alone while a produce waits;
+/// if the high watermark moved with an ISR below min.insync.replicas, the produce would be
+/// acknowledged on one copy, and that copy's loss loses it: the replica elected next (from the
+/// ELR) never had it.
+fn kip_966_last_replica_standing(rules: Rules) -> Result<(), String> {
+    let mut s = Scenario::new(rules, 2, &[A, B, C]);
+    s.elect(A, 1, &[A, B, C], &[A, B, C]);
+    s.produce(A, 3);
+    s.catch_up(B, A, 3);
+    s.catch_up(C, A, 3);
+    assert_eq!(s.acked.len(), 3, "the set-up acknowledges the first records");
+    // B and C stop fetching; a produce is appended, then the controller shrinks the ISR to A.
+    s.produce(A, 2);
+    s.commit_isr(A, &[A]);
+    // A's disk is lost; B, in the ELR, is elected.
+    s.destroy(A);
+    s.elect(B, 2, &[B, C], &[B, C]);
+    s.check(B)
+}
+
+/// Jepsen's 2013 Kafka analysis and lazy-fsync losses: followers that fetched records but
+/// did not make them durable must not count toward the high watermark, or a crash of the
+/// followers after the leader's loss takes back acknowledged records.
+fn durable_offsets_count_not_fetched_ones(rules: Rules) -> Result<(), String> {
+    let mut s = Scenario::new(rules, 2, &[A, B, C]);
+    s.elect(A, 1, &[A, B, C], &[A, B, C]);
+    s.produce(A, 3);
+    // B and C fetch twice (the second fetch reports the first one's offset) but sync nothing.
+    for _ in 0..2 {
+        s.fetch(B, A, true);
+        s.fetch(C, A, true);
+    }
+    s.destroy(A);
+    s.crash(B);
+    s.crash(C);
+    s.elect(B, 2, &[B, C], &[B, C]);
+    s.check(B)
+}
+
+type Check = fn(Rules) -> Result<(), String>;
+
+fn every_scenario() -> Vec<(&'static str, Check, Rules)> {
+    vec![
+        (
+            "KIP-101 case 1",
+            kip_101_truncation_to_the_high_watermark as Check,
+            Rules { truncate_by_epoch: false, ..Rules::ALL },
+        ),
+        ("KIP-279", kip_279_truncation_to_the_smaller_end, Rules { own_epoch_end: false, ..Rules::ALL }),
+        (
+            "KIP-966 last replica standing",
+            kip_966_last_replica_standing,
+            Rules { freeze_below_min_isr: false, ..Rules::ALL },
+        ),
+        (
+            "durable offsets (Jepsen 2013)",
+            durable_offsets_count_not_fetched_ones,
+            Rules { durable_counts: false, ..Rules::ALL },
+        ),
+    ]
+}
+
+#[test]
+fn with_every_rule_on_no_scenario_loses_or_diverges() {
+    for (name, scenario, _) in every_scenario() {
+        if let Err(problem) = scenario(Rules::ALL) {
+            panic!("{name} with every rule on: {problem}");
+        }
+    }
+}
+
+#[test]
+fn each_scenario_finds_its_bug_when_its_rule_is_off() {
+    for (name, scenario, without) in every_scenario() {
+        match scenario(without) {
+            Ok(()) => panic!("{name} passed with its rule off ({without:?}): it shows nothing"),
+            Err(problem) => eprintln!("{name}, rule off: {problem}"),
+        }
+    }
+}
