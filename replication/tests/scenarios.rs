@@ -44,6 +44,8 @@ struct Scenario {
     next_value: u64,
     next_ack: u64,
     partition_epoch: u32,
+    /// The leader epoch the controller elected last.
+    leader_epoch: u32,
     now: u64,
 }
 
@@ -65,6 +67,7 @@ impl Scenario {
             next_value: 0,
             next_ack: 0,
             partition_epoch: 0,
+            leader_epoch: 0,
             now: 0,
         }
     }
@@ -91,6 +94,15 @@ impl Scenario {
                 Command::AckFailed { id, .. } => {
                     self.waiting.remove(&id);
                 }
+                // The controller: a proposal from a leader of an older epoch is refused (the
+                // check `controller::cluster` makes first); a current one is committed.
+                Command::ProposeIsr { isr, leader_epoch, .. } => {
+                    if leader_epoch.0 < self.leader_epoch {
+                        self.on(id, Event::IsrRejected);
+                    } else {
+                        self.commit_isr(id, &isr);
+                    }
+                }
                 _ => {}
             }
         }
@@ -100,6 +112,7 @@ impl Scenario {
     /// that is up follows it.
     fn elect(&mut self, leader: NodeId, epoch: u32, isr: &[NodeId], up: &[NodeId]) {
         self.partition_epoch += 1;
+        self.leader_epoch = epoch;
         let replicas: Vec<NodeId> = self.nodes.keys().copied().collect();
         self.on(
             leader,
@@ -359,6 +372,45 @@ fn durable_offsets_count_not_fetched_ones(rules: Rules) -> Result<(), String> {
     s.check(B)
 }
 
+/// A zombie leader: paused past its session, it lost the partition to a new leader, resumes
+/// without knowing it and takes a produce from a client with stale metadata. Its followers
+/// now fetch from the new leader, so it proposes to shrink the ISR to itself; the controller
+/// refuses a proposal of an old epoch, and nothing is acknowledged. A leader that shrank the
+/// ISR on its own word (min.insync.replicas 1, Kafka's default) would acknowledge the produce
+/// alone, and the new leader never has it.
+fn zombie_leader_after_a_pause(rules: Rules) -> Result<(), String> {
+    let mut s = Scenario::new(rules, 1, &[A, B, C]);
+    s.elect(A, 1, &[A, B, C], &[A, B, C]);
+    s.produce(A, 3);
+    s.catch_up(B, A, 3);
+    s.catch_up(C, A, 3);
+    assert_eq!(s.acked.len(), 3, "the set-up acknowledges the first records");
+    // A pauses; the controller elects B; C follows B. A is not told (it was paused).
+    s.partition_epoch += 1;
+    s.leader_epoch = 2;
+    let epoch = PartitionEpoch(s.partition_epoch);
+    s.on(
+        B,
+        Event::BecomeLeader {
+            epoch: LeaderEpoch(2),
+            partition_epoch: epoch,
+            replicas: vec![A, B, C],
+            isr: vec![B, C],
+        },
+    );
+    s.on(C, Event::BecomeFollower { leader: B, epoch: LeaderEpoch(2) });
+    s.produce(B, 2);
+    s.catch_up(C, B, 3);
+    // A resumes: a stale client produces to it, and its followers stay silent past the lag.
+    s.produce(A, 2);
+    s.now += 5_000;
+    s.on(A, Event::Tick);
+    // The metadata reaches A at last: it follows B and drops what it wrote as a zombie.
+    s.on(A, Event::BecomeFollower { leader: B, epoch: LeaderEpoch(2) });
+    s.catch_up(A, B, 4);
+    s.check(B)
+}
+
 type Check = fn(Rules) -> Result<(), String>;
 
 fn every_scenario() -> Vec<(&'static str, Check, Rules)> {
@@ -373,6 +425,11 @@ fn every_scenario() -> Vec<(&'static str, Check, Rules)> {
             "KIP-966 last replica standing",
             kip_966_last_replica_standing,
             Rules { freeze_below_min_isr: false, ..Rules::ALL },
+        ),
+        (
+            "zombie leader after a pause",
+            zombie_leader_after_a_pause,
+            Rules { isr_via_controller: false, ..Rules::ALL },
         ),
         (
             "durable offsets (Jepsen 2013)",

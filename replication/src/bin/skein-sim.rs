@@ -5,7 +5,8 @@
 //! ```
 //! `SKEIN_SIM_TRACE=1` prints every metadata notification and high-watermark move of the run
 //! on stderr (use it with `--seed`). `--without-rule` switches one rule of the replica off (`durable-counts`,
-//! `freeze-below-min-isr`, `no-truncation-below-hw`, `truncate-by-epoch`, `own-epoch-end`) to see what the seeds then find.
+//! `freeze-below-min-isr`, `no-truncation-below-hw`, `truncate-by-epoch`, `own-epoch-end`,
+//! `isr-via-controller`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is
 //! printed with its broken invariants (the first few, with the simulated time); the last line
@@ -35,6 +36,7 @@ fn main() {
                 Some("no-truncation-below-hw") => rules.no_truncation_below_hw = false,
                 Some("truncate-by-epoch") => rules.truncate_by_epoch = false,
                 Some("own-epoch-end") => rules.own_epoch_end = false,
+                Some("isr-via-controller") => rules.isr_via_controller = false,
                 other => fail(&format!("--without-rule: unknown rule {other:?}")),
             },
             "-h" | "--help" => {

@@ -67,6 +67,10 @@ pub struct Rules {
     /// epoch and its own (off: to the leader's end alone, keeping records of a later epoch of
     /// its own below it; KIP-279).
     pub own_epoch_end: bool,
+    /// The leader proposes ISR changes to the controller and waits for the committed change
+    /// (off: it applies its own shrink at once, so a zombie leader that lost its followers to
+    /// a new leader shrinks the ISR to itself and acknowledges alone).
+    pub isr_via_controller: bool,
 }
 
 impl Rules {
@@ -76,6 +80,7 @@ impl Rules {
         no_truncation_below_hw: true,
         truncate_by_epoch: true,
         own_epoch_end: true,
+        isr_via_controller: true,
     };
 }
 
@@ -640,6 +645,12 @@ impl ReplicaState {
                 });
                 // The maximal ISR keeps the members being removed until the change commits.
                 leading.proposed = Some(leading.isr.clone());
+                if !self.config.rules.isr_via_controller {
+                    // For scenarios only: the pre-controller rule, the leader's word is final.
+                    leading.isr = isr;
+                    leading.proposed = None;
+                    self.advance_high_watermark(out);
+                }
             }
         }
     }
