@@ -63,6 +63,7 @@ pub mod metrics;
 mod oneshot;
 pub mod preflight;
 pub mod producers;
+pub mod quic;
 pub mod reconcile;
 pub mod router;
 pub mod sendfile;

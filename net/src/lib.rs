@@ -15,6 +15,7 @@ pub mod error;
 pub mod frame;
 pub mod groups;
 pub mod messages;
+pub mod quic;
 pub mod request;
 pub mod types;
 pub mod wire;

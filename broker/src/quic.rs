@@ -1,0 +1,252 @@
+//! QUIC on every shard, part 1: datagram steering and the connection ids that drive it
+//! (DESIGN-CLUSTER.md §8; the id layout and the rule are in [`skein_net::quic`]).
+//!
+//! * [`SteeredGroup::bind`]: on the main thread, one UDP socket per shard in one `SO_REUSEPORT`
+//!   group on the same address, with a classic BPF program ([`steering_program`]) attached to
+//!   the group (`SO_ATTACH_REUSEPORT_CBPF`) that returns, for each datagram, the byte at the
+//!   start of its destination connection id mod the shard count: the index of the socket in
+//!   the group, i.e. the shard. Socket `k` is handed to shard `k`. The sockets live until the
+//!   broker exits, so the group never renumbers (closing one would move the last into its
+//!   place).
+//! * [`ShardCids`]: shard `k`'s quinn connection-id generator. It issues 8-byte ids whose first
+//!   byte is `k` mod the shard count and `validate`s only those, so a datagram that reaches the
+//!   wrong shard (a stray, or a forged id) is dropped by quinn, never answered with a stateless
+//!   reset that would kill a connection served elsewhere.
+//!
+//! Still to come (issue 15): the quinn endpoints on the shards, TLS, the frames on streams,
+//! the client's transport and the benchmarks.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Classic BPF opcodes (linux/filter.h).
+const BPF_LD_B_ABS: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS: A = packet[k]
+const BPF_JSET_K: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K: if A & k jump jt else jf
+const BPF_JA: u16 = 0x05; // BPF_JMP | BPF_JA: skip k
+const BPF_MOD_K: u16 = 0x94; // BPF_ALU | BPF_MOD | BPF_K: A %= k
+const BPF_RET_A: u16 = 0x16; // BPF_RET | BPF_A: return A
+
+/// The steering program for `shards` sockets. For a reuseport group the kernel runs it on the
+/// UDP payload (the QUIC datagram) and uses the returned value as the index of the socket; a
+/// load past the end of a short datagram ends the program with 0 (socket 0).
+///
+/// ```text
+/// 0: A = datagram[0]                    first byte
+/// 1: if A & 0x80 goto 2 else goto 4     long or short header
+/// 2: A = datagram[6]                    long: DCID after flags, version, DCID length
+/// 3: goto 5
+/// 4: A = datagram[1]                    short: DCID after the flags
+/// 5: A = A mod shards
+/// 6: return A
+/// ```
+pub fn steering_program(shards: usize) -> Vec<libc::sock_filter> {
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    vec![
+        op(BPF_LD_B_ABS, 0, 0, 0),
+        op(BPF_JSET_K, 0, 2, 0x80),
+        op(BPF_LD_B_ABS, 0, 0, 6),
+        op(BPF_JA, 0, 0, 1),
+        op(BPF_LD_B_ABS, 0, 0, 1),
+        op(BPF_MOD_K, 0, 0, shards as u32),
+        op(BPF_RET_A, 0, 0, 0),
+    ]
+}
+
+/// One UDP socket per shard, in one steered `SO_REUSEPORT` group.
+#[derive(Debug)]
+pub struct SteeredGroup {
+    /// Socket `k` serves shard `k`.
+    pub sockets: Vec<UdpSocket>,
+    pub addr: SocketAddr,
+}
+
+impl SteeredGroup {
+    /// Binds `shards` sockets to `addr` (port 0: one picked for all) and attaches the steering
+    /// program. Sockets are blocking; shards set what they need.
+    pub fn bind(addr: SocketAddr, shards: usize) -> io::Result<SteeredGroup> {
+        if shards == 0 || shards > 256 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{shards} shards: 1 to 256")));
+        }
+        let mut sockets = Vec::with_capacity(shards);
+        let mut bound = addr;
+        for index in 0..shards {
+            let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+            socket.set_reuse_port(true)?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(true)?;
+            }
+            socket.bind(&bound.into())?;
+            if index == 0 {
+                bound = socket.local_addr()?.as_socket().expect("an IP socket");
+                attach_steering(&socket, shards)?;
+            }
+            sockets.push(UdpSocket::from(socket));
+        }
+        Ok(SteeredGroup { sockets, addr: bound })
+    }
+}
+
+/// Attaches the steering program to the group `socket` belongs to.
+fn attach_steering(socket: &Socket, shards: usize) -> io::Result<()> {
+    let mut program = steering_program(shards);
+    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
+    // SAFETY: `fprog` points at `program`, alive for the call; the kernel copies it.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        let error = io::Error::last_os_error();
+        return Err(io::Error::new(error.kind(), format!("attaching the QUIC steering program: {error}")));
+    }
+    Ok(())
+}
+
+/// Shard `shard`'s connection ids (quinn's generator): 8 bytes, the first naming the shard
+/// ([`skein_net::quic::cid_first_byte`]), the rest random.
+#[derive(Debug)]
+pub struct ShardCids {
+    shard: usize,
+    shards: usize,
+    lifetime: Option<Duration>,
+}
+
+impl ShardCids {
+    pub fn new(shard: usize, shards: usize) -> ShardCids {
+        assert!(shard < shards && shards <= 256, "shard {shard} of {shards}");
+        ShardCids { shard, shards, lifetime: None }
+    }
+}
+
+impl quinn_proto::ConnectionIdGenerator for ShardCids {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        let mut bytes = [0u8; skein_net::quic::CID_BYTES];
+        fill_random(&mut bytes);
+        let cid = skein_net::quic::steering_dcid(self.shard, self.shards, bytes);
+        quinn_proto::ConnectionId::new(&cid)
+    }
+
+    fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        if skein_net::quic::cid_names_shard(cid, self.shard, self.shards) {
+            Ok(())
+        } else {
+            Err(quinn_proto::InvalidCid)
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        skein_net::quic::CID_BYTES
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        self.lifetime
+    }
+}
+
+/// Random bytes from the kernel (`getrandom(2)`): connection ids must not let an observer link
+/// them to each other.
+fn fill_random(bytes: &mut [u8]) {
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: writes at most the remaining length into the buffer.
+        let n = unsafe { libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            panic!("getrandom failed: {}", io::Error::last_os_error());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn_proto::ConnectionIdGenerator;
+
+    /// Every datagram sent to the group, long header or short, lands on the socket its DCID
+    /// names, whatever its source port; one too short to hold a DCID lands on socket 0.
+    #[test]
+    fn datagrams_land_on_the_socket_their_connection_id_names() {
+        let shards = 4;
+        let group = SteeredGroup::bind("127.0.0.1:0".parse().unwrap(), shards).unwrap();
+        for socket in &group.sockets {
+            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        }
+        // Several senders (source ports): steering must not depend on the 4-tuple.
+        let senders: Vec<UdpSocket> = (0..3).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let mut expected: Vec<Vec<Vec<u8>>> = vec![Vec::new(); shards];
+        let mut sent = 0u8;
+        for (shard, expected) in expected.iter_mut().enumerate() {
+            for noise in [0u8, 9, 200, 255] {
+                let cid = skein_net::quic::steering_dcid(shard, shards, [noise; 8]);
+                let mut long = vec![0xc0, 0, 0, 0, 1, 8];
+                long.extend_from_slice(&cid);
+                long.push(sent);
+                let mut short = vec![0x41];
+                short.extend_from_slice(&cid);
+                short.push(sent);
+                for datagram in [long, short] {
+                    assert_eq!(skein_net::quic::steered_shard(&datagram, shards), shard);
+                    senders[usize::from(sent) % senders.len()].send_to(&datagram, group.addr).unwrap();
+                    expected.push(datagram);
+                    sent += 1;
+                }
+            }
+        }
+        // Too short to hold a DCID byte: socket 0.
+        for datagram in [vec![0x40], vec![0xc0, 0, 0, 0, 1]] {
+            senders[0].send_to(&datagram, group.addr).unwrap();
+            expected[0].push(datagram);
+        }
+        for (shard, socket) in group.sockets.iter().enumerate() {
+            let mut received = Vec::new();
+            let mut buffer = [0u8; 64];
+            for _ in 0..expected[shard].len() {
+                let (n, _) = socket.recv_from(&mut buffer).expect("a datagram for this shard");
+                received.push(buffer[..n].to_vec());
+            }
+            received.sort();
+            let mut wanted = expected[shard].clone();
+            wanted.sort();
+            assert_eq!(received, wanted, "shard {shard}");
+            // And nothing more.
+            socket.set_nonblocking(true).unwrap();
+            assert!(socket.recv_from(&mut buffer).is_err(), "shard {shard} got a datagram of another");
+        }
+    }
+
+    #[test]
+    fn a_shard_issues_and_accepts_only_its_own_connection_ids() {
+        let shards = 3;
+        let mut generators: Vec<ShardCids> = (0..shards).map(|k| ShardCids::new(k, shards)).collect();
+        for shard in 0..shards {
+            let cids: Vec<quinn_proto::ConnectionId> =
+                (0..200).map(|_| generators[shard].generate_cid()).collect();
+            let distinct: std::collections::BTreeSet<Vec<u8>> = cids.iter().map(|c| c.to_vec()).collect();
+            assert_eq!(distinct.len(), cids.len(), "random ids");
+            for cid in &cids {
+                assert_eq!(cid.len(), 8);
+                assert_eq!(usize::from(cid[0]) % shards, shard);
+                for (other, generator) in generators.iter().enumerate() {
+                    assert_eq!(generator.validate(cid).is_ok(), other == shard, "shard {other} on {cid:?}");
+                }
+            }
+        }
+        assert!(generators[0].validate(&quinn_proto::ConnectionId::new(&[0; 5])).is_err());
+    }
+
+    #[test]
+    fn the_group_refuses_impossible_shard_counts() {
+        assert!(SteeredGroup::bind("127.0.0.1:0".parse().unwrap(), 0).is_err());
+        assert!(SteeredGroup::bind("127.0.0.1:0".parse().unwrap(), 257).is_err());
+    }
+}
