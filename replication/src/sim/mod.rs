@@ -195,7 +195,11 @@ pub fn run(config: SimConfig) -> SimReport {
 
 impl Sim {
     fn new(config: SimConfig) -> Sim {
-        let mut cluster = Cluster::new(ControllerConfig { session_timeout_ms: 200, min_insync: 2 });
+        let mut cluster = Cluster::new(ControllerConfig {
+            session_timeout_ms: 200,
+            min_insync: 2,
+            ..ControllerConfig::default()
+        });
         let nodes = NODES
             .iter()
             .map(|&id| {
