@@ -21,13 +21,13 @@
 //!   `ReplicaState` and controller rules, a simulated clock, network and disk, seeded faults)
 //!   that checks the design's invariants after every step; `skein-sim` runs it over many seeds.
 //!
-//! `tests/scenarios.rs` replays the published replication bugs (KIP-101 case 1, KIP-279,
+//! `tests/scenarios.rs` replays the published replication bugs (KIP-101 cases 1 and 2, KIP-279,
 //! KIP-966, a zombie leader after a pause, Jepsen 2013, an ISR expansion during a leader
 //! change) step by step; each must lose or diverge with its rule switched off
 //! ([`partition::Rules`]) and not with every rule on.
 //!
 //! Still to come (issue 14): Raft and its lossy metadata inside the simulator, more partitions,
-//! the KIP-101 case 2 scenario, and the broker shells that run the cores over the network.
+//! and the broker shells that run the cores over the network.
 
 pub mod controller;
 pub mod metadata;

@@ -265,6 +265,12 @@ impl Scenario {
                 ));
             }
         }
+        self.agree(leader)
+    }
+
+    /// Every replica agrees with `leader`'s log over what they both hold.
+    fn agree(&self, leader: NodeId) -> Result<(), String> {
+        let leading = &self.nodes[&leader].log;
         for (id, node) in &self.nodes {
             let common = node.log.len().min(leading.len());
             if let Some(offset) = (0..common).find(|&o| node.log[o] != leading[o]) {
@@ -411,6 +417,35 @@ fn zombie_leader_after_a_pause(rules: Rules) -> Result<(), String> {
     s.check(B)
 }
 
+/// KIP-101 case 2, replica divergence after a power loss: leader A and follower B lose power
+/// together; B comes back without the records it had not synced, is elected and writes new
+/// ones at the same offsets; A comes back with the old ones. In Kafka (followers counted for
+/// what they fetched) A's high watermark covered records B never synced, and A kept them: the
+/// logs differ at the same offsets for good. Here the durable-offset rule closes it: the high
+/// watermark never covers what the next leader may lack, so A cuts where B's log parted (by
+/// epoch). Epochs alone do not: a follower never truncates below its high watermark (I7), and
+/// with durable offsets off that high watermark covers B's lost records.
+fn kip_101_divergence_after_a_power_loss(rules: Rules) -> Result<(), String> {
+    let mut s = Scenario::new(rules, 1, &[A, B]);
+    s.elect(A, 1, &[A, B], &[A, B]);
+    s.produce(A, 2);
+    // B fetches the records and reports them, not synced yet.
+    s.fetch(B, A, true);
+    s.fetch(B, A, true);
+    // Power loss: both crash; B first, without its unsynced records, and is elected.
+    s.crash(A);
+    s.crash(B);
+    s.elect(B, 2, &[B], &[B]);
+    s.produce(B, 1);
+    if s.node(B).log.len() != 1 {
+        return Err("set-up: B wrote nothing".into());
+    }
+    // A comes back and follows B.
+    s.on(A, Event::BecomeFollower { leader: B, epoch: LeaderEpoch(2) });
+    s.catch_up(A, B, 4);
+    s.agree(B)
+}
+
 /// An ISR expansion proposed before a leader change and delivered after it (KIP-841): the old
 /// leader A saw C catch up and proposed it back into the ISR; before the proposal reached the
 /// controller, A's session expired and B took over alone (min.insync.replicas 1) and
@@ -511,6 +546,15 @@ fn isr_expansion_during_a_leader_change(check: bool) -> Result<(), String> {
     }
 }
 
+/// Which rules close KIP-101 case 2: durable offsets alone (epochs alone do not, see above).
+#[test]
+fn kip_101_case_2_is_closed_by_durable_offsets_not_by_epochs_alone() {
+    let epochs_only = Rules { durable_counts: false, ..Rules::ALL };
+    let durable_only = Rules { truncate_by_epoch: false, ..Rules::ALL };
+    assert!(kip_101_divergence_after_a_power_loss(durable_only).is_ok());
+    assert!(kip_101_divergence_after_a_power_loss(epochs_only).is_err());
+}
+
 #[test]
 fn a_stale_isr_expansion_is_refused_and_applied_anyway_loses_records() {
     assert_eq!(isr_expansion_during_a_leader_change(true), Ok(()));
@@ -532,6 +576,11 @@ fn every_scenario() -> Vec<(&'static str, Check, Rules)> {
             "KIP-966 last replica standing",
             kip_966_last_replica_standing,
             Rules { freeze_below_min_isr: false, ..Rules::ALL },
+        ),
+        (
+            "KIP-101 case 2",
+            kip_101_divergence_after_a_power_loss,
+            Rules { durable_counts: false, ..Rules::ALL },
         ),
         (
             "zombie leader after a pause",
