@@ -20,6 +20,10 @@
 //! * **I4** at most one replica leads in a given epoch.
 //! * **I5** a new leader comes from the ISR, or from the ELR when no ISR member is eligible,
 //!   and never leads while fenced.
+//! * **I6** a leader's high watermark does not move while its committed ISR is below
+//!   min.insync.replicas.
+//! * **I7** a follower never truncates below its high watermark.
+//! * **I8** a fetch made in another leader epoch than the one the replica leads gets no records.
 //! * **I9** the committed ISR is within the replicas, holds the leader and no fenced member.
 //! * **Liveness** after healing: a leader, every replica alive with the leader's records, the
 //!   high watermark at the log end, no acknowledgement left waiting.
@@ -164,8 +168,11 @@ struct Sim {
     report: SimReport,
 }
 
+/// min.insync.replicas of the simulated partition (3 replicas).
+const MIN_INSYNC: usize = 2;
+
 fn replica_config(rules: Rules) -> ReplicaConfig {
-    ReplicaConfig { min_insync: 2, lag_time_max_ms: 300, rules }
+    ReplicaConfig { min_insync: MIN_INSYNC, lag_time_max_ms: 300, rules }
 }
 
 /// Runs one seed.
@@ -197,7 +204,7 @@ impl Sim {
     fn new(config: SimConfig) -> Sim {
         let mut cluster = Cluster::new(ControllerConfig {
             session_timeout_ms: 200,
-            min_insync: 2,
+            min_insync: MIN_INSYNC,
             ..ControllerConfig::default()
         });
         let nodes = NODES
@@ -499,10 +506,19 @@ impl Sim {
                     last_fetched_epoch: last,
                     durable,
                 };
+                let leading = self.node(to).replica.leader_epoch();
                 let commands = self.node_mut(to).replica.on(event, now);
                 // The answer carries the epoch the fetch was made in.
                 for command in &commands {
                     if let Command::AnswerFetch { to: follower, answer } = command {
+                        // I8: data only for a fetch in the epoch this replica leads.
+                        if matches!(answer, FetchAnswer::Records { .. }) && leading != Some(epoch) {
+                            let detail = format!(
+                                "{to} (leading {leading:?}) answered {follower}'s fetch of epoch {} with records",
+                                epoch.0
+                            );
+                            self.violation("I8", detail);
+                        }
                         let msg = match answer {
                             FetchAnswer::Records { from, to: end, high_watermark } => {
                                 let log = &self.node(to).log;
@@ -564,6 +580,14 @@ impl Sim {
                 Command::WriteEpochCheckpoint { .. } => {}
                 Command::AnswerFetch { .. } => unreachable!("answered where fetches are delivered"),
                 Command::HighWatermark { offset } => {
+                    // I6: a leader's high watermark stays while its ISR is below min ISR.
+                    if let Some(isr) = self.node(id).replica.isr() {
+                        if isr.len() < MIN_INSYNC {
+                            let detail =
+                                format!("{id} moved its high watermark to {offset} with ISR {isr:?}");
+                            self.violation("I6", detail);
+                        }
+                    }
                     if std::env::var_os("SKEIN_SIM_TRACE").is_some() {
                         eprintln!(
                             "t={} {id} hw {offset} readable {:?} leader_epoch {:?} log {}",
@@ -621,6 +645,15 @@ impl Sim {
                 }
                 Command::Truncate { offset } => {
                     self.report.truncations += 1;
+                    // I7: never below the high watermark this replica has exposed (followers
+                    // expose theirs to nothing, but it is what they would serve as leader).
+                    let exposed = self.node(id).replica.high_watermark();
+                    if offset < exposed {
+                        self.violation(
+                            "I7",
+                            format!("{id} truncated to {offset}, below its high watermark {exposed}"),
+                        );
+                    }
                     let node = self.node_mut(id);
                     node.log.truncate(offset as usize);
                     node.synced = node.synced.min(offset as usize);
