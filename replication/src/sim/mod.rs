@@ -25,6 +25,8 @@
 //! * **I7** a follower never truncates below its high watermark.
 //! * **I8** a fetch made in another leader epoch than the one the replica leads gets no records.
 //! * **I9** the committed ISR is within the replicas, holds the leader and no fenced member.
+//! * **I12** (the acknowledgement half) nothing at or above the leader's high watermark is
+//!   acknowledged under `acks=all`.
 //! * **Liveness** after healing: a leader, every replica alive with the leader's records, the
 //!   high watermark at the log end, no acknowledgement left waiting.
 
@@ -609,6 +611,14 @@ impl Sim {
                 }
                 Command::AckResolved { id: ack } => {
                     let Some((leader, offset, value)) = self.waiting.remove(&ack) else { continue };
+                    // I12: nothing at or above the high watermark is acknowledged.
+                    let high_watermark = self.node(leader).replica.high_watermark();
+                    if offset >= high_watermark {
+                        let detail = format!(
+                            "{leader} acknowledged {offset} with its high watermark at {high_watermark}"
+                        );
+                        self.violation("I12", detail);
+                    }
                     self.report.acked += 1;
                     self.acked.push((offset, value));
                     let isr = self.cluster.partitions[&self.tp].isr.clone();
