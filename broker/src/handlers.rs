@@ -446,16 +446,23 @@ async fn read_pass(shard: &Rc<Shard>, slots: &[FetchSlot], max_bytes: u32) -> Ve
             Err(error) => (0..count).map(|_| FetchOutcome::error(error.code())).collect(),
         }
     };
-    // When the partitions' limits together fit the budget, it cannot bind: every shard reads
-    // its part at once (their disk reads overlap). Otherwise one shard group after another,
-    // each given what is left.
+    // When the partitions' limits together fit the budget, every shard reads its part at once
+    // (their disk reads overlap), and the budget is then spent over the groups in the order a
+    // sequential pass would have used (`spend_budget`: a batch larger than its partition's
+    // limit cannot take the response past the budget). Otherwise one shard group after
+    // another, each given what is left.
     let wanted: u64 = slots.iter().map(|s| u64::from(s.partition_bytes_max)).sum();
     if wanted <= u64::from(max_bytes) {
         let calls = reads.into_iter().map(|((_, owner), group)| {
             let (indexes, reads): (Vec<usize>, Vec<mesh::FetchRead>) = group.into_iter().unzip();
             async move { (indexes, call(owner, reads, max_bytes).await) }
         });
-        for (indexes, results) in futures::future::join_all(calls).await {
+        let mut answered = futures::future::join_all(calls).await;
+        crate::shard::spend_budget(
+            answered.iter_mut().flat_map(|(_, results)| results.iter_mut()),
+            max_bytes as usize,
+        );
+        for (indexes, results) in answered {
             for (index, outcome) in indexes.into_iter().zip(results) {
                 outcomes[index] = Some(outcome);
             }

@@ -20,7 +20,9 @@
 //! A fetch reads its partitions concurrently whenever their limits together fit the fetch's
 //! byte budget (the usual consumer fetch): every shard reads its part at once and, on each
 //! shard, each partition's cold range is read while the others' are (`Shard::fetch`, and
-//! `read_pass` in the handlers). One partition after another made the disk wait for each
+//! `read_pass` in the handlers); the budget is then spent in request order
+//! (`shard::spend_budget`), since a read returns at least one whole batch, which may be larger
+//! than its partition's limit. One partition after another made the disk wait for each
 //! range's copy and send: cold reads of 4 partitions on 2 shards went from 700–790 MiB/s to
 //! 980–1120 MiB/s in the same hour, with fio's sequential O_DIRECT read at 1040–1090 MiB/s on
 //! that disk. When the budget binds, partitions are read one after another, each given what is

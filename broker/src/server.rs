@@ -460,7 +460,10 @@ async fn run_shard(
     #[cfg(debug_assertions)]
     if std::env::var("SKEIN_TEST_PANIC_SERVING_SHARD").is_ok_and(|v| v == id.to_string()) {
         glommio::spawn_local(async move {
-            glommio::timer::sleep(Duration::from_millis(500)).await;
+            while !SERVING.load(Ordering::SeqCst) {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            glommio::timer::sleep(Duration::from_millis(200)).await;
             panic!("SKEIN_TEST_PANIC_SERVING_SHARD: shard {id} panics while serving");
         })
         .detach();
@@ -608,22 +611,53 @@ async fn retention_loop(shard: Rc<Shard>) {
 
 /// Runs a broker until SIGINT or SIGTERM, then stops it cleanly. Prints the listening address
 /// on stdout once ready. A signal during start-up stops the start.
+/// Set once the broker serves (every shard listens); read by the panic hook.
+pub static SERVING: AtomicBool = AtomicBool::new(false);
+/// Set by the panic hook on any panic (before it looks at [`SERVING`]).
+static PANICKED: AtomicBool = AtomicBool::new(false);
+/// Whoever ends the process for a panic first (the hook, or [`serving`]).
+static EXITING: AtomicBool = AtomicBool::new(false);
+
 /// Once serving, a panic on any thread (a shard's executor above all) ends the process: a
 /// shard that died would leave its partitions unanswered while the process looks alive, and a
 /// supervisor (systemd's `Restart=on-failure`) can only restart a process that exited. The
 /// default hook prints the panic and its backtrace first; recovery at the next start makes the
-/// logs whole, as after `kill -9`.
+/// logs whole, as after `kill -9`. Before the broker serves, a panic is the start-up's to
+/// report (the shard's thread dies and the start stops with its error).
 fn exit_on_panic() {
     let print = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         print(info);
-        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
-        tracing::error!(thread, "a thread panicked while serving; the broker exits");
-        eprintln!(
-            "skein broker: thread {thread} panicked while serving; exiting so that a supervisor restarts it"
-        );
-        std::process::exit(70);
+        // PANICKED before SERVING, and the reverse in `serving`: one of the two sees the other.
+        PANICKED.store(true, Ordering::SeqCst);
+        if SERVING.load(Ordering::SeqCst) {
+            let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+            exit_for_panic(&thread);
+        }
     }));
+}
+
+/// Marks the broker serving; a panic that came between the last shard's start and now (which
+/// the start-up no longer watches) ends the process as one while serving would.
+fn serving() {
+    SERVING.store(true, Ordering::SeqCst);
+    if PANICKED.load(Ordering::SeqCst) {
+        exit_for_panic("a shard");
+    }
+}
+
+fn exit_for_panic(thread: &str) {
+    if EXITING.swap(true, Ordering::SeqCst) {
+        // The other path is ending the process already.
+        loop {
+            std::thread::park();
+        }
+    }
+    tracing::error!(thread, "a thread panicked while serving; the broker exits");
+    eprintln!(
+        "skein broker: thread {thread} panicked while serving; exiting so that a supervisor restarts it"
+    );
+    std::process::exit(70);
 }
 
 pub fn run(config: BrokerConfig) -> Result<(), StartError> {
@@ -657,6 +691,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     let fsync = config.fsync;
     let cores = config.cores;
     let data_dir = config.data_dir.clone();
+    exit_on_panic();
     let broker = start_until(config, &signalled)?;
     println!(
         "skein broker listening on {} ({} shards, fsync={}, data in {})",
@@ -668,7 +703,7 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
     if let Some(metrics) = broker.metrics_addr {
         println!("skein metrics on http://{metrics}/metrics (/health, /ready)");
     }
-    exit_on_panic();
+    serving();
     notify_systemd("READY=1\nSTATUS=serving");
     let received = signal_receiver.recv().unwrap_or(libc::SIGTERM);
     tracing::info!(signal = received, "stopping");

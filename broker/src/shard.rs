@@ -94,6 +94,33 @@ impl FetchOutcome {
     }
 }
 
+/// Spends a fetch's byte budget over outcomes read at once, in request order, as reading them
+/// one after another would have: each is kept while it fits what is left; a read always
+/// returns at least one whole batch, so one larger than what is left is kept only if nothing
+/// was kept before it (a fetch always makes progress), else its records are dropped (the
+/// consumer fetches them next time); after that nothing more is kept. The high watermarks and
+/// errors stay. The response is then at most `budget`, or one first batch larger than it.
+pub fn spend_budget<'a>(outcomes: impl IntoIterator<Item = &'a mut FetchOutcome>, budget: usize) {
+    let mut left = budget;
+    let mut kept_any = false;
+    for outcome in outcomes {
+        let len = outcome.records.len();
+        if len == 0 {
+            continue;
+        }
+        if len <= left {
+            left -= len;
+            kept_any = true;
+        } else if !kept_any {
+            left = 0;
+            kept_any = true;
+        } else {
+            outcome.records = Records::Memory(Vec::new());
+            left = 0;
+        }
+    }
+}
+
 /// A partition this shard owns: its log and its idempotent-producer table.
 pub struct Partition {
     pub log: Rc<Log>,
@@ -339,7 +366,19 @@ impl Shard {
         let mut failure = None;
         for (name, config, partitions) in plan.open {
             match self.open_partitions(&name, &config, partitions).await {
-                Ok(opened) => self.install(&name, config.partitions, opened),
+                Ok(opened) => {
+                    // The topic's settings may have changed while the partitions opened (a
+                    // TopicChanged applied meanwhile reached only the logs already installed).
+                    let current = self.image.borrow().topics.get(&name).cloned();
+                    if let Some(current) = current.filter(|c| *c != config) {
+                        for (_, partition) in &opened {
+                            if let Err(error) = partition.log.set_config(self.config.log_config(&current)) {
+                                tracing::error!(topic = name, %error, "new settings refused by a partition");
+                            }
+                        }
+                    }
+                    self.install(&name, config.partitions, opened)
+                }
                 Err(error) => {
                     tracing::warn!(topic = name, shard = self.id, %error, "a partition could not be opened; retrying");
                     failure.get_or_insert(format!("opening topic {name}: {error}"));
@@ -770,8 +809,9 @@ impl Shard {
     /// `bytes_max` (the first partition with data always gets at least one batch).
     /// Reads each partition once for a fetch, spending `bytes_max` in request order. When the
     /// partitions' own limits together fit the budget (a consumer's usual fetch: 4 partitions
-    /// of 4 MiB in 32 MiB), the budget cannot bind and they are read at once, so the disk reads
-    /// of cold ranges overlap; otherwise one after another, each given what is left.
+    /// of 4 MiB in 32 MiB), they are read at once, so the disk reads of cold ranges overlap,
+    /// and then [`spend_budget`] drops what a read of a batch larger than its limit would
+    /// carry past the budget; otherwise one after another, each given what is left.
     pub async fn fetch(&self, reads: Vec<mesh::FetchRead>, bytes_max: u32) -> Vec<FetchOutcome> {
         let wanted: u64 = reads.iter().map(|r| u64::from(r.partition_bytes_max)).sum();
         if wanted <= u64::from(bytes_max) {
@@ -779,7 +819,9 @@ impl Shard {
                 let limit = read.partition_bytes_max as usize;
                 self.fetch_partition(read, limit)
             });
-            return futures::future::join_all(all).await;
+            let mut outcomes = futures::future::join_all(all).await;
+            spend_budget(outcomes.iter_mut(), bytes_max as usize);
+            return outcomes;
         }
         let mut outcomes = Vec::with_capacity(reads.len());
         let mut budget = bytes_max as usize;
@@ -1279,4 +1321,35 @@ pub fn split_batches(mut records: BytesMut, size_max: usize) -> Result<Vec<Valid
         batches.push(ValidatedBatch::new(one, size_max)?);
     }
     Ok(batches)
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    fn outcome(len: usize) -> FetchOutcome {
+        let records = if len == 0 { Vec::new() } else { vec![Bytes::from(vec![0u8; len])] };
+        FetchOutcome {
+            error: ErrorCode::None,
+            high_watermark: 7,
+            log_start_offset: 1,
+            records: Records::Memory(records),
+        }
+    }
+
+    fn spent(lens: &[usize], budget: usize) -> Vec<usize> {
+        let mut outcomes: Vec<FetchOutcome> = lens.iter().map(|&len| outcome(len)).collect();
+        spend_budget(outcomes.iter_mut(), budget);
+        assert!(outcomes.iter().all(|o| o.high_watermark == 7 && o.log_start_offset == 1), "offsets kept");
+        outcomes.iter().map(|o| o.records.len()).collect()
+    }
+
+    #[test]
+    fn a_budget_is_spent_in_order_and_only_a_first_batch_may_exceed_it() {
+        assert_eq!(spent(&[10, 5, 4], 20), vec![10, 5, 4], "all fit");
+        assert_eq!(spent(&[10, 30, 5], 20), vec![10, 0, 0], "the one past the budget and all after it go");
+        assert_eq!(spent(&[50, 5], 20), vec![50, 0], "a first batch larger than the budget stays");
+        assert_eq!(spent(&[0, 50, 5], 20), vec![0, 50, 0], "first non-empty");
+        assert_eq!(spent(&[8, 8, 8, 8], 16), vec![8, 8, 0, 0]);
+    }
 }

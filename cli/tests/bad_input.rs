@@ -336,9 +336,9 @@ async fn a_fetch_spends_its_byte_budget_in_request_order() {
     for delivery in deliveries {
         delivery.await.unwrap();
     }
-    let fetch = |max_bytes: u32, correlation_id: u32| {
+    let fetch_with = |partition_bytes_max: u32, max_bytes: u32, correlation_id: u32| {
         let partitions = (0..4)
-            .map(|partition| FetchPartition { partition, fetch_offset: 0, partition_bytes_max: 1 << 20 })
+            .map(|partition| FetchPartition { partition, fetch_offset: 0, partition_bytes_max })
             .collect();
         Request::<Bytes>::Fetch(FetchRequest {
             max_wait_ms: 0,
@@ -348,6 +348,7 @@ async fn a_fetch_spends_its_byte_budget_in_request_order() {
         })
         .to_frame(correlation_id, 0)
     };
+    let fetch = |max_bytes: u32, correlation_id: u32| fetch_with(1 << 20, max_bytes, correlation_id);
     let mut stream = connect(&broker);
     let answered = |stream: &mut TcpStream, frame: BytesMut| -> Vec<(ErrorCode, usize)> {
         stream.write_all(&frame).unwrap();
@@ -372,4 +373,12 @@ async fn a_fetch_spends_its_byte_budget_in_request_order() {
         half.iter().zip(&full).any(|(h, f)| h.1 < f.1),
         "some partition gets less than in full: {half:?}"
     );
+    // Batches larger than the partitions' limits (1 KiB; each partition's first batch holds
+    // many 1000-byte records): the limits fit the budget (4 x 1 KiB), the partitions are read
+    // at once, and each read returns a whole first batch; the response still carries only
+    // one of them, not four.
+    let oversized = answered(&mut stream, fetch_with(1024, 4096, 4));
+    assert!(full.iter().all(|&(_, len)| len > 4096), "the set-up needs batches above 4 KiB: {full:?}");
+    assert!(oversized.iter().all(|&(error, _)| error == ErrorCode::None), "{oversized:?}");
+    assert_eq!(oversized.iter().filter(|&&(_, len)| len > 0).count(), 1, "{oversized:?}");
 }

@@ -557,20 +557,24 @@ fn settings_change_on_an_open_log_and_lowering_a_limit_keeps_stored_batches_read
         let broken = LogConfig { segment_bytes: 1024, ..LogConfig::tiny() };
         assert!(log.set_config(broken).is_err());
         assert_eq!(log.config(), LogConfig::tiny());
+        // A batch validated under the old limit (a request being appended when the limit
+        // changes) is still appended: a request is written whole or not at all.
+        let in_flight = batch::ValidatedBatch::new(batch_at(50, 40), log.config().batch_bytes_max).unwrap();
         log.set_config(lowered).unwrap();
         assert_eq!(log.config().batch_bytes_max, 2048);
-        let refused = log.append(batch_at(50, 50)).await;
+        log.append_validated(in_flight).await.unwrap().ack.await.unwrap();
+        let refused = log.append(batch_at(90, 50)).await;
         assert!(
             matches!(refused, Err(StorageError::InvalidBatch(batch::BatchError::TooLarge { .. }))),
             "{refused:?}"
         );
-        log.append(batch_at(50, 5)).await.unwrap().ack.await.unwrap();
-        // The stored big batch is still read (and verified) under the lower limit.
-        assert_eq!(read_everything(&log).await, (0..55).collect::<Vec<_>>());
+        log.append(batch_at(90, 5)).await.unwrap().ack.await.unwrap();
+        // The stored big batches are still read (and verified) under the lower limit.
+        assert_eq!(read_everything(&log).await, (0..95).collect::<Vec<_>>());
         // Smaller segments from the next append on.
         let segments = log.segment_count();
         log.set_config(LogConfig { segment_bytes: 4096 + 2048, ..lowered }).unwrap();
-        for first in (55..75).step_by(5) {
+        for first in (95..115).step_by(5) {
             log.append(batch_at(first, 5)).await.unwrap().ack.await.unwrap();
         }
         assert!(log.segment_count() > segments + 1, "{} segments, were {segments}", log.segment_count());

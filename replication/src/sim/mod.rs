@@ -20,8 +20,9 @@
 //! * **I4** at most one replica leads in a given epoch.
 //! * **I5** a new leader comes from the ISR, or from the ELR when no ISR member is eligible,
 //!   and never leads while fenced.
-//! * **I6** a leader's high watermark does not move while its committed ISR is below
-//!   min.insync.replicas.
+//! * **I6** a leader's high watermark does not move while its ISR, as the leader holds it (the
+//!   committed one; with the `isr-via-controller` switch off, the one it applied itself), is
+//!   below min.insync.replicas.
 //! * **I7** a follower never truncates below its high watermark.
 //! * **I8** a fetch made in another leader epoch than the one the replica leads gets no records.
 //! * **I9** the committed ISR is within the replicas, holds the leader and no fenced member.

@@ -29,14 +29,14 @@ impl Log {
 
     /// [`Log::append`] for a batch the caller already validated (the broker checks every batch
     /// of a request before appending any, so that a bad one leaves the partition untouched).
+    /// Its size was checked then, against the limit in force for the whole request: a limit
+    /// lowered ([`Log::set_config`]) while the request's earlier batches were appended must not
+    /// refuse its later ones and leave half a request written. Only the hard
+    /// [`batch::BATCH_BYTES_LIMIT`] is checked again.
     pub async fn append_validated(&self, batch: batch::ValidatedBatch) -> Result<Appended> {
         let shared = &self.shared;
-        if batch.len() > shared.config.get().batch_bytes_max {
-            return Err(BatchError::TooLarge {
-                size: batch.len(),
-                limit: shared.config.get().batch_bytes_max,
-            }
-            .into());
+        if batch.len() > batch::BATCH_BYTES_LIMIT {
+            return Err(BatchError::TooLarge { size: batch.len(), limit: batch::BATCH_BYTES_LIMIT }.into());
         }
         let (batch, header) = batch.into_parts();
         let _permit = shared.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
