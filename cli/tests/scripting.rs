@@ -4,12 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cli, cli_bytes, skein, Broker};
+use common::{cli, cli_bytes, skein, Background, Broker};
 use skein_client::Admin;
 
 fn create(broker: &Broker, topic: &str, partitions: &str) {
@@ -182,8 +179,8 @@ fn a_member_that_gets_sigterm_leaves_its_group_at_once() {
     create(&broker, "jobs", "4");
     // A long session timeout: only a clean leave moves the partitions quickly.
     let member = || spawn_member(&broker, "jobs", "workers");
-    let (mut first, _) = member();
-    let (_second, second_lines) = member();
+    let mut first = member();
+    let second = member();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let owned = |admin: &Admin| {
         runtime.block_on(async {
@@ -206,9 +203,9 @@ fn a_member_that_gets_sigterm_leaves_its_group_at_once() {
     // the 60 s session timeout.
     let stopped = Instant::now();
     // SAFETY: a signal to our own child.
-    unsafe { libc::kill(first.0.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) };
     let status = loop {
-        if let Some(status) = first.0.try_wait().unwrap() {
+        if let Some(status) = first.child.try_wait().unwrap() {
             break status;
         }
         assert!(stopped.elapsed() < Duration::from_secs(10), "the member did not exit on SIGTERM");
@@ -227,39 +224,16 @@ fn a_member_that_gets_sigterm_leaves_its_group_at_once() {
     let input: String = (0..40).map(|i| format!("job-{i}\n")).collect();
     assert!(cli(&broker, &["produce", "jobs"], &input).0);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while second_lines.lock().unwrap().len() < 40 {
-        assert!(Instant::now() < deadline, "the survivor read {} of 40", second_lines.lock().unwrap().len());
+    while second.lines().len() < 40 {
+        assert!(Instant::now() < deadline, "the survivor read {} of 40", second.lines().len());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// A `skein consume TOPIC -g GROUP` running in the background, with the lines it printed.
-fn spawn_member(broker: &Broker, topic: &str, group: &str) -> (KillOnDrop, Arc<Mutex<Vec<String>>>) {
-    let mut child = skein()
-        .args(["consume", topic, "-g", group, "--session-timeout-ms", "60000"])
-        .env("SKEIN_BOOTSTRAP", &broker.addr)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    (KillOnDrop(child), lines)
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A `skein consume TOPIC -g GROUP` in the background (a long session: only a clean leave
+/// moves its partitions quickly).
+fn spawn_member(broker: &Broker, topic: &str, group: &str) -> Background {
+    Background::start(broker, &["consume", topic, "-g", group, "--session-timeout-ms", "60000"])
 }
 
 #[test]
@@ -384,15 +358,7 @@ fn a_group_is_deleted_only_when_empty_and_stays_deleted_after_a_restart() {
     assert_eq!(groups(&broker), vec!["keep", "old"]);
 
     // With a member: refused, nothing changes.
-    let mut member = KillOnDrop(
-        skein()
-            .args(["consume", "jobs", "-g", "old"])
-            .env("SKEIN_BOOTSTRAP", &broker.addr)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut member = Background::start(&broker, &["consume", "jobs", "-g", "old"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, out, _) = cli(&broker, &["group", "list"], "");
@@ -405,8 +371,8 @@ fn a_group_is_deleted_only_when_empty_and_stays_deleted_after_a_restart() {
     let (ok, _, err) = cli(&broker, &["group", "delete", "old"], "");
     assert!(!ok && err.contains("group not empty"), "{err}");
     // SAFETY: a signal to our own child.
-    unsafe { libc::kill(member.0.id() as i32, libc::SIGTERM) };
-    let _ = member.0.wait();
+    unsafe { libc::kill(member.child.id() as i32, libc::SIGTERM) };
+    let _ = member.child.wait();
 
     let (ok, out, err) = cli(&broker, &["group", "delete", "old"], "");
     assert!(ok, "{err}");
@@ -441,10 +407,10 @@ fn partitions_are_added_to_a_live_topic_and_survive_a_restart() {
     let input: String = (0..10).map(|i| format!("o{i}\n")).collect();
     assert!(cli(&broker, &["produce", "orders"], &input).0);
     // A member already reading the topic: it must be given the new partitions while it runs.
-    let (_live, live_lines) = spawn_member(&broker, "orders", "live");
+    let live = spawn_member(&broker, "orders", "live");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while live_lines.lock().unwrap().len() < 10 {
-        assert!(Instant::now() < deadline, "the live member read {:?}", live_lines.lock().unwrap());
+    while live.lines().len() < 10 {
+        assert!(Instant::now() < deadline, "the live member read {:?}", live.lines());
         std::thread::sleep(Duration::from_millis(50));
     }
     let (ok, out, err) = cli(&broker, &["topic", "add-partitions", "orders", "--total", "5"], "");
@@ -476,7 +442,7 @@ fn partitions_are_added_to_a_live_topic_and_survive_a_restart() {
     assert!(ok);
     assert_eq!(out, "new\n");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !live_lines.lock().unwrap().iter().any(|line| line == "new") {
+    while !live.lines().iter().any(|line| line == "new") {
         assert!(Instant::now() < deadline, "the live member never read partition 4");
         std::thread::sleep(Duration::from_millis(50));
     }

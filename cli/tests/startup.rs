@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{skein, Broker};
+use common::{skein, Background, Broker};
 use skein_client::{
     Acks, Admin, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
 };
@@ -368,56 +368,18 @@ fn walk_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// A `skein consume` process whose printed lines arrive on a channel; killed when dropped.
-struct Reader {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Reader {
-    fn start(broker: &Broker, args: &[&str]) -> Reader {
-        let mut child = skein()
-            .args(args)
-            .env("SKEIN_BOOTSTRAP", &broker.addr)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (sender, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = sender.send(line);
-            }
-        });
-        Reader { child, lines }
-    }
-
-    /// Collects lines until `wanted` distinct ones were printed (or 60 s pass); returns them
-    /// all, repeats included.
-    fn until_distinct(&self, wanted: usize) -> Vec<String> {
-        let mut lines = Vec::new();
-        let mut distinct = std::collections::HashSet::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while distinct.len() < wanted && Instant::now() < deadline {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                distinct.insert(line.clone());
-                lines.push(line);
-            }
+/// Collects the lines `reader` prints after the first `*seen` until `wanted` distinct ones
+/// were printed (or 60 s pass); returns them all, repeats included, and moves `*seen` past them.
+fn until_distinct(reader: &Background, seen: &mut usize, wanted: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lines = reader.lines().split_off(*seen);
+        let distinct: std::collections::HashSet<&String> = lines.iter().collect();
+        if distinct.len() >= wanted || Instant::now() >= deadline {
+            *seen += lines.len();
+            return lines;
         }
-        lines
-    }
-
-    fn still_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -437,16 +399,25 @@ async fn skein_consume_keeps_reading_across_a_broker_restart() {
         }
     };
     send(broker.addr.clone(), 0, 500).await;
-    let mut plain = Reader::start(&broker, &["consume", "events", "--from", "beginning"]);
-    let mut grouped = Reader::start(&broker, &["consume", "events", "--group", "g", "--from", "beginning"]);
-    assert_eq!(plain.until_distinct(500).len(), 500, "the plain consumer read the first 500");
-    assert!(grouped.until_distinct(500).len() >= 500, "the group consumer read the first 500");
+    let mut plain = Background::start(&broker, &["consume", "events", "--from", "beginning"]);
+    let mut grouped =
+        Background::start(&broker, &["consume", "events", "--group", "g", "--from", "beginning"]);
+    let (mut plain_seen, mut grouped_seen) = (0, 0);
+    assert_eq!(
+        until_distinct(&plain, &mut plain_seen, 500).len(),
+        500,
+        "the plain consumer read the first 500"
+    );
+    assert!(
+        until_distinct(&grouped, &mut grouped_seen, 500).len() >= 500,
+        "the group consumer read the first 500"
+    );
 
     broker.kill();
     broker.restart();
     send(broker.addr.clone(), 500, 1000).await;
-    let plain_after = plain.until_distinct(500);
-    let grouped_after = grouped.until_distinct(500);
+    let plain_after = until_distinct(&plain, &mut plain_seen, 500);
+    let grouped_after = until_distinct(&grouped, &mut grouped_seen, 500);
     assert!(plain.still_running() && grouped.still_running(), "both consumers kept running");
     let expected: Vec<String> = (500..1000).map(|i| format!("e{i:05}")).collect();
     let mut sorted = plain_after.clone();

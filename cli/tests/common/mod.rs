@@ -359,3 +359,47 @@ pub fn require_free_space(path: &Path, bytes: u64) {
         bytes >> 20
     );
 }
+
+/// A `skein ARGS` process against a broker, running in the background: what it prints on
+/// stdout is collected line by line; killed when dropped (even when the test fails).
+pub struct Background {
+    pub child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Background {
+    pub fn start(broker: &Broker, args: &[&str]) -> Background {
+        let mut child = skein()
+            .args(args)
+            .env("SKEIN_BOOTSTRAP", &broker.addr)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Background { child, lines }
+    }
+
+    /// The lines printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn still_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
