@@ -76,12 +76,15 @@ impl Scenario {
         self.nodes.get_mut(&id).expect("a node of the scenario")
     }
 
-    /// Feeds an event to a node's replica and carries out what it asks.
-    fn on(&mut self, id: NodeId, event: Event) {
+    /// Feeds an event to a node's replica and carries out what it asks; returns the answer to
+    /// a follower's fetch, if the event was one.
+    fn on(&mut self, id: NodeId, event: Event) -> Option<FetchAnswer> {
         let now = self.now;
         let commands = self.node(id).replica.on(event, now);
+        let mut answer = None;
         for command in commands {
             match command {
+                Command::AnswerFetch { answer: a, .. } => answer = Some(a),
                 Command::Truncate { offset } => {
                     let node = self.node(id);
                     node.log.truncate(offset as usize);
@@ -106,6 +109,7 @@ impl Scenario {
                 _ => {}
             }
         }
+        answer
     }
 
     /// The controller makes `leader` the leader at `epoch` with `isr`; every other replica
@@ -172,7 +176,6 @@ impl Scenario {
         let Some((epoch, offset, last, durable)) = self.node(follower).replica.next_fetch() else {
             return;
         };
-        let now = self.now;
         let event = Event::FollowerFetch {
             from: follower,
             current_leader_epoch: epoch,
@@ -180,18 +183,7 @@ impl Scenario {
             last_fetched_epoch: last,
             durable,
         };
-        let commands = self.node(leader).replica.on(event, now);
-        let mut answer = None;
-        for command in commands {
-            match command {
-                Command::AnswerFetch { to, answer: a } if to == follower => answer = Some(a),
-                Command::AckResolved { id } => {
-                    let records = self.waiting.remove(&id).expect("a waiting produce");
-                    self.acked.extend(records);
-                }
-                _ => {}
-            }
-        }
+        let answer = self.on(leader, event);
         if !answered {
             return;
         }
@@ -214,7 +206,9 @@ impl Scenario {
                 }
                 self.on(follower, Event::LeaderHighWatermark { high_watermark });
             }
-            FetchAnswer::Diverging { epoch, end } => self.on(follower, Event::Diverged { epoch, end }),
+            FetchAnswer::Diverging { epoch, end } => {
+                self.on(follower, Event::Diverged { epoch, end });
+            }
             FetchAnswer::Refused(_) => {}
         }
     }
@@ -392,19 +386,7 @@ fn zombie_leader_after_a_pause(rules: Rules) -> Result<(), String> {
     s.catch_up(C, A, 3);
     assert_eq!(s.acked.len(), 3, "the set-up acknowledges the first records");
     // A pauses; the controller elects B; C follows B. A is not told (it was paused).
-    s.partition_epoch += 1;
-    s.leader_epoch = 2;
-    let epoch = PartitionEpoch(s.partition_epoch);
-    s.on(
-        B,
-        Event::BecomeLeader {
-            epoch: LeaderEpoch(2),
-            partition_epoch: epoch,
-            replicas: vec![A, B, C],
-            isr: vec![B, C],
-        },
-    );
-    s.on(C, Event::BecomeFollower { leader: B, epoch: LeaderEpoch(2) });
+    s.elect(B, 2, &[B, C], &[B, C]);
     s.produce(B, 2);
     s.catch_up(C, B, 3);
     // A resumes: a stale client produces to it, and its followers stay silent past the lag.
