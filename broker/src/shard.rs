@@ -1043,22 +1043,38 @@ impl Shard {
         for (name, total) in topics {
             // The image is borrowed only to build the record, never across the await.
             let record = controller::add_partitions(&self.image.borrow(), &name, total);
-            let outcome = match record {
-                Ok(record) => self.store_topic_change(record).await,
-                Err(error) => Err((error.code(), error.to_string())),
-            };
-            match outcome {
-                Ok(()) => {
-                    tracing::info!(topic = name, partitions = total, "partitions added");
-                    results.push(TopicResult { name, error: ErrorCode::None, message: String::new() });
-                }
-                Err((error, message)) => {
-                    tracing::warn!(topic = name, %error, message, "partitions not added");
-                    results.push(TopicResult { name, error, message });
-                }
-            }
+            let change = format!("{total} partitions");
+            results.push(self.change_topic(name, record, false, change).await);
         }
         results
+    }
+
+    /// On the controller: the answer for one topic of a CreatePartitions or AlterConfigs, from
+    /// the controller rule's record (stored and applied unless `dry_run`) or its refusal.
+    async fn change_topic(
+        self: &Rc<Self>,
+        name: String,
+        record: Result<MetadataRecord, MetadataError>,
+        dry_run: bool,
+        change: String,
+    ) -> TopicResult {
+        let outcome = match record {
+            Ok(_) if dry_run => Ok(()),
+            Ok(record) => self.store_topic_change(record).await,
+            Err(error) => Err((error.code(), error.to_string())),
+        };
+        match outcome {
+            Ok(()) => {
+                if !dry_run {
+                    tracing::info!(topic = name, change, "topic changed");
+                }
+                TopicResult { name, error: ErrorCode::None, message: String::new() }
+            }
+            Err((error, message)) => {
+                tracing::warn!(topic = name, change, %error, message, "topic not changed");
+                TopicResult { name, error, message }
+            }
+        }
     }
 
     /// On the controller: stores a TopicChanged record, then has every shard apply it.
@@ -1092,27 +1108,8 @@ impl Shard {
                 &topic.reset,
                 &defaults,
             );
-            let outcome = match record {
-                Ok(_) if request.validate_only => Ok(()),
-                Ok(record) => self.store_topic_change(record).await,
-                Err(error) => Err((error.code(), error.to_string())),
-            };
-            match outcome {
-                Ok(()) => {
-                    if !request.validate_only {
-                        tracing::info!(topic = topic.name, set = ?topic.set, reset = ?topic.reset, "settings changed");
-                    }
-                    results.push(TopicResult {
-                        name: topic.name,
-                        error: ErrorCode::None,
-                        message: String::new(),
-                    });
-                }
-                Err((error, message)) => {
-                    tracing::warn!(topic = topic.name, %error, message, "settings not changed");
-                    results.push(TopicResult { name: topic.name, error, message });
-                }
-            }
+            let change = format!("set {:?}, reset {:?}", topic.set, topic.reset);
+            results.push(self.change_topic(topic.name, record, request.validate_only, change).await);
         }
         results
     }
@@ -1121,19 +1118,13 @@ impl Shard {
         self: &Rc<Self>,
         request: skein_net::AlterConfigsRequest,
     ) -> Vec<TopicResult> {
-        let names: Vec<String> = request.topics.iter().map(|t| t.name.clone()).collect();
-        match self.call(0, mesh::AlterConfigs(request)).await {
-            Ok(results) => results,
-            Err(error) => failed_topics(names, &error),
-        }
+        let names = request.topics.iter().map(|t| t.name.clone()).collect();
+        self.topics_on_controller(names, mesh::AlterConfigs(request)).await
     }
 
     pub async fn request_create_partitions(self: &Rc<Self>, topics: Vec<(String, u32)>) -> Vec<TopicResult> {
-        let names: Vec<String> = topics.iter().map(|(name, _)| name.clone()).collect();
-        match self.call(0, mesh::CreatePartitions(topics)).await {
-            Ok(results) => results,
-            Err(error) => failed_topics(names, &error),
-        }
+        let names = topics.iter().map(|(name, _)| name.clone()).collect();
+        self.topics_on_controller(names, mesh::CreatePartitions(topics)).await
     }
 
     async fn delete_topics(self: &Rc<Self>, names: Vec<String>) -> Vec<TopicResult> {
@@ -1196,11 +1187,8 @@ impl Shard {
 
     /// Forwards topic creation to the controller shard.
     pub async fn request_create_topics(self: &Rc<Self>, topics: Vec<NewTopic>) -> Vec<TopicResult> {
-        let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
-        match self.call(0, mesh::CreateTopics(topics)).await {
-            Ok(results) => results,
-            Err(error) => failed_topics(names, &error),
-        }
+        let names = topics.iter().map(|t| t.name.clone()).collect();
+        self.topics_on_controller(names, mesh::CreateTopics(topics)).await
     }
 
     /// On the controller: a new producer id, or the next epoch of the one the client holds.
@@ -1238,19 +1226,23 @@ impl Shard {
     }
 
     pub async fn request_delete_topics(self: &Rc<Self>, names: Vec<String>) -> Vec<TopicResult> {
-        match self.call(0, mesh::DeleteTopics(names.clone())).await {
+        self.topics_on_controller(names.clone(), mesh::DeleteTopics(names)).await
+    }
+
+    /// Forwards a topic operation to the controller shard; if it cannot be reached, every
+    /// topic of the request fails with the reason.
+    async fn topics_on_controller<C>(self: &Rc<Self>, names: Vec<String>, call: C) -> Vec<TopicResult>
+    where
+        C: Call<Reply = Vec<TopicResult>> + 'static,
+    {
+        match self.call(0, call).await {
             Ok(results) => results,
-            Err(error) => failed_topics(names, &error),
+            Err(error) => names
+                .into_iter()
+                .map(|name| TopicResult { name, error: error.code(), message: error.to_string() })
+                .collect(),
         }
     }
-}
-
-/// Every topic of a request that could not reach the controller, failed with the reason.
-fn failed_topics(names: Vec<String>, error: &MeshError) -> Vec<TopicResult> {
-    names
-        .into_iter()
-        .map(|name| TopicResult { name, error: error.code(), message: error.to_string() })
-        .collect()
 }
 
 /// Runs `change` on a controller-owned value on the shard's blocking thread (it writes and
