@@ -75,41 +75,28 @@ pub async fn handle(shard: &Rc<Shard>, header: RequestHeader, frame: BytesMut) -
             let shard = shard.clone();
             Box::pin(async move {
                 let topics = shard.request_create_topics(request.topics).await;
-                shard
-                    .metrics
-                    .errors(ApiKey::CreateTopics as u16, topics.iter().filter(|t| !t.error.is_ok()).count());
-                respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
+                respond(topic_results(&shard, ApiKey::CreateTopics, correlation_id, topics))
             })
         }
         Request::DeleteTopics(request) => {
             let shard = shard.clone();
             Box::pin(async move {
                 let topics = shard.request_delete_topics(request.names).await;
-                shard
-                    .metrics
-                    .errors(ApiKey::DeleteTopics as u16, topics.iter().filter(|t| !t.error.is_ok()).count());
-                respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
+                respond(topic_results(&shard, ApiKey::DeleteTopics, correlation_id, topics))
             })
         }
         Request::CreatePartitions(request) => {
             let shard = shard.clone();
             Box::pin(async move {
                 let topics = shard.request_create_partitions(request.topics).await;
-                shard.metrics.errors(
-                    ApiKey::CreatePartitions as u16,
-                    topics.iter().filter(|t| !t.error.is_ok()).count(),
-                );
-                respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
+                respond(topic_results(&shard, ApiKey::CreatePartitions, correlation_id, topics))
             })
         }
         Request::AlterConfigs(request) => {
             let shard = shard.clone();
             Box::pin(async move {
                 let topics = shard.request_alter_configs(request).await;
-                shard
-                    .metrics
-                    .errors(ApiKey::AlterConfigs as u16, topics.iter().filter(|t| !t.error.is_ok()).count());
-                respond(encode_response(correlation_id, |w| TopicResults { topics }.encode(w)))
+                respond(topic_results(&shard, ApiKey::AlterConfigs, correlation_id, topics))
             })
         }
         Request::Produce(request) => {
@@ -520,4 +507,16 @@ async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOff
 /// Frame-level error with no body.
 pub fn error_frame(correlation_id: u32, error: ErrorCode) -> Outgoing {
     Outgoing::Frame(frame::encode_error_response(correlation_id, error))
+}
+
+/// The answer of a per-topic admin API (CreateTopics, DeleteTopics, CreatePartitions,
+/// AlterConfigs), its refused topics counted as errors of `api`.
+fn topic_results(
+    shard: &Shard,
+    api: ApiKey,
+    correlation_id: u32,
+    topics: Vec<skein_net::TopicResult>,
+) -> BytesMut {
+    shard.metrics.errors(api as u16, topics.iter().filter(|t| !t.error.is_ok()).count());
+    encode_response(correlation_id, |w| TopicResults { topics }.encode(w))
 }
