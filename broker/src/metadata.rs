@@ -89,34 +89,46 @@ impl MetadataStore for FileMetadataStore {
     }
 
     fn create_topic(&mut self, name: &str, config: TopicConfig) -> Result<(), MetadataError> {
-        if self.snapshot.topics.contains_key(name) {
-            return Err(MetadataError::TopicExists(name.to_owned()));
-        }
-        let mut next = self.snapshot.clone();
-        next.epoch += 1;
-        next.topics.insert(name.to_owned(), config);
-        self.persist(&next)?;
-        self.snapshot = next;
-        Ok(())
+        self.change(|next| match next.topics.entry(name.to_owned()) {
+            std::collections::btree_map::Entry::Occupied(_) => {
+                Err(MetadataError::TopicExists(name.to_owned()))
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(config);
+                Ok(())
+            }
+        })
     }
 
     fn update_topic(&mut self, name: &str, config: TopicConfig) -> Result<(), MetadataError> {
-        let mut next = self.snapshot.clone();
-        let slot = next.topics.get_mut(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_owned()))?;
-        *slot = config;
-        next.epoch += 1;
-        self.persist(&next)?;
-        self.snapshot = next;
-        Ok(())
+        self.change(|next| {
+            let slot =
+                next.topics.get_mut(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_owned()))?;
+            *slot = config;
+            Ok(())
+        })
     }
 
     fn delete_topic(&mut self, name: &str) -> Result<TopicConfig, MetadataError> {
+        self.change(|next| {
+            next.topics.remove(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_owned()))
+        })
+    }
+}
+
+impl FileMetadataStore {
+    /// Applies `edit` to a copy of the snapshot, bumps its epoch and stores it; the snapshot in
+    /// memory is replaced only once the file is written. An error of `edit` changes nothing.
+    fn change<R>(
+        &mut self,
+        edit: impl FnOnce(&mut Snapshot) -> Result<R, MetadataError>,
+    ) -> Result<R, MetadataError> {
         let mut next = self.snapshot.clone();
-        let config = next.topics.remove(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_owned()))?;
+        let result = edit(&mut next)?;
         next.epoch += 1;
         self.persist(&next)?;
         self.snapshot = next;
-        Ok(config)
+        Ok(result)
     }
 }
 
