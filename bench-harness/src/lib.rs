@@ -56,6 +56,8 @@ pub struct Embedded {
     pub preempt_timer: Option<Duration>,
     /// Segment size of the topics it creates.
     pub segment_bytes: Option<u64>,
+    /// The tail caches' memory, all shards (`None`: the broker's default).
+    pub cache_bytes_max: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +203,7 @@ pub fn run(options: Options) -> Result<Report, String> {
         config.cores = embedded.cores;
         config.fsync = embedded.fsync;
         config.default_retention = None;
+        config.cache_bytes_max = embedded.cache_bytes_max.or(config.cache_bytes_max);
         if let Some(segment_bytes) = embedded.segment_bytes {
             config.default_segment_bytes = segment_bytes;
         }

@@ -47,6 +47,9 @@ struct Args {
     /// Time slice of the embedded broker's shards (µs).
     #[arg(long)]
     preempt_us: Option<u64>,
+    /// Memory of the embedded broker's tail caches, all shards (MiB; default: sized from memory).
+    #[arg(long)]
+    cache_mib: Option<u64>,
     /// The fsync policy of an external broker, for the report.
     #[arg(long)]
     broker_fsync: Option<String>,
@@ -207,6 +210,7 @@ fn main() -> ExitCode {
             data_parent: args.data_dir.clone(),
             preempt_timer: args.preempt_us.map(Duration::from_micros),
             segment_bytes: args.segment_mib.map(|mib| mib << 20),
+            cache_bytes_max: args.cache_mib.map(|mib| mib << 20),
         }),
         broker_fsync: args.broker_fsync.clone(),
         transport: args.transport.clone(),

@@ -31,8 +31,13 @@ pub struct BrokerConfig {
     pub default_segment_bytes: u64,
     pub default_retention: Option<Duration>,
     pub default_max_message_bytes: u32,
-    /// Tail cache per partition.
+    /// The most one partition's tail cache holds (`usize::MAX`: bounded by the shard's only).
     pub cache_bytes_per_partition: usize,
+    /// Memory all tail caches of the broker hold at most, split evenly across shards; over it
+    /// a shard evicts its oldest cached batch first, whichever partition holds it. `None`: an
+    /// eighth of the memory, 16 MiB..=256 MiB per shard (see
+    /// [`crate::preflight::tail_cache_budget`]).
+    pub cache_bytes_max: Option<u64>,
     /// glommio time slice: I/O is submitted and reaped between slices.
     pub preempt_timer: Duration,
     /// Segment files the whole broker keeps open at most (split evenly across shards; idle
@@ -68,7 +73,8 @@ impl BrokerConfig {
             default_segment_bytes: 1 << 30,
             default_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             default_max_message_bytes: 8 << 20,
-            cache_bytes_per_partition: 4 << 20,
+            cache_bytes_per_partition: usize::MAX,
+            cache_bytes_max: None,
             preempt_timer: Duration::from_micros(250),
             open_files_max: None,
             preallocate_bytes_max: 1 << 30,

@@ -30,6 +30,8 @@
 //! | `skein_connections` | gauge | | open client connections |
 //! | `skein_connections_accepted_total`, `skein_connections_refused_total` | counter | | (refused: over `connections_max`) |
 //! | `skein_open_files`, `skein_open_files_max` | gauge | | segment files held open, and the budget |
+//! | `skein_tail_cache_bytes`, `skein_tail_cache_bytes_max` | gauge | | memory held by the partitions' tail caches, and the bound |
+//! | `skein_tail_cache_evictions_total` | counter | | cached batches evicted for the bound (oldest first, whichever partition) |
 //! | `skein_segment_rolls_total` | counter | | active segments sealed |
 //! | `skein_fsync_latency_seconds` | histogram | | `fdatasync` of data segments |
 //! | `skein_log_reads_total` | counter | source = `tail_cache` or `file` | reads by where they were answered from |
@@ -188,6 +190,9 @@ pub struct ShardSnapshot {
     pub connections_refused: u64,
     pub open_files: u64,
     pub open_files_max: u64,
+    pub cache_bytes: u64,
+    pub cache_bytes_max: u64,
+    pub cache_evictions: u64,
     pub storage: StorageCounters,
     pub reactor_stalls: u64,
     pub reactor_lag_max: Duration,
@@ -243,6 +248,9 @@ impl ShardSnapshot {
             connections_refused: metrics.connections_refused.get(),
             open_files: handles.open_files as u64,
             open_files_max: handles.open_files_max.unwrap_or(0) as u64,
+            cache_bytes: handles.cache_bytes as u64,
+            cache_bytes_max: handles.cache_bytes_max.unwrap_or(0) as u64,
+            cache_evictions: handles.cache_evictions,
             storage: skein_storage::metrics::snapshot(),
             reactor_stalls,
             reactor_lag_max,
@@ -689,6 +697,27 @@ impl Collector for Merged {
             "Segment files the broker keeps open at most.",
             Gauge,
             sum(&|s| s.open_files_max),
+        )?;
+        single(
+            &mut encoder,
+            "skein_tail_cache_bytes",
+            "Memory held by the partitions' tail caches.",
+            Gauge,
+            sum(&|s| s.cache_bytes),
+        )?;
+        single(
+            &mut encoder,
+            "skein_tail_cache_bytes_max",
+            "Memory the tail caches hold at most.",
+            Gauge,
+            sum(&|s| s.cache_bytes_max),
+        )?;
+        single(
+            &mut encoder,
+            "skein_tail_cache_evictions",
+            "Cached batches evicted for the memory bound.",
+            Counter,
+            sum(&|s| s.cache_evictions),
         )?;
         single(
             &mut encoder,

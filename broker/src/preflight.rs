@@ -7,6 +7,7 @@
 //! | locked memory | `RLIMIT_MEMLOCK` (soft, raised to the hard limit first) is below the 512 KiB every glommio executor requires | without `CAP_IPC_LOCK`, the limit is below what the shards' io_uring registered buffers need (they then run without them, a little slower) |
 //! | open files | `RLIMIT_NOFILE` (soft, raised to the hard limit first) leaves less than 16 segment files per shard after the process's own descriptors (or less than `--open-files-max`) | it leaves less than `connections_max` descriptors for connections |
 //! | io_uring | the kernel refuses to set up a ring (not built in, `kernel.io_uring_disabled`, a seccomp filter) | |
+//! | tail cache | | `storage.cache_bytes_max` is over half of the memory (or of the cgroup's limit) |
 //! | data directory | it is on tmpfs or ramfs (O_DIRECT writes would never reach a disk), or an aligned O_DIRECT write and read-back fails there, or it is not writable | |
 //!
 //! The checks only read the system and the data directory (the O_DIRECT probe writes and
@@ -89,6 +90,7 @@ pub fn run(config: &BrokerConfig) -> Report {
     report.checks.push(Check { name: "locked memory", outcome: check_memlock(cores) });
     report.checks.push(Check { name: "open files", outcome: check_open_files(config, cores) });
     report.checks.push(Check { name: "io_uring", outcome: check_io_uring() });
+    report.checks.push(Check { name: "tail cache", outcome: check_tail_cache(config) });
     report.checks.push(Check { name: "data directory", outcome: check_data_dir(&config.data_dir) });
     report
 }
@@ -242,6 +244,47 @@ fn check_open_files(config: &BrokerConfig, cores: u64) -> Outcome {
     ))
 }
 
+/// The memory this process may use: the machine's, or its cgroup's limit (v2 `memory.max`) where
+/// that is lower.
+pub fn memory_bytes() -> u64 {
+    // SAFETY: sysconf reads a system value.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let machine = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    cgroup.map_or(machine, |limit| limit.min(machine))
+}
+
+/// The auto-sized tail cache of each shard: an eighth of `memory` shared by `cores` shards,
+/// within 16 MiB..=256 MiB per shard (the memory's first use is slow on some VMs; a
+/// partition written at 128 MB/s on a shard of its own still gets two seconds of data).
+pub const TAIL_CACHE_SHARD_MIN: u64 = 16 << 20;
+pub const TAIL_CACHE_SHARD_MAX: u64 = 256 << 20;
+
+/// The memory all tail caches of the broker may hold: `cache_bytes_max` if set, else sized from
+/// `memory` (see [`TAIL_CACHE_SHARD_MAX`]).
+pub fn tail_cache_budget(config: &BrokerConfig, memory: u64) -> u64 {
+    let cores = config.cores.max(1) as u64;
+    config
+        .cache_bytes_max
+        .unwrap_or_else(|| (memory / 8 / cores).clamp(TAIL_CACHE_SHARD_MIN, TAIL_CACHE_SHARD_MAX) * cores)
+}
+
+fn check_tail_cache(config: &BrokerConfig) -> Outcome {
+    let memory = memory_bytes();
+    let budget = tail_cache_budget(config, memory);
+    let how =
+        if config.cache_bytes_max.is_some() { "set" } else { "an eighth of memory, at most 256 MiB a shard" };
+    let text = format!("{} for the shards' tail caches ({how}), of {} memory", kib(budget), kib(memory));
+    if memory > 0 && budget > memory / 2 {
+        return Outcome::Warning(format!(
+            "{text}: more than half; the broker may run out of memory under load (lower storage.cache_bytes_max)"
+        ));
+    }
+    Outcome::Ok(text)
+}
+
 fn check_io_uring() -> Outcome {
     match io_uring::IoUring::new(8) {
         Ok(_) => Outcome::Ok("a ring was set up".to_owned()),
@@ -343,7 +386,7 @@ mod tests {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let config = BrokerConfig::new(dir.path().join("data"), "127.0.0.1:0".parse().unwrap());
         let report = run(&config);
-        assert_eq!(report.checks.len(), 4);
+        assert_eq!(report.checks.len(), 5);
         let data = report.checks.iter().find(|c| c.name == "data directory").unwrap();
         assert!(matches!(data.outcome, Outcome::Ok(_)), "{:?}", data.outcome);
         assert!(!dir.path().join("data").exists(), "checking creates nothing");
@@ -351,6 +394,22 @@ mod tests {
         assert!(lines
             .iter()
             .all(|l| l.starts_with("ok") || l.starts_with("warning") || l.starts_with("FAILED")));
+    }
+
+    #[test]
+    fn the_tail_cache_is_sized_from_memory_unless_set() {
+        let mut config = BrokerConfig::new("/nonexistent".into(), "127.0.0.1:0".parse().unwrap());
+        config.cores = 4;
+        assert_eq!(tail_cache_budget(&config, 4 << 30), 512 << 20, "an eighth");
+        assert_eq!(tail_cache_budget(&config, 256 << 30), 1 << 30, "at most 256 MiB a shard");
+        assert_eq!(tail_cache_budget(&config, 256 << 20), 64 << 20, "at least 16 MiB a shard");
+        config.cache_bytes_max = Some(300 << 20);
+        assert_eq!(tail_cache_budget(&config, 32 << 30), 300 << 20);
+        assert!(memory_bytes() > 0);
+        config.cache_bytes_max = Some(memory_bytes());
+        assert!(
+            matches!(check_tail_cache(&config), Outcome::Warning(text) if text.contains("more than half"))
+        );
     }
 
     #[test]

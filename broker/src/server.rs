@@ -188,11 +188,14 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
     let files_per_shard =
         (open_files / cores as u64).max(crate::preflight::OPEN_FILES_MIN_PER_SHARD) as usize;
     let preallocate_per_shard = config.preallocate_bytes_max / cores as u64;
+    let cache_bytes_max = crate::preflight::tail_cache_budget(&config, crate::preflight::memory_bytes());
+    let cache_per_shard = (cache_bytes_max / cores as u64) as usize;
     tracing::info!(
         open_files,
         files_per_shard,
         preallocate_bytes_max = config.preallocate_bytes_max,
-        "budgets: segment files kept open, disk allocated ahead of data"
+        cache_bytes_max,
+        "budgets: segment files kept open, disk allocated ahead of data, tail caches"
     );
     // Metrics first: `/health` answers (and `/ready` says why not) while the shards recover.
     let metrics = match config.metrics_listen {
@@ -233,6 +236,7 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         let spawned = builder.spawn(move || async move {
             skein_storage::handles::set_open_files_max(Some(files_per_shard));
             skein_storage::handles::set_preallocate_bytes_max(Some(preallocate_per_shard));
+            skein_storage::handles::set_cache_bytes_max(Some(cache_per_shard));
             let awake = glommio::spawn_local(keep_awake());
             let queue = glommio::executor().create_task_queue(
                 glommio::Shares::default(),

@@ -29,7 +29,8 @@
 //! | `storage.segment_bytes` | 1073741824 | default segment size of new topics |
 //! | `storage.retention_hours` | 168 | default retention of new topics (0: forever) |
 //! | `storage.retention_check_ms` | 60000 | how often retention runs |
-//! | `storage.cache_bytes` | 4194304 | tail cache per partition |
+//! | `storage.cache_bytes_max` | 0 | memory for all partitions' tail caches; 0: an eighth of the memory, 16–256 MiB per shard |
+//! | `storage.cache_bytes` | 0 | the most one partition's tail cache holds; 0: no bound of its own |
 //! | `storage.open_files_max` | 0 | segment files kept open; 0: from `RLIMIT_NOFILE` |
 //! | `storage.preallocate_bytes_max` | 1073741824 | disk allocated ahead of data, all partitions |
 //! | `storage.max_message_bytes` | 8388608 | default largest batch of new topics |
@@ -112,7 +113,10 @@ pub struct StorageSection {
     /// 0: keep forever.
     pub retention_hours: u64,
     pub retention_check_ms: u64,
+    /// 0: no bound of its own (the broker's `cache_bytes_max` bounds it).
     pub cache_bytes: usize,
+    /// 0: sized from memory.
+    pub cache_bytes_max: u64,
     /// 0: derived from `RLIMIT_NOFILE`.
     pub open_files_max: usize,
     pub preallocate_bytes_max: u64,
@@ -127,7 +131,8 @@ impl Default for StorageSection {
             segment_bytes: 1 << 30,
             retention_hours: 168,
             retention_check_ms: 60_000,
-            cache_bytes: 4 << 20,
+            cache_bytes: 0,
+            cache_bytes_max: 0,
             open_files_max: 0,
             preallocate_bytes_max: 1 << 30,
             max_message_bytes: 8 << 20,
@@ -264,7 +269,9 @@ impl Settings {
         config.default_segment_bytes = self.storage.segment_bytes;
         config.default_retention = (self.storage.retention_hours > 0)
             .then(|| Duration::from_secs(self.storage.retention_hours * 3600));
-        config.cache_bytes_per_partition = self.storage.cache_bytes;
+        config.cache_bytes_per_partition =
+            if self.storage.cache_bytes == 0 { usize::MAX } else { self.storage.cache_bytes };
+        config.cache_bytes_max = (self.storage.cache_bytes_max > 0).then_some(self.storage.cache_bytes_max);
         config.open_files_max = (self.storage.open_files_max > 0).then_some(self.storage.open_files_max);
         config.preallocate_bytes_max = self.storage.preallocate_bytes_max;
         if self.storage.max_message_bytes < 1024 {

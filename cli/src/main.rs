@@ -198,9 +198,15 @@ struct BrokerArgs {
     /// Default retention of new topics, hours; 0: forever [storage.retention_hours; default 168].
     #[arg(long)]
     retention_hours: Option<u64>,
-    /// Tail cache per partition, bytes [storage.cache_bytes; default 4 MiB].
+    /// The most one partition's tail cache holds, bytes; 0: no bound of its own
+    /// [storage.cache_bytes; default 0].
     #[arg(long)]
     cache_bytes: Option<usize>,
+    /// Memory all partitions' tail caches hold together, bytes (split across shards; the
+    /// oldest batch goes first); 0: an eighth of the memory, 16-256 MiB per shard
+    /// [storage.cache_bytes_max; default 0].
+    #[arg(long)]
+    cache_bytes_max: Option<u64>,
     /// Segment files the broker keeps open at most (idle ones are closed and reopened when
     /// used); 0: three quarters of what RLIMIT_NOFILE leaves [storage.open_files_max].
     #[arg(long)]
@@ -245,7 +251,7 @@ impl BrokerArgs {
         use toml::Value;
         let int = |v: u64| Value::Integer(v.min(i64::MAX as u64) as i64);
         let text = |v: &dyn std::fmt::Display| Value::String(v.to_string());
-        let given: [(&str, Option<Value>); 23] = [
+        let given: [(&str, Option<Value>); 24] = [
             ("broker.data_dir", self.data_dir.as_ref().map(|v| text(&v.display()))),
             ("network.listen", self.listen.map(|v| text(&v))),
             ("broker.cores", self.cores.map(|v| int(v as u64))),
@@ -260,6 +266,7 @@ impl BrokerArgs {
             ("storage.segment_bytes", self.segment_bytes.map(int)),
             ("storage.retention_hours", self.retention_hours.map(int)),
             ("storage.cache_bytes", self.cache_bytes.map(|v| int(v as u64))),
+            ("storage.cache_bytes_max", self.cache_bytes_max.map(int)),
             ("storage.open_files_max", self.open_files_max.map(|v| int(v as u64))),
             ("storage.preallocate_bytes_max", self.preallocate_bytes_max.map(int)),
             ("storage.max_message_bytes", self.max_message_bytes.map(|v| int(v.into()))),

@@ -195,8 +195,15 @@ fn sum_of(samples: &BTreeMap<String, f64>, family: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_after_traffic_have_every_family_and_the_right_figures() {
-    let broker =
-        Broker::start(&["--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--log-requests"]);
+    let broker = Broker::start(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--log-requests",
+        "--cache-bytes-max",
+        "33554432",
+    ]);
     let metrics = broker.metrics_addr.clone().expect("the broker printed its metrics address");
     let admin = Admin::new(broker.client().await);
     admin.create_topic("orders", 4, &[]).await.unwrap();
@@ -235,6 +242,10 @@ async fn metrics_after_traffic_have_every_family_and_the_right_figures() {
     assert!(value("skein_connections_accepted_total{}") >= 3.0);
     assert!(value("skein_connections{}") >= 3.0, "admin, producer and consumer are connected");
     assert!(value("skein_open_files{}") > 0.0);
+    // Split across the shards (each its share, rounded down).
+    assert!((value("skein_tail_cache_bytes_max{}") - 33554432.0).abs() < 16.0);
+    assert!(value("skein_tail_cache_bytes{}") <= value("skein_tail_cache_bytes_max{}"));
+    assert_eq!(value("skein_tail_cache_evictions_total{}"), 0.0, "500 small records fit");
     assert!(sum_of(&samples, "skein_log_reads_total") >= 1.0);
     assert_eq!(value("skein_topic_partitions{topic=orders}"), 4.0);
     assert!(value("skein_topic_bytes{topic=orders}") > 0.0);

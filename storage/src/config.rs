@@ -73,7 +73,8 @@ pub struct LogConfig {
     pub retention_age_max: Option<Duration>,
     /// Oldest sealed segments are deleted while the log is larger than this.
     pub retention_bytes_max: Option<u64>,
-    /// Bytes of the most recent batches kept in memory to serve tail reads.
+    /// Bytes of the most recent batches this log keeps in memory to serve tail reads (the
+    /// shard's bound, [`crate::handles::set_cache_bytes_max`], applies as well).
     pub cache_bytes_max: usize,
     /// Size of each aligned write buffer; full buffers are written without copying.
     pub write_buffer_bytes: usize,

@@ -1,5 +1,5 @@
-//! The shard's budget of open segment files, and its budget of disk space allocated ahead of
-//! the data.
+//! The shard's budget of open segment files, of disk space allocated ahead of the data, and of
+//! tail-cache memory.
 //!
 //! # Open files
 //! Every segment file is a [`FileSlot`]: a path and, while it is open, its O_DIRECT handle.
@@ -20,6 +20,10 @@
 //! extend the file one by one. The extension grows with the partition's write rate (see
 //! `Log::preallocate`), and the bytes allocated ahead by all the shard's logs are bounded by
 //! [`set_preallocate_bytes_max`]: beyond it a log allocates only what it writes.
+//!
+//! # Tail caches
+//! All the tail caches of a shard's logs are bounded together too ([`set_cache_bytes_max`]):
+//! over it the shard's oldest cached batch goes first, whichever log holds it (see `cache`).
 //!
 //! Lives on one shard (thread-local); nothing here is shared between threads.
 
@@ -94,6 +98,12 @@ pub fn set_read_ahead_bytes_max(limit: usize) {
     with(|registry| registry.read_ahead_limit = limit);
 }
 
+/// Sets how many bytes all the tail caches of this shard's logs may hold together (`None`: each
+/// log's own `cache_bytes_max` only); evicts down to it at once.
+pub fn set_cache_bytes_max(limit: Option<usize>) {
+    crate::cache::set_cache_bytes_max(limit);
+}
+
 /// Takes `bytes` from the read-ahead budget; `false` (and nothing taken) if they do not fit.
 pub(crate) fn reserve_read_ahead(bytes: usize) -> bool {
     with(|registry| {
@@ -122,9 +132,14 @@ pub struct HandleStats {
     pub over_budget: u64,
     pub allocated_ahead_bytes: u64,
     pub read_ahead_bytes: usize,
+    /// Bytes held by the shard's tail caches, their bound, and batches evicted for the bound.
+    pub cache_bytes: usize,
+    pub cache_bytes_max: Option<usize>,
+    pub cache_evictions: u64,
 }
 
 pub fn stats() -> HandleStats {
+    let (cache_bytes, cache_bytes_max, cache_evictions) = crate::cache::shard_stats();
     with(|r| HandleStats {
         open_files: r.open,
         open_files_max: r.limit,
@@ -133,6 +148,9 @@ pub fn stats() -> HandleStats {
         over_budget: r.over_budget,
         allocated_ahead_bytes: r.ahead,
         read_ahead_bytes: r.read_ahead,
+        cache_bytes,
+        cache_bytes_max,
+        cache_evictions,
     })
     .unwrap_or_default()
 }

@@ -104,6 +104,57 @@ fn recent_batches_come_from_memory_older_ones_from_stable_file_ranges() {
 }
 
 #[test]
+fn the_shards_logs_share_one_cache_bound_and_the_busiest_log_holds_most_of_it() {
+    let dir = tmp();
+    let (busy_path, idle_path) = (dir.path().join("busy"), dir.path().join("idle"));
+    run(move || async move {
+        const BOUND: usize = 64 << 10;
+        skein_storage::handles::set_cache_bytes_max(Some(BOUND));
+        let config = LogConfig { segment_bytes: 1 << 20, cache_bytes_max: usize::MAX, ..LogConfig::tiny() };
+        let busy = Log::open(&busy_path, config).await.unwrap();
+        let idle = Log::open(&idle_path, config).await.unwrap();
+        append_all(&idle, &[5; 20]).await;
+        let idle_before = idle.cache_bytes();
+        assert!(idle_before > 2048, "the idle log cached its writes: {idle_before}");
+        append_all(&busy, &[5; 400]).await;
+        let stats = skein_storage::handles::stats();
+        assert_eq!(stats.cache_bytes_max, Some(BOUND));
+        assert!(stats.cache_bytes <= BOUND + 2 * 4096, "the shard stays bounded: {}", stats.cache_bytes);
+        assert_eq!(stats.cache_bytes, busy.cache_bytes() + idle.cache_bytes());
+        assert!(stats.cache_evictions > 0);
+        // The idle log's batches were the shard's oldest: they went first (all but its last,
+        // unstable block), and the busy log holds the rest of the bound, far more than any
+        // fixed share per log would give it.
+        assert!(
+            idle.cache_bytes() <= 4096,
+            "the idle log kept only its unstable block: {}",
+            idle.cache_bytes()
+        );
+        assert!(
+            busy.cache_bytes() >= BOUND - 2 * 4096,
+            "the busy log holds most of the bound: {}",
+            busy.cache_bytes()
+        );
+        // What the busy log holds is served from memory, from its oldest cached offset on.
+        let visible = busy.visible_offset();
+        let mut from_memory = 0;
+        let mut next = visible;
+        while next > 0 {
+            match busy.read(next - 1, 1).await.unwrap().data {
+                ReadData::Memory(chunks) => from_memory += chunks.iter().map(|c| c.len()).sum::<usize>(),
+                _ => break,
+            }
+            next -= 5;
+        }
+        assert!(from_memory >= BOUND / 2, "recent reads come from memory: {from_memory}");
+        assert_eq!(read_everything(&busy).await, (0..visible).collect::<Vec<_>>());
+        busy.close().await.unwrap();
+        idle.close().await.unwrap();
+        assert_eq!(skein_storage::handles::stats().cache_bytes, 0, "closed logs hold nothing");
+    });
+}
+
+#[test]
 fn close_and_reopen_keeps_every_record_and_the_index() {
     let dir = tmp();
     let path = dir.path().join("p0");

@@ -147,9 +147,12 @@ impl Log {
         active.appender.append(&batch);
         state.next_offset = next_offset;
         state.epochs.assign(leader_epoch, base_offset);
-        state.cache.push(CacheEntry { base_offset, next_offset, segment_base, position, data: batch });
         let stable = state.stable_position();
-        state.cache.evict(segment_base, stable);
+        state.cache.push(
+            CacheEntry { base_offset, next_offset, segment_base, position, data: batch },
+            segment_base,
+            stable,
+        );
         let (reply, receiver) = oneshot::channel();
         let (end_position, max_timestamp) = (state.active.appender.end(), state.active.max_timestamp);
         state.acks.push_back(PendingAck { next_offset, end_position, max_timestamp, reply });
