@@ -64,6 +64,7 @@ mod oneshot;
 pub mod preflight;
 pub mod producers;
 pub mod quic;
+pub mod quic_runtime;
 pub mod reconcile;
 pub mod router;
 pub mod sendfile;
