@@ -22,6 +22,7 @@
 
 pub mod chart;
 pub mod partitions;
+pub mod quic_bulk;
 pub mod stats;
 pub mod workload;
 

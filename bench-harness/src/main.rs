@@ -17,6 +17,9 @@ enum ModeArg {
     E2e,
     /// What many partitions cost a node (a broker child process; see the crate docs).
     Partitions,
+    /// quinn driven by a broker shard's glommio executor next to quinn on pinned tokio (see
+    /// the crate docs, `quic_bulk`).
+    QuicBulk,
 }
 
 #[derive(Parser, Debug)]
@@ -47,6 +50,15 @@ struct Args {
     /// Time slice of the embedded broker's shards (µs).
     #[arg(long)]
     preempt_us: Option<u64>,
+    /// quic-bulk: MiB sent per round.
+    #[arg(long, default_value_t = 1024)]
+    quic_mib: u64,
+    /// quic-bulk: streams per connection.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// quic-bulk: rounds per runtime (alternating).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Memory of the embedded broker's tail caches, all shards (MiB; default: sized from memory).
     #[arg(long)]
     cache_mib: Option<u64>,
@@ -174,7 +186,8 @@ fn main() -> ExitCode {
         eprintln!("error: transport {:?} is not available yet (only tcp)", args.transport);
         return ExitCode::FAILURE;
     }
-    if args.messages.is_none() && args.duration.is_none() && !matches!(args.mode, ModeArg::Partitions) {
+    if args.messages.is_none() && args.duration.is_none() && !matches!(args.mode, ModeArg::Partitions | ModeArg::QuicBulk)
+    {
         eprintln!("error: give --messages N or --duration SECONDS");
         return ExitCode::FAILURE;
     }
@@ -184,6 +197,7 @@ fn main() -> ExitCode {
         ModeArg::Consume => Mode::Consume,
         ModeArg::E2e => Mode::E2e,
         ModeArg::Partitions => return run_partitions(&args, cpus),
+        ModeArg::QuicBulk => return run_quic_bulk(&args),
     };
     let options = Options {
         mode,
@@ -244,6 +258,40 @@ fn main() -> ExitCode {
     }
     if report.errors > 0 {
         return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn run_quic_bulk(args: &Args) -> ExitCode {
+    let options = skein_bench::quic_bulk::QuicBulkOptions {
+        bytes: args.quic_mib << 20,
+        streams: args.streams.max(1),
+        rounds: args.rounds.max(1),
+    };
+    let report = match skein_bench::quic_bulk::run(options, skein_bench::git_commit()) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for round in &report.rounds {
+        println!("{:?}: {} MiB in {:.2} s, {:.1} MiB/s", round.runtime, round.bytes >> 20, round.seconds, round.mib_per_s);
+    }
+    println!(
+        "quinn on a glommio shard {:.1} MiB/s, on pinned tokio {:.1} MiB/s (medians of {} rounds, {} streams): {:.2} (gate ≥ 0.8)",
+        report.glommio_mib_per_s,
+        report.tokio_mib_per_s,
+        args.rounds.max(1),
+        report.streams,
+        report.ratio
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).expect("a report serialises");
+        if let Err(error) = std::fs::write(path, json + "\n") {
+            eprintln!("error: writing {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
     }
     ExitCode::SUCCESS
 }
