@@ -211,9 +211,16 @@ pub fn run(options: Options) -> Result<Report, String> {
         if let Some(preempt) = embedded.preempt_timer {
             config.preempt_timer = preempt;
         }
+        if options.transport == "quic" {
+            config.quic_listen = Some("127.0.0.1:0".parse().expect("address"));
+        }
         let running =
             skein_broker::start(config).map_err(|e| format!("starting the embedded broker: {e}"))?;
         workload.bootstrap = running.addr.to_string();
+        if let (Some(quic), Some(cert)) = (running.quic_addr, running.quic_dev_cert.clone()) {
+            workload.bootstrap = quic.to_string();
+            workload.transport = skein_client::Transport::Quic { server_name: None, ca_file: cert };
+        }
         broker_info.bootstrap = workload.bootstrap.clone();
         broker_info.cores = Some(embedded.cores);
         broker_info.fsync = embedded.fsync.to_string();
@@ -304,7 +311,7 @@ struct Measured {
 }
 
 async fn ensure_topic(workload: &Workload) -> Result<(), String> {
-    let client = workload::connect(&workload.bootstrap).await.map_err(|e| e.to_string())?;
+    let client = workload::connect(workload).await.map_err(|e| e.to_string())?;
     let admin = Admin::new(client);
     match admin.describe_topic(&workload.topic).await {
         Ok(description) => {
@@ -336,7 +343,7 @@ fn shares(total: Option<u64>, workers: usize) -> Vec<Option<u64>> {
 async fn drive(mode: Mode, workload: Arc<Workload>, quiet: bool) -> Result<Measured, String> {
     ensure_topic(&workload).await?;
     let partitions = {
-        let client = workload::connect(&workload.bootstrap).await.map_err(|e| e.to_string())?;
+        let client = workload::connect(&workload).await.map_err(|e| e.to_string())?;
         Admin::new(client).describe_topic(&workload.topic).await.map_err(|e| e.to_string())?.partitions
     };
     let partition_ids: Vec<u32> = partitions.iter().map(|p| p.partition).collect();
@@ -395,7 +402,7 @@ async fn drive(mode: Mode, workload: Arc<Workload>, quiet: bool) -> Result<Measu
             let until = match mode {
                 Mode::Consume => {
                     // The ends as they are now (pre-filling moved them).
-                    let client = workload::connect(&workload.bootstrap).await.map_err(|e| e.to_string())?;
+                    let client = workload::connect(&workload).await.map_err(|e| e.to_string())?;
                     let fresh = Admin::new(client)
                         .describe_topic(&workload.topic)
                         .await

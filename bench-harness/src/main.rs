@@ -102,9 +102,17 @@ struct Args {
     /// Draw keys from this many distinct keys (default: no keys).
     #[arg(long)]
     keys: Option<u64>,
-    /// tcp (quic when it exists)
+    /// tcp or quic (an embedded broker then serves QUIC with its development certificate; an
+    /// external one needs --quic-ca-file).
     #[arg(long, default_value = "tcp")]
     transport: String,
+    /// QUIC: PEM file of the certificate authorities to trust (the broker's
+    /// `quic-dev-cert.pem` when it runs without a certificate).
+    #[arg(long)]
+    quic_ca_file: Option<PathBuf>,
+    /// QUIC: the name the broker's certificate carries (default: the bootstrap host).
+    #[arg(long)]
+    quic_server_name: Option<String>,
     /// tokio worker threads of the load generator (default: every CPU; half of them with
     /// --rate, so that on a small machine the load generator does not crowd out the broker
     /// whose latency is being measured).
@@ -182,11 +190,28 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-    if args.transport != "tcp" {
-        eprintln!("error: transport {:?} is not available yet (only tcp)", args.transport);
-        return ExitCode::FAILURE;
-    }
-    if args.messages.is_none() && args.duration.is_none() && !matches!(args.mode, ModeArg::Partitions | ModeArg::QuicBulk)
+    let transport = match args.transport.as_str() {
+        "tcp" => skein_client::Transport::Tcp,
+        "quic" => match (&args.quic_ca_file, args.embedded) {
+            (Some(ca_file), _) => skein_client::Transport::Quic {
+                server_name: args.quic_server_name.clone(),
+                ca_file: ca_file.clone(),
+            },
+            // Replaced by the embedded broker's own certificate once it runs.
+            (None, true) => skein_client::Transport::Tcp,
+            (None, false) => {
+                eprintln!("error: --transport quic needs --quic-ca-file (or --embedded)");
+                return ExitCode::FAILURE;
+            }
+        },
+        other => {
+            eprintln!("error: transport {other:?}: tcp or quic");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.messages.is_none()
+        && args.duration.is_none()
+        && !matches!(args.mode, ModeArg::Partitions | ModeArg::QuicBulk)
     {
         eprintln!("error: give --messages N or --duration SECONDS");
         return ExitCode::FAILURE;
@@ -203,6 +228,7 @@ fn main() -> ExitCode {
         mode,
         workload: Workload {
             bootstrap: args.bootstrap.clone(),
+            transport,
             topic: args.topic.clone(),
             partitions: args.partitions,
             producers: args.producers.max(1),
@@ -276,7 +302,13 @@ fn run_quic_bulk(args: &Args) -> ExitCode {
         }
     };
     for round in &report.rounds {
-        println!("{:?}: {} MiB in {:.2} s, {:.1} MiB/s", round.runtime, round.bytes >> 20, round.seconds, round.mib_per_s);
+        println!(
+            "{:?}: {} MiB in {:.2} s, {:.1} MiB/s",
+            round.runtime,
+            round.bytes >> 20,
+            round.seconds,
+            round.mib_per_s
+        );
     }
     println!(
         "quinn on a glommio shard {:.1} MiB/s, on pinned tokio {:.1} MiB/s (medians of {} rounds, {} streams): {:.2} (gate ≥ 0.8)",

@@ -129,7 +129,10 @@ fn start_server(
             }
             ServerRuntime::Tokio => {
                 pin_to(0);
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
                 rt.block_on(async move {
                     let endpoint = quinn::Endpoint::new(
                         quinn::EndpointConfig::default(),
@@ -149,18 +152,26 @@ fn start_server(
 }
 
 /// The client side of one round: the seconds from the first stream opened to the answer.
-fn send_all(address: SocketAddr, cert: &rcgen::CertifiedKey, options: &QuicBulkOptions) -> Result<(u64, f64), String> {
+fn send_all(
+    address: SocketAddr,
+    cert: &rcgen::CertifiedKey,
+    options: &QuicBulkOptions,
+) -> Result<(u64, f64), String> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.cert.der().clone()).map_err(|e| e.to_string())?;
-    let mut client = quinn::ClientConfig::with_root_certificates(Arc::new(roots)).map_err(|e| e.to_string())?;
+    let mut client =
+        quinn::ClientConfig::with_root_certificates(Arc::new(roots)).map_err(|e| e.to_string())?;
     client.transport_config(transport());
     let (bytes, streams) = (options.bytes, options.streams.max(1));
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
                 pin_to(cpus - 1);
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
                 let work = async move {
                     let mut endpoint =
                         quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
@@ -222,9 +233,16 @@ pub fn run(options: QuicBulkOptions, git_commit: String) -> Result<QuicBulkRepor
         let (answered, seconds) = sent?;
         let expected = options.bytes / options.streams.max(1) as u64 * options.streams.max(1) as u64;
         if received != expected || answered != expected {
-            return Err(format!("{runtime:?} server received {received} of {expected} bytes (answered {answered})"));
+            return Err(format!(
+                "{runtime:?} server received {received} of {expected} bytes (answered {answered})"
+            ));
         }
-        rounds.push(Round { runtime, bytes: received, seconds, mib_per_s: received as f64 / 1048576.0 / seconds });
+        rounds.push(Round {
+            runtime,
+            bytes: received,
+            seconds,
+            mib_per_s: received as f64 / 1048576.0 / seconds,
+        });
     }
     let of = |runtime| median(rounds.iter().filter(|r| r.runtime == runtime).map(|r| r.mib_per_s).collect());
     let (glommio, tokio) = (of(ServerRuntime::Glommio), of(ServerRuntime::Tokio));

@@ -17,6 +17,8 @@ use crate::stats::{new_histogram, Counters};
 #[derive(Debug, Clone)]
 pub struct Workload {
     pub bootstrap: String,
+    /// TCP, or QUIC with the certificate authority to trust.
+    pub transport: skein_client::Transport,
     pub topic: String,
     pub partitions: u32,
     pub producers: usize,
@@ -60,8 +62,9 @@ impl Clock {
     }
 }
 
-pub async fn connect(bootstrap: &str) -> Result<Client, ClientError> {
-    let mut config = ClientConfig::new(bootstrap);
+pub async fn connect(workload: &Workload) -> Result<Client, ClientError> {
+    let mut config = ClientConfig::new(workload.bootstrap.clone());
+    config.transport = workload.transport.clone();
     config.client_id = "skein-bench".into();
     Client::connect(config).await
 }
@@ -130,7 +133,7 @@ pub async fn produce(
     counters: Arc<Counters>,
     stamp: bool,
 ) -> Result<ProducerOutcome, ClientError> {
-    let client = connect(&workload.bootstrap).await?;
+    let client = connect(&workload).await?;
     let config = ProducerConfig::default()
         .acks(workload.acks)
         .batch_bytes(workload.batch_bytes)
@@ -207,7 +210,7 @@ pub async fn consume(
     counters: Arc<Counters>,
     stamped: bool,
 ) -> Result<ConsumerOutcome, ClientError> {
-    let client = connect(&workload.bootstrap).await?;
+    let client = connect(&workload).await?;
     let config = ConsumerConfig::default()
         .fetch_wait_max(Duration::from_millis(100))
         .partition_bytes_max(4 << 20)

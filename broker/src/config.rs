@@ -47,6 +47,12 @@ pub struct BrokerConfig {
     /// Disk space the whole broker may have allocated ahead of its partitions' data (split
     /// evenly across shards).
     pub preallocate_bytes_max: u64,
+    /// Where QUIC clients connect (UDP; `None`: no QUIC).
+    pub quic_listen: Option<SocketAddr>,
+    /// The QUIC certificate chain and private key (PEM). Neither: a self-signed development
+    /// certificate, written to the data directory.
+    pub quic_cert_file: Option<PathBuf>,
+    pub quic_key_file: Option<PathBuf>,
     /// Where `/metrics`, `/health` and `/ready` are served (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
     /// Per-partition metric series only while the broker holds at most this many partitions
@@ -78,6 +84,9 @@ impl BrokerConfig {
             preempt_timer: Duration::from_micros(250),
             open_files_max: None,
             preallocate_bytes_max: 1 << 30,
+            quic_listen: None,
+            quic_cert_file: None,
+            quic_key_file: None,
             metrics_listen: None,
             partition_series_max: 1000,
             log_requests: false,

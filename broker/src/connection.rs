@@ -9,12 +9,12 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::channels::local_channel;
 use glommio::net::TcpStream;
 use skein_net::frame::{self, FrameError};
@@ -43,7 +43,8 @@ enum End {
     ShuttingDown,
 }
 
-/// Serves a connection until the client closes it, breaks the framing, or the broker stops.
+/// Serves a TCP connection until the client closes it, breaks the framing, or the broker
+/// stops. Record ranges in files go out with `sendfile`.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
@@ -52,10 +53,27 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         tracing::warn!(%error, "could not make a client socket non-blocking");
         return;
     }
-    let (mut reader, writer) = stream.split();
+    let (reader, writer) = stream.split();
+    serve_stream(shard, reader, writer, Some(socket), peer).await;
+}
+
+/// Serves one ordered byte stream of request frames (a TCP connection, or one bidirectional
+/// QUIC stream), answering on `writer` in request order. `socket`: the TCP socket under
+/// `writer`, for `sendfile`; without it, record ranges in files are read into memory first.
+pub async fn serve_stream<R, W>(
+    shard: Rc<Shard>,
+    mut reader: R,
+    writer: W,
+    socket: Option<RawFd>,
+    peer: Option<SocketAddr>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + 'static,
+{
     let (sender, receiver) = local_channel::new_bounded::<LocalFuture<Outgoing>>(shard.config.in_flight_max);
     let writer_failed = Rc::new(Cell::new(false));
     let writer_task = glommio::spawn_local(write_loop(writer, socket, receiver, writer_failed.clone()));
+
     let end = read_loop(&shard, &mut reader, &sender, &writer_failed).await;
     match &end {
         End::Closed | End::ShuttingDown => tracing::debug!(?peer, ?end, "connection ended"),
@@ -67,26 +85,31 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     writer_task.await;
 }
 
-async fn read_loop(
+async fn read_loop<R: AsyncRead + Unpin>(
     shard: &Rc<Shard>,
-    reader: &mut futures::io::ReadHalf<TcpStream>,
+    reader: &mut R,
     sender: &local_channel::LocalSender<LocalFuture<Outgoing>>,
     writer_failed: &Cell<bool>,
 ) -> End {
     let config = &shard.config;
+    // `buffer[..filled]` holds what arrived; the rest is zeroed room, kept between reads, so a
+    // stream that delivers small pieces (QUIC hands out one packet's STREAM frame at a time)
+    // does not zero the rest of a large frame before every read.
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut filled = 0usize;
     // When the first bytes of the frame in progress arrived: the whole frame must arrive within
     // `frame_timeout` of it, however it trickles in (slow-loris protection).
     let mut frame_started: Option<std::time::Instant> = None;
     loop {
         // Take every whole frame already buffered.
         loop {
-            match frame::request_frame_len(&buffer, config.frame_bytes_max) {
+            match frame::request_frame_len(&buffer[..filled], config.frame_bytes_max) {
                 Err(error) => return End::Frame(error),
                 Ok(None) => break,
                 Ok(Some(len)) => {
                     frame_started = None;
                     let whole = buffer.split_to(len);
+                    filled -= len;
                     let header = match frame::decode_request_header(&whole) {
                         Ok(header) => header,
                         Err(error) => return End::Frame(error),
@@ -109,14 +132,14 @@ async fn read_loop(
             return End::ShuttingDown;
         }
         // Read more: the rest of the current frame if its length is known, else a chunk.
-        let wanted = match buffer.len() {
+        let wanted = match filled {
             n if n >= frame::LENGTH_BYTES => {
                 let length = u32::from_le_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
                 (length + frame::LENGTH_BYTES).saturating_sub(n).clamp(READ_CHUNK_BYTES, FRAME_READ_MAX_BYTES)
             }
             _ => READ_CHUNK_BYTES,
         };
-        let (timeout, idle) = if buffer.is_empty() {
+        let (timeout, idle) = if filled == 0 {
             frame_started = None;
             (config.idle_timeout, true)
         } else {
@@ -127,15 +150,14 @@ async fn read_loop(
             }
             (left, false)
         };
-        let start = buffer.len();
-        buffer.resize(start + wanted, 0);
-        let read = read_with_timeout(reader, &mut buffer[start..], timeout, idle, shard).await;
+        let start = filled;
+        if buffer.len() < start + wanted {
+            buffer.resize(start + wanted, 0);
+        }
+        let read = read_with_timeout(reader, &mut buffer[start..start + wanted], timeout, idle, shard).await;
         match read {
-            Ok(0) => {
-                buffer.truncate(start);
-                return End::Closed;
-            }
-            Ok(n) => buffer.truncate(start + n),
+            Ok(0) => return End::Closed,
+            Ok(n) => filled += n,
             Err(end) => return end,
         }
     }
@@ -180,8 +202,8 @@ fn measured(
 }
 
 /// Reads once, giving up after `timeout`; wakes every second to notice a broker shutdown.
-async fn read_with_timeout(
-    reader: &mut futures::io::ReadHalf<TcpStream>,
+async fn read_with_timeout<R: AsyncRead + Unpin>(
+    reader: &mut R,
     target: &mut [u8],
     timeout: Duration,
     idle: bool,
@@ -206,9 +228,9 @@ async fn read_with_timeout(
     }
 }
 
-async fn write_loop(
-    mut writer: futures::io::WriteHalf<TcpStream>,
-    socket: std::os::fd::RawFd,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    socket: Option<RawFd>,
     receiver: local_channel::LocalReceiver<LocalFuture<Outgoing>>,
     failed: Rc<Cell<bool>>,
 ) {
@@ -230,9 +252,9 @@ async fn write_loop(
     let _ = writer.close().await;
 }
 
-async fn write_parts(
-    writer: &mut futures::io::WriteHalf<TcpStream>,
-    socket: std::os::fd::RawFd,
+async fn write_parts<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    socket: Option<RawFd>,
     parts: Vec<Part<crate::shard::Records>>,
 ) -> std::io::Result<()> {
     for part in parts {

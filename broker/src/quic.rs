@@ -13,13 +13,33 @@
 //!   wrong shard (a stray, or a forged id) is dropped by quinn, never answered with a stateless
 //!   reset that would kill a connection served elsewhere.
 //!
-//! Still to come (issue 15): the quinn endpoints on the shards, TLS, the frames on streams,
-//! the client's transport and the benchmarks.
+//! * [`ServerSetup::new`]: TLS (certificate and key from PEM files, or a self-signed
+//!   development certificate, written to the data directory for clients to trust, with a
+//!   warning) and one stateless-reset key for every shard; [`ServerSetup::endpoint`] makes
+//!   shard `k`'s quinn endpoint on its socket, driven by its own executor
+//!   ([`crate::quic_runtime::ShardRuntime`]), with [`ShardCids`].
+//! * [`serve`]: a shard's accept loop. Each bidirectional stream of a connection is served
+//!   exactly as a TCP connection is (`connection::serve_stream`: the same frames, limits and
+//!   errors, responses in request order on the same stream); see PROTOCOL.md, "QUIC".
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::BrokerConfig;
+use crate::shard::Shard;
+
+/// The ALPN protocol id of Skein's frames over QUIC.
+pub const ALPN: &[u8] = b"skein/0";
+/// Where a broker without a configured certificate writes its development certificate.
+pub const DEV_CERT_FILE: &str = "quic-dev-cert.pem";
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -248,5 +268,183 @@ mod tests {
     fn the_group_refuses_impossible_shard_counts() {
         assert!(SteeredGroup::bind("127.0.0.1:0".parse().unwrap(), 0).is_err());
         assert!(SteeredGroup::bind("127.0.0.1:0".parse().unwrap(), 257).is_err());
+    }
+}
+
+/// What every shard's QUIC endpoint shares: the TLS server settings and the reset key.
+#[derive(Clone)]
+pub struct ServerSetup {
+    server: quinn::ServerConfig,
+    reset_key: [u8; 32],
+    shards: usize,
+    /// The development certificate written for clients, when no certificate was configured.
+    pub dev_cert: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ServerSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSetup").field("shards", &self.shards).field("dev_cert", &self.dev_cert).finish()
+    }
+}
+
+fn read_pem(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("QUIC certificate {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("QUIC certificate {}: no certificate in it", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("QUIC key {}: {e}", key.display()))?;
+    Ok((certs, key))
+}
+
+/// A self-signed certificate for `localhost`, 127.0.0.1, ::1 and the listen address, written
+/// (certificate only) to the data directory.
+fn dev_certificate(
+    config: &BrokerConfig,
+    listen: SocketAddr,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, PathBuf), String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    names.dedup();
+    let certified =
+        rcgen::generate_simple_self_signed(names).map_err(|e| format!("a development certificate: {e}"))?;
+    let path = config.data_dir.join(DEV_CERT_FILE);
+    std::fs::write(&path, certified.cert.pem()).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let key = PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+    Ok((vec![certified.cert.der().clone()], key, path))
+}
+
+impl ServerSetup {
+    /// TLS from `quic_cert_file` / `quic_key_file`, or a development certificate (with a
+    /// warning). The data directory must exist.
+    pub fn new(config: &BrokerConfig, listen: SocketAddr, shards: usize) -> Result<ServerSetup, String> {
+        let (certs, key, dev_cert) = match (&config.quic_cert_file, &config.quic_key_file) {
+            (Some(cert), Some(key)) => {
+                let (certs, key) = read_pem(cert, key)?;
+                (certs, key, None)
+            }
+            (None, None) => {
+                let (certs, key, path) = dev_certificate(config, listen)?;
+                tracing::warn!(
+                    certificate = %path.display(),
+                    "QUIC without --quic-cert-file/--quic-key-file: serving a self-signed development certificate; clients must trust that file; do not use this in production"
+                );
+                (certs, key, Some(path))
+            }
+            _ => return Err("QUIC needs both --quic-cert-file and --quic-key-file (or neither, for a development certificate)".to_owned()),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| format!("QUIC TLS: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("QUIC certificate and key: {e}"))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| format!("QUIC TLS: {e}"))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
+            .map_err(|e| format!("QUIC idle timeout: {e}"))?;
+        transport
+            .max_idle_timeout(Some(idle))
+            .max_concurrent_bidi_streams(quinn::VarInt::from_u32(64))
+            .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+            .stream_receive_window(quinn::VarInt::from_u32(8 << 20))
+            .receive_window(quinn::VarInt::from_u32(32 << 20))
+            .send_window(32 << 20);
+        server.transport_config(Arc::new(transport));
+        let mut reset_key = [0u8; 32];
+        fill_random(&mut reset_key);
+        Ok(ServerSetup { server, reset_key, shards, dev_cert })
+    }
+
+    /// Shard `shard`'s endpoint on its socket of the steered group; call on the shard.
+    pub fn endpoint(&self, shard: usize, socket: UdpSocket) -> io::Result<quinn::Endpoint> {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.reset_key);
+        let mut endpoint = quinn::EndpointConfig::new(Arc::new(key));
+        let shards = self.shards;
+        endpoint.cid_generator(move || Box::new(ShardCids::new(shard, shards)));
+        quinn::Endpoint::new(
+            endpoint,
+            Some(self.server.clone()),
+            socket,
+            Arc::new(crate::quic_runtime::ShardRuntime),
+        )
+    }
+}
+
+/// Accepts QUIC connections on the shard's endpoint until the broker stops; each connection
+/// counts against `connections_max` like a TCP one, each of its bidirectional streams is served
+/// like a TCP connection.
+pub async fn serve(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        if shard.shutting_down.get() {
+            incoming.refuse();
+            break;
+        }
+        if shard.connections.get() >= shard.config.connections_per_shard() {
+            shard.metrics.connections_refused.set(shard.metrics.connections_refused.get() + 1);
+            incoming.refuse();
+            continue;
+        }
+        shard.metrics.connections_accepted.set(shard.metrics.connections_accepted.get() + 1);
+        shard.connections.set(shard.connections.get() + 1);
+        let served = shard.clone();
+        glommio::spawn_local(async move {
+            serve_connection(&served, incoming).await;
+            served.connections.set(served.connections.get() - 1);
+        })
+        .detach();
+    }
+}
+
+async fn serve_connection(shard: &Rc<Shard>, incoming: quinn::Incoming) {
+    let peer = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "QUIC handshake failed");
+            return;
+        }
+    };
+    loop {
+        let accepted = futures::future::select(
+            Box::pin(connection.accept_bi()),
+            Box::pin(glommio::timer::sleep(Duration::from_secs(1))),
+        )
+        .await;
+        match accepted {
+            futures::future::Either::Left((Ok((send, recv)), _)) => {
+                // Each stream ends by itself: the client finishes it, the connection goes, or the
+                // broker stops (noticed within a second).
+                glommio::spawn_local(crate::connection::serve_stream(
+                    shard.clone(),
+                    recv,
+                    send,
+                    None,
+                    Some(peer),
+                ))
+                .detach();
+            }
+            futures::future::Either::Left((Err(error), _)) => {
+                tracing::debug!(%peer, %error, "QUIC connection ended");
+                break;
+            }
+            futures::future::Either::Right(_) => {
+                if shard.shutting_down.get() {
+                    connection.close(quinn::VarInt::from_u32(0), b"broker shutting down");
+                    break;
+                }
+            }
+        }
     }
 }

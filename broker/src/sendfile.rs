@@ -158,10 +158,27 @@ fn pread(file: RawFd, position: u64, len: usize) -> io::Result<Vec<u8>> {
     Ok(buffer)
 }
 
-/// Writes `records` to the socket behind `writer` (whose descriptor is `socket`).
+/// The whole range, or an error (a file shorter than the range is one).
+fn read_range(file: RawFd, position: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(len);
+    while bytes.len() < len {
+        let piece = pread(file, position + bytes.len() as u64, len - bytes.len())?;
+        if piece.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "a record range past the end of its file",
+            ));
+        }
+        bytes.extend_from_slice(&piece);
+    }
+    Ok(bytes)
+}
+
+/// Writes `records` to `writer`: file ranges with `sendfile` to the socket behind it (its
+/// descriptor `socket`), or, on a stream without one (QUIC), read into memory first.
 pub async fn write_records<W: AsyncWrite + Unpin>(
     writer: &mut W,
-    socket: RawFd,
+    socket: Option<RawFd>,
     records: Records,
 ) -> io::Result<()> {
     match records {
@@ -171,9 +188,15 @@ pub async fn write_records<W: AsyncWrite + Unpin>(
             }
             Ok(())
         }
-        Records::File { fd, position, len } => {
-            send_file(writer, socket, Arc::new(fd), position, len as usize).await
-        }
+        Records::File { fd, position, len } => match socket {
+            Some(socket) => send_file(writer, socket, Arc::new(fd), position, len as usize).await,
+            None => {
+                let bytes = glommio::executor()
+                    .spawn_blocking(move || read_range(fd.as_raw_fd(), position, len as usize))
+                    .await?;
+                writer.write_all(&bytes).await
+            }
+        },
     }
 }
 

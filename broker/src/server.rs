@@ -48,6 +48,8 @@ pub enum StartError {
     Interrupted,
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Quic(String),
 }
 
 enum ShardEvent {
@@ -92,6 +94,10 @@ struct Phase {
 /// A running broker. Dropping it without [`RunningBroker::stop`] stops it too.
 pub struct RunningBroker {
     pub addr: SocketAddr,
+    /// Where QUIC clients connect, when `quic_listen` is set.
+    pub quic_addr: Option<SocketAddr>,
+    /// The development certificate QUIC clients must trust, when no certificate was configured.
+    pub quic_dev_cert: Option<PathBuf>,
     /// Where `/metrics`, `/health` and `/ready` are served, when they are.
     pub metrics_addr: Option<SocketAddr>,
     metrics: Option<crate::metrics::MetricsThread>,
@@ -218,6 +224,21 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
     // share a port silently with another process that uses SO_REUSEPORT. Bind once without it
     // first: that fails if anything holds the port, and picks the port when asked for port 0.
     let addr = probe_listen_address(config.listen)?;
+    // QUIC: the TLS settings, and one socket per shard in one steered group (see `quic`).
+    let mut quic = match config.quic_listen {
+        Some(quic_listen) => {
+            let setup =
+                crate::quic::ServerSetup::new(&config, quic_listen, cores).map_err(StartError::Quic)?;
+            let group = crate::quic::SteeredGroup::bind(quic_listen, cores)
+                .map_err(|source| StartError::Listen { addr: quic_listen, source })?;
+            Some((setup, group))
+        }
+        None => None,
+    };
+    let quic_addr = quic.as_ref().map(|(_, group)| group.addr);
+    let quic_dev_cert = quic.as_ref().and_then(|(setup, _)| setup.dev_cert.clone());
+    let mut quic_sockets: Vec<Option<std::net::UdpSocket>> =
+        quic.as_mut().map(|(_, group)| group.sockets.drain(..).map(Some).collect()).unwrap_or_default();
 
     for id in 0..cores {
         let shard_config = Arc::clone(&config);
@@ -229,6 +250,8 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         let controller = if id == 0 { store.take() } else { None };
         let listen = addr;
         let hub = hub.clone();
+        let quic =
+            quic.as_ref().and_then(|(setup, _)| Some((setup.clone(), quic_sockets.get_mut(id)?.take()?)));
         // The executor keeps glommio's long default time slice; the shard's work runs in a task
         // queue that asks for `preempt_timer` (see `keep_awake`).
         let builder =
@@ -248,7 +271,7 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
                     // Every event logged on this executor's thread carries its shard.
                     let _shard_span = tracing::info_span!("shard", shard = id).entered();
                     let config = Rc::new(BrokerConfig::clone(&shard_config));
-                    let shard = ShardStart { id, config, listen, topics, mesh, controller, hub };
+                    let shard = ShardStart { id, config, listen, topics, mesh, controller, hub, quic };
                     if let Err(reason) = run_shard(shard, &phase, &events).await {
                         let _ = events.send((id, ShardEvent::Failed(reason)));
                     }
@@ -311,7 +334,7 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         metrics.hub.set_ready(true);
     }
     let metrics_addr = metrics.as_ref().map(|m| m.addr);
-    Ok(RunningBroker { addr, metrics_addr, metrics, stop, executors, _lock: lock })
+    Ok(RunningBroker { addr, quic_addr, quic_dev_cert, metrics_addr, metrics, stop, executors, _lock: lock })
 }
 
 /// Checks that nothing holds the address (and resolves port 0). After a crash the kernel may
@@ -380,6 +403,8 @@ struct ShardStart {
     mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
     controller: Option<(FileMetadataStore, ProducerIdAllocator)>,
     hub: Option<Arc<crate::metrics::MetricsHub>>,
+    /// The QUIC settings and this shard's socket of the steered group.
+    quic: Option<(crate::quic::ServerSetup, std::net::UdpSocket)>,
 }
 
 async fn run_shard(
@@ -387,7 +412,7 @@ async fn run_shard(
     phase: &Phase,
     events: &mpsc::Sender<(usize, ShardEvent)>,
 ) -> Result<(), String> {
-    let ShardStart { id, config, listen, topics, mesh, controller, hub } = start;
+    let ShardStart { id, config, listen, topics, mesh, controller, hub, quic } = start;
     let stop = phase.stop.clone();
     tracing::debug!(shard = id, "priming");
     skein_storage::prime_executor(&config.data_dir).await.map_err(|e| e.to_string())?;
@@ -457,6 +482,20 @@ async fn run_shard(
         }
     };
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let quic_endpoint = match quic {
+        Some((setup, socket)) => match setup.endpoint(id, socket) {
+            Ok(endpoint) => {
+                glommio::spawn_local(crate::quic::serve(shard.clone(), endpoint.clone())).detach();
+                Some(endpoint)
+            }
+            Err(error) => {
+                shard.shutting_down.set(true);
+                close_logs(&shard).await;
+                return Err(format!("starting its QUIC endpoint: {error}"));
+            }
+        },
+        None => None,
+    };
     *shard.advertised.borrow_mut() = advertised(bound);
     let _ = events.send((id, ShardEvent::Listening));
     tracing::info!(shard = id, %bound, partitions = shard.all_logs().len(), "shard ready");
@@ -511,6 +550,9 @@ async fn run_shard(
     }
     shard.shutting_down.set(true);
     drop(accept);
+    if let Some(endpoint) = &quic_endpoint {
+        endpoint.close(quinn::VarInt::from_u32(0), b"broker shutting down");
+    }
     // Give connections a moment to finish what they started (they notice the flag within 1 s).
     for _ in 0..150 {
         if shard.connections.get() == 0 {
@@ -704,6 +746,12 @@ pub fn run(config: BrokerConfig) -> Result<(), StartError> {
         fsync,
         data_dir.display()
     );
+    if let Some(quic) = broker.quic_addr {
+        match &broker.quic_dev_cert {
+            Some(cert) => println!("skein QUIC on {quic} (development certificate: {})", cert.display()),
+            None => println!("skein QUIC on {quic}"),
+        }
+    }
     if let Some(metrics) = broker.metrics_addr {
         println!("skein metrics on http://{metrics}/metrics (/health, /ready)");
     }

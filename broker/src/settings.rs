@@ -20,6 +20,8 @@
 //! | `broker.cores` | 0 | shards (pinned executors); 0: one per CPU |
 //! | `broker.preempt_timer_us` | 250 | the shards' time slice (I/O is submitted between slices) |
 //! | `network.listen` | `127.0.0.1:9400` | client address (TCP) |
+//! | `network.quic_listen` | unset | client address (QUIC over UDP); unset: no QUIC |
+//! | `network.quic_cert_file`, `network.quic_key_file` | unset | QUIC certificate chain and key (PEM); unset: a self-signed development certificate written to the data directory |
 //! | `network.frame_bytes_max` | 67108864 | largest request frame |
 //! | `network.connections_max` | 10000 | client connections, all shards together |
 //! | `network.in_flight_max` | 64 | requests in flight per connection before reading stops |
@@ -84,6 +86,9 @@ impl Default for BrokerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkSection {
     pub listen: SocketAddr,
+    pub quic_listen: Option<SocketAddr>,
+    pub quic_cert_file: Option<PathBuf>,
+    pub quic_key_file: Option<PathBuf>,
     pub frame_bytes_max: usize,
     pub connections_max: usize,
     pub in_flight_max: usize,
@@ -95,6 +100,9 @@ impl Default for NetworkSection {
     fn default() -> Self {
         NetworkSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
+            quic_listen: None,
+            quic_cert_file: None,
+            quic_key_file: None,
             frame_bytes_max: 64 << 20,
             connections_max: 10_000,
             in_flight_max: 64,
@@ -283,6 +291,15 @@ impl Settings {
         }
         config.preempt_timer = Duration::from_micros(self.broker.preempt_timer_us);
         config.metrics_listen = self.metrics.listen;
+        config.quic_listen = self.network.quic_listen;
+        config.quic_cert_file = self.network.quic_cert_file.clone();
+        config.quic_key_file = self.network.quic_key_file.clone();
+        if config.quic_cert_file.is_some() != config.quic_key_file.is_some() {
+            return Err(invalid(
+                "network.quic_cert_file",
+                "give both quic_cert_file and quic_key_file, or neither".into(),
+            ));
+        }
         config.partition_series_max = self.metrics.partition_series_max;
         config.log_requests = self.log.requests;
         Ok(config)

@@ -221,6 +221,16 @@ struct BrokerArgs {
     /// The shards' time slice, microseconds [broker.preempt_timer_us; default 250].
     #[arg(long)]
     preempt_timer_us: Option<u64>,
+    /// Serve QUIC clients on HOST:PORT (UDP; every shard) [network.quic_listen; default off].
+    #[arg(long)]
+    quic_listen: Option<SocketAddr>,
+    /// QUIC certificate chain, PEM [network.quic_cert_file; default: a self-signed development
+    /// certificate written to the data directory].
+    #[arg(long)]
+    quic_cert_file: Option<PathBuf>,
+    /// QUIC private key, PEM [network.quic_key_file].
+    #[arg(long)]
+    quic_key_file: Option<PathBuf>,
     /// Serve Prometheus /metrics, /health and /ready on HOST:PORT [metrics.listen; default off].
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -251,9 +261,12 @@ impl BrokerArgs {
         use toml::Value;
         let int = |v: u64| Value::Integer(v.min(i64::MAX as u64) as i64);
         let text = |v: &dyn std::fmt::Display| Value::String(v.to_string());
-        let given: [(&str, Option<Value>); 24] = [
+        let given: [(&str, Option<Value>); 27] = [
             ("broker.data_dir", self.data_dir.as_ref().map(|v| text(&v.display()))),
             ("network.listen", self.listen.map(|v| text(&v))),
+            ("network.quic_listen", self.quic_listen.map(|v| text(&v))),
+            ("network.quic_cert_file", self.quic_cert_file.as_ref().map(|v| text(&v.display()))),
+            ("network.quic_key_file", self.quic_key_file.as_ref().map(|v| text(&v.display()))),
             ("broker.cores", self.cores.map(|v| int(v as u64))),
             ("storage.fsync", self.fsync.as_ref().map(|v| text(v))),
             ("broker.node_id", self.node_id.map(|v| int(v.into()))),
@@ -286,6 +299,16 @@ struct Connect {
     /// Broker address.
     #[arg(short = 'b', long, env = "SKEIN_BOOTSTRAP", default_value = "127.0.0.1:9400", global = true)]
     bootstrap: String,
+    /// tcp, or quic (then --bootstrap is the broker's --quic-listen address).
+    #[arg(long, env = "SKEIN_TRANSPORT", default_value = "tcp", global = true)]
+    transport: String,
+    /// QUIC: PEM file of the certificate authorities to trust (a broker without a configured
+    /// certificate writes its own to quic-dev-cert.pem in its data directory).
+    #[arg(long, env = "SKEIN_QUIC_CA_FILE", global = true)]
+    quic_ca_file: Option<PathBuf>,
+    /// QUIC: the name the broker's certificate carries (default: the bootstrap host).
+    #[arg(long, global = true)]
+    quic_server_name: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -576,6 +599,15 @@ fn run_broker(args: BrokerArgs) -> Result<(), String> {
 
 async fn connect(connect: &Connect) -> Result<Client, String> {
     let mut config = ClientConfig::new(connect.bootstrap.clone());
+    config.transport = match (connect.transport.as_str(), &connect.quic_ca_file) {
+        ("tcp", _) => skein_client::Transport::Tcp,
+        ("quic", Some(ca_file)) => skein_client::Transport::Quic {
+            server_name: connect.quic_server_name.clone(),
+            ca_file: ca_file.clone(),
+        },
+        ("quic", None) => return Err("--transport quic needs --quic-ca-file".to_owned()),
+        (other, _) => return Err(format!("--transport {other}: tcp or quic")),
+    };
     config.client_id = "skein-cli".into();
     config.connect_timeout = Duration::from_secs(5);
     Client::connect(config).await.map_err(|e| e.to_string())

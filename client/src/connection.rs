@@ -1,6 +1,10 @@
-//! One TCP connection to a broker, shared by any number of tasks: requests are pipelined and
+//! One connection to a broker, shared by any number of tasks: requests are pipelined and
 //! matched to responses by correlation id. A writer task and a reader task own the two halves
 //! of the socket, so a large request being written never stops responses from being read.
+//!
+//! Over TCP the halves are the socket's; over QUIC they are the two directions of one
+//! bidirectional stream of a QUIC connection (the broker serves each stream as it serves a
+//! TCP connection).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,6 +24,95 @@ type Pending = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Result<Bytes>>>>>>;
 
 /// Pieces (frame parts) handed to one vectored write at most.
 const WRITE_PIECES_MAX: usize = 256;
+
+/// The sending half of a connection.
+enum Writer {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    /// The endpoint and connection stay alive with the stream.
+    Quic(quinn::SendStream, quinn::Connection, quinn::Endpoint),
+}
+
+impl Writer {
+    async fn write_all(&mut self, parts: &mut Vec<Bytes>) -> std::io::Result<()> {
+        match self {
+            Writer::Tcp(writer) => write_all_vectored(writer, parts).await,
+            Writer::Quic(send, ..) => {
+                send.write_all_chunks(parts).await.map_err(std::io::Error::other)?;
+                parts.clear();
+                Ok(())
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        match self {
+            Writer::Tcp(writer) => {
+                let _ = writer.shutdown().await;
+            }
+            Writer::Quic(send, connection, endpoint) => {
+                let _ = send.finish();
+                // Bounded: a broker that is gone does not hold the task.
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                connection.close(0u32.into(), b"client closed");
+                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            }
+        }
+    }
+}
+
+/// Opens a QUIC connection and its request stream.
+async fn connect_quic(
+    addr: &str,
+    server_name: Option<&str>,
+    ca_file: &std::path::Path,
+) -> std::result::Result<(Writer, quinn::RecvStream), String> {
+    use rustls::pki_types::pem::PemObject;
+    let target = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(ca_file)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| format!("CA file {}: {e}", ca_file.display()))?;
+    for cert in certs {
+        roots.add(cert).map_err(|e| format!("CA file {}: {e}", ca_file.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"skein/0".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(quinn::VarInt::from_u32(8 << 20))
+        .receive_window(quinn::VarInt::from_u32(32 << 20))
+        .send_window(32 << 20)
+        .keep_alive_interval(Some(Duration::from_secs(5)));
+    config.transport_config(Arc::new(transport));
+    let local: std::net::SocketAddr = if target.is_ipv6() {
+        "[::]:0".parse().expect("an address")
+    } else {
+        "0.0.0.0:0".parse().expect("an address")
+    };
+    let mut endpoint = quinn::Endpoint::client(local).map_err(|e| e.to_string())?;
+    endpoint.set_default_client_config(config);
+    let host =
+        addr.rsplit_once(':').map_or(addr, |(host, _)| host).trim_start_matches('[').trim_end_matches(']');
+    let name = server_name.unwrap_or(host);
+    let connection = endpoint
+        .connect(target, name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("QUIC handshake: {e}"))?;
+    let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    Ok((Writer::Quic(send, connection, endpoint), recv))
+}
 
 /// Writes every piece (and empties `parts`), with as few `writev` calls as the socket allows.
 async fn write_all_vectored(
@@ -73,14 +166,32 @@ impl Connection {
         connect_timeout: Duration,
         request_timeout: Duration,
         in_flight_max: usize,
+        transport: &crate::Transport,
     ) -> Result<Connection> {
         let connect_error = |reason: String| ClientError::Connect { addr: addr.to_owned(), reason };
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| connect_error(format!("no answer within {connect_timeout:?}")))?
-            .map_err(|e| connect_error(e.to_string()))?;
-        stream.set_nodelay(true).map_err(|e| connect_error(e.to_string()))?;
-        let (mut reader, mut writer) = stream.into_split();
+        let no_answer = |_| connect_error(format!("no answer within {connect_timeout:?}"));
+        let (reader, mut writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Writer) = match transport {
+            crate::Transport::Tcp => {
+                let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+                    .await
+                    .map_err(no_answer)?
+                    .map_err(|e| connect_error(e.to_string()))?;
+                stream.set_nodelay(true).map_err(|e| connect_error(e.to_string()))?;
+                let (reader, writer) = stream.into_split();
+                (Box::new(reader), Writer::Tcp(writer))
+            }
+            crate::Transport::Quic { server_name, ca_file } => {
+                let (writer, reader) = tokio::time::timeout(
+                    connect_timeout,
+                    connect_quic(addr, server_name.as_deref(), ca_file),
+                )
+                .await
+                .map_err(no_answer)?
+                .map_err(connect_error)?;
+                (Box::new(reader), writer)
+            }
+        };
+        let mut reader = reader;
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (outgoing, mut queue) = mpsc::channel::<Vec<Bytes>>(1024);
 
@@ -97,12 +208,12 @@ impl Connection {
                         Err(_) => break,
                     }
                 }
-                if let Err(error) = write_all_vectored(&mut writer, &mut parts).await {
+                if let Err(error) = writer.write_all(&mut parts).await {
                     fail_all(&writer_pending, ClientError::ConnectionLost(error.to_string()));
                     return;
                 }
             }
-            let _ = writer.shutdown().await;
+            writer.shutdown().await;
         });
 
         let reader_pending = pending.clone();
@@ -248,7 +359,7 @@ fn fail_all(pending: &Pending, error: ClientError) {
     }
 }
 
-async fn read_responses(reader: &mut tokio::net::tcp::OwnedReadHalf, pending: &Pending) -> ClientError {
+async fn read_responses<R: tokio::io::AsyncRead + Unpin>(reader: &mut R, pending: &Pending) -> ClientError {
     let mut buffer = BytesMut::with_capacity(64 << 10);
     loop {
         loop {

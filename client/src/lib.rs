@@ -94,6 +94,25 @@ pub struct ClientConfig {
     pub retry_timeout: Duration,
     /// Requests in flight on the connection at once.
     pub in_flight_max: usize,
+    /// TCP (the default) or QUIC; the bootstrap addresses are of that transport.
+    pub transport: Transport,
+}
+
+/// How a client reaches a broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    /// QUIC (TLS 1.3, ALPN `skein/0`): one connection, the requests on one bidirectional
+    /// stream in order, as on TCP.
+    Quic {
+        /// The name the broker's certificate must carry (default: the host of the address).
+        server_name: Option<String>,
+        /// PEM file of the certificate authorities to trust (a broker without a configured
+        /// certificate writes its development certificate to `quic-dev-cert.pem` in its data
+        /// directory: trust that file).
+        ca_file: std::path::PathBuf,
+    },
 }
 
 impl ClientConfig {
@@ -105,6 +124,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             retry_timeout: Duration::from_secs(30),
             in_flight_max: 64,
+            transport: Transport::Tcp,
         }
     }
 }
@@ -116,6 +136,7 @@ setters!(ClientConfig {
     request_timeout: Duration,
     retry_timeout: Duration,
     in_flight_max: usize,
+    transport: Transport,
 });
 
 /// A topic as the client knows it.
@@ -221,6 +242,7 @@ impl Client {
                 config.connect_timeout,
                 config.request_timeout,
                 config.in_flight_max,
+                &config.transport,
             )
             .await;
             let connection = match connected {

@@ -14,6 +14,9 @@ pub struct Broker {
     pub addr: String,
     /// Where `/metrics` is served, when started with `--metrics-listen`.
     pub metrics_addr: Option<String>,
+    /// Where QUIC is served, and the development certificate, when started with `--quic-listen`.
+    pub quic_addr: Option<String>,
+    pub quic_cert: Option<PathBuf>,
     pub data_dir: PathBuf,
     extra: Vec<String>,
     /// Resource limits (soft = hard) the process starts with.
@@ -40,6 +43,8 @@ impl Broker {
             child: None,
             addr: String::new(),
             metrics_addr: None,
+            quic_addr: None,
+            quic_cert: None,
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             limits: Vec::new(),
@@ -58,6 +63,8 @@ impl Broker {
             child: None,
             addr: String::new(),
             metrics_addr: None,
+            quic_addr: None,
+            quic_cert: None,
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             limits: limits.to_vec(),
@@ -73,6 +80,8 @@ impl Broker {
             child: None,
             addr: String::new(),
             metrics_addr: None,
+            quic_addr: None,
+            quic_cert: None,
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             limits: Vec::new(),
@@ -105,6 +114,15 @@ impl Broker {
             .expect("listening address")
             .to_owned();
         self.addr = addr;
+        if self.extra.iter().any(|arg| arg == "--quic-listen") {
+            let line = receiver.recv_timeout(Duration::from_secs(10)).expect("the QUIC address line");
+            let mut words = line.split_whitespace().skip_while(|w| *w != "on").skip(1);
+            self.quic_addr = Some(words.next().expect("skein QUIC on ADDR").to_owned());
+            self.quic_cert = line
+                .split("development certificate: ")
+                .nth(1)
+                .map(|rest| PathBuf::from(rest.trim_end_matches(')')));
+        }
         if self.extra.iter().any(|arg| arg == "--metrics-listen") {
             let line = receiver.recv_timeout(Duration::from_secs(10)).expect("the metrics address line");
             let at = line.find("http://").expect("skein metrics on http://ADDR/metrics") + "http://".len();

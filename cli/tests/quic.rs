@@ -1,0 +1,215 @@
+//! QUIC against the real broker process (`--quic-listen`, 2 shards, its development
+//! certificate): records round-trip through the native client with connections served by both
+//! shards; a client whose address changes mid-connection keeps working; hostile datagrams leave
+//! QUIC and TCP serving.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::Broker;
+use skein_client::{
+    Admin, Client, ClientConfig, Consumer, ConsumerConfig, GroupConfig, Producer, ProducerConfig,
+    ProducerRecord, Transport,
+};
+use skein_net::frame;
+use skein_net::{ApiVersionsRequest, Request};
+
+fn quic_broker(extra: &[&str]) -> Broker {
+    let mut args = vec!["--quic-listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let broker = Broker::start(&args);
+    assert!(broker.quic_addr.is_some(), "the broker printed its QUIC address");
+    assert!(
+        broker.quic_cert.as_ref().is_some_and(|cert| cert.exists()),
+        "and wrote its development certificate"
+    );
+    broker
+}
+
+fn quic_config(broker: &Broker) -> ClientConfig {
+    ClientConfig::new(broker.quic_addr.clone().unwrap())
+        .transport(Transport::Quic { server_name: None, ca_file: broker.quic_cert.clone().unwrap() })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_round_trip_over_quic_with_connections_served_by_both_shards() {
+    let broker = quic_broker(&["--log-format", "json", "--log-requests"]);
+    let client = Client::connect(quic_config(&broker)).await.expect("a QUIC client connects");
+    Admin::new(client.clone()).create_topic("over-quic", 4, &[]).await.unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    for i in 0..2000 {
+        producer
+            .send(ProducerRecord::new("over-quic", format!("value-{i}")).key(format!("k{i}")))
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer.subscribe(&["over-quic"], GroupConfig::new("quic-readers")).await.unwrap();
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 2000 && Instant::now() < deadline {
+        for record in consumer.poll(Duration::from_millis(200)).await.unwrap() {
+            seen.insert(record.value.expect("a value"));
+        }
+    }
+    let expected: BTreeSet<Bytes> = (0..2000).map(|i| Bytes::from(format!("value-{i}"))).collect();
+    assert_eq!(seen, expected, "every record produced over QUIC is consumed over QUIC");
+
+    // More connections: each lands on the shard its first datagram's connection id steers it to
+    // (random), and stays there. 16 connections all on one of 2 shards: 1 in 32,768.
+    for _ in 0..16 {
+        let other = Client::connect(quic_config(&broker)).await.unwrap();
+        Admin::new(other).describe_topic("over-quic").await.unwrap();
+    }
+    let mut shards = BTreeSet::new();
+    for line in broker.log().lines().filter(|l| l.contains("\"request\"")) {
+        let object: serde_json::Value = serde_json::from_str(line).unwrap();
+        if object["fields"]["message"] == "request" {
+            shards.insert(object["span"]["shard"].as_u64().expect("request lines name their shard"));
+        }
+    }
+    assert_eq!(shards, BTreeSet::from([0, 1]), "QUIC connections were served by both shards");
+}
+
+/// A raw quinn client trusting the broker's development certificate.
+fn raw_endpoint(broker: &Broker) -> quinn::Endpoint {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(broker.quic_cert.as_ref().unwrap()).unwrap()
+    {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"skein/0".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint
+}
+
+/// One ApiVersions request on the stream; its response frame's correlation id.
+async fn api_versions(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, correlation: u32) -> u32 {
+    let request = Request::<Bytes>::ApiVersions(ApiVersionsRequest { client_id: "raw".into() });
+    for part in request.to_frame_parts(correlation, 0, 0) {
+        send.write_all(&part).await.unwrap();
+    }
+    let mut length = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut length))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(length) as usize];
+    recv.read_exact(&mut body).await.unwrap();
+    let mut whole = length.to_vec();
+    whole.extend(body);
+    frame::decode_response_header(&whole).correlation_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_address_changes_mid_connection_keeps_its_connection() {
+    let broker = quic_broker(&[]);
+    let endpoint = raw_endpoint(&broker);
+    let target = broker.quic_addr.as_ref().unwrap().parse().unwrap();
+    let connection = endpoint.connect(target, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    assert_eq!(api_versions(&mut send, &mut recv, 1).await, 1);
+    let before = endpoint.local_addr().unwrap();
+    // A NAT rebinding: the same connection from a new source port. Its packets now hash
+    // differently, but carry the broker's connection ids, which steer them to the same shard.
+    for round in 0..5u32 {
+        endpoint.rebind(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        assert_ne!(endpoint.local_addr().unwrap(), before);
+        assert_eq!(
+            api_versions(&mut send, &mut recv, 10 + round).await,
+            10 + round,
+            "answered after rebinding"
+        );
+    }
+    assert!(connection.close_reason().is_none(), "the connection survived: {:?}", connection.close_reason());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_datagrams_leave_quic_and_tcp_serving() {
+    let broker = quic_broker(&[]);
+    let target: std::net::SocketAddr = broker.quic_addr.as_ref().unwrap().parse().unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    // Random bytes of every size, short headers with ids of both shards and out of range, long
+    // headers that claim to be Initials (bad versions, bad lengths, garbage crypto), empty
+    // datagrams: a flood of 20,000.
+    for i in 0..20_000usize {
+        let mut datagram = random(1 + i % 1400);
+        match i % 4 {
+            0 => datagram[0] &= 0x7f,          // short header
+            1 => datagram[0] |= 0xc0,          // long header, Initial-ish
+            2 => datagram.truncate(1 + i % 7), // too short for any header
+            _ => {
+                // A real version with a garbage Initial.
+                datagram[0] = 0xc0;
+                if datagram.len() > 6 {
+                    datagram[1..5].copy_from_slice(&1u32.to_be_bytes());
+                    datagram[5] = 8;
+                }
+            }
+        }
+        let _ = socket.send_to(&datagram, target);
+    }
+    let _ = socket.send_to(&[], target);
+    // Whatever came back is no stateless reset for a connection of ours (there are none yet),
+    // and the broker still serves a real QUIC client and a TCP one.
+    let client = Client::connect(quic_config(&broker)).await.expect("QUIC still serves");
+    Admin::new(client.clone()).create_topic("after-flood", 2, &[]).await.unwrap();
+    let producer = Producer::new(client, ProducerConfig::default());
+    producer.send(ProducerRecord::new("after-flood", "still here")).await.unwrap();
+    producer.flush().await.unwrap();
+    let tcp = broker.client().await;
+    let topic = Admin::new(tcp).describe_topic("after-flood").await.expect("TCP still serves");
+    assert_eq!(topic.partitions.len(), 2);
+}
+
+#[test]
+fn the_cli_speaks_quic_and_says_what_it_needs() {
+    let broker = quic_broker(&[]);
+    let quic = broker.quic_addr.clone().unwrap();
+    let cert = broker.quic_cert.clone().unwrap();
+    let cert = cert.to_str().unwrap();
+    let over_quic = |args: &[&str], stdin: &str| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-b", quic.as_str(), "--transport", "quic", "--quic-ca-file", cert]);
+        common::cli(&broker, &all, stdin)
+    };
+    let (ok, _, err) = over_quic(&["topic", "create", "cli-quic", "--partitions", "2"], "");
+    assert!(ok, "{err}");
+    let (ok, _, err) = over_quic(&["produce", "cli-quic"], "alpha\nbeta\ngamma\n");
+    assert!(ok, "{err}");
+    let (ok, out, err) =
+        over_quic(&["consume", "cli-quic", "--max-messages", "3", "--timeout-ms", "10000"], "");
+    assert!(ok, "{err}");
+    for value in ["alpha", "beta", "gamma"] {
+        assert!(out.contains(value), "{value} consumed over QUIC: {out}");
+    }
+    let (ok, _, err) =
+        common::cli(&broker, &["topic", "list", "-b", quic.as_str(), "--transport", "quic"], "");
+    assert!(!ok && err.contains("--quic-ca-file"), "a missing CA file is named: {err}");
+}
