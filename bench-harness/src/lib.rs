@@ -219,7 +219,8 @@ pub fn run(options: Options) -> Result<Report, String> {
         workload.bootstrap = running.addr.to_string();
         if let (Some(quic), Some(cert)) = (running.quic_addr, running.quic_dev_cert.clone()) {
             workload.bootstrap = quic.to_string();
-            workload.transport = skein_client::Transport::Quic { server_name: None, ca_file: cert };
+            workload.transport =
+                skein_client::Transport::Quic { server_name: None, ca_file: cert, first_shard: None };
         }
         broker_info.bootstrap = workload.bootstrap.clone();
         broker_info.cores = Some(embedded.cores);

@@ -196,6 +196,7 @@ fn main() -> ExitCode {
             (Some(ca_file), _) => skein_client::Transport::Quic {
                 server_name: args.quic_server_name.clone(),
                 ca_file: ca_file.clone(),
+                first_shard: None,
             },
             // Replaced by the embedded broker's own certificate once it runs.
             (None, true) => skein_client::Transport::Tcp,

@@ -87,5 +87,57 @@ fn bad_arguments_are_refused_with_one_line() {
     assert!(err.contains("--messages N or --duration"), "{err}");
     let (ok, _, err) = bench(&["produce", "--messages", "1", "--transport", "quic"]);
     assert!(!ok);
-    assert!(err.contains("not available yet"), "{err}");
+    assert!(err.contains("needs --quic-ca-file"), "{err}");
+    let (ok, _, err) = bench(&["produce", "--messages", "1", "--transport", "pigeon"]);
+    assert!(!ok);
+    assert!(err.contains("tcp or quic"), "{err}");
+}
+
+#[test]
+fn produce_runs_over_quic_and_the_quic_gate_reports_both_runtimes() {
+    let dir = work_dir();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let json = dir.path().join("quic.json");
+    let json_arg = json.to_str().unwrap().to_owned();
+    let (ok, out, err) = bench(&[
+        "produce",
+        "--embedded",
+        "--cores",
+        "2",
+        "--data-dir",
+        &data,
+        "--messages",
+        "20000",
+        "--message-size",
+        "256",
+        "--transport",
+        "quic",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--json",
+        &json_arg,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("records/s"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["errors"], 0);
+    assert!(report["records"].as_u64().unwrap() >= 20000, "{report}");
+    assert_eq!(report["parameters"]["transport"], "quic");
+
+    let bulk = dir.path().join("bulk.json");
+    let bulk_arg = bulk.to_str().unwrap().to_owned();
+    let (ok, out, err) = bench(&["quic-bulk", "--quic-mib", "16", "--rounds", "1", "--json", &bulk_arg]);
+    assert!(ok, "{err}");
+    assert!(out.contains("gate"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&bulk).unwrap()).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "one round per runtime");
+    for round in rounds {
+        assert_eq!(round["bytes"], 16 << 20, "every byte arrived: {round}");
+    }
+    assert!(
+        report["glommio_mib_per_s"].as_f64().unwrap() > 0.0
+            && report["tokio_mib_per_s"].as_f64().unwrap() > 0.0
+    );
 }

@@ -604,6 +604,7 @@ async fn connect(connect: &Connect) -> Result<Client, String> {
         ("quic", Some(ca_file)) => skein_client::Transport::Quic {
             server_name: connect.quic_server_name.clone(),
             ca_file: ca_file.clone(),
+            first_shard: None,
         },
         ("quic", None) => return Err("--transport quic needs --quic-ca-file".to_owned()),
         (other, _) => return Err(format!("--transport {other}: tcp or quic")),

@@ -32,8 +32,11 @@ fn quic_broker(extra: &[&str]) -> Broker {
 }
 
 fn quic_config(broker: &Broker) -> ClientConfig {
-    ClientConfig::new(broker.quic_addr.clone().unwrap())
-        .transport(Transport::Quic { server_name: None, ca_file: broker.quic_cert.clone().unwrap() })
+    ClientConfig::new(broker.quic_addr.clone().unwrap()).transport(Transport::Quic {
+        server_name: None,
+        ca_file: broker.quic_cert.clone().unwrap(),
+        first_shard: None,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,4 +215,61 @@ fn the_cli_speaks_quic_and_says_what_it_needs() {
     let (ok, _, err) =
         common::cli(&broker, &["topic", "list", "-b", quic.as_str(), "--transport", "quic"], "");
     assert!(!ok && err.contains("--quic-ca-file"), "a missing CA file is named: {err}");
+}
+
+/// The shards of the request lines logged since line `from` (JSON logs, `--log-requests`).
+fn request_shards(broker: &Broker, from: usize) -> (BTreeSet<u64>, usize) {
+    let log = broker.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let mut shards = BTreeSet::new();
+    for line in &lines[from.min(lines.len())..] {
+        if !line.contains("\"request\"") {
+            continue;
+        }
+        let object: serde_json::Value = serde_json::from_str(line).unwrap();
+        if object["fields"]["message"] == "request" {
+            shards.insert(object["span"]["shard"].as_u64().expect("request lines name their shard"));
+        }
+    }
+    (shards, lines.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_picks_its_first_connection_id_lands_on_that_shard() {
+    let broker = quic_broker(&["--log-format", "json", "--log-requests"]);
+    let (_, mut seen) = request_shards(&broker, 0);
+    for round in 0..3 {
+        for shard in [1usize, 0] {
+            let config = ClientConfig::new(broker.quic_addr.clone().unwrap()).transport(Transport::Quic {
+                server_name: None,
+                ca_file: broker.quic_cert.clone().unwrap(),
+                first_shard: Some((shard, 2)),
+            });
+            let client = Client::connect(config).await.unwrap();
+            Admin::new(client.clone()).list_topics().await.unwrap();
+            drop(client);
+            // The request lines reach the log file a moment after the answers.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let shards = loop {
+                let (shards, lines) = request_shards(&broker, seen);
+                if !shards.is_empty() || Instant::now() > deadline {
+                    seen = lines;
+                    break shards;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert_eq!(
+                shards,
+                BTreeSet::from([shard as u64]),
+                "round {round}: every request served by shard {shard}"
+            );
+        }
+    }
+    let refused = ClientConfig::new(broker.quic_addr.clone().unwrap()).transport(Transport::Quic {
+        server_name: None,
+        ca_file: broker.quic_cert.clone().unwrap(),
+        first_shard: Some((2, 2)),
+    });
+    let Err(error) = Client::connect(refused).await else { panic!("shard 2 of 2 does not exist") };
+    assert!(error.to_string().contains("first shard 2 of 2"), "{error}");
 }

@@ -60,11 +60,22 @@ impl Writer {
     }
 }
 
+/// Unpredictable bytes for a first connection id (std's per-process random hash keys, and a
+/// counter, through SipHash).
+fn random_id() -> [u8; skein_net::quic::CID_BYTES] {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.finish().to_le_bytes()
+}
+
 /// Opens a QUIC connection and its request stream.
 async fn connect_quic(
     addr: &str,
     server_name: Option<&str>,
     ca_file: &std::path::Path,
+    first_shard: Option<(usize, usize)>,
 ) -> std::result::Result<(Writer, quinn::RecvStream), String> {
     use rustls::pki_types::pem::PemObject;
     let target = tokio::net::lookup_host(addr)
@@ -95,6 +106,17 @@ async fn connect_quic(
         .send_window(32 << 20)
         .keep_alive_interval(Some(Duration::from_secs(5)));
     config.transport_config(Arc::new(transport));
+    if let Some((shard, shards)) = first_shard {
+        if shard >= shards || shards > 256 {
+            return Err(format!(
+                "first shard {shard} of {shards}: the shard must be below the count, at most 256"
+            ));
+        }
+        config.initial_dst_cid_provider(Arc::new(move || {
+            let id = skein_net::quic::steering_dcid(shard, shards, random_id());
+            quinn::ConnectionId::new(&id)
+        }));
+    }
     let local: std::net::SocketAddr = if target.is_ipv6() {
         "[::]:0".parse().expect("an address")
     } else {
@@ -180,10 +202,10 @@ impl Connection {
                 let (reader, writer) = stream.into_split();
                 (Box::new(reader), Writer::Tcp(writer))
             }
-            crate::Transport::Quic { server_name, ca_file } => {
+            crate::Transport::Quic { server_name, ca_file, first_shard } => {
                 let (writer, reader) = tokio::time::timeout(
                     connect_timeout,
-                    connect_quic(addr, server_name.as_deref(), ca_file),
+                    connect_quic(addr, server_name.as_deref(), ca_file, *first_shard),
                 )
                 .await
                 .map_err(no_answer)?

@@ -112,6 +112,10 @@ pub enum Transport {
         /// certificate writes its development certificate to `quic-dev-cert.pem` in its data
         /// directory: trust that file).
         ca_file: std::path::PathBuf,
+        /// `(shard, shards)`: pick the first connection id so that the connection lands on
+        /// shard `shard` of a broker with `shards` shards (the one that owns the partitions this
+        /// client uses most saves a hop per request); `None`: wherever a random id steers it.
+        first_shard: Option<(usize, usize)>,
     },
 }
 
