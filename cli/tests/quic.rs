@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::Broker;
 use skein_client::{
-    Admin, Client, ClientConfig, Consumer, ConsumerConfig, GroupConfig, Producer, ProducerConfig,
-    ProducerRecord, Transport,
+    Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, Producer,
+    ProducerConfig, ProducerRecord, Transport,
 };
 use skein_net::frame;
 use skein_net::{ApiVersionsRequest, Request};
@@ -272,4 +272,16 @@ async fn a_client_that_picks_its_first_connection_id_lands_on_that_shard() {
     });
     let Err(error) = Client::connect(refused).await else { panic!("shard 2 of 2 does not exist") };
     assert!(error.to_string().contains("first shard 2 of 2"), "{error}");
+    assert!(matches!(error, ClientError::Transport(_)), "a settings error, not retried: {error:?}");
+    let missing = broker.data_dir.join("no-such-ca.pem");
+    let refused = ClientConfig::new(broker.quic_addr.clone().unwrap()).transport(Transport::Quic {
+        server_name: None,
+        ca_file: missing.clone(),
+        first_shard: None,
+    });
+    let Err(error) = Client::connect(refused).await else { panic!("a missing CA file is refused") };
+    assert!(
+        matches!(&error, ClientError::Transport(reason) if reason.contains("no-such-ca.pem")),
+        "the CA file is named: {error:?}"
+    );
 }

@@ -71,18 +71,13 @@ fn random_id() -> [u8; skein_net::quic::CID_BYTES] {
 }
 
 /// Opens a QUIC connection and its request stream.
-async fn connect_quic(
-    addr: &str,
-    server_name: Option<&str>,
+/// The QUIC client settings: TLS trusting `ca_file`, and the first connection id's shard.
+/// Its errors are the caller's settings, not the network: they are not worth a retry.
+fn quic_client_config(
     ca_file: &std::path::Path,
     first_shard: Option<(usize, usize)>,
-) -> std::result::Result<(Writer, quinn::RecvStream), String> {
+) -> std::result::Result<quinn::ClientConfig, String> {
     use rustls::pki_types::pem::PemObject;
-    let target = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| e.to_string())?
-        .next()
-        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
     let mut roots = rustls::RootCertStore::empty();
     let certs = rustls::pki_types::CertificateDer::pem_file_iter(ca_file)
         .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
@@ -117,22 +112,38 @@ async fn connect_quic(
             quinn::ConnectionId::new(&id)
         }));
     }
+    Ok(config)
+}
+
+async fn connect_quic(
+    addr: &str,
+    server_name: Option<&str>,
+    ca_file: &std::path::Path,
+    first_shard: Option<(usize, usize)>,
+) -> Result<(Writer, quinn::RecvStream)> {
+    let config = quic_client_config(ca_file, first_shard).map_err(ClientError::Transport)?;
+    let connect_error = |reason: String| ClientError::Connect { addr: addr.to_owned(), reason };
+    let target = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| connect_error(e.to_string()))?
+        .next()
+        .ok_or_else(|| connect_error(format!("{addr} resolves to nothing")))?;
     let local: std::net::SocketAddr = if target.is_ipv6() {
         "[::]:0".parse().expect("an address")
     } else {
         "0.0.0.0:0".parse().expect("an address")
     };
-    let mut endpoint = quinn::Endpoint::client(local).map_err(|e| e.to_string())?;
+    let mut endpoint = quinn::Endpoint::client(local).map_err(|e| connect_error(e.to_string()))?;
     endpoint.set_default_client_config(config);
     let host =
         addr.rsplit_once(':').map_or(addr, |(host, _)| host).trim_start_matches('[').trim_end_matches(']');
     let name = server_name.unwrap_or(host);
     let connection = endpoint
         .connect(target, name)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| connect_error(e.to_string()))?
         .await
-        .map_err(|e| format!("QUIC handshake: {e}"))?;
-    let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        .map_err(|e| connect_error(format!("QUIC handshake: {e}")))?;
+    let (send, recv) = connection.open_bi().await.map_err(|e| connect_error(e.to_string()))?;
     Ok((Writer::Quic(send, connection, endpoint), recv))
 }
 
@@ -208,8 +219,7 @@ impl Connection {
                     connect_quic(addr, server_name.as_deref(), ca_file, *first_shard),
                 )
                 .await
-                .map_err(no_answer)?
-                .map_err(connect_error)?;
+                .map_err(no_answer)??;
                 (Box::new(reader), writer)
             }
         };

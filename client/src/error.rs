@@ -25,6 +25,10 @@ pub enum ClientError {
     Corrupt { topic: String, partition: u32, offset: u64, error: BatchError },
     #[error("invalid configuration: {0}")]
     Config(&'static str),
+    /// The transport's settings cannot work (a QUIC CA file that does not load, a first shard
+    /// out of range): not retried.
+    #[error("transport settings: {0}")]
+    Transport(String),
     #[error("record of {size} bytes exceeds the batch limit of {limit} bytes")]
     RecordTooLarge { size: usize, limit: usize },
     #[error("the client is closed")]
