@@ -270,12 +270,8 @@ fn main() -> ExitCode {
         }
     };
     print!("{}", skein_bench::summary(&report));
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).expect("a report serialises");
-        if let Err(error) = std::fs::write(path, json + "\n") {
-            eprintln!("error: writing {}: {error}", path.display());
-            return ExitCode::FAILURE;
-        }
+    if !write_json(args.json.as_deref(), &report) {
+        return ExitCode::FAILURE;
     }
     if let Some(path) = &args.chart {
         if let Err(error) = skein_bench::chart::draw(&report, path) {
@@ -287,6 +283,18 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Writes the report as pretty JSON when `--json` was given; `false` (said on stderr) if that
+/// failed.
+fn write_json(path: Option<&std::path::Path>, report: &impl serde::Serialize) -> bool {
+    let Some(path) = path else { return true };
+    let json = serde_json::to_string_pretty(report).expect("a report serialises");
+    if let Err(error) = std::fs::write(path, json + "\n") {
+        eprintln!("error: writing {}: {error}", path.display());
+        return false;
+    }
+    true
 }
 
 fn run_quic_bulk(args: &Args) -> ExitCode {
@@ -319,12 +327,8 @@ fn run_quic_bulk(args: &Args) -> ExitCode {
         report.streams,
         report.ratio
     );
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).expect("a report serialises");
-        if let Err(error) = std::fs::write(path, json + "\n") {
-            eprintln!("error: writing {}: {error}", path.display());
-            return ExitCode::FAILURE;
-        }
+    if !write_json(args.json.as_deref(), &report) {
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }
@@ -358,12 +362,8 @@ fn run_partitions(args: &Args, cpus: usize) -> ExitCode {
         report.records_read_after_restart,
         report.client_rss_peak_kib
     );
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).expect("a report serialises");
-        if let Err(error) = std::fs::write(path, json + "\n") {
-            eprintln!("error: writing {}: {error}", path.display());
-            return ExitCode::FAILURE;
-        }
+    if !write_json(args.json.as_deref(), &report) {
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }

@@ -101,6 +101,19 @@ fn server_config(cert: &rcgen::CertifiedKey) -> quinn::ServerConfig {
     config
 }
 
+fn server_endpoint(
+    config: quinn::ServerConfig,
+    socket: UdpSocket,
+    runtime: Arc<dyn quinn::Runtime>,
+) -> Result<quinn::Endpoint, String> {
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)
+        .map_err(|e| e.to_string())
+}
+
+fn current_thread() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())
+}
+
 fn start_server(
     runtime: ServerRuntime,
     config: quinn::ServerConfig,
@@ -115,13 +128,8 @@ fn start_server(
                     .make()
                     .map_err(|e| e.to_string())?;
                 executor.run(async move {
-                    let endpoint = quinn::Endpoint::new(
-                        quinn::EndpointConfig::default(),
-                        Some(config),
-                        socket,
-                        Arc::new(skein_broker::quic_runtime::ShardRuntime),
-                    )
-                    .map_err(|e| e.to_string())?;
+                    let endpoint =
+                        server_endpoint(config, socket, Arc::new(skein_broker::quic_runtime::ShardRuntime))?;
                     glommio::timer::timeout(TIME_LIMIT, async { Ok(serve(endpoint, streams).await) })
                         .await
                         .map_err(|_| "the glommio server ran past its time limit".to_owned())?
@@ -129,18 +137,9 @@ fn start_server(
             }
             ServerRuntime::Tokio => {
                 pin_to(0);
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
+                let rt = current_thread()?;
                 rt.block_on(async move {
-                    let endpoint = quinn::Endpoint::new(
-                        quinn::EndpointConfig::default(),
-                        Some(config),
-                        socket,
-                        Arc::new(quinn::TokioRuntime),
-                    )
-                    .map_err(|e| e.to_string())?;
+                    let endpoint = server_endpoint(config, socket, Arc::new(quinn::TokioRuntime))?;
                     tokio::time::timeout(TIME_LIMIT, serve(endpoint, streams))
                         .await
                         .map_err(|_| "the tokio server ran past its time limit".to_owned())?
@@ -168,10 +167,7 @@ fn send_all(
         scope
             .spawn(move || {
                 pin_to(cpus - 1);
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
+                let rt = current_thread()?;
                 let work = async move {
                     let mut endpoint =
                         quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;

@@ -147,29 +147,39 @@ fn will_need(file: RawFd, position: u64, len: usize) {
     };
 }
 
-fn pread(file: RawFd, position: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buffer = vec![0u8; len];
-    // SAFETY: the buffer is valid for `len` bytes.
-    let read = unsafe { libc::pread(file, buffer.as_mut_ptr().cast(), len, position as libc::off_t) };
+/// One `pread` into `buffer`; the bytes read.
+fn pread_into(file: RawFd, position: u64, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the buffer is valid for its length.
+    let read =
+        unsafe { libc::pread(file, buffer.as_mut_ptr().cast(), buffer.len(), position as libc::off_t) };
     if read < 0 {
         return Err(io::Error::last_os_error());
     }
-    buffer.truncate(read as usize);
+    Ok(read as usize)
+}
+
+fn pread(file: RawFd, position: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buffer = vec![0u8; len];
+    let read = pread_into(file, position, &mut buffer)?;
+    buffer.truncate(read);
     Ok(buffer)
 }
 
-/// The whole range, or an error (a file shorter than the range is one).
+/// The whole range, read straight into one buffer, or an error (a file shorter than the range
+/// is one).
 fn read_range(file: RawFd, position: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut bytes = Vec::with_capacity(len);
-    while bytes.len() < len {
-        let piece = pread(file, position + bytes.len() as u64, len - bytes.len())?;
-        if piece.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "a record range past the end of its file",
-            ));
+    let mut bytes = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        match pread_into(file, position + filled as u64, &mut bytes[filled..])? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "a record range past the end of its file",
+                ))
+            }
+            read => filled += read,
         }
-        bytes.extend_from_slice(&piece);
     }
     Ok(bytes)
 }

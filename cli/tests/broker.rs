@@ -5,20 +5,10 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::Broker;
+use common::{read_all, Broker};
 use skein_client::{
     Acks, Admin, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, SeekTo,
 };
-
-/// Reads every assigned partition until `expected` records arrived (or 30 s passed).
-async fn read_all(consumer: &mut Consumer, expected: usize) -> Vec<skein_client::ConsumerRecord> {
-    let mut records = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while records.len() < expected && Instant::now() < deadline {
-        records.extend(consumer.poll(Duration::from_millis(500)).await.unwrap());
-    }
-    records
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_across_four_partitions_on_two_shards_keeps_per_key_order() {

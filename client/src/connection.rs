@@ -203,7 +203,8 @@ impl Connection {
     ) -> Result<Connection> {
         let connect_error = |reason: String| ClientError::Connect { addr: addr.to_owned(), reason };
         let no_answer = |_| connect_error(format!("no answer within {connect_timeout:?}"));
-        let (reader, mut writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Writer) = match transport {
+        let (mut reader, mut writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Writer) = match transport
+        {
             crate::Transport::Tcp => {
                 let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
                     .await
@@ -223,7 +224,6 @@ impl Connection {
                 (Box::new(reader), writer)
             }
         };
-        let mut reader = reader;
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (outgoing, mut queue) = mpsc::channel::<Vec<Bytes>>(1024);
 

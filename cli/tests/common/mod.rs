@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use skein_client::{Client, ClientConfig};
+use skein_client::{Client, ClientConfig, Consumer, ConsumerRecord};
 
 pub struct Broker {
     child: Option<Child>,
@@ -420,4 +420,14 @@ impl Drop for Background {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Reads every assigned partition until `expected` records arrived (or 30 s passed).
+pub async fn read_all(consumer: &mut Consumer, expected: usize) -> Vec<ConsumerRecord> {
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records.len() < expected && Instant::now() < deadline {
+        records.extend(consumer.poll(Duration::from_millis(500)).await.unwrap());
+    }
+    records
 }
