@@ -12,22 +12,28 @@
 //!   durable offsets, the high watermark, the leader-epoch cache and divergence, ISR proposals,
 //!   `acks=all`.
 //!
-//! * `raft` (feature `raft`: raft-rs's build needs `protoc`): the consensus shard's Raft around
-//!   raft-rs as a state machine, with the persistence-before-send rule and elections drawn from
-//!   the caller's seed ([`rng`]). Tested by `cargo test -p skein-replication --features raft`
-//!   (in `.ci/run`).
+//! * `raft` (feature `raft`, on by default; raft-rs's build needs `protoc`): the consensus
+//!   shard's Raft around raft-rs as a state machine, with the persistence-before-send rule and
+//!   elections drawn from the caller's seed ([`rng`]). The workspace depends on this crate
+//!   without default features, so the broker builds without protoc until it runs the
+//!   consensus shard itself; `cargo test --workspace` (CI) builds and tests it.
 //!
-//! * [`sim`]: a deterministic simulator of one partition on three brokers (the real
-//!   `ReplicaState` and controller rules, a simulated clock, network and disk, seeded faults)
-//!   that checks the design's invariants after every step; `skein-sim` runs it over many seeds.
+//! * `sim` (with `raft`): a deterministic simulator of a three-node cluster (every node a
+//!   broker and a controller): three Raft members deciding the metadata with the real
+//!   controller rules, brokers that register, heartbeat and pull the committed metadata over a
+//!   lossy network, three partitions each replicated on the three brokers with the real
+//!   `ReplicaState`, a simulated clock, network and disk, seeded faults; it checks the design's
+//!   invariants after every step, and the rules of the shells around the cores
+//!   (`sim::ShellRules`, which the broker's shells must keep). `skein-sim` runs it over many
+//!   seeds.
 //!
 //! `tests/scenarios.rs` replays the published replication bugs (KIP-101 cases 1 and 2, KIP-279,
 //! KIP-966, a zombie leader after a pause, Jepsen 2013, an ISR expansion during a leader
 //! change) step by step; each must lose or diverge with its rule switched off
 //! ([`partition::Rules`]) and not with every rule on.
 //!
-//! Still to come (issue 14): Raft and its lossy metadata inside the simulator, more partitions,
-//! and the broker shells that run the cores over the network.
+//! Still to come (issue 14): idempotent producers in the simulator (I11), topic ids, and the
+//! broker shells that run the cores over the network.
 
 pub mod controller;
 pub mod metadata;
@@ -35,4 +41,5 @@ pub mod partition;
 #[cfg(feature = "raft")]
 pub mod raft;
 pub mod rng;
+#[cfg(feature = "raft")]
 pub mod sim;

@@ -6,7 +6,8 @@
 //! `SKEIN_SIM_TRACE=1` prints every metadata notification and high-watermark move of the run
 //! on stderr (use it with `--seed`). `--without-rule` switches one rule of the replica off (`durable-counts`,
 //! `freeze-below-min-isr`, `no-truncation-below-hw`, `truncate-by-epoch`, `own-epoch-end`,
-//! `isr-via-controller`) to see what the seeds then find.
+//! `isr-via-controller`) or of the shells (`wait-for-own-registration`, `retry-ambiguous-isr`,
+//! `active-controller-only`, `persist-before-send`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is
 //! printed with its broken invariants (the first few, with the simulated time); the last line
@@ -14,12 +15,13 @@
 //! run that exercised nothing (no record acknowledged, no fault, no failover).
 
 use skein_replication::partition::Rules;
-use skein_replication::sim::{run, SimConfig};
+use skein_replication::sim::{run, ShellRules, SimConfig};
 
 fn main() {
     let mut seeds: Vec<u64> = (1..=200).collect();
     let mut steps = 3_000u64;
     let mut rules = Rules::ALL;
+    let mut shell = ShellRules::ALL;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || -> u64 {
@@ -37,6 +39,10 @@ fn main() {
                 Some("truncate-by-epoch") => rules.truncate_by_epoch = false,
                 Some("own-epoch-end") => rules.own_epoch_end = false,
                 Some("isr-via-controller") => rules.isr_via_controller = false,
+                Some("wait-for-own-registration") => shell.wait_for_own_registration = false,
+                Some("retry-ambiguous-isr") => shell.retry_ambiguous_isr = false,
+                Some("active-controller-only") => shell.active_controller_only = false,
+                Some("persist-before-send") => shell.persist_before_send = false,
                 other => fail(&format!("--without-rule: unknown rule {other:?}")),
             },
             "-h" | "--help" => {
@@ -49,7 +55,7 @@ fn main() {
     let (mut total_steps, mut faults, mut checks, mut violations, mut idle) =
         (0u64, 0u64, 0u64, 0usize, 0usize);
     for &seed in &seeds {
-        let report = run(SimConfig { seed, steps, rules });
+        let report = run(SimConfig { seed, steps, rules, shell });
         total_steps += report.steps;
         faults += report.faults;
         checks += report.checks;

@@ -350,6 +350,96 @@ impl Cluster {
         }
     }
 
+    /// The records that commit a decision made on this cluster: a broker registered (new, or
+    /// at a new epoch) or fenced, unfenced or shut down since `before` (the brokers as they
+    /// were before the decision), then the partition changes it returned. A controller that
+    /// is not the only one (the consensus shard's leader) decides on its state and commits
+    /// these through Raft; its followers [`Cluster::replay`] them.
+    pub fn records_of(
+        &self,
+        before: &BTreeMap<NodeId, Broker>,
+        changes: &[PartitionChange],
+    ) -> Vec<crate::metadata::MetadataRecord> {
+        use crate::metadata::MetadataRecord;
+        let mut records = Vec::new();
+        for (&node, broker) in &self.brokers {
+            match before.get(&node) {
+                Some(old) if old.epoch == broker.epoch => {
+                    if (old.fenced, old.shutting_down) != (broker.fenced, broker.shutting_down) {
+                        records.push(MetadataRecord::BrokerChanged {
+                            node,
+                            fenced: broker.fenced,
+                            shutting_down: broker.shutting_down,
+                        });
+                    }
+                }
+                _ => {
+                    records.push(MetadataRecord::BrokerRegistered {
+                        node,
+                        epoch: broker.epoch,
+                        unclean: broker.unclean,
+                    });
+                    if !broker.fenced || broker.shutting_down {
+                        records.push(MetadataRecord::BrokerChanged {
+                            node,
+                            fenced: broker.fenced,
+                            shutting_down: broker.shutting_down,
+                        });
+                    }
+                }
+            }
+        }
+        records.extend(changes.iter().map(PartitionChange::to_record));
+        records
+    }
+
+    /// Applies a committed record to this cluster (records of other kinds change nothing
+    /// here). A registered broker's session starts at `now_ms`.
+    pub fn replay(&mut self, record: &crate::metadata::MetadataRecord, now_ms: u64) {
+        use crate::metadata::MetadataRecord;
+        match record {
+            MetadataRecord::BrokerRegistered { node, epoch, unclean } => {
+                let broker = Broker {
+                    epoch: *epoch,
+                    fenced: true,
+                    shutting_down: false,
+                    unclean: *unclean,
+                    last_heartbeat_ms: now_ms,
+                };
+                self.brokers.insert(*node, broker);
+            }
+            MetadataRecord::BrokerChanged { node, fenced, shutting_down } => {
+                if let Some(broker) = self.brokers.get_mut(node) {
+                    broker.fenced = *fenced;
+                    broker.shutting_down = *shutting_down;
+                }
+            }
+            MetadataRecord::PartitionChanged { tp, state } => {
+                let partition = Partition {
+                    replicas: state.replicas.clone(),
+                    isr: state.isr.clone(),
+                    elr: state.elr.clone(),
+                    leader: state.leader,
+                    leader_epoch: state.leader_epoch,
+                    partition_epoch: state.partition_epoch,
+                };
+                self.partitions.insert(tp.clone(), partition);
+            }
+            MetadataRecord::TopicDeleted { name } => self.partitions.retain(|tp, _| tp.topic() != name),
+            MetadataRecord::TopicCreated { .. }
+            | MetadataRecord::TopicChanged { .. }
+            | MetadataRecord::ProducerIdsReserved { .. } => {}
+        }
+    }
+
+    /// A new controller leader gives every broker a fresh session: it cannot know when its
+    /// predecessor last heard from them (KRaft does the same).
+    pub fn restart_sessions(&mut self, now_ms: u64) {
+        for broker in self.brokers.values_mut() {
+            broker.last_heartbeat_ms = now_ms;
+        }
+    }
+
     fn change_all(
         &mut self,
         change: impl Fn(&TopicPartition, &Partition, &Cluster) -> Option<Partition>,
@@ -394,6 +484,89 @@ mod tests {
 
     fn members(cluster: &Cluster, ids: &[u32]) -> Vec<(NodeId, BrokerEpoch)> {
         ids.iter().map(|&id| (n(id), cluster.brokers[&n(id)].epoch)).collect()
+    }
+
+    #[test]
+    fn the_records_of_decisions_rebuild_the_same_cluster_on_a_follower() {
+        let (mut leader, tp) = cluster();
+        let mut follower = Cluster::new(leader.config);
+        let mut log = Vec::new();
+        let decide =
+            |leader: &mut Cluster, log: &mut Vec<_>, f: &dyn Fn(&mut Cluster) -> Vec<PartitionChange>| {
+                let before = leader.brokers.clone();
+                let changes = f(leader);
+                log.extend(leader.records_of(&before, &changes));
+            };
+        // The set-up's decisions, as records: three registrations, unfenced, the topic.
+        let empty = Cluster::new(leader.config);
+        let all: Vec<PartitionChange> = leader
+            .partitions
+            .iter()
+            .map(|(tp, p)| PartitionChange { tp: tp.clone(), partition: p.clone() })
+            .collect();
+        log.extend(leader.records_of(&empty.brokers, &all));
+        // A session expires, the broker registers again, it is unfenced; an ISR change.
+        decide(&mut leader, &mut log, &|c| c.tick(10_000));
+        decide(&mut leader, &mut log, &|c| c.register(n(2), BrokerEpoch(40), false, 10_000));
+        decide(&mut leader, &mut log, &|c| {
+            for id in 1..=3 {
+                let epoch = c.brokers[&n(id)].epoch;
+                c.heartbeat(n(id), epoch, 40, 10_001).unwrap();
+            }
+            Vec::new()
+        });
+        decide(&mut leader, &mut log, &|c| {
+            let p = c.partitions[&TopicPartition::new("t", 0)].clone();
+            let leader = p.leader.unwrap();
+            let isr: Vec<_> = [leader]
+                .iter()
+                .chain(p.replicas.iter().filter(|&&r| r != leader))
+                .map(|&r| (r, c.brokers[&r].epoch))
+                .collect();
+            vec![c
+                .alter_partition(
+                    &TopicPartition::new("t", 0),
+                    leader,
+                    p.leader_epoch,
+                    p.partition_epoch,
+                    &isr,
+                )
+                .unwrap()]
+        });
+        assert!(log
+            .iter()
+            .any(|r| matches!(r, crate::metadata::MetadataRecord::BrokerChanged { fenced: true, .. })));
+        assert!(log.iter().any(|r| matches!(
+            r,
+            crate::metadata::MetadataRecord::BrokerRegistered { epoch: BrokerEpoch(40), .. }
+        )));
+        for record in &log {
+            follower.replay(record, 7);
+        }
+        assert_eq!(follower.partitions, leader.partitions);
+        assert_eq!(follower.partitions[&tp].isr.len(), 3);
+        let without_sessions = |c: &Cluster| -> Vec<_> {
+            c.brokers.iter().map(|(n, b)| (*n, b.epoch, b.fenced, b.shutting_down, b.unclean)).collect()
+        };
+        assert_eq!(without_sessions(&follower), without_sessions(&leader));
+        // Every record applies to a metadata image (epochs rise, leaders in their ISR).
+        let mut image = crate::metadata::MetadataImage::default();
+        let topic = crate::metadata::MetadataRecord::TopicCreated {
+            name: "t".into(),
+            config: crate::metadata::TopicConfig {
+                partitions: 1,
+                retention_ms: None,
+                retention_bytes: None,
+                segment_bytes: 1 << 30,
+                segment_ms: None,
+                max_message_bytes: 1 << 20,
+                created_ms: 0,
+            },
+        };
+        crate::metadata::apply(&mut image, &[topic]).unwrap();
+        for record in &log {
+            crate::metadata::apply(&mut image, std::slice::from_ref(record)).unwrap();
+        }
     }
 
     #[test]

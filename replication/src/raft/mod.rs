@@ -15,7 +15,7 @@
 
 use ::raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message};
 use ::raft::storage::MemStorage;
-use ::raft::{Config, RawNode, Ready, StateRole};
+use ::raft::{Config, RawNode, StateRole};
 
 use crate::rng::Rng;
 
@@ -28,6 +28,11 @@ pub struct RaftSettings {
     pub election_tick: usize,
     pub heartbeat_tick: usize,
     pub seed: u64,
+    /// Test-only switch (always on outside tests): messages that depend on what the last
+    /// ready must make durable wait for [`RaftCore::persisted`]. Off, they leave with the
+    /// ready, so the simulator can show that its check of the rule catches a breach.
+    #[doc(hidden)]
+    pub persist_before_send: bool,
 }
 
 /// What the shell must do after an event.
@@ -39,7 +44,8 @@ pub struct RaftOutput {
     pub persist_hard_state: Option<HardState>,
     /// Send now.
     pub send: Vec<Message>,
-    /// Committed entries to apply, in order (empty `Normal` entries of new leaders excluded).
+    /// Committed entries to apply, in order (empty `Normal` entries of new leaders excluded);
+    /// only [`RaftCore::ready`] hands them out.
     pub committed: Vec<Entry>,
 }
 
@@ -52,6 +58,7 @@ impl RaftOutput {
     }
 }
 
+pub use ::raft::eraftpb;
 pub use ::raft::Error as RaftError;
 
 /// One member of the consensus shard.
@@ -59,15 +66,29 @@ pub struct RaftCore {
     raw: RawNode<MemStorage>,
     rng: Rng,
     election_tick: usize,
-    /// The last ready, handed out and not yet persisted.
-    pending: Option<Ready>,
+    /// The number of the last ready handed out, until the shell persisted it.
+    pending: Option<u64>,
     /// Messages that may leave only once `pending` is persisted.
     held: Vec<Message>,
+    persist_before_send: bool,
     seen: (u64, StateRole),
+    /// The index of the last committed entry handed out (empty ones included).
+    applied: u64,
 }
 
 impl RaftCore {
     pub fn new(settings: &RaftSettings) -> Result<RaftCore, RaftError> {
+        RaftCore::restart(settings, HardState::default(), &[])
+    }
+
+    /// A member restarted from what it had made durable: its hard state (term, vote, commit)
+    /// and its log. Every committed entry is handed out again (from index 1: there are no
+    /// snapshots yet), so the shell rebuilds its state machine from them.
+    pub fn restart(
+        settings: &RaftSettings,
+        hard_state: HardState,
+        entries: &[Entry],
+    ) -> Result<RaftCore, RaftError> {
         let config = Config {
             id: settings.id,
             election_tick: settings.election_tick,
@@ -77,6 +98,10 @@ impl RaftCore {
             ..Config::default()
         };
         let storage = MemStorage::new_with_conf_state(ConfState::from((settings.voters.clone(), vec![])));
+        if !entries.is_empty() {
+            storage.wl().append(entries)?;
+        }
+        storage.wl().set_hardstate(hard_state);
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&config, storage, &logger)?;
         let seen = (raw.raft.term, raw.raft.state);
@@ -86,7 +111,9 @@ impl RaftCore {
             election_tick: settings.election_tick,
             pending: None,
             held: Vec::new(),
+            persist_before_send: settings.persist_before_send,
             seen,
+            applied: 0,
         };
         core.redraw_timeout();
         Ok(core)
@@ -107,6 +134,24 @@ impl RaftCore {
     /// The leader this member knows (0: none).
     pub fn leader_id(&self) -> u64 {
         self.raw.raft.leader_id
+    }
+
+    /// The index of the last entry in this member's log (durable or not).
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
+    }
+
+    /// The index of the last committed entry handed out to the shell.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// A leader whose own first entry of its term is committed and handed out: every entry of
+    /// earlier terms it holds is then committed and applied, so its state machine is complete
+    /// and it may decide (KRaft's active controller). A leader that is not active yet must
+    /// not decide from its state, which may lack committed entries of its predecessors.
+    pub fn is_active_leader(&self) -> bool {
+        self.is_leader() && self.raw.raft.raft_log.term(self.applied).unwrap_or(0) == self.raw.raft.term
     }
 
     /// The election timeout in force, in ticks.
@@ -139,6 +184,11 @@ impl RaftCore {
 
     /// What to persist, send and apply now; `None` while nothing is ready or the last ready is
     /// not persisted yet.
+    ///
+    /// Uses raft-rs's asynchronous persistence (`advance_append_async`, then
+    /// `on_persist_ready`): the member keeps taking ticks, messages and proposals while the
+    /// shell's disk write is under way (the synchronous `advance` must not see a message
+    /// stepped between `ready` and itself: raft-rs panics on a follower that did).
     pub fn ready(&mut self) -> Option<RaftOutput> {
         if self.pending.is_some() || !self.raw.has_ready() {
             return None;
@@ -150,7 +200,7 @@ impl RaftCore {
             let snapshot = ready.snapshot().clone();
             self.raw.mut_store().wl().apply_snapshot(snapshot).expect("an in-memory log takes a snapshot");
         }
-        output.committed = meaningful(ready.take_committed_entries());
+        output.committed = self.meaningful(ready.take_committed_entries());
         let entries = ready.take_entries();
         if !entries.is_empty() {
             self.raw.mut_store().wl().append(&entries).expect("an in-memory log takes entries");
@@ -161,24 +211,24 @@ impl RaftCore {
             output.persist_hard_state = Some(hard_state.clone());
         }
         self.held = ready.take_persisted_messages();
-        self.pending = Some(ready);
+        if !self.persist_before_send {
+            output.send.append(&mut self.held);
+        }
+        self.pending = Some(ready.number());
+        self.raw.advance_append_async(ready);
+        self.raw.advance_apply_to(self.applied);
+        self.after_event();
         Some(output)
     }
 
     /// The shell made the last ready's entries and hard state durable: the messages that
-    /// waited for that, and what the advance committed.
+    /// waited for that. What this makes committable comes out of the next [`RaftCore::ready`].
     pub fn persisted(&mut self) -> RaftOutput {
-        let Some(ready) = self.pending.take() else {
+        let Some(number) = self.pending.take() else {
             return RaftOutput::default();
         };
-        let mut light = self.raw.advance(ready);
-        let mut output = RaftOutput { send: std::mem::take(&mut self.held), ..RaftOutput::default() };
-        output.send.extend(light.take_messages());
-        if let Some(commit) = light.commit_index() {
-            self.raw.mut_store().wl().mut_hard_state().set_commit(commit);
-        }
-        output.committed = meaningful(light.take_committed_entries());
-        self.raw.advance_apply();
+        self.raw.on_persist_ready(number);
+        let output = RaftOutput { send: std::mem::take(&mut self.held), ..RaftOutput::default() };
         self.after_event();
         output
     }
@@ -191,19 +241,23 @@ impl RaftCore {
         }
     }
 
+    /// Committed entries without the empty entry every new leader appends; notes how far
+    /// the shell was handed entries.
+    fn meaningful(&mut self, entries: Vec<Entry>) -> Vec<Entry> {
+        if let Some(last) = entries.last() {
+            self.applied = last.index;
+        }
+        entries
+            .into_iter()
+            .filter(|e| !(e.get_entry_type() == EntryType::EntryNormal && e.data.is_empty()))
+            .collect()
+    }
+
     fn redraw_timeout(&mut self) {
         let n = self.election_tick as u64;
         let timeout = self.rng.range(n, 2 * n) as usize;
         self.raw.raft.set_randomized_election_timeout(timeout);
     }
-}
-
-/// Committed entries without the empty entry every new leader appends.
-fn meaningful(entries: Vec<Entry>) -> Vec<Entry> {
-    entries
-        .into_iter()
-        .filter(|e| !(e.get_entry_type() == EntryType::EntryNormal && e.data.is_empty()))
-        .collect()
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ impl Net {
                     election_tick: 10,
                     heartbeat_tick: 2,
                     seed: seed * 10 + id,
+                    persist_before_send: true,
                 })
                 .unwrap()
             })

@@ -7,7 +7,7 @@ fn seeds(count: u64, rules: Rules) -> (Vec<(u64, SimReport)>, u64) {
     let mut exercised = 0;
     let reports = (1..=count)
         .map(|seed| {
-            let report = run(SimConfig { seed, steps: 3_000, rules });
+            let report = run(SimConfig { seed, steps: 3_000, rules, shell: ShellRules::ALL });
             exercised += u64::from(report.exercised());
             (seed, report)
         })
@@ -28,6 +28,10 @@ fn two_hundred_seeds_under_faults_break_no_invariant() {
     assert_eq!(exercised, 200, "every run must acknowledge records, inject faults and fail over");
     let truncations: u64 = reports.iter().map(|(_, r)| r.truncations).sum();
     assert!(truncations > 0, "no run made a follower truncate: divergence was never exercised");
+    // The consensus shard was exercised too: every run failed its controller over (the
+    // vacuity gate above) and committed metadata batches that brokers pulled.
+    let batches: u64 = reports.iter().map(|(_, r)| r.metadata_batches).sum();
+    assert!(batches > 200 * 20, "{batches} metadata batches in 200 runs");
 }
 
 #[test]
@@ -61,4 +65,36 @@ fn letting_the_high_watermark_move_below_min_isr_loses_acknowledged_records() {
 fn truncating_to_the_high_watermark_instead_of_by_epoch_breaks_invariants() {
     let rules = Rules { truncate_by_epoch: false, ..Rules::ALL };
     assert!(failing_seeds(100, rules) > 0, "no seed found what the KIP-101 rule prevents");
+}
+
+/// How many of seeds `1..=count` break one of `invariants` with these shell rules.
+fn seeds_breaking(count: u64, shell: ShellRules, invariants: &[&str]) -> usize {
+    (1..=count)
+        .map(|seed| run(SimConfig { seed, steps: 3_000, rules: Rules::ALL, shell }))
+        .filter(|r| r.violations.iter().any(|v| invariants.iter().any(|i| v.contains(&format!(" {i}:")))))
+        .count()
+}
+
+#[test]
+fn a_restarted_broker_that_acts_on_metadata_before_its_own_registration_loses_records() {
+    let shell = ShellRules { wait_for_own_registration: false, ..ShellRules::ALL };
+    assert!(seeds_breaking(20, shell, &["I1", "I3"]) > 0, "no seed found the stale leadership");
+}
+
+#[test]
+fn a_leader_that_takes_an_unanswered_isr_proposal_for_refused_acknowledges_too_early() {
+    let shell = ShellRules { retry_ambiguous_isr: false, ..ShellRules::ALL };
+    assert!(seeds_breaking(200, shell, &["I1"]) > 0, "no seed found the early acknowledgement");
+}
+
+#[test]
+fn a_controller_that_decides_before_its_first_entry_is_applied_commits_invalid_changes() {
+    let shell = ShellRules { active_controller_only: false, ..ShellRules::ALL };
+    assert!(seeds_breaking(20, shell, &["records", "I9", "I10"]) > 0, "no seed found a stale decision");
+}
+
+#[test]
+fn raft_messages_sent_before_their_vote_or_entries_are_durable_are_caught() {
+    let shell = ShellRules { persist_before_send: false, ..ShellRules::ALL };
+    assert!(seeds_breaking(10, shell, &["Raft persistence"]) > 0, "the persistence check never fired");
 }
