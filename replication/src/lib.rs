@@ -32,8 +32,7 @@
 //! change) step by step; each must lose or diverge with its rule switched off
 //! ([`partition::Rules`]) and not with every rule on.
 //!
-//! Still to come (issue 14): idempotent producers in the simulator (I11), topic ids, and the
-//! broker shells that run the cores over the network.
+//! Still to come: topic ids, and the broker shells that run the cores over the network.
 
 pub mod controller;
 pub mod metadata;

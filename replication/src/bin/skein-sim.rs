@@ -7,7 +7,7 @@
 //! on stderr (use it with `--seed`). `--without-rule` switches one rule of the replica off (`durable-counts`,
 //! `freeze-below-min-isr`, `no-truncation-below-hw`, `truncate-by-epoch`, `own-epoch-end`,
 //! `isr-via-controller`) or of the shells (`wait-for-own-registration`, `retry-ambiguous-isr`,
-//! `active-controller-only`, `persist-before-send`) to see what the seeds then find.
+//! `active-controller-only`, `persist-before-send`, `deduplicate-retries`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is
 //! printed with its broken invariants (the first few, with the simulated time); the last line
@@ -43,6 +43,7 @@ fn main() {
                 Some("retry-ambiguous-isr") => shell.retry_ambiguous_isr = false,
                 Some("active-controller-only") => shell.active_controller_only = false,
                 Some("persist-before-send") => shell.persist_before_send = false,
+                Some("deduplicate-retries") => shell.deduplicate_retries = false,
                 other => fail(&format!("--without-rule: unknown rule {other:?}")),
             },
             "-h" | "--help" => {
@@ -54,12 +55,20 @@ fn main() {
     }
     let (mut total_steps, mut faults, mut checks, mut violations, mut idle) =
         (0u64, 0u64, 0u64, 0usize, 0usize);
+    let (mut acked, mut duplicates, mut failovers, mut controllers, mut batches, mut truncations) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     for &seed in &seeds {
         let report = run(SimConfig { seed, steps, rules, shell });
         total_steps += report.steps;
         faults += report.faults;
         checks += report.checks;
         violations += report.violations.len();
+        acked += report.acked;
+        duplicates += report.duplicates;
+        failovers += report.leader_changes;
+        controllers += report.controller_leaders;
+        batches += report.metadata_batches;
+        truncations += report.truncations;
         if !report.violations.is_empty() {
             println!("seed {seed}: {} violations", report.violations.len());
             for line in report.violations.iter().take(3) {
@@ -69,11 +78,14 @@ fn main() {
         if !report.exercised() {
             idle += 1;
             println!(
-                "seed {seed}: exercised nothing (acked {}, faults {}, leader changes {})",
-                report.acked, report.faults, report.leader_changes
+                "seed {seed}: exercised nothing (acked {}, faults {}, partition leaderships {}, controller leaders {})",
+                report.acked, report.faults, report.leader_changes, report.controller_leaders
             );
         }
     }
+    println!(
+        "acknowledged {acked} (retries answered as duplicates {duplicates}), partition leaderships {failovers}, controller leaders {controllers}, metadata batches {batches}, truncations {truncations}"
+    );
     println!(
         "{} seeds, {total_steps} steps, {faults} faults, {checks} checks, {violations} violations",
         seeds.len()

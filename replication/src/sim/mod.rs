@@ -40,6 +40,9 @@
 //! * **I9** the committed ISR is within the replicas, holds the leader and no fenced member.
 //! * **I10** a broker is unfenced only once it has applied the metadata up to its own
 //!   registration; no committed partition has a fenced leader.
+//! * **I11** every partition has an idempotent producer that retries a failed or unanswered
+//!   batch with the same sequence number, perhaps at another leader: a batch is acknowledged
+//!   at one offset only, and after healing each log holds every batch once, in sequence order.
 //! * **I12** (the acknowledgement half) nothing at or above the leader's high watermark is
 //!   acknowledged under `acks=all`.
 //! * **Raft**: one leader per term; every member commits the same entry at each index; a
@@ -52,9 +55,8 @@
 //!   at the log's last batch; per partition a leader, ISR = replicas, every replica with the
 //!   leader's records, the high watermark at the log end, no acknowledgement left waiting.
 //!
-//! Not simulated (yet): I11 (idempotent producers: the producer table lives in the broker),
-//! topic deletion and re-creation (topic ids), snapshots of the Raft log, clock skew and disk
-//! corruption.
+//! Not simulated (yet): topic deletion and re-creation (topic ids), snapshots of the Raft log,
+//! controlled shutdown, unclean (reboot) restarts, clock skew and disk corruption.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -107,6 +109,10 @@ pub struct ShellRules {
     /// Raft messages that depend on a vote, a term or entries leave only once those are
     /// durable ([`RaftSettings::persist_before_send`]).
     pub persist_before_send: bool,
+    /// A leader checks an idempotent batch's sequence number against its log (the broker's
+    /// producer table): a retried batch it holds is answered with its original offset, not
+    /// appended again.
+    pub deduplicate_retries: bool,
 }
 
 impl ShellRules {
@@ -115,6 +121,7 @@ impl ShellRules {
         retry_ambiguous_isr: true,
         active_controller_only: true,
         persist_before_send: true,
+        deduplicate_retries: true,
     };
 }
 
@@ -132,6 +139,8 @@ pub struct SimReport {
     /// Metadata batches committed.
     pub metadata_batches: u64,
     pub truncations: u64,
+    /// Retried batches the leader found in its log and answered with their original offsets.
+    pub duplicates: u64,
     /// Each broken invariant, with the time it broke and a line of context.
     pub violations: Vec<String>,
 }
@@ -300,6 +309,14 @@ struct Part {
     alter_pending: Option<Msg>,
 }
 
+/// An idempotent producer: the next sequence number, and the batch in flight (sequence,
+/// value, the acknowledgement its last attempt waits for).
+#[derive(Default)]
+struct Producer {
+    next_seq: u64,
+    inflight: Option<(u64, u64, Option<u64>)>,
+}
+
 /// What a node's Raft member made durable.
 #[derive(Default, Clone)]
 struct RaftDisk {
@@ -351,6 +368,12 @@ struct Sim {
     events: BTreeMap<u64, Ev>,
     nodes: Vec<Node>,
     faults_on: bool,
+    /// Each partition's idempotent producer.
+    producers: BTreeMap<u32, Producer>,
+    /// The producer sequence number of each value.
+    seq_of: BTreeMap<u64, u64>,
+    /// The offset each (partition, sequence) was acknowledged at.
+    acked_seq: BTreeMap<(u32, u64), Offset>,
     /// acks=all produces waiting: id → (partition, leader, offset, value).
     waiting: BTreeMap<u64, (u32, NodeId, Offset, u64)>,
     acked: Vec<(u32, Offset, u64)>,
@@ -510,6 +533,9 @@ impl Sim {
             nodes,
             faults_on: false,
             waiting: BTreeMap::new(),
+            producers: BTreeMap::new(),
+            seq_of: BTreeMap::new(),
+            acked_seq: BTreeMap::new(),
             acked: Vec::new(),
             next_value: 1,
             next_ack: 1,
@@ -776,10 +802,30 @@ impl Sim {
         self.send(to, msg);
     }
 
-    /// A client produces to a broker that believes it leads a partition (with stale metadata
-    /// it may be a zombie: a deposed leader that has not heard yet).
+    /// The idempotent producer of a partition (one per partition, one batch in flight) sends
+    /// its batch to a broker that believes it leads (with stale metadata it may be a zombie: a
+    /// deposed leader that has not heard yet); an attempt that failed (refused, timed out, its
+    /// leader died) is sent again with the same sequence number, perhaps to another leader.
+    ///
+    /// The leader's producer state is a function of its log, as the broker's table is (rebuilt
+    /// from batch headers, so a truncation rebuilds it): the next sequence is one past its last
+    /// record's; a batch whose sequence is among its last [`skein_net::IDEMPOTENCE_WINDOW`] is
+    /// a duplicate, answered with its original offset once the high watermark passes it;
+    /// another gap is out of order (retried).
     fn produce(&mut self) {
         let partition = self.rng.range(0, u64::from(PARTITIONS)) as u32;
+        let producer = self.producers.entry(partition).or_default();
+        let (seq, value) = match producer.inflight {
+            Some((_, _, Some(ack))) if self.waiting.contains_key(&ack) => return,
+            Some((seq, value, _)) => (seq, value),
+            None => {
+                let (seq, value) = (producer.next_seq, self.next_value);
+                self.next_value += 1;
+                self.seq_of.insert(value, seq);
+                (seq, value)
+            }
+        };
+        self.producers.get_mut(&partition).expect("made above").inflight = Some((seq, value, None));
         let believers: Vec<NodeId> = NODES
             .iter()
             .copied()
@@ -790,19 +836,36 @@ impl Sim {
         }
         let leader = believers[self.rng.range(0, believers.len() as u64) as usize];
         let now = self.now;
-        let value = self.next_value;
-        let part = self.part_mut(leader, partition);
+        let part = self.part(leader, partition);
         if part.replica.check_acks_all().is_err() {
             return;
         }
         let Some(epoch) = part.replica.leader_epoch() else { return };
-        let offset = part.log.len() as Offset;
-        part.log.push((epoch, value));
-        let mut commands = part.replica.on(Event::Appended { end: offset + 1, epoch }, now);
-        self.next_value += 1;
+        let seq_at = |offset: usize| self.seq_of[&part.log[offset].1];
+        let end = part.log.len();
+        let duplicate = (end.saturating_sub(skein_net::IDEMPOTENCE_WINDOW)..end)
+            .rev()
+            .find(|&offset| seq_at(offset) == seq);
+        let expected = if end == 0 { 0 } else { seq_at(end - 1) + 1 };
+        let dedupe = self.config.shell.deduplicate_retries;
+        let (offset, mut commands) = match duplicate {
+            Some(offset) if dedupe => {
+                self.report.duplicates += 1;
+                (offset as Offset, Vec::new())
+            }
+            _ if seq == expected || !dedupe => {
+                let part = self.part_mut(leader, partition);
+                part.log.push((epoch, value));
+                let offset = end as Offset;
+                (offset, part.replica.on(Event::Appended { end: offset + 1, epoch }, now))
+            }
+            // Out of order: an earlier batch is missing here; the producer tries again.
+            _ => return,
+        };
         let id = self.next_ack;
         self.next_ack += 1;
         self.waiting.insert(id, (partition, leader, offset, value));
+        self.producers.get_mut(&partition).expect("made above").inflight = Some((seq, value, Some(id)));
         commands.extend(
             self.part_mut(leader, partition)
                 .replica
@@ -1478,6 +1541,24 @@ impl Sim {
         }
         self.report.acked += 1;
         self.acked.push((partition, offset, value));
+        // I11: a batch is acknowledged at one offset only, however often it was sent; the
+        // producer moves on to its next sequence.
+        let seq = self.seq_of[&value];
+        match self.acked_seq.get(&(partition, seq)) {
+            Some(&first) if first != offset => {
+                let detail = format!("{tp}: sequence {seq} acknowledged at {first} and at {offset}");
+                self.violation("I11", detail);
+            }
+            Some(_) => {}
+            None => {
+                self.acked_seq.insert((partition, seq), offset);
+            }
+        }
+        let producer = self.producers.entry(partition).or_default();
+        if producer.inflight.is_some_and(|(s, _, _)| s == seq) {
+            producer.inflight = None;
+            producer.next_seq = seq + 1;
+        }
         // I1: every member of the committed ISR holds it durably.
         let isr = self.image.partitions.get(&tp).map(|p| p.isr.clone()).unwrap_or_default();
         for member in isr {
@@ -1703,6 +1784,14 @@ impl Sim {
                         "I1",
                         format!("acknowledged {value} at {tp}@{offset} is not in the final log"),
                     );
+                }
+            }
+            // I11: every batch at most once, in sequence order.
+            for (offset, pair) in log.windows(2).enumerate() {
+                let (a, b) = (self.seq_of[&pair[0].1], self.seq_of[&pair[1].1]);
+                if b != a + 1 {
+                    let detail = format!("{tp}: sequence {b} at {} follows sequence {a}", offset + 1);
+                    self.violation("I11", detail);
                 }
             }
             for id in NODES {

@@ -32,6 +32,9 @@ fn two_hundred_seeds_under_faults_break_no_invariant() {
     // vacuity gate above) and committed metadata batches that brokers pulled.
     let batches: u64 = reports.iter().map(|(_, r)| r.metadata_batches).sum();
     assert!(batches > 200 * 20, "{batches} metadata batches in 200 runs");
+    // Idempotent retries found their batch at a leader (I11 was exercised).
+    let duplicates: u64 = reports.iter().map(|(_, r)| r.duplicates).sum();
+    assert!(duplicates > 0, "no retried batch was answered as a duplicate");
 }
 
 #[test]
@@ -97,4 +100,10 @@ fn a_controller_that_decides_before_its_first_entry_is_applied_commits_invalid_c
 fn raft_messages_sent_before_their_vote_or_entries_are_durable_are_caught() {
     let shell = ShellRules { persist_before_send: false, ..ShellRules::ALL };
     assert!(seeds_breaking(10, shell, &["Raft persistence"]) > 0, "the persistence check never fired");
+}
+
+#[test]
+fn a_leader_that_appends_retried_batches_again_writes_duplicates() {
+    let shell = ShellRules { deduplicate_retries: false, ..ShellRules::ALL };
+    assert!(seeds_breaking(20, shell, &["I11"]) > 0, "no seed found a duplicate");
 }
