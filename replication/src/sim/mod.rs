@@ -15,7 +15,8 @@
 //! * **partitions**: a topic of three partitions, each replicated on the three brokers, every
 //!   replica the real [`ReplicaState`]; leaders send `AlterPartition` to the controller and
 //!   followers fetch from the leader their own metadata names;
-//! * **faults**: messages dropped and delayed (so reordered); brokers crash (losing part of what
+//! * **faults**: messages dropped, duplicated and delayed (so reordered); network partitions
+//!   (a node cut off both ways, or one link cut one way) that heal after 0.3–2 s; brokers crash (losing part of what
 //!   they had not synced, and their Raft state that was not durable) and restart; brokers pause
 //!   past their session and come back as zombies that still think they lead (clients with stale
 //!   metadata produce to them); the leader of partition 0 and the controller leader are each
@@ -59,7 +60,7 @@
 //! controlled shutdown, unclean (reboot) restarts, clock skew and disk corruption.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use skein_net::types::{BrokerEpoch, LeaderEpoch, NodeId, Offset, PartitionEpoch, TopicPartition};
 
@@ -288,6 +289,8 @@ enum Ev {
     Restart(NodeId),
     /// A paused broker runs again (a SIGSTOP or a long GC pause ends).
     Resume(NodeId),
+    /// The network partition ends.
+    Heal,
 }
 
 /// One partition's replica on a node.
@@ -368,6 +371,8 @@ struct Sim {
     events: BTreeMap<u64, Ev>,
     nodes: Vec<Node>,
     faults_on: bool,
+    /// Links the network partition of the moment cuts: (from, to).
+    cut: BTreeSet<(NodeId, NodeId)>,
     /// Each partition's idempotent producer.
     producers: BTreeMap<u32, Producer>,
     /// The producer sequence number of each value.
@@ -464,6 +469,7 @@ impl Sim {
             self.step();
         }
         self.faults_on = false;
+        self.cut.clear();
         for id in NODES {
             if !self.node(id).alive {
                 self.restart(id);
@@ -533,6 +539,7 @@ impl Sim {
             nodes,
             faults_on: false,
             waiting: BTreeMap::new(),
+            cut: BTreeSet::new(),
             producers: BTreeMap::new(),
             seq_of: BTreeMap::new(),
             acked_seq: BTreeMap::new(),
@@ -605,12 +612,22 @@ impl Sim {
         self.report.violations.push(format!("t={}ms {rule}: {detail}", self.now));
     }
 
-    /// Sends a message over the network: delayed 1–40 ms, dropped 5% of the time while faults
-    /// are on.
-    fn send(&mut self, to: NodeId, msg: Msg) {
-        if self.faults_on && self.rng.range(0, 100) < 5 {
-            self.report.faults += 1;
-            return;
+    /// Sends a message over the network: delayed 1–40 ms; while faults are on, dropped 5% of
+    /// the time, sent twice 1% of the time, and lost on a link the nemesis has cut.
+    fn send(&mut self, from: NodeId, to: NodeId, msg: Msg) {
+        if self.faults_on {
+            if from != to && self.cut.contains(&(from, to)) {
+                return;
+            }
+            if self.rng.range(0, 100) < 5 {
+                self.report.faults += 1;
+                return;
+            }
+            if self.rng.range(0, 100) < 1 {
+                self.report.faults += 1;
+                let delay = self.rng.range(1, 80);
+                self.schedule(delay, Ev::Deliver { to, msg: msg.clone() });
+            }
         }
         let delay = self.rng.range(1, 40);
         self.schedule(delay, Ev::Deliver { to, msg });
@@ -675,7 +692,7 @@ impl Sim {
                 if part.alter_generation == generation {
                     if let Some(msg) = part.alter_pending.clone() {
                         let to = self.node(node).controller_hint;
-                        self.send(to, msg);
+                        self.send(node, to, msg);
                         self.schedule(500, Ev::AlterTimeout { node, partition, generation });
                     }
                 }
@@ -686,6 +703,7 @@ impl Sim {
                 }
             }
             Ev::Restart(id) => self.restart(id),
+            Ev::Heal => self.cut.clear(),
             Ev::Resume(id) => {
                 self.node_mut(id).paused_until = 0;
                 // It learns, late, what the controller decided meanwhile: from its next pull.
@@ -718,7 +736,7 @@ impl Sim {
             if count.is_multiple_of(METADATA_EVERY) {
                 let to = self.random_node();
                 let after = self.node(id).applied;
-                self.send(to, Msg::FetchMetadata { from: id, after });
+                self.send(id, to, Msg::FetchMetadata { from: id, after });
             }
             // Disks sync now and then; replicas learn time passed.
             for partition in 0..PARTITIONS {
@@ -734,7 +752,7 @@ impl Sim {
         // An administrator creates the topic until it exists.
         if !self.image.topics.contains_key(TOPIC) && count.is_multiple_of(10) {
             let to = self.random_node();
-            self.send(to, Msg::CreateTopic);
+            self.send(to, to, Msg::CreateTopic);
         }
         // A client produces with acks=all to a leader, now and then.
         if self.faults_on && self.rng.range(0, 100) < 40 {
@@ -776,6 +794,26 @@ impl Sim {
                 self.schedule(pause, Ev::Resume(id));
             }
         }
+        // The network splits: one node cut off both ways, or one link one way; it heals after
+        // 0.3–2 s.
+        if self.cut.is_empty() && self.rng.range(0, 1000) < 2 {
+            self.report.faults += 1;
+            let a = self.random_node();
+            if self.rng.range(0, 2) == 0 {
+                for b in NODES.into_iter().filter(|&b| b != a) {
+                    self.cut.insert((a, b));
+                    self.cut.insert((b, a));
+                }
+            } else {
+                let b = NODES[(a.0 as usize + self.rng.range(0, 2) as usize) % NODES.len()];
+                self.cut.insert((a, b));
+            }
+            if trace() {
+                eprintln!("t={} network cut {:?}", self.now, self.cut);
+            }
+            let heal = self.rng.range(300, 2_000);
+            self.schedule(heal, Ev::Heal);
+        }
         // A broker crashes.
         if self.rng.range(0, 1000) < 4 {
             let id = self.random_node();
@@ -799,7 +837,7 @@ impl Sim {
             None => Msg::Register { from: id, incarnation: node.incarnation },
             Some(epoch) => Msg::Heartbeat { from: id, epoch, applied: node.applied },
         };
-        self.send(to, msg);
+        self.send(id, to, msg);
     }
 
     /// The idempotent producer of a partition (one per partition, one batch in flight) sends
@@ -890,7 +928,7 @@ impl Sim {
         let part = self.part_mut(node, partition);
         part.fetch_generation += 1;
         let generation = part.fetch_generation;
-        self.send(leader, Msg::Fetch { partition, from: node, epoch, fetch_offset, last, durable });
+        self.send(node, leader, Msg::Fetch { partition, from: node, epoch, fetch_offset, last, durable });
         self.schedule(300, Ev::FetchTimeout { node, partition, epoch, generation });
     }
 
@@ -912,7 +950,7 @@ impl Sim {
                 let start = log.partition_point(|(index, _)| *index <= after);
                 let batches: Vec<_> = log[start..].iter().take(METADATA_BATCHES_MAX).cloned().collect();
                 if !batches.is_empty() {
-                    self.send(from, Msg::MetadataBatches { after, batches });
+                    self.send(to, from, Msg::MetadataBatches { after, batches });
                 }
             }
             Msg::MetadataBatches { after, batches } => {
@@ -954,9 +992,9 @@ impl Sim {
                     Ok(changes) => {
                         let records = deciding.records_of(&before, &changes);
                         self.propose(to, records, None);
-                        self.send(from, Msg::HeartbeatOk);
+                        self.send(to, from, Msg::HeartbeatOk);
                     }
-                    Err(_) => self.send(from, Msg::StaleEpoch { epoch }),
+                    Err(_) => self.send(to, from, Msg::StaleEpoch { epoch }),
                 }
             }
             Msg::HeartbeatOk => self.node_mut(to).answered = true,
@@ -988,7 +1026,7 @@ impl Sim {
                         self.propose(to, records, Some((from, answer)));
                     }
                     Err(error) => {
-                        self.send(from, Msg::AlterAnswer { partition, generation, refused: Some(error) })
+                        self.send(to, from, Msg::AlterAnswer { partition, generation, refused: Some(error) })
                     }
                 }
             }
@@ -1040,7 +1078,7 @@ impl Sim {
         let index = self.active_quiet(to);
         if index.is_none() {
             let leader = self.node(to).raft.leader_id();
-            self.send(from, Msg::NotController { leader });
+            self.send(to, from, Msg::NotController { leader });
         }
         index
     }
@@ -1056,7 +1094,7 @@ impl Sim {
     fn propose(&mut self, id: NodeId, records: Vec<MetadataRecord>, reply: Option<(NodeId, Msg)>) {
         if records.is_empty() {
             if let Some((to, msg)) = reply {
-                self.send(to, msg);
+                self.send(id, to, msg);
             }
             return;
         }
@@ -1146,7 +1184,7 @@ impl Sim {
                 self.violation("Raft persistence", detail);
             }
             let Some(&to) = NODES.iter().find(|n| u64::from(n.0) == message.to) else { continue };
-            self.send(to, Msg::Raft(Box::new(message)));
+            self.send(id, to, Msg::Raft(Box::new(message)));
         }
     }
 
@@ -1182,7 +1220,7 @@ impl Sim {
             }
             node.log.push((entry.index, data));
             if let Some((to, msg)) = node.replies.remove(&entry.index) {
-                self.send(to, msg);
+                self.send(id, to, msg);
             }
         }
     }
@@ -1402,7 +1440,7 @@ impl Sim {
                     }
                     FetchAnswer::Refused(_) => Msg::Refused { partition, epoch },
                 };
-                self.send(*follower, msg);
+                self.send(to, *follower, msg);
             }
         }
         let rest = commands.into_iter().filter(|c| !matches!(c, Command::AnswerFetch { .. })).collect();
@@ -1504,7 +1542,7 @@ impl Sim {
                         isr: members,
                     };
                     self.part_mut(id, partition).alter_pending = Some(msg.clone());
-                    self.send(to, msg);
+                    self.send(id, to, msg);
                     self.schedule(500, Ev::AlterTimeout { node: id, partition, generation });
                 }
                 Command::Truncate { offset } => {
