@@ -11,12 +11,15 @@
 //! | offset | size | field | notes |
 //! |-------:|-----:|-------|-------|
 //! | 0  | 4 | magic | `"SKMD"` |
-//! | 4  | 2 | version u16 | 1 |
+//! | 4  | 2 | version u16 | 2 |
 //! | 6  | 2 | reserved | 0 |
 //! | 8  | 4 | payload_bytes u32 | |
 //! | 12 | 4 | crc u32 | CRC32C of the payload |
 //! | 16 | … | payload | an [`rkyv`] archive of [`Snapshot`], checked with bytecheck on load |
 //!
+//! Version 1 (before topic ids) archived `SnapshotV1`: the epoch and the topics. It is still
+//! read: opening the store gives every topic without an id a random one and writes the file
+//! again as version 2 at once, so a topic keeps its id from then on (KIP-516's upgrade).
 //! The file is replaced atomically (written to `topics.snapshot.tmp`, synced, renamed, directory
 //! synced). A snapshot that fails its checks is refused with an error naming the file; the broker
 //! does not start on guessed metadata.
@@ -25,28 +28,58 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rkyv::{Archive, Deserialize, Serialize};
+use skein_net::types::TopicId;
 
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"SKMD";
-pub const SNAPSHOT_VERSION: u16 = 1;
+pub const SNAPSHOT_VERSION: u16 = 2;
 const HEADER_BYTES: usize = 16;
 
 pub use skein_replication::metadata::topic::{
     validate_topic_name, MetadataError, TopicConfig, TopicDefaults, PARTITIONS_MAX, TOPIC_NAME_BYTES_MAX,
 };
 
-/// What is persisted.
+/// What is persisted (version 2).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Archive, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Bumped by every change.
     pub epoch: u64,
     pub topics: BTreeMap<String, TopicConfig>,
+    /// Each topic's id ([`TopicId`]'s bytes).
+    pub topic_ids: BTreeMap<String, [u8; 16]>,
+}
+
+impl Snapshot {
+    /// Each topic's id.
+    pub fn ids(&self) -> BTreeMap<String, TopicId> {
+        self.topic_ids.iter().map(|(name, id)| (name.clone(), TopicId(*id))).collect()
+    }
+}
+
+/// What version 1 persisted (read, converted, never written).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Archive, Serialize, Deserialize)]
+pub struct SnapshotV1 {
+    pub epoch: u64,
+    pub topics: BTreeMap<String, TopicConfig>,
+}
+
+/// A new topic's id: 16 random bytes (never all zero, which means "no id").
+pub fn random_topic_id() -> TopicId {
+    use ring::rand::SecureRandom;
+    let random = ring::rand::SystemRandom::new();
+    loop {
+        let mut id = [0u8; 16];
+        random.fill(&mut id).expect("the system's random source works");
+        if id != [0; 16] {
+            return TopicId(id);
+        }
+    }
 }
 
 /// The controller's view of the metadata: the one interface through which topics change.
 pub trait MetadataStore {
     fn snapshot(&self) -> &Snapshot;
-    /// Adds a topic durably. The name and config were validated by the caller.
-    fn create_topic(&mut self, name: &str, config: TopicConfig) -> Result<(), MetadataError>;
+    /// Adds a topic durably, with its id. The name, id and config were validated by the caller.
+    fn create_topic(&mut self, name: &str, id: TopicId, config: TopicConfig) -> Result<(), MetadataError>;
     /// Removes a topic durably; returns its settings.
     fn delete_topic(&mut self, name: &str) -> Result<TopicConfig, MetadataError>;
     /// Replaces a topic's settings durably (more partitions).
@@ -73,7 +106,25 @@ impl FileMetadataStore {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Snapshot::default(),
             Err(error) => return Err(storage_error(error.to_string())),
         };
-        Ok(FileMetadataStore { path, snapshot })
+        let mut store = FileMetadataStore { path, snapshot };
+        // Topics from before ids (a version 1 file) get theirs now, stored at once.
+        let missing: Vec<String> = store
+            .snapshot
+            .topics
+            .keys()
+            .filter(|name| !store.snapshot.topic_ids.contains_key(*name))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            store.change(|next| {
+                for name in &missing {
+                    next.topic_ids.insert(name.clone(), random_topic_id().0);
+                }
+                Ok(())
+            })?;
+            tracing::info!(topics = missing.len(), "metadata converted to version 2: topics got ids");
+        }
+        Ok(store)
     }
 
     fn persist(&self, snapshot: &Snapshot) -> Result<(), MetadataError> {
@@ -88,13 +139,14 @@ impl MetadataStore for FileMetadataStore {
         &self.snapshot
     }
 
-    fn create_topic(&mut self, name: &str, config: TopicConfig) -> Result<(), MetadataError> {
+    fn create_topic(&mut self, name: &str, id: TopicId, config: TopicConfig) -> Result<(), MetadataError> {
         self.change(|next| match next.topics.entry(name.to_owned()) {
             std::collections::btree_map::Entry::Occupied(_) => {
                 Err(MetadataError::TopicExists(name.to_owned()))
             }
             std::collections::btree_map::Entry::Vacant(slot) => {
                 slot.insert(config);
+                next.topic_ids.insert(name.to_owned(), id.0);
                 Ok(())
             }
         })
@@ -111,6 +163,7 @@ impl MetadataStore for FileMetadataStore {
 
     fn delete_topic(&mut self, name: &str) -> Result<TopicConfig, MetadataError> {
         self.change(|next| {
+            next.topic_ids.remove(name);
             next.topics.remove(name).ok_or_else(|| MetadataError::UnknownTopic(name.to_owned()))
         })
     }
@@ -154,8 +207,8 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
         return Err(format!("bad magic {:02x?}", &bytes[0..4]));
     }
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != SNAPSHOT_VERSION {
-        return Err(format!("unsupported version {version}"));
+    if version != SNAPSHOT_VERSION && version != 1 {
+        return Err(format!("unsupported version {version} (this build reads 1 and {SNAPSHOT_VERSION})"));
     }
     if bytes[6..8] != [0, 0] {
         return Err("reserved header bytes are not zero".to_owned());
@@ -172,6 +225,11 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, String> {
     }
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
     aligned.extend_from_slice(payload);
+    if version == 1 {
+        let old = rkyv::from_bytes::<SnapshotV1, rkyv::rancor::Error>(&aligned)
+            .map_err(|error| format!("invalid version 1 archive: {error}"))?;
+        return Ok(Snapshot { epoch: old.epoch, topics: old.topics, topic_ids: BTreeMap::new() });
+    }
     rkyv::from_bytes::<Snapshot, rkyv::rancor::Error>(&aligned)
         .map_err(|error| format!("invalid archive: {error}"))
 }
@@ -321,6 +379,7 @@ mod tests {
     fn snapshots_round_trip_and_damage_is_refused() {
         let mut snapshot = Snapshot { epoch: 7, ..Snapshot::default() };
         snapshot.topics.insert("t".into(), TopicConfig::from_request(2, &[], &defaults(), 5).unwrap());
+        snapshot.topic_ids.insert("t".into(), [7; 16]);
         let bytes = encode_snapshot(&snapshot);
         assert_eq!(decode_snapshot(&bytes).unwrap(), snapshot);
         for at in 0..bytes.len() {
@@ -361,12 +420,52 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = FileMetadataStore::open(dir.path()).unwrap();
         let config = TopicConfig::from_request(4, &[], &defaults(), 1).unwrap();
-        store.create_topic("a", config.clone()).unwrap();
-        store.create_topic("b", config.clone()).unwrap();
-        assert!(matches!(store.create_topic("a", config.clone()), Err(MetadataError::TopicExists(_))));
+        store.create_topic("a", TopicId([1; 16]), config.clone()).unwrap();
+        store.create_topic("b", TopicId([2; 16]), config.clone()).unwrap();
+        assert!(matches!(
+            store.create_topic("a", TopicId([3; 16]), config.clone()),
+            Err(MetadataError::TopicExists(_))
+        ));
         store.delete_topic("b").unwrap();
         let reopened = FileMetadataStore::open(dir.path()).unwrap();
         assert_eq!(reopened.snapshot().topics.keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(reopened.snapshot().ids(), BTreeMap::from([("a".to_owned(), TopicId([1; 16]))]));
         assert_eq!(reopened.snapshot().epoch, 3);
+    }
+
+    #[test]
+    fn a_version_1_file_is_read_and_its_topics_get_ids_kept_from_then_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TopicConfig::from_request(4, &[], &defaults(), 1).unwrap();
+        let old = SnapshotV1 {
+            epoch: 5,
+            topics: BTreeMap::from([("a".to_owned(), config.clone()), ("b".to_owned(), config)]),
+        };
+        let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&old).unwrap();
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&SNAPSHOT_MAGIC);
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&[0, 0]);
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let path = FileMetadataStore::snapshot_path(dir.path());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+
+        let store = FileMetadataStore::open(dir.path()).unwrap();
+        let ids = store.snapshot().ids();
+        assert_eq!(store.snapshot().topics, old.topics);
+        assert_eq!(ids.len(), 2);
+        assert!(ids.values().all(|id| !id.is_none()));
+        assert_ne!(ids["a"], ids["b"]);
+        // Written as version 2 at once: the ids stay what they are.
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(u16::from_le_bytes([on_disk[4], on_disk[5]]), SNAPSHOT_VERSION);
+        assert_eq!(FileMetadataStore::open(dir.path()).unwrap().snapshot().ids(), ids);
+        // A version this build does not know is refused by number.
+        let mut newer = on_disk;
+        newer[4] = 9;
+        assert!(decode_snapshot(&newer).unwrap_err().contains("unsupported version 9"));
     }
 }

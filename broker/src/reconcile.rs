@@ -74,7 +74,15 @@ mod tests {
     #[test]
     fn a_shard_opens_what_is_placed_on_it_and_closes_what_is_gone() {
         let mut image = MetadataImage::default();
-        apply(&mut image, &[MetadataRecord::TopicCreated { name: "t".into(), config: config(4) }]).unwrap();
+        apply(
+            &mut image,
+            &[MetadataRecord::TopicCreated {
+                name: "t".into(),
+                id: skein_net::types::TopicId([4; 16]),
+                config: config(4),
+            }],
+        )
+        .unwrap();
         let shard = ShardId(1);
         let placed = placed_on("t", 4, 2, shard);
         assert_eq!(placed.len(), 2);

@@ -188,6 +188,7 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
     let store = FileMetadataStore::open(&data_dir)?;
     let producer_ids = ProducerIdAllocator::open(&data_dir)?;
     let topics = store.snapshot().topics.clone();
+    let topic_ids = store.snapshot().ids();
     remove_unknown_topics(&data_dir, &topics)?;
 
     let open_files = crate::preflight::open_files_budget(&config, crate::preflight::open_files_limit());
@@ -247,6 +248,7 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         let guard = ShardGuard { id, events: events.clone(), armed: true };
         let events = events.clone();
         let topics = topics.clone();
+        let topic_ids = topic_ids.clone();
         let controller = if id == 0 { store.take() } else { None };
         let listen = addr;
         let hub = hub.clone();
@@ -271,7 +273,8 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
                     // Every event logged on this executor's thread carries its shard.
                     let _shard_span = tracing::info_span!("shard", shard = id).entered();
                     let config = Rc::new(BrokerConfig::clone(&shard_config));
-                    let shard = ShardStart { id, config, listen, topics, mesh, controller, hub, quic };
+                    let shard =
+                        ShardStart { id, config, listen, topics, topic_ids, mesh, controller, hub, quic };
                     if let Err(reason) = run_shard(shard, &phase, &events).await {
                         let _ = events.send((id, ShardEvent::Failed(reason)));
                     }
@@ -400,6 +403,7 @@ struct ShardStart {
     config: Rc<BrokerConfig>,
     listen: SocketAddr,
     topics: BTreeMap<String, TopicConfig>,
+    topic_ids: BTreeMap<String, skein_net::types::TopicId>,
     mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
     controller: Option<(FileMetadataStore, ProducerIdAllocator)>,
     hub: Option<Arc<crate::metrics::MetricsHub>>,
@@ -412,7 +416,7 @@ async fn run_shard(
     phase: &Phase,
     events: &mpsc::Sender<(usize, ShardEvent)>,
 ) -> Result<(), String> {
-    let ShardStart { id, config, listen, topics, mesh, controller, hub, quic } = start;
+    let ShardStart { id, config, listen, topics, topic_ids, mesh, controller, hub, quic } = start;
     let stop = phase.stop.clone();
     tracing::debug!(shard = id, "priming");
     skein_storage::prime_executor(&config.data_dir).await.map_err(|e| e.to_string())?;
@@ -442,7 +446,7 @@ async fn run_shard(
     let recovery = async {
         // The stored topics as metadata records, applied one by one: each shard's image is
         // built by the same `apply` as later changes, and reconciling opens its partitions.
-        for record in skein_replication::controller::records_for(&topics, 0) {
+        for record in skein_replication::controller::records_for(&topics, &topic_ids, 0) {
             if stop.load(Ordering::SeqCst) {
                 return Err("start-up called off".to_owned());
             }

@@ -315,7 +315,7 @@ impl Shard {
         let deltas = metadata_apply(&mut self.image.borrow_mut(), records).map_err(|e| e.to_string())?;
         for delta in &deltas {
             match delta {
-                Delta::TopicCreated { name, config } => {
+                Delta::TopicCreated { name, config, .. } => {
                     self.router.borrow_mut().assign(name, config.partitions, self.shards);
                     self.preparing.borrow_mut().remove(name);
                 }
@@ -945,6 +945,7 @@ impl Shard {
             let record = controller::create_topic(
                 &self.image.borrow(),
                 &topic.name,
+                crate::metadata::random_topic_id(),
                 topic.partitions,
                 &topic.configs,
                 &defaults,
@@ -988,10 +989,10 @@ impl Shard {
     /// metadata cannot be written, the partitions created are removed again and the error
     /// says why. Returns the partition count.
     async fn create_topic(self: &Rc<Self>, record: MetadataRecord) -> Result<u32, (ErrorCode, String)> {
-        let MetadataRecord::TopicCreated { name, config } = &record else {
+        let MetadataRecord::TopicCreated { name, id, config } = &record else {
             unreachable!("controller::create_topic makes TopicCreated records")
         };
-        let (name, config) = (name.clone(), config.clone());
+        let (name, id, config) = (name.clone(), *id, config.clone());
         check_space_for(&self.config.data_dir, config.partitions)?;
         let replies = {
             let calls: Vec<_> = (0..self.shards)
@@ -1019,7 +1020,8 @@ impl Shard {
         }
         if failure.is_none() {
             let (stored_name, stored) = (name.clone(), config.clone());
-            if let Err(error) = self.persist(move |store| store.create_topic(&stored_name, stored)).await {
+            if let Err(error) = self.persist(move |store| store.create_topic(&stored_name, id, stored)).await
+            {
                 failure = Some((error.code(), error.to_string()));
             }
         }

@@ -41,6 +41,31 @@ pub struct PartitionEpoch(pub u32);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct BrokerEpoch(pub u64);
 
+/// A topic's identity (Kafka's topic id, KIP-516): 16 random bytes the controller gives a
+/// topic when it is created. A topic deleted and created again under the same name gets
+/// another, so a replica left from the old topic is never taken for one of the new.
+/// [`TopicId::NONE`] (all zero) is no id: a topic from before ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct TopicId(pub [u8; 16]);
+
+impl TopicId {
+    pub const NONE: TopicId = TopicId([0; 16]);
+
+    pub fn is_none(&self) -> bool {
+        *self == TopicId::NONE
+    }
+}
+
+impl fmt::Display for TopicId {
+    /// 32 lowercase hexadecimal digits.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A topic's name and one of its partitions. The name is shared (cloning is a reference count),
 /// since the same topic appears in every request and table entry of its partitions.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -32,7 +32,9 @@
 //! change) step by step; each must lose or diverge with its rule switched off
 //! ([`partition::Rules`]) and not with every rule on.
 //!
-//! Still to come: topic ids, and the broker shells that run the cores over the network.
+//! Still to come: the broker shells that run the cores over the network (replica manager and
+//! fetcher, the consensus shard on shard 0, the metadata follower), which must keep the rules of
+//! `sim::ShellRules`.
 
 pub mod controller;
 pub mod metadata;

@@ -553,6 +553,7 @@ mod tests {
         let mut image = crate::metadata::MetadataImage::default();
         let topic = crate::metadata::MetadataRecord::TopicCreated {
             name: "t".into(),
+            id: skein_net::types::TopicId([5; 16]),
             config: crate::metadata::TopicConfig {
                 partitions: 1,
                 retention_ms: None,

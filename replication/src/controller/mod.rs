@@ -5,6 +5,10 @@
 
 pub mod cluster;
 
+use std::collections::BTreeMap;
+
+use skein_net::types::TopicId;
+
 use crate::metadata::record::MetadataRecord;
 use crate::metadata::topic::{
     validate_topic_name, MetadataError, TopicConfig, TopicDefaults, PARTITIONS_MAX,
@@ -12,10 +16,13 @@ use crate::metadata::topic::{
 use crate::metadata::MetadataImage;
 
 /// The record that creates a topic, after every rule: a valid name not in use, a valid
-/// partition count and settings (defaults filling the rest).
+/// partition count and settings (defaults filling the rest), and `id`, which the caller drew
+/// at random (16 bytes, as Kafka's UUIDs), neither empty nor the id of a topic that exists.
+#[allow(clippy::too_many_arguments)]
 pub fn create_topic(
     image: &MetadataImage,
     name: &str,
+    id: TopicId,
     partitions: u32,
     configs: &[(String, String)],
     defaults: &TopicDefaults,
@@ -25,8 +32,11 @@ pub fn create_topic(
     if image.topics.contains_key(name) {
         return Err(MetadataError::TopicExists(name.to_owned()));
     }
+    if id.is_none() || image.topic_ids.values().any(|used| *used == id) {
+        return Err(MetadataError::InvalidTopicId(id));
+    }
     let config = TopicConfig::from_request(partitions, configs, defaults, now_ms)?;
-    Ok(MetadataRecord::TopicCreated { name: name.to_owned(), config })
+    Ok(MetadataRecord::TopicCreated { name: name.to_owned(), id, config })
 }
 
 /// The record that deletes a topic that exists.
@@ -74,15 +84,21 @@ pub fn alter_topic_config(
     Ok(MetadataRecord::TopicChanged { name: name.to_owned(), config })
 }
 
-/// The records that rebuild an image holding these topics and producer-id reservation (a
-/// node's start-up from its stored snapshot).
+/// The records that rebuild an image holding these topics (with their ids; a topic missing
+/// from `ids` has none) and producer-id reservation (a node's start-up from its stored
+/// snapshot).
 pub fn records_for<'a>(
     topics: impl IntoIterator<Item = (&'a String, &'a TopicConfig)>,
+    ids: &BTreeMap<String, TopicId>,
     producer_ids_next_block: i64,
 ) -> Vec<MetadataRecord> {
     let mut records: Vec<MetadataRecord> = topics
         .into_iter()
-        .map(|(name, config)| MetadataRecord::TopicCreated { name: name.clone(), config: config.clone() })
+        .map(|(name, config)| MetadataRecord::TopicCreated {
+            name: name.clone(),
+            id: ids.get(name).copied().unwrap_or(TopicId::NONE),
+            config: config.clone(),
+        })
         .collect();
     if producer_ids_next_block > 0 {
         records.push(MetadataRecord::ProducerIdsReserved { next_block: producer_ids_next_block });
@@ -102,25 +118,34 @@ mod tests {
     #[test]
     fn requests_become_records_only_when_every_rule_holds() {
         let mut image = MetadataImage::default();
-        let record = create_topic(&image, "orders", 3, &[], &defaults(), 5).unwrap();
+        let record = create_topic(&image, "orders", TopicId([1; 16]), 3, &[], &defaults(), 5).unwrap();
         apply(&mut image, &[record]).unwrap();
         assert_eq!(
-            create_topic(&image, "orders", 3, &[], &defaults(), 6),
+            create_topic(&image, "orders", TopicId([1; 16]), 3, &[], &defaults(), 6),
             Err(MetadataError::TopicExists("orders".into()))
         );
         assert!(matches!(
-            create_topic(&image, "bad/name", 1, &[], &defaults(), 6),
+            create_topic(&image, "bad/name", TopicId([2; 16]), 1, &[], &defaults(), 6),
             Err(MetadataError::InvalidTopic { .. })
         ));
         assert_eq!(
-            create_topic(&image, "t", 0, &[], &defaults(), 6),
+            create_topic(&image, "t", TopicId([2; 16]), 0, &[], &defaults(), 6),
             Err(MetadataError::InvalidPartitions(0))
         );
         let bad = [("retention.ms".to_owned(), "soon".to_owned())];
         assert!(matches!(
-            create_topic(&image, "t", 1, &bad, &defaults(), 6),
+            create_topic(&image, "t", TopicId([2; 16]), 1, &bad, &defaults(), 6),
             Err(MetadataError::InvalidConfig { .. })
         ));
+        // The id is the caller's random draw: never empty, never one in use.
+        assert_eq!(
+            create_topic(&image, "other", TopicId::NONE, 1, &[], &defaults(), 6),
+            Err(MetadataError::InvalidTopicId(TopicId::NONE))
+        );
+        assert_eq!(
+            create_topic(&image, "other", TopicId([1; 16]), 1, &[], &defaults(), 6),
+            Err(MetadataError::InvalidTopicId(TopicId([1; 16])))
+        );
         assert_eq!(delete_topic(&image, "nope"), Err(MetadataError::UnknownTopic("nope".into())));
         let delete = delete_topic(&image, "orders").unwrap();
         apply(&mut image, &[delete]).unwrap();
@@ -130,7 +155,7 @@ mod tests {
     #[test]
     fn partitions_only_grow_on_a_topic_that_exists() {
         let mut image = MetadataImage::default();
-        let created = create_topic(&image, "t", 2, &[], &defaults(), 1).unwrap();
+        let created = create_topic(&image, "t", TopicId([3; 16]), 2, &[], &defaults(), 1).unwrap();
         apply(&mut image, &[created]).unwrap();
         assert_eq!(add_partitions(&image, "t", 2), Err(MetadataError::InvalidPartitions(2)));
         assert_eq!(add_partitions(&image, "t", 1), Err(MetadataError::InvalidPartitions(1)));
@@ -159,9 +184,16 @@ mod tests {
     #[test]
     fn settings_are_altered_by_the_creation_rules_and_reset_to_the_defaults() {
         let mut image = MetadataImage::default();
-        let created =
-            create_topic(&image, "t", 3, &[("retention.bytes".into(), "5000".into())], &defaults(), 7)
-                .unwrap();
+        let created = create_topic(
+            &image,
+            "t",
+            TopicId([3; 16]),
+            3,
+            &[("retention.bytes".into(), "5000".into())],
+            &defaults(),
+            7,
+        )
+        .unwrap();
         apply(&mut image, &[created]).unwrap();
         let set = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
             pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -205,12 +237,16 @@ mod tests {
     fn a_stored_snapshot_rebuilds_the_same_image() {
         let mut image = MetadataImage::default();
         for (name, partitions) in [("a", 1), ("b", 7)] {
-            let record = create_topic(&image, name, partitions, &[], &defaults(), 1).unwrap();
+            let record =
+                create_topic(&image, name, TopicId([partitions as u8; 16]), partitions, &[], &defaults(), 1)
+                    .unwrap();
             apply(&mut image, &[record]).unwrap();
         }
         apply(&mut image, &[MetadataRecord::ProducerIdsReserved { next_block: 3000 }]).unwrap();
         let mut rebuilt = MetadataImage::default();
-        apply(&mut rebuilt, &records_for(&image.topics, image.producer_ids_next_block)).unwrap();
+        apply(&mut rebuilt, &records_for(&image.topics, &image.topic_ids, image.producer_ids_next_block))
+            .unwrap();
+        assert_eq!(rebuilt.topic_ids, image.topic_ids);
         assert_eq!((rebuilt.topics, rebuilt.producer_ids_next_block), (image.topics, 3000));
     }
 }

@@ -1,5 +1,7 @@
 //! The one pure function that changes a metadata image.
 
+use skein_net::types::TopicId;
+
 use crate::metadata::delta::Delta;
 use crate::metadata::image::{BrokerImage, MetadataImage};
 use crate::metadata::record::MetadataRecord;
@@ -10,6 +12,8 @@ use crate::metadata::record::MetadataRecord;
 pub enum ApplyError {
     #[error("record {index}: topic {name} already exists")]
     TopicExists { index: usize, name: String },
+    #[error("record {index}: topic id {id} is already the id of topic {other}")]
+    TopicIdInUse { index: usize, id: TopicId, other: String },
     #[error("record {index}: topic {name} does not exist")]
     UnknownTopic { index: usize, name: String },
     #[error(
@@ -34,19 +38,25 @@ pub fn apply(image: &mut MetadataImage, records: &[MetadataRecord]) -> Result<Ve
     let mut deltas = Vec::with_capacity(records.len());
     for (index, record) in records.iter().enumerate() {
         match record {
-            MetadataRecord::TopicCreated { name, config } => {
+            MetadataRecord::TopicCreated { name, id, config } => {
                 if next.topics.contains_key(name) {
                     return Err(ApplyError::TopicExists { index, name: name.clone() });
                 }
+                if let Some((other, _)) = next.topic_ids.iter().find(|(_, used)| !id.is_none() && *used == id)
+                {
+                    return Err(ApplyError::TopicIdInUse { index, id: *id, other: other.clone() });
+                }
                 next.topics.insert(name.clone(), config.clone());
-                deltas.push(Delta::TopicCreated { name: name.clone(), config: config.clone() });
+                next.topic_ids.insert(name.clone(), *id);
+                deltas.push(Delta::TopicCreated { name: name.clone(), id: *id, config: config.clone() });
             }
             MetadataRecord::TopicDeleted { name } => {
                 let Some(config) = next.topics.remove(name) else {
                     return Err(ApplyError::UnknownTopic { index, name: name.clone() });
                 };
+                let id = next.topic_ids.remove(name).unwrap_or(TopicId::NONE);
                 next.partitions.retain(|tp, _| tp.topic() != name);
-                deltas.push(Delta::TopicDeleted { name: name.clone(), config });
+                deltas.push(Delta::TopicDeleted { name: name.clone(), id, config });
             }
             MetadataRecord::TopicChanged { name, config } => {
                 let Some(before) = next.topics.get(name).cloned() else {
@@ -146,20 +156,49 @@ mod tests {
     }
 
     fn created(name: &str, partitions: u32) -> MetadataRecord {
-        MetadataRecord::TopicCreated { name: name.into(), config: config(partitions) }
+        let mut id = [name.as_bytes()[0]; 16];
+        id[0] = partitions as u8;
+        let id = TopicId(id);
+        MetadataRecord::TopicCreated { name: name.into(), id, config: config(partitions) }
     }
 
     #[test]
     fn records_build_the_image_and_say_what_changed() {
         let mut image = MetadataImage::default();
         let deltas = apply(&mut image, &[created("a", 2), created("b", 3)]).unwrap();
+        let image_id_of_a = image.topic_ids["a"];
         assert_eq!(deltas.len(), 2);
         assert_eq!(image.applied, 2);
         assert_eq!(image.topic("b").map(|c| c.partitions), Some(3));
         let deltas = apply(&mut image, &[MetadataRecord::TopicDeleted { name: "a".into() }]).unwrap();
-        assert_eq!(deltas, vec![Delta::TopicDeleted { name: "a".into(), config: config(2) }]);
+        assert_eq!(
+            deltas,
+            vec![Delta::TopicDeleted { name: "a".into(), id: image_id_of_a, config: config(2) }]
+        );
         assert!(image.topic("a").is_none());
         assert_eq!(image.applied, 3);
+    }
+
+    #[test]
+    fn a_topic_id_names_one_topic_and_a_recreated_topic_has_another() {
+        let mut image = MetadataImage::default();
+        let first = TopicId([1; 16]);
+        let create =
+            |name: &str, id| MetadataRecord::TopicCreated { name: name.into(), id, config: config(1) };
+        apply(&mut image, &[create("a", first)]).unwrap();
+        assert_eq!(image.topic_ids["a"], first);
+        let error = apply(&mut image, &[create("b", first)]).unwrap_err();
+        assert_eq!(error, ApplyError::TopicIdInUse { index: 0, id: first, other: "a".into() });
+        // Topics from before ids may share the empty id.
+        apply(&mut image, &[create("c", TopicId::NONE), create("d", TopicId::NONE)]).unwrap();
+        // Deleted and created again: the delta carries each incarnation's id.
+        let second = TopicId([2; 16]);
+        let deltas =
+            apply(&mut image, &[MetadataRecord::TopicDeleted { name: "a".into() }, create("a", second)])
+                .unwrap();
+        assert!(matches!(&deltas[0], Delta::TopicDeleted { id, .. } if *id == first));
+        assert!(matches!(&deltas[1], Delta::TopicCreated { id, .. } if *id == second));
+        assert_eq!(image.topic_ids["a"], second);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What applying records changed: each shard turns these into opening and closing partitions
 //! (the broker's reconciler), rather than re-reading the whole image.
 
-use skein_net::types::{NodeId, TopicPartition};
+use skein_net::types::{NodeId, TopicId, TopicPartition};
 
 use crate::metadata::record::PartitionState;
 use crate::metadata::topic::TopicConfig;
@@ -10,11 +10,13 @@ use crate::metadata::topic::TopicConfig;
 pub enum Delta {
     TopicCreated {
         name: String,
+        id: TopicId,
         config: TopicConfig,
     },
     /// The topic is gone; `config` is what it was (its partition count says what to close).
     TopicDeleted {
         name: String,
+        id: TopicId,
         config: TopicConfig,
     },
     ProducerIdsReserved {

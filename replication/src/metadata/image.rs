@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use skein_net::types::{BrokerEpoch, NodeId, TopicPartition};
+use skein_net::types::{BrokerEpoch, NodeId, TopicId, TopicPartition};
 
 use crate::metadata::record::PartitionState;
 use crate::metadata::topic::TopicConfig;
@@ -24,6 +24,8 @@ pub struct MetadataImage {
     /// Records applied so far (the position in the record log this image stands for).
     pub applied: u64,
     pub topics: BTreeMap<String, TopicConfig>,
+    /// Each topic's id (KIP-516; [`TopicId::NONE`] for a topic from before ids).
+    pub topic_ids: BTreeMap<String, TopicId>,
     /// Producer ids below this may have been handed out.
     pub producer_ids_next_block: i64,
     /// The cluster: brokers and each partition's replication state (empty on a single node,

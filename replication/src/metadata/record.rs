@@ -31,19 +31,20 @@
 //!
 //! | type | name | version | body |
 //! |-----:|------|--------:|------|
-//! | 1 | TopicCreated | 1 | `name string`, `partitions u32`, `retention_ms i64`, `retention_bytes i64`, `segment_bytes u64`, `segment_ms i64`, `max_message_bytes u32`, `created_ms i64` |
+//! | 1 | TopicCreated | 2 | `name string`, `topic_id [16]u8`, then the settings: `partitions u32`, `retention_ms i64`, `retention_bytes i64`, `segment_bytes u64`, `segment_ms i64`, `max_message_bytes u32`, `created_ms i64` |
+//! | 1 | TopicCreated | 1 | (read, not written) as version 2 without `topic_id`: the topic gets [`TopicId::NONE`] |
 //! | 2 | TopicDeleted | 1 | `name string` |
 //! | 3 | ProducerIdsReserved | 1 | `next_block i64`: ids below it may have been handed out |
 //! | 4 | BrokerRegistered | 1 | `node u32`, `broker_epoch u64`, `unclean u8` (0 or 1): registered, fenced |
 //! | 5 | BrokerChanged | 1 | `node u32`, `fenced u8`, `shutting_down u8` |
 //! | 6 | PartitionChanged | 1 | `topic string`, `partition u32`, `leader i64` (−1: none), `leader_epoch u32`, `partition_epoch u32`, `replicas`, `isr`, `elr` (each `count u32` then `node u32`s) |
-//! | 7 | TopicChanged | 1 | the body of TopicCreated: the topic's whole new settings (partitions only grow) |
+//! | 7 | TopicChanged | 1 | the body of TopicCreated version 1: the topic's whole new settings (partitions only grow) |
 //!
 //! A record of an unknown type, or of a known type at a version this build does not read, is
 //! refused by name ([`RecordError`]): a node never applies metadata it does not understand.
 //! A new field is a new version of its type; a reader keeps reading every older version.
 
-use skein_net::types::{BrokerEpoch, LeaderEpoch, NodeId, PartitionEpoch, TopicPartition};
+use skein_net::types::{BrokerEpoch, LeaderEpoch, NodeId, PartitionEpoch, TopicId, TopicPartition};
 
 use crate::metadata::topic::TopicConfig;
 
@@ -52,6 +53,7 @@ use crate::metadata::topic::TopicConfig;
 pub enum MetadataRecord {
     TopicCreated {
         name: String,
+        id: TopicId,
         config: TopicConfig,
     },
     TopicDeleted {
@@ -137,11 +139,16 @@ impl MetadataRecord {
         let (kind, _) = self.kind();
         let start = out.len();
         out.extend_from_slice(&kind.to_le_bytes());
-        out.extend_from_slice(&1u16.to_le_bytes());
+        let version: u16 = if kind == TOPIC_CREATED { 2 } else { 1 };
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
         match self {
-            MetadataRecord::TopicCreated { name, config } | MetadataRecord::TopicChanged { name, config } => {
+            MetadataRecord::TopicCreated { name, config, .. }
+            | MetadataRecord::TopicChanged { name, config } => {
                 put_str(out, name);
+                if let MetadataRecord::TopicCreated { id, .. } = self {
+                    out.extend_from_slice(&id.0);
+                }
                 out.extend_from_slice(&config.partitions.to_le_bytes());
                 out.extend_from_slice(&limit(config.retention_ms).to_le_bytes());
                 out.extend_from_slice(&limit(config.retention_bytes).to_le_bytes());
@@ -203,13 +210,19 @@ impl MetadataRecord {
             TOPIC_CHANGED => "TopicChanged",
             _ => return Err(RecordError::UnknownType { kind, version }),
         };
-        if version != 1 {
-            return Err(RecordError::UnsupportedVersion { name, version, supported: 1 });
+        let supported = if kind == TOPIC_CREATED { 2 } else { 1 };
+        if version == 0 || version > supported {
+            return Err(RecordError::UnsupportedVersion { name, version, supported });
         }
         let mut r = Body { bytes: body, name };
         let record = match kind {
             TOPIC_CREATED | TOPIC_CHANGED => {
                 let name = r.str()?;
+                let id = if kind == TOPIC_CREATED && version >= 2 {
+                    TopicId(r.take(16, "topic_id")?.try_into().expect("16 bytes"))
+                } else {
+                    TopicId::NONE
+                };
                 let config = TopicConfig {
                     partitions: r.u32()?,
                     retention_ms: r.limit()?,
@@ -220,7 +233,7 @@ impl MetadataRecord {
                     created_ms: r.u64()? as i64,
                 };
                 if kind == TOPIC_CREATED {
-                    MetadataRecord::TopicCreated { name, config }
+                    MetadataRecord::TopicCreated { name, id, config }
                 } else {
                     MetadataRecord::TopicChanged { name, config }
                 }
@@ -396,7 +409,7 @@ mod tests {
 
     fn all_kinds() -> Vec<MetadataRecord> {
         vec![
-            MetadataRecord::TopicCreated { name: "orders".into(), config: config(12) },
+            MetadataRecord::TopicCreated { name: "orders".into(), id: TopicId([7; 16]), config: config(12) },
             MetadataRecord::TopicDeleted { name: "orders".into() },
             MetadataRecord::ProducerIdsReserved { next_block: 2000 },
             MetadataRecord::BrokerRegistered { node: NodeId(3), epoch: BrokerEpoch(77), unclean: true },
@@ -458,6 +471,33 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_created_record_of_version_1_is_read_without_an_id() {
+        // Version 1 is version 2 without the id: build it from a version 2 record.
+        let mut v2 = Vec::new();
+        let record =
+            MetadataRecord::TopicCreated { name: "t".into(), id: TopicId([9; 16]), config: config(3) };
+        record.encode(&mut v2);
+        assert_eq!(u16::from_le_bytes([v2[2], v2[3]]), 2);
+        let name_end = 8 + 2 + 1;
+        let mut v1 = v2[..name_end].to_vec();
+        v1.extend_from_slice(&v2[name_end + 16..]);
+        v1[2] = 1;
+        let body = (v1.len() - 8) as u32;
+        v1[4..8].copy_from_slice(&body.to_le_bytes());
+        let (decoded, used) = MetadataRecord::decode(&v1).unwrap();
+        assert_eq!(used, v1.len());
+        assert_eq!(
+            decoded,
+            MetadataRecord::TopicCreated { name: "t".into(), id: TopicId::NONE, config: config(3) }
+        );
+        // A version this build does not know is refused by name.
+        let mut v3 = v2.clone();
+        v3[2] = 3;
+        let error = MetadataRecord::decode(&v3).unwrap_err();
+        assert_eq!(error, RecordError::UnsupportedVersion { name: "TopicCreated", version: 3, supported: 2 });
+    }
+
+    #[test]
     fn damage_is_refused() {
         let bytes = encode_batch(&all_kinds());
         let mut flipped = bytes.clone();
@@ -484,7 +524,7 @@ mod tests {
 
         #[test]
         fn any_topic_round_trips(name in "[a-z0-9._-]{1,40}", partitions in 1u32..10_000, retention in proptest::option::of(1u64..u32::MAX as u64)) {
-            let record = MetadataRecord::TopicCreated { name, config: TopicConfig { partitions, retention_ms: retention, ..config(1) } };
+            let record = MetadataRecord::TopicCreated { name, id: TopicId([partitions as u8; 16]), config: TopicConfig { partitions, retention_ms: retention, ..config(1) } };
             let bytes = encode_batch(std::slice::from_ref(&record));
             prop_assert_eq!(decode_batch(&bytes).unwrap(), vec![record]);
         }

@@ -34,6 +34,8 @@ pub enum MetadataError {
     InvalidPartitions(u32),
     #[error("invalid config {key}={value}: {reason}")]
     InvalidConfig { key: String, value: String, reason: &'static str },
+    #[error("topic id {0} is empty or already in use")]
+    InvalidTopicId(skein_net::types::TopicId),
     #[error("metadata file {path}: {reason}")]
     Storage { path: PathBuf, reason: String },
 }
@@ -41,7 +43,7 @@ pub enum MetadataError {
 impl MetadataError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            MetadataError::InvalidTopic { .. } => ErrorCode::InvalidTopic,
+            MetadataError::InvalidTopic { .. } | MetadataError::InvalidTopicId(_) => ErrorCode::InvalidTopic,
             MetadataError::TopicExists(_) => ErrorCode::TopicAlreadyExists,
             MetadataError::UnknownTopic(_) => ErrorCode::UnknownTopicOrPartition,
             MetadataError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,

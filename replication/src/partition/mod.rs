@@ -162,8 +162,11 @@ pub enum Event {
     AwaitAck { id: AckId, end: Offset, deadline_ms: u64 },
     /// A committed ISR change arrived through metadata.
     IsrCommitted { isr: Vec<NodeId>, partition_epoch: PartitionEpoch },
-    /// The controller refused the ISR change proposed last (stale epochs, an ineligible
-    /// member): the leader may propose again.
+    /// The controller refused the ISR change proposed last for good (an ineligible member,
+    /// an ISR outside the replicas: decided at the proposal's partition epoch, so no copy of it
+    /// can commit): the leader may propose again. Not for a timeout or a refusal that may
+    /// answer a retry of an accepted proposal (a newer leader or partition epoch): the shell
+    /// sends the proposal again and the leader keeps its maximal ISR until metadata settles it.
     IsrRejected,
     /// Time passed.
     Tick,

@@ -99,10 +99,12 @@ pub struct ShellRules {
     /// registration: before it, a restarted broker reads leaderships granted to its previous
     /// incarnation, whose unsynced records it may have lost.
     pub wait_for_own_registration: bool,
-    /// An `AlterPartition` without a final answer (a timeout, "not the controller", a
-    /// partition epoch that looks stale) is sent again, never taken as refused: it may still
-    /// commit, and a leader that dropped the member it proposed from its maximal ISR would
-    /// acknowledge records that member does not hold.
+    /// An `AlterPartition` without a final answer (a timeout; "not the controller", a newer
+    /// leader epoch or partition epoch, which the controller decides before it compares the
+    /// proposal with its state) is sent again, never taken as refused: an earlier copy may be
+    /// accepted and commit, and a leader that dropped the member it proposed from its maximal
+    /// ISR would acknowledge records that member does not hold. Only a refusal decided at the
+    /// proposal's own partition epoch (ineligible member, ISR outside the replicas) is final.
     pub retry_ambiguous_isr: bool,
     /// The controller decides only once its first entry of its term is applied (KRaft's
     /// active controller), never from a state that may lack its predecessors' last changes.
@@ -1019,7 +1021,12 @@ impl Sim {
                 let tp = TopicPartition::new(TOPIC, partition);
                 let deciding = self.node_mut(to).deciding.as_mut().expect("active");
                 let before = deciding.brokers.clone();
-                match deciding.alter_partition(&tp, from, leader_epoch, partition_epoch, &isr) {
+                let decided = deciding.alter_partition(&tp, from, leader_epoch, partition_epoch, &isr);
+                if trace() {
+                    eprintln!("t={} {to} AlterPartition {tp} from {from} g{generation} le{} pe{} {isr:?}: {decided:?}", self.now, leader_epoch.0, partition_epoch.0);
+                }
+                let deciding = self.node_mut(to).deciding.as_mut().expect("active");
+                match decided {
                     Ok(change) => {
                         let records = deciding.records_of(&before, &[change]);
                         let answer = Msg::AlterAnswer { partition, generation, refused: None };
@@ -1036,16 +1043,27 @@ impl Sim {
                 if part.alter_generation != generation {
                     return;
                 }
-                // Committed: the new ISR arrives with the metadata. Not the controller, or a
-                // stale partition epoch: not final, the timeout sends it again (the controller
-                // may hold an earlier copy of this very proposal, proposed and not committed
-                // yet: its partition epoch then looks stale, yet the copy may commit; once it
-                // commits or is lost, the metadata or the next answer says so). Any other
-                // refusal is final: the proposal is not in the Raft log and never will be,
-                // and the leader may propose again.
+                // Committed: the new ISR arrives with the metadata. A refusal is final only
+                // when the controller decided it at the proposal's own partition epoch (an ISR
+                // outside the replicas, an ineligible member): then no copy of the proposal is
+                // in its state, and an active controller's state holds every entry that will
+                // ever commit, so none ever will. A refusal decided before that check (not the
+                // controller, a newer leader epoch, a newer partition epoch) may come from a
+                // state that holds an earlier copy of this very proposal, accepted, perhaps
+                // committed, its answer lost (the simulator found this: a retry refused as
+                // fenced by a leader change not yet committed while the first copy's ISR
+                // expansion committed). Then the leader keeps its maximal ISR and the timeout
+                // sends the proposal again, until new metadata or a final answer settles it.
+                let ambiguous = matches!(
+                    refused,
+                    Some(
+                        ControllerError::NotController
+                            | ControllerError::FencedLeaderEpoch
+                            | ControllerError::InvalidUpdateVersion
+                    )
+                );
                 match refused {
-                    Some(ControllerError::NotController | ControllerError::InvalidUpdateVersion) if retry => {
-                    }
+                    Some(_) if ambiguous && retry => {}
                     None => part.alter_pending = None,
                     Some(_) => {
                         part.alter_pending = None;
@@ -1054,8 +1072,14 @@ impl Sim {
                 }
             }
             Msg::CreateTopic => {
-                let Some(index) = self.active_quiet(to) else { return };
-                let _ = index;
+                if self.active_quiet(to).is_none() {
+                    return;
+                }
+                // The controller draws the topic's id at random (KIP-516).
+                let mut id = [0; 16];
+                id[..8].copy_from_slice(&self.rng.next_u64().to_le_bytes());
+                id[8..].copy_from_slice(&self.rng.next_u64().to_le_bytes());
+                let id = skein_net::types::TopicId(id);
                 let deciding = self.node_mut(to).deciding.as_mut().expect("active");
                 if deciding.partitions.keys().any(|tp| tp.topic() == TOPIC) {
                     return;
@@ -1065,7 +1089,7 @@ impl Sim {
                     return;
                 };
                 let mut records =
-                    vec![MetadataRecord::TopicCreated { name: TOPIC.into(), config: topic_config() }];
+                    vec![MetadataRecord::TopicCreated { name: TOPIC.into(), id, config: topic_config() }];
                 records.extend(deciding.records_of(&before, &changes));
                 self.propose(to, records, None);
             }
