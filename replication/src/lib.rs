@@ -2,7 +2,7 @@
 //!
 //! No runtime, no clock, no sockets, no files: state machines that take events (records,
 //! requests, time passed in) and return what to do. The broker runs them on its shards; the
-//! simulator (to come) runs them under seeded faults.
+//! simulator ([`sim`]) runs them under seeded faults.
 //!
 //! * [`metadata`]: metadata as versioned records, the image they build, the one pure `apply`
 //!   function and the deltas each shard reconciles its partitions against.
@@ -22,7 +22,8 @@
 //!   broker and a controller): three Raft members deciding the metadata with the real
 //!   controller rules, brokers that register, heartbeat and pull the committed metadata over a
 //!   lossy network, three partitions each replicated on the three brokers with the real
-//!   `ReplicaState`, a simulated clock, network and disk, seeded faults; it checks the design's
+//!   `ReplicaState`, an idempotent producer and a consumer per partition, a simulated clock,
+//!   network and disk, seeded faults; it checks the design's
 //!   invariants after every step, and the rules of the shells around the cores
 //!   (`sim::ShellRules`, which the broker's shells must keep). `skein-sim` runs it over many
 //!   seeds.

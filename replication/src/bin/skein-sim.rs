@@ -6,7 +6,7 @@
 //! `SKEIN_SIM_TRACE=1` prints every metadata notification and high-watermark move of the run
 //! on stderr (use it with `--seed`). `--without-rule` switches one rule of the replica off (`durable-counts`,
 //! `freeze-below-min-isr`, `no-truncation-below-hw`, `truncate-by-epoch`, `own-epoch-end`,
-//! `isr-via-controller`) or of the shells (`wait-for-own-registration`, `retry-ambiguous-isr`,
+//! `isr-via-controller`, `reads-below-hw`) or of the shells (`wait-for-own-registration`, `retry-ambiguous-isr`,
 //! `active-controller-only`, `persist-before-send`, `deduplicate-retries`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is
@@ -39,6 +39,7 @@ fn main() {
                 Some("truncate-by-epoch") => rules.truncate_by_epoch = false,
                 Some("own-epoch-end") => rules.own_epoch_end = false,
                 Some("isr-via-controller") => rules.isr_via_controller = false,
+                Some("reads-below-hw") => rules.reads_below_hw = false,
                 Some("wait-for-own-registration") => shell.wait_for_own_registration = false,
                 Some("retry-ambiguous-isr") => shell.retry_ambiguous_isr = false,
                 Some("active-controller-only") => shell.active_controller_only = false,
@@ -55,8 +56,8 @@ fn main() {
     }
     let (mut total_steps, mut faults, mut checks, mut violations, mut idle) =
         (0u64, 0u64, 0u64, 0usize, 0usize);
-    let (mut acked, mut duplicates, mut failovers, mut controllers, mut batches, mut truncations) =
-        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut acked, mut duplicates, mut consumed) = (0u64, 0u64, 0u64);
+    let (mut failovers, mut controllers, mut batches, mut truncations) = (0u64, 0u64, 0u64, 0u64);
     for &seed in &seeds {
         let report = run(SimConfig { seed, steps, rules, shell });
         total_steps += report.steps;
@@ -65,6 +66,7 @@ fn main() {
         violations += report.violations.len();
         acked += report.acked;
         duplicates += report.duplicates;
+        consumed += report.consumed;
         failovers += report.leader_changes;
         controllers += report.controller_leaders;
         batches += report.metadata_batches;
@@ -84,7 +86,7 @@ fn main() {
         }
     }
     println!(
-        "acknowledged {acked} (retries answered as duplicates {duplicates}), partition leaderships {failovers}, controller leaders {controllers}, metadata batches {batches}, truncations {truncations}"
+        "acknowledged {acked} (retries answered as duplicates {duplicates}), consumed {consumed}, partition leaderships {failovers}, controller leaders {controllers}, metadata batches {batches}, truncations {truncations}"
     );
     println!(
         "{} seeds, {total_steps} steps, {faults} faults, {checks} checks, {violations} violations",

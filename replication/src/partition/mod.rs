@@ -71,6 +71,9 @@ pub struct Rules {
     /// (off: it applies its own shrink at once, so a zombie leader that lost its followers to
     /// a new leader shrinks the ISR to itself and acknowledges alone).
     pub isr_via_controller: bool,
+    /// Consumers read only below the high watermark (off: up to the leader's log end, records
+    /// not yet replicated that a failover may take back).
+    pub reads_below_hw: bool,
 }
 
 impl Rules {
@@ -81,6 +84,7 @@ impl Rules {
         truncate_by_epoch: true,
         own_epoch_end: true,
         isr_via_controller: true,
+        reads_below_hw: true,
     };
 }
 
@@ -330,6 +334,7 @@ impl ReplicaState {
             Role::Leader(leading) if self.high_watermark < leading.epoch_start => {
                 Err(ReplicaError::OffsetNotAvailable)
             }
+            Role::Leader(_) if !self.config.rules.reads_below_hw => Ok(self.log_end),
             Role::Leader(_) => Ok(self.high_watermark),
             _ => Err(ReplicaError::NotLeader),
         }

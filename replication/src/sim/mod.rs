@@ -44,8 +44,10 @@
 //! * **I11** every partition has an idempotent producer that retries a failed or unanswered
 //!   batch with the same sequence number, perhaps at another leader: a batch is acknowledged
 //!   at one offset only, and after healing each log holds every batch once, in sequence order.
-//! * **I12** (the acknowledgement half) nothing at or above the leader's high watermark is
-//!   acknowledged under `acks=all`.
+//! * **I12** nothing at or above the leader's high watermark is acknowledged under
+//!   `acks=all`; consumers (reading from any broker that believes it leads, zombies included)
+//!   read only below its high watermark, and everything they read is in the final log at its
+//!   offset (no read of an uncommitted record).
 //! * **Raft**: one leader per term; every member commits the same entry at each index; a
 //!   broker applies exactly the committed batches, in order, none skipped (its image is a
 //!   prefix of the log); a vote, a term and appended entries are durable before the messages
@@ -144,6 +146,8 @@ pub struct SimReport {
     pub truncations: u64,
     /// Retried batches the leader found in its log and answered with their original offsets.
     pub duplicates: u64,
+    /// Records consumers read.
+    pub consumed: u64,
     /// Each broken invariant, with the time it broke and a line of context.
     pub violations: Vec<String>,
 }
@@ -156,6 +160,7 @@ impl SimReport {
             && self.faults > 0
             && self.leader_changes > PARTITIONS as u64
             && self.controller_leaders > 1
+            && self.consumed > 0
     }
 }
 
@@ -377,6 +382,9 @@ struct Sim {
     cut: BTreeSet<(NodeId, NodeId)>,
     /// Each partition's idempotent producer.
     producers: BTreeMap<u32, Producer>,
+    /// What consumers read: (partition, offset, value); and each partition's consumer position.
+    consumed: Vec<(u32, Offset, u64)>,
+    consumed_to: BTreeMap<u32, Offset>,
     /// The producer sequence number of each value.
     seq_of: BTreeMap<u64, u64>,
     /// The offset each (partition, sequence) was acknowledged at.
@@ -543,6 +551,8 @@ impl Sim {
             waiting: BTreeMap::new(),
             cut: BTreeSet::new(),
             producers: BTreeMap::new(),
+            consumed: Vec::new(),
+            consumed_to: BTreeMap::new(),
             seq_of: BTreeMap::new(),
             acked_seq: BTreeMap::new(),
             acked: Vec::new(),
@@ -756,9 +766,12 @@ impl Sim {
             let to = self.random_node();
             self.send(to, to, Msg::CreateTopic);
         }
-        // A client produces with acks=all to a leader, now and then.
+        // A client produces with acks=all to a leader, now and then; a consumer reads.
         if self.faults_on && self.rng.range(0, 100) < 40 {
             self.produce();
+        }
+        if self.faults_on && self.rng.range(0, 100) < 30 {
+            self.consume();
         }
         if self.faults_on {
             self.nemesis();
@@ -912,6 +925,41 @@ impl Sim {
                 .on(Event::AwaitAck { id, end: offset + 1, deadline_ms: now + 2_000 }, now),
         );
         self.apply(leader, partition, commands);
+    }
+
+    /// A consumer of a partition fetches from a broker that believes it leads (perhaps a
+    /// zombie) what that broker lets consumers read: below its high watermark, once a new
+    /// leader's has reached its epoch start (I12). What it reads must never be lost or change
+    /// (checked after healing): no read of a record that is not committed.
+    fn consume(&mut self) {
+        let partition = self.rng.range(0, u64::from(PARTITIONS)) as u32;
+        let believers: Vec<NodeId> = NODES
+            .iter()
+            .copied()
+            .filter(|&id| self.running(id) && self.part(id, partition).replica.is_leader())
+            .collect();
+        if believers.is_empty() {
+            return;
+        }
+        let leader = believers[self.rng.range(0, believers.len() as u64) as usize];
+        let part = self.part(leader, partition);
+        let Ok(end) = part.replica.readable_end() else { return };
+        let above = end > part.replica.high_watermark();
+        let position = self.consumed_to.get(&partition).copied().unwrap_or(0);
+        let read: Vec<(Offset, u64)> = (position..end.min(part.log.len() as Offset))
+            .map(|offset| (offset, part.log[offset as usize].1))
+            .collect();
+        if above {
+            let detail = format!("{leader} lets consumers read to {end}, above its high watermark");
+            self.violation("I12", detail);
+        }
+        self.report.consumed += read.len() as u64;
+        for (offset, value) in read {
+            self.consumed.push((partition, offset, value));
+        }
+        if end > position {
+            self.consumed_to.insert(partition, end);
+        }
     }
 
     fn replica_event(&mut self, id: NodeId, partition: u32, event: Event) {
@@ -1846,6 +1894,15 @@ impl Sim {
                         "I1",
                         format!("acknowledged {value} at {tp}@{offset} is not in the final log"),
                     );
+                }
+            }
+            // I12: what consumers read was committed: it is in the final log, at its offset.
+            let read: Vec<(Offset, u64)> =
+                self.consumed.iter().filter(|c| c.0 == partition).map(|&(_, o, v)| (o, v)).collect();
+            for (offset, value) in read {
+                if log.get(offset as usize).map(|r| r.1) != Some(value) {
+                    let detail = format!("{value} read at {tp}@{offset} is not in the final log");
+                    self.violation("I12", detail);
                 }
             }
             // I11: every batch at most once, in sequence order.

@@ -70,6 +70,14 @@ fn truncating_to_the_high_watermark_instead_of_by_epoch_breaks_invariants() {
     assert!(failing_seeds(100, rules) > 0, "no seed found what the KIP-101 rule prevents");
 }
 
+#[test]
+fn consumers_that_read_above_the_high_watermark_see_records_a_failover_takes_back() {
+    let rules = Rules { reads_below_hw: false, ..Rules::ALL };
+    let (reports, _) = seeds(50, rules);
+    let lost = |r: &SimReport| r.violations.iter().any(|v| v.contains(" read at "));
+    assert!(reports.iter().any(|(_, r)| lost(r)), "no seed found a read of a record that was lost");
+}
+
 /// How many of seeds `1..=count` break one of `invariants` with these shell rules.
 fn seeds_breaking(count: u64, shell: ShellRules, invariants: &[&str]) -> usize {
     (1..=count)
