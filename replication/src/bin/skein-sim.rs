@@ -7,7 +7,7 @@
 //! on stderr (use it with `--seed`). `--without-rule` switches one rule of the replica off (`durable-counts`,
 //! `freeze-below-min-isr`, `no-truncation-below-hw`, `truncate-by-epoch`, `own-epoch-end`,
 //! `isr-via-controller`, `reads-below-hw`) or of the shells (`wait-for-own-registration`, `retry-ambiguous-isr`,
-//! `active-controller-only`, `persist-before-send`, `deduplicate-retries`) to see what the seeds then find.
+//! `active-controller-only`, `persist-before-send`, `deduplicate-retries`, `cut-torn-tail`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is
 //! printed with its broken invariants (the first few, with the simulated time); the last line
@@ -45,6 +45,7 @@ fn main() {
                 Some("active-controller-only") => shell.active_controller_only = false,
                 Some("persist-before-send") => shell.persist_before_send = false,
                 Some("deduplicate-retries") => shell.deduplicate_retries = false,
+                Some("cut-torn-tail") => shell.cut_torn_tail = false,
                 other => fail(&format!("--without-rule: unknown rule {other:?}")),
             },
             "-h" | "--help" => {
@@ -57,7 +58,8 @@ fn main() {
     let (mut total_steps, mut faults, mut checks, mut violations, mut idle) =
         (0u64, 0u64, 0u64, 0usize, 0usize);
     let (mut acked, mut duplicates, mut consumed) = (0u64, 0u64, 0u64);
-    let (mut failovers, mut controllers, mut batches, mut truncations) = (0u64, 0u64, 0u64, 0u64);
+    let (mut failovers, mut controllers, mut batches, mut truncations, mut torn) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     for &seed in &seeds {
         let report = run(SimConfig { seed, steps, rules, shell });
         total_steps += report.steps;
@@ -71,6 +73,7 @@ fn main() {
         controllers += report.controller_leaders;
         batches += report.metadata_batches;
         truncations += report.truncations;
+        torn += report.torn_writes;
         if !report.violations.is_empty() {
             println!("seed {seed}: {} violations", report.violations.len());
             for line in report.violations.iter().take(3) {
@@ -86,7 +89,7 @@ fn main() {
         }
     }
     println!(
-        "acknowledged {acked} (retries answered as duplicates {duplicates}), consumed {consumed}, partition leaderships {failovers}, controller leaders {controllers}, metadata batches {batches}, truncations {truncations}"
+        "acknowledged {acked} (retries answered as duplicates {duplicates}), consumed {consumed}, partition leaderships {failovers}, controller leaders {controllers}, metadata batches {batches}, truncations {truncations}, torn writes {torn}"
     );
     println!(
         "{} seeds, {total_steps} steps, {faults} faults, {checks} checks, {violations} violations",

@@ -17,7 +17,8 @@
 //!   followers fetch from the leader their own metadata names;
 //! * **faults**: messages dropped, duplicated and delayed (so reordered); network partitions
 //!   (a node cut off both ways, or one link cut one way) that heal after 0.3–2 s; brokers crash (losing part of what
-//!   they had not synced, and their Raft state that was not durable) and restart; brokers pause
+//!   they had not synced, perhaps with the next record half written, which recovery must cut,
+//!   and their Raft state that was not durable) and restart; brokers pause
 //!   past their session and come back as zombies that still think they lead (clients with stale
 //!   metadata produce to them); the leader of partition 0 and the controller leader are each
 //!   killed once at a time drawn from the seed, so every run fails over both.
@@ -118,6 +119,10 @@ pub struct ShellRules {
     /// producer table): a retried batch it holds is answered with its original offset, not
     /// appended again.
     pub deduplicate_retries: bool,
+    /// A restarted broker's recovery cuts its log at the first torn batch (a bad CRC: the write
+    /// the power cut in the middle of), as `skein-storage`'s recovery scan does, rather than
+    /// serve it.
+    pub cut_torn_tail: bool,
 }
 
 impl ShellRules {
@@ -127,6 +132,7 @@ impl ShellRules {
         active_controller_only: true,
         persist_before_send: true,
         deduplicate_retries: true,
+        cut_torn_tail: true,
     };
 }
 
@@ -148,6 +154,8 @@ pub struct SimReport {
     pub duplicates: u64,
     /// Records consumers read.
     pub consumed: u64,
+    /// Batches a crash left half written on disk.
+    pub torn_writes: u64,
     /// Each broken invariant, with the time it broke and a line of context.
     pub violations: Vec<String>,
 }
@@ -165,6 +173,8 @@ impl SimReport {
 }
 
 const TICK_MS: u64 = 10;
+/// What a torn write leaves of a record's value (some of its bytes, not all).
+const TORN: u64 = 0xdead_0000_0000;
 const HEAL_TICKS: u64 = 2_000;
 const NODES: [NodeId; 3] = [NodeId(1), NodeId(2), NodeId(3)];
 const TOPIC: &str = "t";
@@ -307,6 +317,9 @@ struct Part {
     log: Vec<(LeaderEpoch, u64)>,
     /// How much of it is on disk.
     synced: usize,
+    /// The record a crash cut in the middle of its write: on disk after the log, with a
+    /// checksum that does not match (until recovery cuts it, or serves it).
+    torn: Option<(LeaderEpoch, u64)>,
     /// The (leader epoch, partition epoch) of the last metadata this broker acted on.
     known: Option<(LeaderEpoch, u32)>,
     /// Fetches sent (a timeout resends only if no answer came since).
@@ -506,6 +519,7 @@ impl Part {
             replica: ReplicaState::new(node, replica_config(rules), 0, end, end, epochs, 0),
             synced: log.len(),
             log,
+            torn: None,
             known: None,
             fetch_generation: 0,
             fetch_leader: None,
@@ -1770,10 +1784,14 @@ impl Sim {
             let part = self.part(id, partition);
             let unsynced = (part.log.len() - part.synced) as u64;
             let keep_extra = self.rng.range(0, unsynced + 1) as usize;
+            let torn = keep_extra < unsynced as usize && self.rng.range(0, 2) == 0;
             let part = self.part_mut(id, partition);
             let keep = part.synced + keep_extra;
+            // The power went in the middle of the next record's write: part of it is on disk.
+            part.torn = if torn { Some(part.log[keep]) } else { None };
             part.log.truncate(keep);
             part.synced = part.log.len();
+            self.report.torn_writes += u64::from(torn);
         }
         let node = self.node_mut(id);
         node.alive = false;
@@ -1789,7 +1807,7 @@ impl Sim {
         if self.node(id).alive {
             return;
         }
-        let (config, rules) = (self.config, self.config.rules);
+        let (config, rules, shell) = (self.config, self.config.rules, self.config.shell);
         let node = self.node_mut(id);
         node.alive = true;
         node.paused_until = 0;
@@ -1798,8 +1816,16 @@ impl Sim {
         node.image = MetadataImage::default();
         node.applied = 0;
         node.answered = true;
+        let mut garbage = Vec::new();
         for part in node.parts.values_mut() {
-            let log = std::mem::take(&mut part.log);
+            let mut log = std::mem::take(&mut part.log);
+            // Recovery: a torn record fails its checksum and is cut, or (rule off) it is taken
+            // for a record, with the garbage its half write left.
+            let torn = part.torn.take().filter(|_| !shell.cut_torn_tail);
+            if let Some((epoch, value)) = torn {
+                log.push((epoch, value ^ TORN));
+                garbage.push(value ^ TORN);
+            }
             *part = Part::new(id, rules, log);
         }
         let settings = raft_settings(&config, id, node.incarnation);
@@ -1809,6 +1835,10 @@ impl Sim {
         node.deciding = None;
         node.log.clear();
         node.replies.clear();
+        for value in garbage {
+            // No producer sent it: its "sequence number" follows nothing.
+            self.seq_of.insert(value, TORN);
+        }
         self.drive_raft(id);
         self.heartbeat(id);
     }

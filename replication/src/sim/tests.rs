@@ -35,6 +35,9 @@ fn two_hundred_seeds_under_faults_break_no_invariant() {
     // Idempotent retries found their batch at a leader (I11 was exercised).
     let duplicates: u64 = reports.iter().map(|(_, r)| r.duplicates).sum();
     assert!(duplicates > 0, "no retried batch was answered as a duplicate");
+    // Crashes cut writes in the middle, and recovery met torn batches.
+    let torn: u64 = reports.iter().map(|(_, r)| r.torn_writes).sum();
+    assert!(torn > 0, "no crash left a torn write");
 }
 
 #[test]
@@ -114,4 +117,10 @@ fn raft_messages_sent_before_their_vote_or_entries_are_durable_are_caught() {
 fn a_leader_that_appends_retried_batches_again_writes_duplicates() {
     let shell = ShellRules { deduplicate_retries: false, ..ShellRules::ALL };
     assert!(seeds_breaking(20, shell, &["I11"]) > 0, "no seed found a duplicate");
+}
+
+#[test]
+fn a_recovery_that_keeps_a_torn_write_serves_garbage() {
+    let shell = ShellRules { cut_torn_tail: false, ..ShellRules::ALL };
+    assert!(seeds_breaking(20, shell, &["I3", "I11"]) > 0, "no seed found the torn record");
 }
