@@ -10,7 +10,9 @@
 //! `active-controller-only`, `persist-before-send`, `deduplicate-retries`, `cut-torn-tail`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is
-//! printed with its broken invariants (the first few, with the simulated time); the last line
+//! printed with its broken invariants (the first few, with the simulated time) and a short trace
+//! (the last notable events before the first: crashes, restarts, pauses, cuts, heals, new
+//! controller and partition leaders; `--seed S` with `SKEIN_SIM_TRACE=1` for all); the last line
 //! is `N seeds, S steps, F faults, C checks, V violations`. Exits 1 on any violation or on a
 //! run that exercised nothing (no record acknowledged, no fault, no failover).
 
@@ -78,6 +80,10 @@ fn main() {
             println!("seed {seed}: {} violations", report.violations.len());
             for line in report.violations.iter().take(3) {
                 println!("  {line}");
+            }
+            println!("  before the first, the last {} notable events:", report.trace.len());
+            for line in &report.trace {
+                println!("    {line}");
             }
         }
         if !report.exercised() {

@@ -158,6 +158,8 @@ pub struct SimReport {
     pub torn_writes: u64,
     /// Each broken invariant, with the time it broke and a line of context.
     pub violations: Vec<String>,
+    /// The notable events (faults, leaderships) before the first violation, oldest first.
+    pub trace: Vec<String>,
 }
 
 impl SimReport {
@@ -310,6 +312,22 @@ enum Ev {
     Heal,
 }
 
+/// A notable event, kept for the short trace of a failing run (formatted only then).
+#[derive(Debug, Clone, Copy)]
+enum Notable {
+    Crash(NodeId),
+    Restart(NodeId),
+    Pause(NodeId, u64),
+    Resume(NodeId),
+    Cut(NodeId, NodeId),
+    Heal,
+    Controller(NodeId, u64),
+    Leads(NodeId, u32, LeaderEpoch),
+}
+
+/// How many notable events the short trace keeps.
+const TRACE_EVENTS: usize = 12;
+
 /// One partition's replica on a node.
 struct Part {
     replica: ReplicaState,
@@ -395,6 +413,8 @@ struct Sim {
     cut: BTreeSet<(NodeId, NodeId)>,
     /// Each partition's idempotent producer.
     producers: BTreeMap<u32, Producer>,
+    /// The last notable events, with their time (the short trace of a failing run).
+    recent: std::collections::VecDeque<(u64, Notable)>,
     /// What consumers read: (partition, offset, value); and each partition's consumer position.
     consumed: Vec<(u32, Offset, u64)>,
     consumed_to: BTreeMap<u32, Offset>,
@@ -459,6 +479,23 @@ fn topic_config() -> TopicConfig {
         max_message_bytes: 1 << 20,
         created_ms: 0,
     }
+}
+
+/// One line of the short trace.
+fn describe(at: u64, event: Notable) -> String {
+    let what = match event {
+        Notable::Crash(id) => format!("{id} crashes"),
+        Notable::Restart(id) => format!("{id} restarts"),
+        Notable::Pause(id, ms) => format!("{id} pauses for {ms} ms"),
+        Notable::Resume(id) => format!("{id} resumes"),
+        Notable::Cut(from, to) => format!("the link {from} -> {to} is cut"),
+        Notable::Heal => "the network heals".to_owned(),
+        Notable::Controller(id, term) => format!("{id} leads the consensus shard (term {term})"),
+        Notable::Leads(id, partition, epoch) => {
+            format!("{id} leads {TOPIC}-{partition} in epoch {}", epoch.0)
+        }
+    };
+    format!("t={at}ms {what}")
 }
 
 fn trace() -> bool {
@@ -565,6 +602,7 @@ impl Sim {
             waiting: BTreeMap::new(),
             cut: BTreeSet::new(),
             producers: BTreeMap::new(),
+            recent: std::collections::VecDeque::with_capacity(TRACE_EVENTS),
             consumed: Vec::new(),
             consumed_to: BTreeMap::new(),
             seq_of: BTreeMap::new(),
@@ -635,7 +673,17 @@ impl Sim {
         if trace() {
             eprintln!("t={} VIOLATION {rule}: {detail}", self.now);
         }
+        if self.report.violations.is_empty() {
+            self.report.trace = self.recent.iter().map(|&(at, event)| describe(at, event)).collect();
+        }
         self.report.violations.push(format!("t={}ms {rule}: {detail}", self.now));
+    }
+
+    fn notable(&mut self, event: Notable) {
+        if self.recent.len() == TRACE_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((self.now, event));
     }
 
     /// Sends a message over the network: delayed 1–40 ms; while faults are on, dropped 5% of
@@ -729,8 +777,12 @@ impl Sim {
                 }
             }
             Ev::Restart(id) => self.restart(id),
-            Ev::Heal => self.cut.clear(),
+            Ev::Heal => {
+                self.notable(Notable::Heal);
+                self.cut.clear();
+            }
             Ev::Resume(id) => {
+                self.notable(Notable::Resume(id));
                 self.node_mut(id).paused_until = 0;
                 // It learns, late, what the controller decided meanwhile: from its next pull.
             }
@@ -820,6 +872,7 @@ impl Sim {
                 self.report.faults += 1;
                 let pause = self.rng.range(300, 900);
                 self.node_mut(id).paused_until = self.now + pause;
+                self.notable(Notable::Pause(id, pause));
                 self.schedule(pause, Ev::Resume(id));
             }
         }
@@ -839,6 +892,10 @@ impl Sim {
             }
             if trace() {
                 eprintln!("t={} network cut {:?}", self.now, self.cut);
+            }
+            let cut: Vec<_> = self.cut.iter().copied().collect();
+            for (from, to) in cut {
+                self.notable(Notable::Cut(from, to));
             }
             let heal = self.rng.range(300, 2_000);
             self.schedule(heal, Ev::Heal);
@@ -1347,6 +1404,7 @@ impl Sim {
                 None => {
                     self.raft_leaders.insert(term, u64::from(id.0));
                     self.report.controller_leaders += 1;
+                    self.notable(Notable::Controller(id, term));
                 }
             }
         }
@@ -1429,6 +1487,7 @@ impl Sim {
             let event = match state.leader {
                 Some(leader) if leader == id && epoch_changed => {
                     self.report.leader_changes += 1;
+                    self.notable(Notable::Leads(id, partition, state.leader_epoch));
                     match self.leaders_by_epoch.get(&(partition, state.leader_epoch.0)) {
                         Some(&other) if other != id => {
                             let detail =
@@ -1780,6 +1839,7 @@ impl Sim {
         if trace() {
             eprintln!("t={} crash {id}", self.now);
         }
+        self.notable(Notable::Crash(id));
         for partition in 0..PARTITIONS {
             let part = self.part(id, partition);
             let unsynced = (part.log.len() - part.synced) as u64;
@@ -1807,6 +1867,7 @@ impl Sim {
         if self.node(id).alive {
             return;
         }
+        self.notable(Notable::Restart(id));
         let (config, rules, shell) = (self.config, self.config.rules, self.config.shell);
         let node = self.node_mut(id);
         node.alive = true;

@@ -54,6 +54,11 @@ fn counting_fetched_instead_of_durable_offsets_loses_acknowledged_records() {
     let (reports, _) = seeds(50, rules);
     let broken = reports.iter().filter(|(_, r)| r.violations.iter().any(|v| v.contains("I1"))).count();
     assert!(broken > 0, "no seed found the loss the durable-offset rule prevents");
+    // Each failing run says what happened before its first violation.
+    for (seed, report) in reports.iter().filter(|(_, r)| !r.violations.is_empty()) {
+        assert!(!report.trace.is_empty(), "seed {seed} failed without a trace");
+        assert!(report.trace.len() <= TRACE_EVENTS);
+    }
 }
 
 /// How many of seeds `1..=count` break an invariant under `rules`.
