@@ -4,7 +4,7 @@
 //! scenario must then find the loss or the divergence: a scenario that passes without its rule
 //! proves nothing).
 //!
-//! The harness plays log, disk and controller: each replica has a log of records, each record
+//! The harness plays log, disk and controller (two scenarios run the real controller rules): each replica has a log of records, each record
 //! its leader epoch and a unique value; a crash keeps only what was made durable; elections and
 //! ISR changes are decided by the scenario (the controller's election rules have their own
 //! tests in `controller::cluster`). Fetches are delivered at once, or lost when the scenario
@@ -47,6 +47,9 @@ struct Scenario {
     /// The leader epoch the controller elected last.
     leader_epoch: u32,
     now: u64,
+    /// When set, ISR proposals are kept here (isr, leader epoch, partition epoch) for the
+    /// scenario to decide, instead of committed at once.
+    held: Option<Vec<(Vec<NodeId>, LeaderEpoch, PartitionEpoch)>>,
 }
 
 impl Scenario {
@@ -69,6 +72,7 @@ impl Scenario {
             partition_epoch: 0,
             leader_epoch: 0,
             now: 0,
+            held: None,
         }
     }
 
@@ -99,8 +103,10 @@ impl Scenario {
                 }
                 // The controller: a proposal from a leader of an older epoch is refused (the
                 // check `controller::cluster` makes first); a current one is committed.
-                Command::ProposeIsr { isr, leader_epoch, .. } => {
-                    if leader_epoch.0 < self.leader_epoch {
+                Command::ProposeIsr { isr, leader_epoch, partition_epoch } => {
+                    if let Some(held) = self.held.as_mut() {
+                        held.push((isr, leader_epoch, partition_epoch));
+                    } else if leader_epoch.0 < self.leader_epoch {
                         self.on(id, Event::IsrRejected);
                     } else {
                         self.commit_isr(id, &isr);
@@ -528,6 +534,90 @@ fn isr_expansion_during_a_leader_change(check: bool) -> Result<(), String> {
     }
 }
 
+/// A refused ISR expansion whose other copy commits (found by the simulator, which duplicates
+/// messages): A leads with ISR {A, B} (min.insync.replicas 2) and proposes C back in once C has
+/// caught up. C's session has just expired, so the controller refuses that copy as
+/// `IneligibleReplica`; C heartbeats again, and a second copy of the same proposal (a
+/// duplicate, or a resend after a timeout) is accepted at the same partition epoch: C is in the
+/// committed ISR before A hears of it. Had A dropped C on the refusal, it would acknowledge
+/// records C never fetched; with A and B then lost, the controller elects C and they are gone.
+/// With the rule, C counts until a newer partition epoch commits, so nothing C lacks is
+/// acknowledged. This one runs the real controller rules (`Cluster`).
+fn refused_expansion_whose_duplicate_commits(rules: Rules) -> Result<(), String> {
+    use skein_net::types::{BrokerEpoch, TopicPartition};
+    use skein_replication::controller::cluster::{Cluster, ControllerConfig, ControllerError};
+    let config = ControllerConfig { session_timeout_ms: 1_000, min_insync: 2, check_alter_epochs: true };
+    let mut cluster = Cluster::new(config);
+    let epoch_of = |node: NodeId| BrokerEpoch(u64::from(node.0));
+    for node in [A, B, C] {
+        cluster.register(node, epoch_of(node), false, 0);
+        cluster.heartbeat(node, epoch_of(node), u64::MAX, 0).unwrap();
+    }
+    let tp = TopicPartition::new("t", 0);
+    let created = cluster.create_partitions("t", 1, 3).unwrap().remove(0).partition;
+    assert_eq!(created.leader, Some(A));
+    let mut s = Scenario::new(rules, 2, &[A, B, C]);
+    s.held = Some(Vec::new());
+    // A leads with C out of the ISR (the controller's state says so too).
+    let shrink = cluster.alter_partition(
+        &tp,
+        A,
+        created.leader_epoch,
+        created.partition_epoch,
+        &[(A, epoch_of(A)), (B, epoch_of(B))],
+    );
+    let shrunk = shrink.expect("a current shrink is taken").partition;
+    s.on(
+        A,
+        Event::BecomeLeader {
+            epoch: shrunk.leader_epoch,
+            partition_epoch: shrunk.partition_epoch,
+            replicas: vec![A, B, C],
+            isr: vec![A, B],
+        },
+    );
+    for follower in [B, C] {
+        s.on(follower, Event::BecomeFollower { leader: A, epoch: shrunk.leader_epoch });
+    }
+    s.produce(A, 2);
+    s.catch_up(B, A, 3);
+    s.catch_up(C, A, 3);
+    if s.acked.len() != 2 {
+        return Err(format!("set-up: {} of 2 acknowledged", s.acked.len()));
+    }
+    let held = s.held.replace(Vec::new()).unwrap_or_default();
+    let Some((isr, leader_epoch, partition_epoch)) = held.into_iter().find(|p| p.0.contains(&C)) else {
+        return Err("set-up: A did not propose C back in".into());
+    };
+    let members: Vec<(NodeId, BrokerEpoch)> = isr.iter().map(|&n| (n, epoch_of(n))).collect();
+    // C's session expired a moment ago: this copy is refused.
+    s.now = 1_500;
+    for node in [A, B] {
+        cluster.heartbeat(node, epoch_of(node), u64::MAX, s.now).unwrap();
+    }
+    cluster.tick(s.now);
+    let refused = cluster.alter_partition(&tp, A, leader_epoch, partition_epoch, &members);
+    if refused.as_ref().err() != Some(&ControllerError::IneligibleReplica) {
+        return Err(format!("set-up: the first copy was answered {refused:?}"));
+    }
+    s.on(A, Event::IsrRejected);
+    // C heartbeats again; the second copy arrives and commits C into the ISR. A has not
+    // heard yet (its metadata comes later), and what it proposes now is held.
+    cluster.heartbeat(C, epoch_of(C), u64::MAX, s.now).unwrap();
+    let accepted = cluster.alter_partition(&tp, A, leader_epoch, partition_epoch, &members);
+    let committed = accepted.map_err(|e| format!("set-up: the second copy was refused: {e:?}"))?.partition;
+    assert_eq!(committed.isr, vec![A, B, C]);
+    s.on(A, Event::Tick);
+    // Two more records: B fetches them, C does not.
+    s.produce(A, 2);
+    s.catch_up(B, A, 3);
+    // A and B are lost; C is in the committed ISR and is elected.
+    s.destroy(A);
+    s.destroy(B);
+    s.elect(C, committed.leader_epoch.0 + 1, &[C], &[C]);
+    s.check(C)
+}
+
 /// Which rules close KIP-101 case 2: durable offsets alone (epochs alone do not, see above).
 #[test]
 fn kip_101_case_2_is_closed_by_durable_offsets_not_by_epochs_alone() {
@@ -568,6 +658,11 @@ fn every_scenario() -> Vec<(&'static str, Check, Rules)> {
             "zombie leader after a pause",
             zombie_leader_after_a_pause,
             Rules { isr_via_controller: false, ..Rules::ALL },
+        ),
+        (
+            "a refused ISR expansion whose duplicate commits",
+            refused_expansion_whose_duplicate_commits,
+            Rules { settle_refused_additions: false, ..Rules::ALL },
         ),
         (
             "durable offsets (Jepsen 2013)",

@@ -6,8 +6,9 @@
 //! `SKEIN_SIM_TRACE=1` prints every metadata notification and high-watermark move of the run
 //! on stderr (use it with `--seed`). `--without-rule` switches one rule of the replica off (`durable-counts`,
 //! `freeze-below-min-isr`, `no-truncation-below-hw`, `truncate-by-epoch`, `own-epoch-end`,
-//! `isr-via-controller`, `reads-below-hw`) or of the shells (`wait-for-own-registration`, `retry-ambiguous-isr`,
-//! `active-controller-only`, `persist-before-send`, `deduplicate-retries`, `cut-torn-tail`) to see what the seeds then find.
+//! `isr-via-controller`, `reads-below-hw`, `settle-refused-additions`) or of the shells (`wait-for-own-registration`, `retry-ambiguous-isr`,
+//! `active-controller-only`, `persist-before-send`, `deduplicate-retries`, `cut-torn-tail`,
+//! `stop-on-fsync-error`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is
 //! printed with its broken invariants (the first few, with the simulated time) and a short trace
@@ -42,12 +43,14 @@ fn main() {
                 Some("own-epoch-end") => rules.own_epoch_end = false,
                 Some("isr-via-controller") => rules.isr_via_controller = false,
                 Some("reads-below-hw") => rules.reads_below_hw = false,
+                Some("settle-refused-additions") => rules.settle_refused_additions = false,
                 Some("wait-for-own-registration") => shell.wait_for_own_registration = false,
                 Some("retry-ambiguous-isr") => shell.retry_ambiguous_isr = false,
                 Some("active-controller-only") => shell.active_controller_only = false,
                 Some("persist-before-send") => shell.persist_before_send = false,
                 Some("deduplicate-retries") => shell.deduplicate_retries = false,
                 Some("cut-torn-tail") => shell.cut_torn_tail = false,
+                Some("stop-on-fsync-error") => shell.stop_on_fsync_error = false,
                 other => fail(&format!("--without-rule: unknown rule {other:?}")),
             },
             "-h" | "--help" => {
@@ -59,7 +62,7 @@ fn main() {
     }
     let (mut total_steps, mut faults, mut checks, mut violations, mut idle) =
         (0u64, 0u64, 0u64, 0usize, 0usize);
-    let (mut acked, mut duplicates, mut consumed) = (0u64, 0u64, 0u64);
+    let (mut acked, mut duplicates, mut consumed, mut fsync_errors) = (0u64, 0u64, 0u64, 0u64);
     let (mut failovers, mut controllers, mut batches, mut truncations, mut torn) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     for &seed in &seeds {
@@ -76,6 +79,7 @@ fn main() {
         batches += report.metadata_batches;
         truncations += report.truncations;
         torn += report.torn_writes;
+        fsync_errors += report.fsync_errors;
         if !report.violations.is_empty() {
             println!("seed {seed}: {} violations", report.violations.len());
             for line in report.violations.iter().take(3) {
@@ -95,7 +99,7 @@ fn main() {
         }
     }
     println!(
-        "acknowledged {acked} (retries answered as duplicates {duplicates}), consumed {consumed}, partition leaderships {failovers}, controller leaders {controllers}, metadata batches {batches}, truncations {truncations}, torn writes {torn}"
+        "acknowledged {acked} (retries answered as duplicates {duplicates}), consumed {consumed}, partition leaderships {failovers}, controller leaders {controllers}, metadata batches {batches}, truncations {truncations}, torn writes {torn}, fsync errors {fsync_errors}"
     );
     println!(
         "{} seeds, {total_steps} steps, {faults} faults, {checks} checks, {violations} violations",

@@ -18,7 +18,9 @@
 //!   the smaller of that end and its own end of the epoch, never below its high watermark.
 //! * The leader proposes ISR changes and never applies them alone: a follower that has not
 //!   caught up for `lag_time_max_ms` is proposed for removal; a follower durable up to the high
-//!   watermark and the epoch start is proposed for addition; one change in flight at a time.
+//!   watermark and the epoch start is proposed for addition; one change in flight at a time. A
+//!   refused addition still counts toward the high watermark until the partition epoch moves
+//!   past the refusal (a copy of the proposal may yet commit).
 
 pub mod epochs;
 
@@ -74,6 +76,14 @@ pub struct Rules {
     /// Consumers read only below the high watermark (off: up to the leader's log end, records
     /// not yet replicated that a failover may take back).
     pub reads_below_hw: bool,
+    /// A member that a refused ISR expansion would have added keeps counting toward the high
+    /// watermark until a committed partition epoch newer than the refusal's shows the ISR:
+    /// another copy of the same proposal (a duplicate, a resend after a timeout) may still be
+    /// accepted at that epoch once the member is eligible again, and it would then be in the
+    /// committed ISR without the records acknowledged meanwhile. The leader moves the epoch on
+    /// by proposing its committed ISR again. Off: a refusal drops the member at once (found by
+    /// the simulator: 3 of 10000 seeds lost acknowledged records that way).
+    pub settle_refused_additions: bool,
 }
 
 impl Rules {
@@ -85,6 +95,7 @@ impl Rules {
         own_epoch_end: true,
         isr_via_controller: true,
         reads_below_hw: true,
+        settle_refused_additions: true,
     };
 }
 
@@ -106,6 +117,10 @@ pub enum ReplicaError {
     #[error("the new leader's high watermark has not reached its epoch start yet")]
     OffsetNotAvailable,
 }
+
+/// How often a leader proposes its committed ISR again while a refused expansion is unsettled
+/// and its last such proposal was refused too.
+const SEAL_RETRY_MS: u64 = 100;
 
 /// An `acks=all` produce waiting for the high watermark.
 pub type AckId = u64;
@@ -166,9 +181,12 @@ pub enum Event {
     AwaitAck { id: AckId, end: Offset, deadline_ms: u64 },
     /// A committed ISR change arrived through metadata.
     IsrCommitted { isr: Vec<NodeId>, partition_epoch: PartitionEpoch },
-    /// The controller refused the ISR change proposed last for good (an ineligible member,
-    /// an ISR outside the replicas: decided at the proposal's partition epoch, so no copy of it
-    /// can commit): the leader may propose again. Not for a timeout or a refusal that may
+    /// The controller refused the ISR change proposed last (an ineligible member, an ISR
+    /// outside the replicas: decided at the proposal's partition epoch): the leader may propose
+    /// again. Another copy of it may still commit at that epoch (a duplicate, or a resend, that
+    /// reaches the controller once the member is eligible), so the members it would have added
+    /// keep counting toward the high watermark until a newer partition epoch commits, and the
+    /// leader proposes its committed ISR to get one. Not for a timeout or a refusal that may
     /// answer a retry of an accepted proposal (a newer leader or partition epoch): the shell
     /// sends the proposal again and the leader keeps its maximal ISR until metadata settles it.
     IsrRejected,
@@ -237,6 +255,12 @@ struct Leading {
     isr: BTreeSet<NodeId>,
     /// The ISR proposed and not committed yet.
     proposed: Option<BTreeSet<NodeId>>,
+    /// Members a refused expansion would have added: counted in the maximal ISR until a
+    /// committed partition epoch newer than this one's (see [`Rules::settle_refused_additions`]).
+    unsettled: BTreeSet<NodeId>,
+    /// When the leader next proposes its committed ISR to move the partition epoch past a
+    /// refusal (while `unsettled` is not empty).
+    seal_at_ms: u64,
     followers: BTreeMap<NodeId, Follower>,
     waiting: BTreeMap<AckId, (Offset, u64)>,
 }
@@ -390,6 +414,8 @@ impl ReplicaState {
                     partition_epoch,
                     isr: isr.into_iter().collect(),
                     proposed: None,
+                    unsettled: BTreeSet::new(),
+                    seal_at_ms: 0,
                     followers,
                     waiting: BTreeMap::new(),
                 });
@@ -494,13 +520,21 @@ impl ReplicaState {
                         leading.isr = isr.into_iter().collect();
                         leading.partition_epoch = partition_epoch;
                         leading.proposed = None;
+                        // No copy of a proposal refused at an older epoch can commit now.
+                        leading.unsettled.clear();
                         self.advance_high_watermark(&mut out);
                     }
                 }
             }
             Event::IsrRejected => {
                 if let Role::Leader(leading) = &mut self.role {
-                    leading.proposed = None;
+                    if let Some(proposed) = leading.proposed.take() {
+                        let added: Vec<NodeId> = proposed.difference(&leading.isr).copied().collect();
+                        if self.config.rules.settle_refused_additions && !added.is_empty() {
+                            leading.unsettled.extend(added);
+                            leading.seal_at_ms = now_ms;
+                        }
+                    }
                 }
             }
             Event::Tick => self.tick(now_ms, &mut out),
@@ -579,10 +613,11 @@ impl ReplicaState {
         if leading.isr.len() < self.config.min_insync && self.config.rules.freeze_below_min_isr {
             return;
         }
-        let maximal: BTreeSet<NodeId> = match &leading.proposed {
+        let mut maximal: BTreeSet<NodeId> = match &leading.proposed {
             Some(proposed) => leading.isr.union(proposed).copied().collect(),
             None => leading.isr.clone(),
         };
+        maximal.extend(&leading.unsettled);
         let candidate = maximal
             .iter()
             .filter(|&&node| node != self.node)
@@ -643,7 +678,16 @@ impl ReplicaState {
                 })
                 .copied()
                 .collect();
-            if !lagging.is_empty() {
+            if lagging.is_empty() && !leading.unsettled.is_empty() && now_ms >= leading.seal_at_ms {
+                // Move the partition epoch past a refused expansion: the committed ISR again.
+                out.push(Command::ProposeIsr {
+                    isr: leading.isr.iter().copied().collect(),
+                    leader_epoch: leading.epoch,
+                    partition_epoch: leading.partition_epoch,
+                });
+                leading.proposed = Some(leading.isr.clone());
+                leading.seal_at_ms = now_ms + SEAL_RETRY_MS;
+            } else if !lagging.is_empty() {
                 let isr: BTreeSet<NodeId> =
                     leading.isr.iter().filter(|m| !lagging.contains(m)).copied().collect();
                 out.push(Command::ProposeIsr {

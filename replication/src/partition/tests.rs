@@ -312,6 +312,68 @@ fn a_refused_isr_proposal_can_be_made_again() {
     assert_eq!(replica.on(Event::Tick, 10_005), vec![proposal]);
 }
 
+/// A refused expansion may still commit (a duplicate or a resend of it reaches the controller
+/// once the member is eligible): the member keeps counting toward the high watermark until a
+/// newer partition epoch commits, and the leader proposes its committed ISR to get one.
+#[test]
+fn a_refused_addition_counts_until_the_partition_epoch_moves_past_it() {
+    let mut replica = leader(0, 0);
+    replica.on(Event::IsrCommitted { isr: vec![L, F2], partition_epoch: PartitionEpoch(2) }, 0);
+    replica.on(Event::Appended { end: 10, epoch: e(5) }, 1);
+    replica.on(Event::Durable { offset: 10 }, 1);
+    replica.on(fetch(F2, 10, Some(5), 10), 1);
+    let commands = replica.on(fetch(F3, 10, Some(5), 10), 2);
+    let expand =
+        Command::ProposeIsr { isr: vec![L, F2, F3], leader_epoch: e(5), partition_epoch: PartitionEpoch(2) };
+    assert_eq!(commands, vec![records(F3, 10, 10, 10), expand]);
+    // Refused (F3 was fenced when this copy arrived): the leader proposes its committed ISR
+    // to move the partition epoch on.
+    let seal =
+        Command::ProposeIsr { isr: vec![L, F2], leader_epoch: e(5), partition_epoch: PartitionEpoch(2) };
+    assert!(replica.on(Event::IsrRejected, 3).is_empty());
+    assert_eq!(replica.on(Event::Tick, 3), vec![seal.clone()]);
+    // F3 still counts: records F2 holds but F3 does not are not exposed yet.
+    replica.on(Event::Appended { end: 20, epoch: e(5) }, 4);
+    replica.on(Event::Durable { offset: 20 }, 4);
+    replica.on(Event::AwaitAck { id: 1, end: 20, deadline_ms: 60_000 }, 4);
+    assert_eq!(replica.on(fetch(F2, 20, Some(5), 20), 5), vec![records(F2, 20, 20, 10)]);
+    assert_eq!(replica.high_watermark(), 10);
+    // That proposal refused too (another member ineligible): tried again after a while, not
+    // at once.
+    assert!(replica.on(Event::IsrRejected, 6).is_empty());
+    assert!(replica.on(Event::Tick, 6 + SEAL_RETRY_MS - 4).is_empty());
+    assert_eq!(replica.on(Event::Tick, 6 + SEAL_RETRY_MS), vec![seal]);
+    // A newer partition epoch without F3: no copy of the old proposal can commit now.
+    let commands =
+        replica.on(Event::IsrCommitted { isr: vec![L, F2], partition_epoch: PartitionEpoch(3) }, 200);
+    assert_eq!(commands, vec![Command::HighWatermark { offset: 20 }, Command::AckResolved { id: 1 }]);
+}
+
+/// With the rule off, the refusal drops the member at once (the bug the simulator found).
+#[test]
+fn without_the_rule_a_refused_addition_stops_counting_at_once() {
+    let rules = Rules { settle_refused_additions: false, ..Rules::ALL };
+    let mut replica =
+        ReplicaState::new(L, ReplicaConfig { rules, ..config() }, 0, 0, 0, EpochCache::default(), 0);
+    let become_leader = Event::BecomeLeader {
+        epoch: e(5),
+        partition_epoch: PartitionEpoch(2),
+        replicas: vec![L, F2, F3],
+        isr: vec![L, F2],
+    };
+    replica.on(become_leader, 0);
+    replica.on(Event::Appended { end: 10, epoch: e(5) }, 1);
+    replica.on(Event::Durable { offset: 10 }, 1);
+    replica.on(fetch(F3, 0, Some(5), 0), 1);
+    replica.on(fetch(F2, 10, Some(5), 10), 2);
+    replica.on(fetch(F3, 10, Some(5), 10), 2);
+    assert!(replica.on(Event::IsrRejected, 3).is_empty(), "no proposal to move the epoch on");
+    replica.on(Event::Appended { end: 20, epoch: e(5) }, 4);
+    replica.on(Event::Durable { offset: 20 }, 4);
+    replica.on(fetch(F2, 20, Some(5), 20), 5);
+    assert_eq!(replica.high_watermark(), 20, "F3 no longer counts");
+}
+
 /// A follower that once led an epoch without writing a record has that epoch last in its
 /// cache; the leader never had it, answers with the epoch before, and the follower must drop
 /// the empty epoch so that its next fetch agrees (instead of diverging again forever).

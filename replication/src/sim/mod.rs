@@ -18,7 +18,8 @@
 //! * **faults**: messages dropped, duplicated and delayed (so reordered); network partitions
 //!   (a node cut off both ways, or one link cut one way) that heal after 0.3–2 s; brokers crash (losing part of what
 //!   they had not synced, perhaps with the next record half written, which recovery must cut,
-//!   and their Raft state that was not durable) and restart; brokers pause
+//!   and their Raft state that was not durable) and restart; an `fdatasync` fails now and
+//!   then (the broker stops and reopens its log from disk); brokers pause
 //!   past their session and come back as zombies that still think they lead (clients with stale
 //!   metadata produce to them); the leader of partition 0 and the controller leader are each
 //!   killed once at a time drawn from the seed, so every run fails over both.
@@ -123,6 +124,11 @@ pub struct ShellRules {
     /// the power cut in the middle of), as `skein-storage`'s recovery scan does, rather than
     /// serve it.
     pub cut_torn_tail: bool,
+    /// A failed `fdatasync` stops the log until it is reopened from disk (the broker's log
+    /// refuses writes after one; here the broker restarts), never retried: after an error the
+    /// kernel may have dropped the dirty pages and marked them clean, so a second fsync
+    /// "succeeds" over records that are not on disk (PostgreSQL's fsyncgate).
+    pub stop_on_fsync_error: bool,
 }
 
 impl ShellRules {
@@ -133,6 +139,7 @@ impl ShellRules {
         persist_before_send: true,
         deduplicate_retries: true,
         cut_torn_tail: true,
+        stop_on_fsync_error: true,
     };
 }
 
@@ -156,6 +163,8 @@ pub struct SimReport {
     pub consumed: u64,
     /// Batches a crash left half written on disk.
     pub torn_writes: u64,
+    /// Failed fsyncs.
+    pub fsync_errors: u64,
     /// Each broken invariant, with the time it broke and a line of context.
     pub violations: Vec<String>,
     /// The notable events (faults, leaderships) before the first violation, oldest first.
@@ -338,6 +347,9 @@ struct Part {
     /// The record a crash cut in the middle of its write: on disk after the log, with a
     /// checksum that does not match (until recovery cuts it, or serves it).
     torn: Option<(LeaderEpoch, u64)>,
+    /// After an fsync error that was retried (rule off): records from here on are in memory
+    /// but their pages were dropped, so they are not on disk whatever a later fsync says.
+    dropped_from: Option<usize>,
     /// The (leader epoch, partition epoch) of the last metadata this broker acted on.
     known: Option<(LeaderEpoch, u32)>,
     /// Fetches sent (a timeout resends only if no answer came since).
@@ -557,6 +569,7 @@ impl Part {
             synced: log.len(),
             log,
             torn: None,
+            dropped_from: None,
             known: None,
             fetch_generation: 0,
             fetch_leader: None,
@@ -819,6 +832,19 @@ impl Sim {
             // Disks sync now and then; replicas learn time passed.
             for partition in 0..PARTITIONS {
                 if self.rng.range(0, 100) < 30 {
+                    let part = self.part(id, partition);
+                    let dirty = part.log.len() > part.synced;
+                    if self.faults_on && dirty && self.rng.range(0, 2000) == 0 {
+                        // fdatasync fails: the dirty pages may be gone.
+                        self.report.faults += 1;
+                        self.report.fsync_errors += 1;
+                        if self.config.shell.stop_on_fsync_error {
+                            self.crash(id);
+                            break;
+                        }
+                        let part = self.part_mut(id, partition);
+                        part.dropped_from = Some(part.dropped_from.unwrap_or(part.synced).min(part.synced));
+                    }
                     let part = self.part_mut(id, partition);
                     part.synced = part.log.len();
                     let offset = part.synced as Offset;
@@ -1846,7 +1872,9 @@ impl Sim {
             let keep_extra = self.rng.range(0, unsynced + 1) as usize;
             let torn = keep_extra < unsynced as usize && self.rng.range(0, 2) == 0;
             let part = self.part_mut(id, partition);
-            let keep = part.synced + keep_extra;
+            // Pages an fsync error dropped never reach the disk.
+            let keep = (part.synced + keep_extra).min(part.dropped_from.take().unwrap_or(usize::MAX));
+            let torn = torn && keep < part.log.len();
             // The power went in the middle of the next record's write: part of it is on disk.
             part.torn = if torn { Some(part.log[keep]) } else { None };
             part.log.truncate(keep);
