@@ -89,6 +89,7 @@ run latency-always produce --duration 10 --rate "$((peak_always / 2))" --linger-
 echo "== quic-bulk"
 "$bench" quic-bulk --quic-mib 1024 --rounds 3 --json "$out/quic-bulk.json"
 run produce-quic produce --messages "$messages" --fsync never --linger-ms 5 --transport quic
+run produce-quic-one produce --messages "$messages" --fsync never --linger-ms 5 --transport quic --quic-one-connection
 
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 # The many-partitions section (scripts/bench-partitions.sh) is kept as it is.
@@ -101,7 +102,8 @@ def lat(l): return "—" if not l else f"{l['p50']} / {l['p90']} / {l['p99']} / 
 quic = load("quic-bulk")
 rows = [
     ("produce, fsync=never, acks=all", "produce-never", iperf, "iperf3"),
-    ("produce over QUIC, fsync=never, acks=all", "produce-quic", quic["tokio_mib_per_s"], "quinn bulk"),
+    ("produce over QUIC (a connection per shard), fsync=never, acks=all", "produce-quic", quic["tokio_mib_per_s"], "quinn bulk"),
+    ("produce over QUIC (one connection), fsync=never, acks=all", "produce-quic-one", quic["tokio_mib_per_s"], "quinn bulk"),
     ("produce, fsync=always, acks=all", "produce-always", fio, "fio"),
     ("consume from the beginning after a restart (cold: from disk)", "consume-cold", fio_read, "fio read"),
     ("consume it all again (re-read)", "consume-warm", fio_read, "fio read"),

@@ -117,6 +117,8 @@ pub struct Parameters {
     pub transport: String,
     pub client_threads: usize,
     pub max_in_flight: usize,
+    /// QUIC: producers open a connection per broker shard (false: `--quic-one-connection`).
+    pub connection_per_shard: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -263,6 +265,7 @@ pub fn run(options: Options) -> Result<Report, String> {
         transport: options.transport.clone(),
         client_threads: options.client_threads,
         max_in_flight: workload.max_in_flight,
+        connection_per_shard: workload.connection_per_shard,
     };
     // A figure without samples behind it is not a figure.
     if options.mode != Mode::Consume && measured.produce_latency.is_empty() {

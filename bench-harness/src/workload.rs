@@ -19,6 +19,8 @@ pub struct Workload {
     pub bootstrap: String,
     /// TCP, or QUIC with the certificate authority to trust.
     pub transport: skein_client::Transport,
+    /// QUIC: a connection per broker shard for producers (the client's default), or one.
+    pub connection_per_shard: bool,
     pub topic: String,
     pub partitions: u32,
     pub producers: usize,
@@ -65,6 +67,7 @@ impl Clock {
 pub async fn connect(workload: &Workload) -> Result<Client, ClientError> {
     let mut config = ClientConfig::new(workload.bootstrap.clone());
     config.transport = workload.transport.clone();
+    config.connection_per_shard = workload.connection_per_shard;
     config.client_id = "skein-bench".into();
     Client::connect(config).await
 }

@@ -220,6 +220,7 @@ fn metadata(shard: &Shard, request: &MetadataRequest) -> MetadataResponse {
                     leader_epoch: 0,
                     replicas: vec![node_id],
                     isr: vec![node_id],
+                    shard: shard.route(name, partition).map(|(owner, _)| owner as u16),
                 })
                 .collect(),
             configs: config.to_configs(),
@@ -236,7 +237,11 @@ fn metadata(shard: &Shard, request: &MetadataRequest) -> MetadataResponse {
         Some(names) => names.iter().map(|name| describe(name)).collect(),
     };
     MetadataResponse {
-        brokers: vec![BrokerInfo { node_id, host, port }],
+        brokers: vec![BrokerInfo {
+            quic_port: shard.quic_port.get(),
+            shards: Some(shard.shards as u16),
+            ..BrokerInfo::new(node_id, host, port)
+        }],
         controller_id: node_id,
         topics: described,
     }
@@ -294,6 +299,7 @@ async fn produce(
                             .await
                     }
                     Some((owner, tp)) => {
+                        shard.metrics.forwarded(true, 1);
                         let call =
                             mesh::Produce { tp, records, acks: request.acks, timeout_ms: request.timeout_ms };
                         // The produce's own timeout, plus time for the answer to come back.
@@ -424,6 +430,9 @@ async fn read_pass(shard: &Rc<Shard>, slots: &[FetchSlot], max_bytes: u32) -> Ve
             continue;
         };
         let read = mesh::FetchRead { tp, offset: slot.offset, partition_bytes_max: slot.partition_bytes_max };
+        if owner != shard.id {
+            shard.metrics.forwarded(false, 1);
+        }
         reads.entry((owner != shard.id, owner)).or_default().push((index, read));
     }
     let call = |owner: usize, reads: Vec<mesh::FetchRead>, bytes_max: u32| async move {

@@ -26,6 +26,7 @@
 //! | `skein_request_bytes_total`, `skein_response_bytes_total` | counter | | frame bytes in and out |
 //! | `skein_produced_records_total`, `skein_produced_bytes_total` | counter | | records and batch bytes appended |
 //! | `skein_fetched_bytes_total` | counter | | record bytes sent to consumers |
+//! | `skein_forwarded_partitions_total` | counter | api = `produce` or `fetch` | partitions of produce requests, and partition reads of fetches (each pass of a long poll), that the connection's shard sent on to the shard holding them: a hop between cores (a QUIC producer of the Rust client takes none) |
 //! | `skein_produce_latency_seconds`, `skein_fetch_latency_seconds` | histogram | | request received to response ready (a fetch includes its long-poll wait) |
 //! | `skein_connections` | gauge | | open client connections |
 //! | `skein_connections_accepted_total`, `skein_connections_refused_total` | counter | | (refused: over `connections_max`) |
@@ -94,6 +95,9 @@ pub struct ShardMetrics {
     produced_records: Cell<u64>,
     produced_bytes: Cell<u64>,
     fetched_bytes: Cell<u64>,
+    /// Partitions of produce and fetch requests this shard sent on to the shard holding them.
+    forwarded_produce: Cell<u64>,
+    forwarded_fetch: Cell<u64>,
     produce_latency: RefCell<Histogram>,
     fetch_latency: RefCell<Histogram>,
     pub connections_accepted: Cell<u64>,
@@ -137,6 +141,11 @@ impl ShardMetrics {
 
     pub fn fetched(&self, bytes: usize) {
         add(&self.fetched_bytes, bytes as u64);
+    }
+
+    /// `count` partitions of a produce (`produce`) or fetch request went to another shard.
+    pub fn forwarded(&self, produce: bool, count: usize) {
+        add(if produce { &self.forwarded_produce } else { &self.forwarded_fetch }, count as u64);
     }
 }
 
@@ -183,6 +192,8 @@ pub struct ShardSnapshot {
     pub produced_records: u64,
     pub produced_bytes: u64,
     pub fetched_bytes: u64,
+    pub forwarded_produce: u64,
+    pub forwarded_fetch: u64,
     pub produce_latency: Histogram,
     pub fetch_latency: Histogram,
     pub connections: u64,
@@ -241,6 +252,8 @@ impl ShardSnapshot {
             produced_records: metrics.produced_records.get(),
             produced_bytes: metrics.produced_bytes.get(),
             fetched_bytes: metrics.fetched_bytes.get(),
+            forwarded_produce: metrics.forwarded_produce.get(),
+            forwarded_fetch: metrics.forwarded_fetch.get(),
             produce_latency: *metrics.produce_latency.borrow(),
             fetch_latency: *metrics.fetch_latency.borrow(),
             connections: shard.connections.get() as u64,
@@ -725,6 +738,17 @@ impl Collector for Merged {
             "Active segments sealed.",
             Counter,
             sum(&|s| s.storage.segment_rolls),
+        )?;
+        family(
+            &mut encoder,
+            "skein_forwarded_partitions",
+            "Partitions of produce and fetch requests sent on to the shard holding them (a hop between cores).",
+            None,
+            Counter,
+            [
+                (vec![("api", "produce".to_owned())], sum(&|s| s.forwarded_produce)),
+                (vec![("api", "fetch".to_owned())], sum(&|s| s.forwarded_fetch)),
+            ],
         )?;
         let (cache, file) = (sum(&|s| s.storage.cache_reads), sum(&|s| s.storage.file_reads));
         family(

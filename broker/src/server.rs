@@ -489,6 +489,7 @@ async fn run_shard(
     let quic_endpoint = match quic {
         Some((setup, socket)) => match setup.endpoint(id, socket) {
             Ok(endpoint) => {
+                shard.quic_port.set(endpoint.local_addr().ok().map(|addr| addr.port()));
                 glommio::spawn_local(crate::quic::serve(shard.clone(), endpoint.clone())).detach();
                 Some(endpoint)
             }

@@ -1203,12 +1203,13 @@ mod tests {
             leader_epoch: 0,
             replicas: vec![leader],
             isr: vec![leader],
+            shard: None,
         }
     }
 
     #[test]
     fn health_names_every_problem() {
-        let broker = BrokerInfo { node_id: 1, host: "h".into(), port: 1 };
+        let broker = BrokerInfo::new(1, "h", 1);
         let topic = |name: &str, partitions| TopicMetadata {
             name: name.into(),
             error: ErrorCode::None,

@@ -4,14 +4,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{skein, Broker};
+use common::{get, scrape, skein, sum_of, Broker};
 use skein_client::{Admin, Consumer, ConsumerConfig, GroupConfig, Producer, ProducerConfig, ProducerRecord};
 
 fn temp_dir() -> tempfile::TempDir {
@@ -21,17 +20,6 @@ fn temp_dir() -> tempfile::TempDir {
 }
 
 /// A GET over plain HTTP/1.1: (status code, body).
-fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((status, body))
-}
-
 /// A broker process started by hand (for what `common::Broker` does not cover): its stdout
 /// lines arrive on a channel; killed when dropped.
 struct Process {
@@ -161,36 +149,6 @@ fn unknown_keys_and_bad_values_are_refused_by_name() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("missing.toml"), "{stderr}");
-}
-
-/// Scrapes and parses `/metrics`; samples by name and labels (`name{k=v,...}`).
-fn scrape(addr: &str) -> BTreeMap<String, f64> {
-    let (status, body) = get(addr, "/metrics").unwrap();
-    assert_eq!(status, 200, "{body}");
-    let lines = body.lines().map(|l| Ok(l.to_owned()));
-    let parsed = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
-    let mut samples = BTreeMap::new();
-    for sample in parsed.samples {
-        let mut labels: Vec<String> = sample.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        labels.sort();
-        let value = match sample.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(buckets) => {
-                let count = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
-                samples.insert(format!("{}_count{{}}", sample.metric), count);
-                continue;
-            }
-            prometheus_parse::Value::Summary(_) => continue,
-        };
-        samples.insert(format!("{}{{{}}}", sample.metric, labels.join(",")), value);
-    }
-    samples
-}
-
-fn sum_of(samples: &BTreeMap<String, f64>, family: &str) -> f64 {
-    samples.iter().filter(|(k, _)| k.starts_with(&format!("{family}{{"))).map(|(_, v)| v).sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! QUIC against the real broker process (`--quic-listen`, 2 shards, its development
 //! certificate): records round-trip through the native client with connections served by both
-//! shards; a client whose address changes mid-connection keeps working; hostile datagrams leave
-//! QUIC and TCP serving.
+//! shards; a producer sends each partition's batches on a connection of the partition's shard;
+//! a client whose address changes mid-connection keeps working; hostile datagrams leave QUIC and
+//! TCP serving.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{read_all, Broker};
+use common::{read_all, scrape, Broker};
 use skein_client::{
     Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, Producer,
     ProducerConfig, ProducerRecord, Transport,
@@ -311,4 +312,62 @@ async fn a_client_that_picks_its_first_connection_id_lands_on_that_shard() {
         matches!(&error, ClientError::Transport(reason) if reason.contains("no-such-ca.pem")),
         "the CA file is named: {error:?}"
     );
+}
+
+/// Metadata v2 says the broker's shard count and each partition's shard; a QUIC producer then
+/// opens a connection per shard and sends every batch on its partition's shard: the broker
+/// forwards no produce partition between its cores. The same producer over TCP (one connection,
+/// on a shard the kernel picks) makes the broker forward, so the counter can tell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_producer_sends_each_batch_to_the_shard_that_holds_its_partition() {
+    let broker = quic_broker(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = broker.metrics_addr.clone().expect("the metrics address");
+    let client = Client::connect(quic_config(&broker)).await.unwrap();
+    Admin::new(client.clone()).create_topic("by-shard", 4, &[]).await.unwrap();
+    let info = client.refresh_topic("by-shard").await.unwrap();
+    let shards: BTreeSet<Option<u16>> = info.shards.iter().copied().collect();
+    assert_eq!(shards, BTreeSet::from([Some(0), Some(1)]), "Metadata v2 places the partitions: {info:?}");
+    let metadata = client.metadata(None).await.unwrap();
+    let port = broker.quic_addr.as_ref().unwrap().rsplit(':').next().unwrap().parse().ok();
+    assert_eq!((metadata.brokers[0].shards, metadata.brokers[0].quic_port), (Some(2), port));
+
+    let produce = |client: Client, tag: &'static str| async move {
+        let producer = Producer::new(client, ProducerConfig::default().linger(Duration::from_millis(2)));
+        for i in 0..2000u32 {
+            let record = ProducerRecord::new("by-shard", format!("{tag}-{i}")).partition(i % 4);
+            producer.send(record).await.expect("accepted");
+        }
+        producer.flush().await.expect("every record acknowledged");
+    };
+    let forwarded = |samples: &std::collections::BTreeMap<String, f64>| {
+        samples.get("skein_forwarded_partitions_total{api=produce}").copied().expect("the counter is served")
+    };
+    produce(client.clone(), "quic").await;
+    assert!(client.routes_by_shard(), "the QUIC client routes by shard");
+    assert_eq!(forwarded(&scrape(&metrics)), 0.0, "no produce partition hopped between shards");
+
+    let tcp = Client::connect(ClientConfig::new(broker.addr.clone())).await.unwrap();
+    produce(tcp.clone(), "tcp").await;
+    assert!(!tcp.routes_by_shard());
+    assert!(forwarded(&scrape(&metrics)) > 0.0, "over TCP half the partitions are on the other shard");
+
+    // Everything arrived, each partition in order.
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer.assign("by-shard", &[0, 1, 2, 3]).await.unwrap();
+    consumer.seek_all(skein_client::SeekTo::Beginning).await.unwrap();
+    let records = read_all(&mut consumer, 4000).await;
+    for partition in 0..4u32 {
+        for tag in ["quic", "tcp"] {
+            let values: Vec<u32> = records
+                .iter()
+                .filter(|r| r.partition == partition)
+                .filter_map(|r| {
+                    let value = std::str::from_utf8(r.value.as_deref()?).ok()?;
+                    value.strip_prefix(tag)?.strip_prefix('-')?.parse().ok()
+                })
+                .collect();
+            let expected: Vec<u32> = (0..2000).filter(|i| i % 4 == partition).collect();
+            assert_eq!(values, expected, "{tag} records of partition {partition}, in order");
+        }
+    }
 }

@@ -96,6 +96,10 @@ pub struct ClientConfig {
     pub in_flight_max: usize,
     /// TCP (the default) or QUIC; the bootstrap addresses are of that transport.
     pub transport: Transport,
+    /// QUIC: a producer opens a connection per shard of the broker and sends each
+    /// partition's batches on its shard's (default `true`; see [`Client`]); `false`: everything
+    /// on one connection, as over TCP.
+    pub connection_per_shard: bool,
 }
 
 /// How a client reaches a broker.
@@ -129,6 +133,7 @@ impl ClientConfig {
             retry_timeout: Duration::from_secs(30),
             in_flight_max: 64,
             transport: Transport::Tcp,
+            connection_per_shard: true,
         }
     }
 }
@@ -141,6 +146,7 @@ setters!(ClientConfig {
     retry_timeout: Duration,
     in_flight_max: usize,
     transport: Transport,
+    connection_per_shard: bool,
 });
 
 /// A topic as the client knows it.
@@ -149,12 +155,19 @@ pub struct TopicInfo {
     pub name: String,
     pub partitions: u32,
     pub configs: Vec<(String, String)>,
+    /// The broker's shard holding each partition (Metadata v2; empty from an older broker).
+    pub shards: Vec<Option<u16>>,
 }
 
 impl TopicInfo {
     /// The topic's largest batch (`max.message.bytes`), if the broker told.
     pub fn max_message_bytes(&self) -> Option<usize> {
         self.configs.iter().find(|(k, _)| k == "max.message.bytes").and_then(|(_, v)| v.parse().ok())
+    }
+
+    /// The broker's shard that holds `partition`, if the broker said.
+    pub fn shard_of(&self, partition: u32) -> Option<u16> {
+        self.shards.get(partition as usize).copied().flatten()
     }
 }
 
@@ -165,6 +178,14 @@ impl TopicInfo {
 /// connection of their own, so a long poll (up to `ConsumerConfig::fetch_wait_max`) never
 /// holds up a produce, a commit or a group heartbeat sent meanwhile (the broker answers each
 /// connection's requests in order).
+///
+/// Over QUIC, against a broker that says how many shards serve it (Metadata v2), the producer
+/// also opens one connection per shard it writes to, steered to that shard by its first
+/// connection id, and sends each partition's batches on the connection of the partition's
+/// shard ([`Client::shard_connection`]): no request waits for a hop between the broker's cores,
+/// and the QUIC work of one producer is spread over the cores that hold its partitions. (Over
+/// TCP the kernel picks a connection's shard, so everything goes on the one connection and the
+/// broker forwards what another shard holds.)
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -179,11 +200,18 @@ pub enum Purpose {
     Fetch,
 }
 
+/// A connection, made (again) by whoever finds it missing or closed.
+type ConnectionSlot = tokio::sync::Mutex<Option<Arc<Connection>>>;
+
 #[derive(Debug)]
 struct Inner {
     config: ClientConfig,
     /// By [`Purpose`]: general, fetch.
-    connections: [tokio::sync::Mutex<Option<Arc<Connection>>>; 2],
+    connections: [ConnectionSlot; 2],
+    /// QUIC only: a connection per shard of the broker, opened when first asked for.
+    shard_connections: Mutex<HashMap<u16, Arc<ConnectionSlot>>>,
+    /// How many shards serve the broker, once Metadata v2 said.
+    shards: Mutex<Option<u16>>,
     topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
     broker: Mutex<Option<ApiVersionsResponse>>,
 }
@@ -207,6 +235,8 @@ impl Client {
             inner: Arc::new(Inner {
                 config,
                 connections: [tokio::sync::Mutex::new(None), tokio::sync::Mutex::new(None)],
+                shard_connections: Mutex::new(HashMap::new()),
+                shards: Mutex::new(None),
                 topics: Mutex::new(HashMap::new()),
                 broker: Mutex::new(None),
             }),
@@ -269,6 +299,52 @@ impl Client {
         Err(failure.unwrap_or(ClientError::Config("no bootstrap address")))
     }
 
+    /// The connection to send requests for a partition of `shard` on: over QUIC, when the
+    /// broker said how many shards serve it and has more than one, a connection of that shard's
+    /// own (opened on first use, steered by its first connection id, reopened when lost);
+    /// otherwise (TCP, one shard, `None`, an older broker) the general connection.
+    pub async fn shard_connection(&self, shard: Option<u16>) -> Result<Arc<Connection>> {
+        let crate::Transport::Quic { server_name, ca_file, .. } = &self.inner.config.transport else {
+            return self.connection().await;
+        };
+        let shards = *self.inner.shards.lock().expect("not poisoned");
+        let (Some(shard), Some(shards)) = (shard, shards) else { return self.connection().await };
+        if shards <= 1 || shard >= shards {
+            return self.connection().await;
+        }
+        let slot =
+            self.inner.shard_connections.lock().expect("not poisoned").entry(shard).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(connection.clone());
+        }
+        // The same broker as the general connection, on the chosen shard.
+        let addr = self.connection().await?.addr().to_owned();
+        let config = &self.inner.config;
+        let transport = crate::Transport::Quic {
+            server_name: server_name.clone(),
+            ca_file: ca_file.clone(),
+            first_shard: Some((usize::from(shard), usize::from(shards))),
+        };
+        let connection = Arc::new(
+            Connection::connect(
+                &addr,
+                config.connect_timeout,
+                config.request_timeout,
+                config.in_flight_max,
+                &transport,
+            )
+            .await?,
+        );
+        let versions = handshake(&connection, &config.client_id).await?;
+        if !versions.error.is_ok() {
+            return Err(ClientError::broker(versions.error, "handshake"));
+        }
+        connection.set_versions(&versions);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
     /// Sends a request and returns the response body (fetches on the fetch connection, the
     /// rest on the general one). If the connection is lost or refused (the broker restarts),
     /// it reconnects and sends the request again, for up to `retry_timeout`: every request
@@ -291,6 +367,9 @@ impl Client {
         })
         .await?;
         let response = decode(&body, |r| MetadataResponse::decode(r, version))?;
+        if let Some(shards) = response.brokers.first().and_then(|b| b.shards) {
+            *self.inner.shards.lock().expect("not poisoned") = Some(shards);
+        }
         let mut cache = self.inner.topics.lock().expect("not poisoned");
         for topic in &response.topics {
             if topic.error.is_ok() {
@@ -300,6 +379,15 @@ impl Client {
                         name: topic.name.clone(),
                         partitions: topic.partitions.len() as u32,
                         configs: topic.configs.clone(),
+                        shards: {
+                            let mut shards = vec![None; topic.partitions.len()];
+                            for p in &topic.partitions {
+                                if let Some(slot) = shards.get_mut(p.partition as usize) {
+                                    *slot = p.shard;
+                                }
+                            }
+                            shards
+                        },
                     }),
                 );
             } else {
@@ -330,6 +418,19 @@ impl Client {
             Some(topic) => Err(ClientError::broker(topic.error, format!("metadata of {name}"))),
             None => Err(ClientError::UnknownTopic(name.to_owned())),
         }
+    }
+
+    /// Whether requests for partitions go on connections of their shards: over QUIC, to a
+    /// broker that said it has more than one ([`Client::shard_connection`]).
+    pub fn routes_by_shard(&self) -> bool {
+        matches!(self.inner.config.transport, Transport::Quic { .. })
+            && self.inner.config.connection_per_shard
+            && self.inner.shards.lock().expect("not poisoned").is_some_and(|shards| shards > 1)
+    }
+
+    /// A topic's metadata if the cache holds it.
+    pub(crate) fn cached_topic(&self, name: &str) -> Option<Arc<TopicInfo>> {
+        self.inner.topics.lock().expect("not poisoned").get(name).cloned()
     }
 
     pub(crate) fn forget_topic(&self, name: &str) {

@@ -146,7 +146,7 @@ fn answer(request: Request<std::ops::Range<usize>>, body: &[u8], log: &Mutex<Log
         }
         Request::Metadata(_) => {
             let response = MetadataResponse {
-                brokers: vec![BrokerInfo { node_id: 0, host: "127.0.0.1".into(), port: 0 }],
+                brokers: vec![BrokerInfo::new(0, "127.0.0.1", 0)],
                 controller_id: 0,
                 topics: vec![TopicMetadata {
                     name: "t".into(),
@@ -158,6 +158,7 @@ fn answer(request: Request<std::ops::Range<usize>>, body: &[u8], log: &Mutex<Log
                         leader_epoch: 0,
                         replicas: Vec::new(),
                         isr: Vec::new(),
+                        shard: None,
                     }],
                     configs: Vec::new(),
                 }],

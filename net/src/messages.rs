@@ -70,7 +70,7 @@ impl ApiKey {
             // v1: the response adds the broker's node id and build commit.
             ApiKey::ApiVersions => (0, 1),
             // v1: each partition adds its leader epoch, replicas and in-sync replicas.
-            ApiKey::Metadata => (0, 1),
+            ApiKey::Metadata => (0, 2),
             _ => (0, 0),
         }
     }
@@ -177,6 +177,19 @@ pub struct BrokerInfo {
     pub node_id: u32,
     pub host: String,
     pub port: u16,
+    /// v2: the broker's QUIC port on the same host (`None`: no QUIC listener, or an older
+    /// answer).
+    pub quic_port: Option<u16>,
+    /// v2: how many shards (cores) serve the broker (`None` in an older answer). A QUIC client
+    /// can pick the shard a connection lands on ([`crate::quic::steering_dcid`]).
+    pub shards: Option<u16>,
+}
+
+impl BrokerInfo {
+    /// A broker as a version 0 or 1 answer describes it.
+    pub fn new(node_id: u32, host: impl Into<String>, port: u16) -> BrokerInfo {
+        BrokerInfo { node_id, host: host.into(), port, quic_port: None, shards: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +202,9 @@ pub struct PartitionMetadata {
     /// v1: the brokers holding a replica, and those in sync (empty in a v0 response).
     pub replicas: Vec<u32>,
     pub isr: Vec<u32>,
+    /// v2: the leader's shard that holds the partition (`None` in an older answer): a request
+    /// sent on a connection served by that shard takes no hop between cores.
+    pub shard: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +215,9 @@ pub struct TopicMetadata {
     /// The topic's settings, as key/value text.
     pub configs: Vec<(String, String)>,
 }
+
+/// A partition's `shard` field when no shard holds it (v2).
+const NO_SHARD: u16 = u16::MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetadataResponse {
@@ -212,6 +231,9 @@ impl MetadataResponse {
     pub fn encode(&self, w: &mut Writer, version: u16) {
         w.array(&self.brokers, |w, b| {
             w.u32(b.node_id).str(&b.host).u16(b.port);
+            if version >= 2 {
+                w.u16(b.quic_port.unwrap_or(0)).u16(b.shards.unwrap_or(0));
+            }
         });
         w.u32(self.controller_id);
         w.array(&self.topics, |w, t| {
@@ -227,6 +249,9 @@ impl MetadataResponse {
                         w.u32(*node);
                     });
                 }
+                if version >= 2 {
+                    w.u16(p.shard.unwrap_or(NO_SHARD));
+                }
             });
             put_configs(w, &t.configs);
         });
@@ -235,7 +260,12 @@ impl MetadataResponse {
     pub fn decode(r: &mut Reader<'_>, version: u16) -> Result<Self, DecodeError> {
         Ok(MetadataResponse {
             brokers: r.array("brokers", 8, |r| {
-                Ok(BrokerInfo { node_id: r.u32("node id")?, host: r.str("host")?, port: r.u16("port")? })
+                let mut broker = BrokerInfo::new(r.u32("node id")?, r.str("host")?, r.u16("port")?);
+                if version >= 2 {
+                    broker.quic_port = Some(r.u16("QUIC port")?).filter(|&port| port != 0);
+                    broker.shards = Some(r.u16("shards")?).filter(|&shards| shards != 0);
+                }
+                Ok(broker)
             })?,
             controller_id: r.u32("controller id")?,
             topics: r.array("topics", 12, |r| {
@@ -255,7 +285,12 @@ impl MetadataResponse {
                         } else {
                             (0, Vec::new(), Vec::new())
                         };
-                        Ok(PartitionMetadata { partition, error, leader, leader_epoch, replicas, isr })
+                        let shard = if version >= 2 {
+                            Some(r.u16("shard")?).filter(|&shard| shard != NO_SHARD)
+                        } else {
+                            None
+                        };
+                        Ok(PartitionMetadata { partition, error, leader, leader_epoch, replicas, isr, shard })
                     })?,
                     configs: get_configs(r)?,
                 })
@@ -622,7 +657,7 @@ mod tests {
 
     fn metadata_v1() -> MetadataResponse {
         MetadataResponse {
-            brokers: vec![BrokerInfo { node_id: 1, host: "127.0.0.1".into(), port: 9400 }],
+            brokers: vec![BrokerInfo::new(1, "127.0.0.1", 9400)],
             controller_id: 1,
             topics: vec![TopicMetadata {
                 name: "t".into(),
@@ -634,10 +669,51 @@ mod tests {
                     leader_epoch: 7,
                     replicas: vec![1, 2, 3],
                     isr: vec![1, 3],
+                    shard: None,
                 }],
                 configs: vec![("segment.bytes".into(), "1024".into())],
             }],
         }
+    }
+
+    fn metadata_v2() -> MetadataResponse {
+        let mut metadata = metadata_v1();
+        metadata.brokers[0].quic_port = Some(9401);
+        metadata.brokers[0].shards = Some(4);
+        metadata.topics[0].partitions[0].shard = Some(3);
+        let mut unplaced = metadata.topics[0].partitions[0].clone();
+        unplaced.partition = 1;
+        unplaced.shard = None;
+        metadata.topics[0].partitions.push(unplaced);
+        metadata
+    }
+
+    /// v2 adds the broker's QUIC port and shard count and each partition's shard; v1 and v0
+    /// readers of a v2-capable broker get their own layout, without them.
+    #[test]
+    fn version_2_carries_shards_and_older_versions_leave_them_out() {
+        let metadata = metadata_v2();
+        let mut v2 = Writer::new();
+        metadata.encode(&mut v2, 2);
+        let mut r = Reader::new(&v2.buf);
+        assert_eq!(MetadataResponse::decode(&mut r, 2).unwrap(), metadata);
+        r.finish().unwrap();
+        let mut v1 = Writer::new();
+        metadata.encode(&mut v1, 1);
+        // Per broker: quic_port and shards (2 + 2); per partition: shard (2).
+        assert_eq!(v2.buf.len() - v1.buf.len(), 4 + 2 * 2);
+        let mut r = Reader::new(&v1.buf);
+        let decoded = MetadataResponse::decode(&mut r, 1).unwrap();
+        r.finish().unwrap();
+        assert_eq!((decoded.brokers[0].quic_port, decoded.brokers[0].shards), (None, None));
+        assert!(decoded.topics[0].partitions.iter().all(|p| p.shard.is_none()));
+        // A broker without QUIC says port 0, read back as none.
+        let mut without = metadata.clone();
+        without.brokers[0].quic_port = None;
+        let mut w = Writer::new();
+        without.encode(&mut w, 2);
+        let decoded = MetadataResponse::decode(&mut Reader::new(&w.buf), 2).unwrap();
+        assert_eq!(decoded.brokers[0].quic_port, None);
     }
 
     #[test]
@@ -726,13 +802,14 @@ mod tests {
         }
         assert_eq!(versions.versions_of(ApiKey::Metadata), Some((0, 1)));
         assert_eq!(versions.versions_of(ApiKey::Fetch), None);
+        assert_eq!(ApiKey::Metadata.negotiate((0, 1)), Some(1), "a v1 broker is asked at v1");
     }
 
     #[test]
     fn versions_are_negotiated_to_the_highest_both_speak() {
         assert_eq!(ApiKey::Metadata.negotiate((0, 1)), Some(1));
         assert_eq!(ApiKey::Metadata.negotiate((0, 0)), Some(0), "an old broker gets v0");
-        assert_eq!(ApiKey::Metadata.negotiate((0, 9)), Some(1), "a newer broker gets our newest");
+        assert_eq!(ApiKey::Metadata.negotiate((0, 9)), Some(2), "a newer broker gets our newest");
         assert_eq!(ApiKey::Fetch.negotiate((2, 5)), None, "no version in common");
     }
 

@@ -2,7 +2,9 @@
 //! 127.0.0.1, killed when dropped (even when the test fails).
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -430,4 +432,46 @@ pub async fn read_all(consumer: &mut Consumer, expected: usize) -> Vec<ConsumerR
         records.extend(consumer.poll(Duration::from_millis(500)).await.unwrap());
     }
     records
+}
+
+/// A plain HTTP/1.1 GET: the status and the body.
+pub fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Scrapes and parses `/metrics`; samples by name and labels (`name{k=v,...}`).
+pub fn scrape(addr: &str) -> BTreeMap<String, f64> {
+    let (status, body) = get(addr, "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    let mut samples = BTreeMap::new();
+    for sample in parsed.samples {
+        let mut labels: Vec<String> = sample.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(buckets) => {
+                let count = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
+                samples.insert(format!("{}_count{{}}", sample.metric), count);
+                continue;
+            }
+            prometheus_parse::Value::Summary(_) => continue,
+        };
+        samples.insert(format!("{}{{{}}}", sample.metric, labels.join(",")), value);
+    }
+    samples
+}
+
+pub fn sum_of(samples: &BTreeMap<String, f64>, family: &str) -> f64 {
+    samples.iter().filter(|(k, _)| k.starts_with(&format!("{family}{{"))).map(|(_, v)| v).sum()
 }

@@ -87,6 +87,10 @@ struct Entry {
 struct PartitionQueue {
     topic: Arc<str>,
     partition: u32,
+    /// The broker's shard holding the partition, as the metadata said when the queue was
+    /// made: its batches go on that shard's connection ([`Client::shard_connection`]). A stale
+    /// shard costs a hop inside the broker, nothing else.
+    shard: Option<u16>,
     /// Unresolved batches in seal order; the front is never done (done ones are popped).
     entries: VecDeque<Entry>,
     in_flight: usize,
@@ -147,8 +151,8 @@ enum Submitted {
     Waiting(crate::connection::ResponseFuture),
 }
 
-async fn submit(client: &Client, acks: i8, request: Request<Bytes>) -> Result<Submitted> {
-    let connection = client.connection().await?;
+async fn submit(client: &Client, shard: Option<u16>, acks: i8, request: Request<Bytes>) -> Result<Submitted> {
+    let connection = client.shard_connection(shard).await?;
     if acks == skein_net::acks::NONE {
         connection.send_only(&request).await.map(|()| Submitted::Written)
     } else {
@@ -305,9 +309,16 @@ impl Sender {
         let queue = match self.by_partition.get(&key) {
             Some(&queue) => queue,
             None => {
+                let client = &self.shared.client;
+                let shard = if client.routes_by_shard() {
+                    client.cached_topic(&key.0).and_then(|t| t.shard_of(key.1))
+                } else {
+                    None
+                };
                 self.queues.push(PartitionQueue {
                     topic: key.0.clone(),
                     partition: key.1,
+                    shard,
                     entries: VecDeque::new(),
                     in_flight: 0,
                     retrying: false,
@@ -493,16 +504,24 @@ impl Sender {
         bytes
     }
 
-    /// Builds one request from the ready partitions and writes it to the connection. Returns
-    /// whether a request went out.
+    /// Builds one request from the ready partitions of one shard (the first ready partition's)
+    /// and writes it to that shard's connection. Returns whether a request went out.
     async fn send_request(&mut self) -> bool {
         let now = Instant::now();
         let request_bytes_max = self.shared.config.request_bytes_max;
         let mut batches: Vec<(usize, u64, Bytes)> = Vec::new();
         let mut bytes = 0usize;
         let mut full = false;
+        // The shard this request is for, once its first batch is in; ready partitions of other
+        // shards wait for the next request, in their order.
+        let mut target: Option<Option<u16>> = None;
+        let mut other_shards = Vec::new();
         while !full {
             let Some(queue) = self.ready.pop_front() else { break };
+            if target.is_some_and(|shard| shard != self.queues[queue].shard) {
+                other_shards.push(queue);
+                continue;
+            }
             self.queues[queue].listed = false;
             if !self.sendable(queue, now) {
                 continue;
@@ -523,6 +542,7 @@ impl Sender {
                 let q = &mut self.queues[queue];
                 q.entries[index].state = State::InFlight;
                 q.in_flight += 1;
+                target = Some(q.shard);
                 batches.push((queue, id, payload));
             }
             self.queues[queue].pop_done();
@@ -535,12 +555,15 @@ impl Sender {
                 }
             }
         }
+        for queue in other_shards.into_iter().rev() {
+            self.ready.push_front(queue);
+        }
         if batches.is_empty() {
             return false;
         }
         let acks = self.shared.config.acks.wire();
         let (request, sent) = self.produce_request(acks, batches);
-        match submit(&self.shared.client, acks, request).await {
+        match submit(&self.shared.client, target.flatten(), acks, request).await {
             Ok(Submitted::Written) => {
                 for batch in sent {
                     self.on_outcome(batch.queue, batch.id, Outcome::Written(None));
