@@ -257,7 +257,7 @@ async fn bad_requests_get_numbered_errors_and_write_nothing() {
 }
 
 /// A version-0 client of this broker sends and receives exactly the version-0 bytes; a v1
-/// request gets the v1 layout; an ApiVersions at a version the broker does not speak is
+/// request gets the v1 layout, a v2 one the v2 layout; an ApiVersions at a version the broker does not speak is
 /// answered at version 0 with the versions it does speak.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_supported_version_is_answered_in_its_own_layout() {
@@ -276,7 +276,7 @@ async fn every_supported_version_is_answered_in_its_own_layout() {
         let answer = ApiVersionsResponse::decode(&mut r, version).unwrap();
         r.finish()
             .unwrap_or_else(|e| panic!("ApiVersions v{version} has exactly the v{version} fields: {e}"));
-        assert_eq!(answer.versions_of(ApiKey::Metadata), Some((0, 1)));
+        assert_eq!(answer.versions_of(ApiKey::Metadata), Some((0, 2)));
         assert_eq!(answer.versions_of(ApiKey::Produce), Some((0, 0)));
         if version == 1 {
             assert_eq!(answer.node_id, 0);
@@ -295,7 +295,18 @@ async fn every_supported_version_is_answered_in_its_own_layout() {
         assert!(partitions
             .iter()
             .all(|p| p.replicas == replicas && p.isr == replicas && p.leader_epoch == 0));
+        assert!(partitions.iter().all(|p| p.shard.is_none()), "no shard before v2");
     }
+    // Metadata v2: the broker's shard count, each partition's shard.
+    stream.write_all(&metadata.to_frame_at(22, 0, 2)).unwrap();
+    let (header, body) = read_response(&mut stream).unwrap();
+    assert_eq!((header.correlation_id, header.error), (22, 0));
+    let mut r = Reader::new(&body);
+    let answer = MetadataResponse::decode(&mut r, 2).unwrap();
+    r.finish().unwrap_or_else(|e| panic!("Metadata v2 has exactly the v2 fields: {e}"));
+    assert_eq!((answer.brokers[0].shards, answer.brokers[0].quic_port), (Some(2), None), "2 shards, no QUIC");
+    let shards: Vec<Option<u16>> = answer.topics[0].partitions.iter().map(|p| p.shard).collect();
+    assert!(shards.iter().all(|s| s.is_some_and(|s| s < 2)) && shards[0] != shards[1], "{shards:?}");
     // A future client's ApiVersions v9: answered (not refused) at v0, with the versions.
     stream.write_all(&api_versions.to_frame_at(30, 0, 9)).unwrap();
     let (header, body) = read_response(&mut stream).unwrap();
@@ -307,12 +318,13 @@ async fn every_supported_version_is_answered_in_its_own_layout() {
     assert_eq!(answer.versions_of(ApiKey::ApiVersions), Some((0, 1)));
     // Any other API at an unknown version is refused at the frame level, and the connection
     // stays usable.
-    stream.write_all(&metadata.to_frame_at(31, 0, 2)).unwrap();
+    stream.write_all(&metadata.to_frame_at(31, 0, 3)).unwrap();
     let (header, _) = read_response(&mut stream).unwrap();
     assert_eq!((header.correlation_id, header.error), (31, ErrorCode::UnsupportedVersion.code()));
-    // The client library negotiated v1 and sees the replicas.
+    // The client library negotiated v2 and sees the replicas and the shards.
     let described = client.metadata(Some(vec!["versions".into()])).await.unwrap();
     assert_eq!(described.topics[0].partitions[0].isr, vec![0]);
+    assert_eq!(described.brokers[0].shards, Some(2));
 }
 
 /// A fetch's `max_bytes` is spent partition after partition (those of the connection's shard

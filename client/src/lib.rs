@@ -60,7 +60,7 @@ mod producer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use skein_net::{
@@ -203,13 +203,21 @@ pub enum Purpose {
 /// A connection, made (again) by whoever finds it missing or closed.
 type ConnectionSlot = tokio::sync::Mutex<Option<Arc<Connection>>>;
 
+/// A shard's connection (or when making it last failed), with the broker address and shard
+/// count it was made for.
+type ShardSlot = tokio::sync::Mutex<Option<(String, u16, std::result::Result<Arc<Connection>, Instant>)>>;
+
+/// How long a shard connection that could not be made is not tried again (its requests go on
+/// the general connection meanwhile).
+const SHARD_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 struct Inner {
     config: ClientConfig,
     /// By [`Purpose`]: general, fetch.
     connections: [ConnectionSlot; 2],
     /// QUIC only: a connection per shard of the broker, opened when first asked for.
-    shard_connections: Mutex<HashMap<u16, Arc<ConnectionSlot>>>,
+    shard_connections: Mutex<HashMap<u16, Arc<ShardSlot>>>,
     /// How many shards serve the broker, once Metadata v2 said.
     shards: Mutex<Option<u16>>,
     topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
@@ -300,49 +308,67 @@ impl Client {
     }
 
     /// The connection to send requests for a partition of `shard` on: over QUIC, when the
-    /// broker said how many shards serve it and has more than one, a connection of that shard's
-    /// own (opened on first use, steered by its first connection id, reopened when lost);
-    /// otherwise (TCP, one shard, `None`, an older broker) the general connection.
+    /// broker said how many shards serve it and has more than one (and
+    /// [`ClientConfig::connection_per_shard`]), a connection of that shard's own (opened on
+    /// first use, steered by its first connection id, to the broker of the general connection;
+    /// opened again when lost, or when the general connection moved to another broker);
+    /// otherwise (TCP, one shard, `None`, an older broker) the general connection. A shard
+    /// connection that cannot be made falls back to the general connection (the broker then
+    /// forwards), so a steering problem costs a hop, not the request.
     pub async fn shard_connection(&self, shard: Option<u16>) -> Result<Arc<Connection>> {
+        let general = self.connection().await?;
         let crate::Transport::Quic { server_name, ca_file, .. } = &self.inner.config.transport else {
-            return self.connection().await;
+            return Ok(general);
         };
         let shards = *self.inner.shards.lock().expect("not poisoned");
-        let (Some(shard), Some(shards)) = (shard, shards) else { return self.connection().await };
-        if shards <= 1 || shard >= shards {
-            return self.connection().await;
+        let (Some(shard), Some(shards)) = (shard, shards) else { return Ok(general) };
+        if !self.inner.config.connection_per_shard || shards <= 1 || shard >= shards {
+            return Ok(general);
         }
         let slot =
             self.inner.shard_connections.lock().expect("not poisoned").entry(shard).or_default().clone();
         let mut slot = slot.lock().await;
-        if let Some(connection) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(connection.clone());
+        let addr = general.addr();
+        match slot.as_ref().filter(|(at, of, _)| at == addr && *of == shards) {
+            Some((_, _, Ok(connection))) if !connection.is_closed() => return Ok(connection.clone()),
+            Some((_, _, Err(failed))) if failed.elapsed() < SHARD_RETRY_AFTER => return Ok(general),
+            _ => {}
         }
-        // The same broker as the general connection, on the chosen shard.
-        let addr = self.connection().await?.addr().to_owned();
         let config = &self.inner.config;
         let transport = crate::Transport::Quic {
             server_name: server_name.clone(),
             ca_file: ca_file.clone(),
             first_shard: Some((usize::from(shard), usize::from(shards))),
         };
-        let connection = Arc::new(
-            Connection::connect(
-                &addr,
-                config.connect_timeout,
-                config.request_timeout,
-                config.in_flight_max,
-                &transport,
-            )
-            .await?,
-        );
-        let versions = handshake(&connection, &config.client_id).await?;
-        if !versions.error.is_ok() {
-            return Err(ClientError::broker(versions.error, "handshake"));
+        let connect = async {
+            let connection = Arc::new(
+                Connection::connect(
+                    addr,
+                    config.connect_timeout,
+                    config.request_timeout,
+                    config.in_flight_max,
+                    &transport,
+                )
+                .await?,
+            );
+            let versions = handshake(&connection, &config.client_id).await?;
+            if !versions.error.is_ok() {
+                return Err(ClientError::broker(versions.error, "handshake"));
+            }
+            connection.set_versions(&versions);
+            Ok(connection)
+        };
+        match connect.await {
+            Ok(connection) => {
+                *slot = Some((addr.to_owned(), shards, Ok(connection.clone())));
+                Ok(connection)
+            }
+            Err(error) => {
+                tracing::debug!(addr, shard, %error, "no connection of the shard; using the general one");
+                *slot = Some((addr.to_owned(), shards, Err(Instant::now())));
+                Ok(general)
+            }
         }
-        connection.set_versions(&versions);
-        *slot = Some(connection.clone());
-        Ok(connection)
     }
 
     /// Sends a request and returns the response body (fetches on the fetch connection, the

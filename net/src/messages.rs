@@ -69,7 +69,8 @@ impl ApiKey {
         match self {
             // v1: the response adds the broker's node id and build commit.
             ApiKey::ApiVersions => (0, 1),
-            // v1: each partition adds its leader epoch, replicas and in-sync replicas.
+            // v1: each partition adds its leader epoch, replicas and in-sync replicas; v2: each
+            // broker its QUIC port and shard count, each partition its shard.
             ApiKey::Metadata => (0, 2),
             _ => (0, 0),
         }

@@ -588,7 +588,10 @@ impl ReplicaState {
         // epoch is proposed back in.
         let in_isr =
             leading.isr.contains(&from) || leading.proposed.as_ref().is_some_and(|p| p.contains(&from));
+        // A member of a refused expansion waits until the partition epoch moved past the
+        // refusal (the leader's proposal of its committed ISR goes first).
         if !in_isr
+            && !leading.unsettled.contains(&from)
             && leading.proposed.is_none()
             && follower.durable >= self.high_watermark
             && follower.durable >= leading.epoch_start
