@@ -8,7 +8,7 @@
 //! `freeze-below-min-isr`, `no-truncation-below-hw`, `truncate-by-epoch`, `own-epoch-end`,
 //! `isr-via-controller`, `reads-below-hw`, `settle-refused-additions`) or of the shells (`wait-for-own-registration`, `retry-ambiguous-isr`,
 //! `active-controller-only`, `persist-before-send`, `deduplicate-retries`, `cut-torn-tail`,
-//! `stop-on-fsync-error`) to see what the seeds then find.
+//! `stop-on-fsync-error`, `ignore-stale-answers`) to see what the seeds then find.
 //! `--seeds N` runs seeds 1..=N (default 200); `--seed S` runs that one seed only (to replay a
 //! failure); `--steps K` ticks of 10 ms with faults per run (default 3000). Each failing seed is
 //! printed with its broken invariants (the first few, with the simulated time) and a short trace
@@ -51,6 +51,7 @@ fn main() {
                 Some("deduplicate-retries") => shell.deduplicate_retries = false,
                 Some("cut-torn-tail") => shell.cut_torn_tail = false,
                 Some("stop-on-fsync-error") => shell.stop_on_fsync_error = false,
+                Some("ignore-stale-answers") => shell.ignore_stale_answers = false,
                 other => fail(&format!("--without-rule: unknown rule {other:?}")),
             },
             "-h" | "--help" => {

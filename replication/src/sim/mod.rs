@@ -129,6 +129,10 @@ pub struct ShellRules {
     /// kernel may have dropped the dirty pages and marked them clean, so a second fsync
     /// "succeeds" over records that are not on disk (PostgreSQL's fsyncgate).
     pub stop_on_fsync_error: bool,
+    /// A follower applies a fetch answer only if it answers its current fetch (records from
+    /// its log end; a divergence found for the offset and last epoch it fetches with now), as
+    /// Kafka's fetcher checks the partition's fetch offset against the request's.
+    pub ignore_stale_answers: bool,
 }
 
 impl ShellRules {
@@ -140,6 +144,7 @@ impl ShellRules {
         deduplicate_retries: true,
         cut_torn_tail: true,
         stop_on_fsync_error: true,
+        ignore_stale_answers: true,
     };
 }
 
@@ -227,6 +232,9 @@ enum Msg {
         epoch: LeaderEpoch,
         diverging: LeaderEpoch,
         end: Offset,
+        /// The fetch it answers: its offset and last fetched epoch.
+        fetch_offset: Offset,
+        last: Option<LeaderEpoch>,
     },
     Refused {
         partition: u32,
@@ -1606,9 +1614,14 @@ impl Sim {
                             high_watermark: *high_watermark,
                         }
                     }
-                    FetchAnswer::Diverging { epoch: diverging, end } => {
-                        Msg::Diverging { partition, epoch, diverging: *diverging, end: *end }
-                    }
+                    FetchAnswer::Diverging { epoch: diverging, end } => Msg::Diverging {
+                        partition,
+                        epoch,
+                        diverging: *diverging,
+                        end: *end,
+                        fetch_offset,
+                        last,
+                    },
                     FetchAnswer::Refused(_) => Msg::Refused { partition, epoch },
                 };
                 self.send(to, *follower, msg);
@@ -1622,8 +1635,20 @@ impl Sim {
         // An answer in the epoch being fetched: the fetch it answers needs no resend, and the
         // next one is sent below. (An answer from an older epoch changes nothing: the current
         // fetch keeps its timeout.)
-        if self.part(to, partition).replica.next_fetch().map(|f| f.0) != Some(epoch) {
+        let current = self.part(to, partition).replica.next_fetch();
+        if current.map(|f| f.0) != Some(epoch) {
             return;
+        }
+        // A divergence answers the fetch it was made for: delayed or duplicated past a fetch
+        // the follower made since (after truncating and fetching again), it would cut records
+        // fetched meanwhile, acknowledged ones among them (found by the simulator).
+        if let Msg::Diverging { fetch_offset, last, .. } = &msg {
+            let stale = current.is_some_and(|(_, offset, epoch_of_last, _)| {
+                (offset, epoch_of_last) != (*fetch_offset, *last)
+            });
+            if stale && self.config.shell.ignore_stale_answers {
+                return;
+            }
         }
         self.part_mut(to, partition).fetch_generation += 1;
         let now = self.now;
