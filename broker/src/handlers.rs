@@ -299,7 +299,7 @@ async fn produce(
                             .await
                     }
                     Some((owner, tp)) => {
-                        shard.metrics.forwarded(true, 1);
+                        shard.metrics.forwarded(ApiKey::Produce);
                         let call =
                             mesh::Produce { tp, records, acks: request.acks, timeout_ms: request.timeout_ms };
                         // The produce's own timeout, plus time for the answer to come back.
@@ -430,10 +430,11 @@ async fn read_pass(shard: &Rc<Shard>, slots: &[FetchSlot], max_bytes: u32) -> Ve
             continue;
         };
         let read = mesh::FetchRead { tp, offset: slot.offset, partition_bytes_max: slot.partition_bytes_max };
-        if owner != shard.id {
-            shard.metrics.forwarded(false, 1);
+        let remote = owner != shard.id;
+        if remote {
+            shard.metrics.forwarded(ApiKey::Fetch);
         }
-        reads.entry((owner != shard.id, owner)).or_default().push((index, read));
+        reads.entry((remote, owner)).or_default().push((index, read));
     }
     let call = |owner: usize, reads: Vec<mesh::FetchRead>, bytes_max: u32| async move {
         let count = reads.len();

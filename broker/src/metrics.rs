@@ -143,9 +143,9 @@ impl ShardMetrics {
         add(&self.fetched_bytes, bytes as u64);
     }
 
-    /// `count` partitions of a produce (`produce`) or fetch request went to another shard.
-    pub fn forwarded(&self, produce: bool, count: usize) {
-        add(if produce { &self.forwarded_produce } else { &self.forwarded_fetch }, count as u64);
+    /// A partition of a produce request, or a partition read of a fetch, went to another shard.
+    pub fn forwarded(&self, api: ApiKey) {
+        add(if api == ApiKey::Produce { &self.forwarded_produce } else { &self.forwarded_fetch }, 1);
     }
 }
 

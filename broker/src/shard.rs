@@ -222,7 +222,7 @@ pub struct Shard {
     /// The address clients reach this broker at (Metadata responses).
     pub advertised: RefCell<(String, u16)>,
     /// The port of this broker's QUIC listener, once its endpoint is up (Metadata v2 says it).
-    pub quic_port: std::cell::Cell<Option<u16>>,
+    pub quic_port: Cell<Option<u16>>,
 }
 
 impl Shard {
@@ -257,7 +257,7 @@ impl Shard {
             metrics: crate::metrics::ShardMetrics::default(),
             shutting_down: Cell::new(false),
             advertised: RefCell::new(advertised),
-            quic_port: std::cell::Cell::new(None),
+            quic_port: Cell::new(None),
         }
     }
 

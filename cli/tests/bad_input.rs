@@ -257,8 +257,8 @@ async fn bad_requests_get_numbered_errors_and_write_nothing() {
 }
 
 /// A version-0 client of this broker sends and receives exactly the version-0 bytes; a v1
-/// request gets the v1 layout, a v2 one the v2 layout; an ApiVersions at a version the broker does not speak is
-/// answered at version 0 with the versions it does speak.
+/// request gets the v1 layout, a v2 one the v2 layout; an ApiVersions at a version the broker
+/// does not speak is answered at version 0 with the versions it does speak.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_supported_version_is_answered_in_its_own_layout() {
     use skein_net::{ApiKey, ApiVersionsResponse, MetadataRequest, MetadataResponse};

@@ -296,10 +296,6 @@ impl Client {
                 }
             };
             let versions = handshake(&connection, &config.client_id).await?;
-            if !versions.error.is_ok() {
-                return Err(ClientError::broker(versions.error, "handshake"));
-            }
-            connection.set_versions(&versions);
             *self.inner.broker.lock().expect("not poisoned") = Some(versions);
             *slot = Some(connection.clone());
             return Ok(connection);
@@ -317,12 +313,12 @@ impl Client {
     /// forwards), so a steering problem costs a hop, not the request.
     pub async fn shard_connection(&self, shard: Option<u16>) -> Result<Arc<Connection>> {
         let general = self.connection().await?;
+        let shards = *self.inner.shards.lock().expect("not poisoned");
+        let (Some(shard), Some(shards)) = (shard, shards) else { return Ok(general) };
         let crate::Transport::Quic { server_name, ca_file, .. } = &self.inner.config.transport else {
             return Ok(general);
         };
-        let shards = *self.inner.shards.lock().expect("not poisoned");
-        let (Some(shard), Some(shards)) = (shard, shards) else { return Ok(general) };
-        if !self.inner.config.connection_per_shard || shards <= 1 || shard >= shards {
+        if !self.routes_by_shard() || shard >= shards {
             return Ok(general);
         }
         let slot =
@@ -351,12 +347,8 @@ impl Client {
                 )
                 .await?,
             );
-            let versions = handshake(&connection, &config.client_id).await?;
-            if !versions.error.is_ok() {
-                return Err(ClientError::broker(versions.error, "handshake"));
-            }
-            connection.set_versions(&versions);
-            Ok(connection)
+            handshake(&connection, &config.client_id).await?;
+            Ok::<_, ClientError>(connection)
         };
         match connect.await {
             Ok(connection) => {
@@ -464,12 +456,11 @@ impl Client {
     }
 }
 
-/// Runs `attempt` until it succeeds, fails with something other than a lost or refused
-/// connection, or `deadline` passes; backs off 50 ms, doubling up to 1 s, in between.
 /// The ApiVersions handshake: asks at this client's newest version of ApiVersions; a broker
 /// that does not speak it either refuses the frame (an older broker: asked again at version 0)
 /// or answers at version 0 with `UnsupportedVersion` and the versions it speaks (asked again at
-/// the highest both speak).
+/// the highest both speak). An answer with an error fails the handshake; otherwise the
+/// connection sends each API at the version negotiated from it.
 async fn handshake(connection: &Connection, client_id: &str) -> Result<ApiVersionsResponse> {
     let request = Request::ApiVersions(ApiVersionsRequest { client_id: client_id.to_owned() });
     let mut version = ApiKey::ApiVersions.versions().1;
@@ -496,11 +487,17 @@ async fn handshake(connection: &Connection, client_id: &str) -> Result<ApiVersio
                 _ => {}
             }
         }
+        if !answered.error.is_ok() {
+            return Err(ClientError::broker(answered.error, "handshake"));
+        }
+        connection.set_versions(&answered);
         return Ok(answered);
     }
     Err(ClientError::broker(ErrorCode::UnsupportedVersion, "handshake: no version of ApiVersions in common"))
 }
 
+/// Runs `attempt` until it succeeds, fails with something other than a lost or refused
+/// connection, or `deadline` passes; backs off 50 ms, doubling up to 1 s, in between.
 async fn retry_until<T, F, Fut>(deadline: tokio::time::Instant, mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,

@@ -434,6 +434,26 @@ fn kip_101_divergence_after_a_power_loss(rules: Rules) -> Result<(), String> {
     s.agree(B)
 }
 
+/// Each broker's epoch in the scenarios that run the real controller rules.
+fn epoch_of(node: NodeId) -> skein_net::types::BrokerEpoch {
+    skein_net::types::BrokerEpoch(u64::from(node.0))
+}
+
+/// The real controller rules with A, B and C registered and heartbeating (sessions of 1 s).
+fn registered_cluster(
+    min_insync: usize,
+    check_alter_epochs: bool,
+) -> skein_replication::controller::cluster::Cluster {
+    use skein_replication::controller::cluster::{Cluster, ControllerConfig};
+    let mut cluster =
+        Cluster::new(ControllerConfig { session_timeout_ms: 1_000, min_insync, check_alter_epochs });
+    for node in [A, B, C] {
+        cluster.register(node, epoch_of(node), false, 0);
+        cluster.heartbeat(node, epoch_of(node), u64::MAX, 0).unwrap();
+    }
+    cluster
+}
+
 /// An ISR expansion proposed before a leader change and delivered after it (KIP-841): the old
 /// leader A saw C catch up and proposed it back into the ISR; before the proposal reached the
 /// controller, A's session expired and B took over alone (min.insync.replicas 1) and
@@ -442,15 +462,9 @@ fn kip_101_divergence_after_a_power_loss(rules: Rules) -> Result<(), String> {
 /// put C back in the ISR without B's records, and when B is lost C or A leads without them.
 /// This one runs the real controller rules (`Cluster`); `check` carries its switch.
 fn isr_expansion_during_a_leader_change(check: bool) -> Result<(), String> {
-    use skein_net::types::{BrokerEpoch, TopicPartition};
-    use skein_replication::controller::cluster::{Cluster, ControllerConfig, PartitionChange};
-    let config = ControllerConfig { session_timeout_ms: 1_000, min_insync: 1, check_alter_epochs: check };
-    let mut cluster = Cluster::new(config);
-    let epoch_of = |node: NodeId| BrokerEpoch(u64::from(node.0));
-    for node in [A, B, C] {
-        cluster.register(node, epoch_of(node), false, 0);
-        cluster.heartbeat(node, epoch_of(node), u64::MAX, 0).unwrap();
-    }
+    use skein_net::types::TopicPartition;
+    use skein_replication::controller::cluster::PartitionChange;
+    let mut cluster = registered_cluster(1, check);
     let tp = TopicPartition::new("t", 0);
     let mut s = Scenario::new(Rules::ALL, 1, &[A, B, C]);
     let mut leader = None;
@@ -545,14 +559,8 @@ fn isr_expansion_during_a_leader_change(check: bool) -> Result<(), String> {
 /// acknowledged. This one runs the real controller rules (`Cluster`).
 fn refused_expansion_whose_duplicate_commits(rules: Rules) -> Result<(), String> {
     use skein_net::types::{BrokerEpoch, TopicPartition};
-    use skein_replication::controller::cluster::{Cluster, ControllerConfig, ControllerError};
-    let config = ControllerConfig { session_timeout_ms: 1_000, min_insync: 2, check_alter_epochs: true };
-    let mut cluster = Cluster::new(config);
-    let epoch_of = |node: NodeId| BrokerEpoch(u64::from(node.0));
-    for node in [A, B, C] {
-        cluster.register(node, epoch_of(node), false, 0);
-        cluster.heartbeat(node, epoch_of(node), u64::MAX, 0).unwrap();
-    }
+    use skein_replication::controller::cluster::ControllerError;
+    let mut cluster = registered_cluster(2, true);
     let tp = TopicPartition::new("t", 0);
     let created = cluster.create_partitions("t", 1, 3).unwrap().remove(0).partition;
     assert_eq!(created.leader, Some(A));

@@ -18,7 +18,7 @@
 //! run that exercised nothing (no record acknowledged, no fault, no failover).
 
 use skein_replication::partition::Rules;
-use skein_replication::sim::{run, ShellRules, SimConfig};
+use skein_replication::sim::{run, ShellRules, SimConfig, SimReport};
 
 fn main() {
     let mut seeds: Vec<u64> = (1..=200).collect();
@@ -61,26 +61,11 @@ fn main() {
             other => fail(&format!("unknown argument {other:?} (try --help)")),
         }
     }
-    let (mut total_steps, mut faults, mut checks, mut violations, mut idle) =
-        (0u64, 0u64, 0u64, 0usize, 0usize);
-    let (mut acked, mut duplicates, mut consumed, mut fsync_errors) = (0u64, 0u64, 0u64, 0u64);
-    let (mut failovers, mut controllers, mut batches, mut truncations, mut torn) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut total, mut violations, mut idle) = (SimReport::default(), 0usize, 0usize);
     for &seed in &seeds {
         let report = run(SimConfig { seed, steps, rules, shell });
-        total_steps += report.steps;
-        faults += report.faults;
-        checks += report.checks;
+        total.add_counts(&report);
         violations += report.violations.len();
-        acked += report.acked;
-        duplicates += report.duplicates;
-        consumed += report.consumed;
-        failovers += report.leader_changes;
-        controllers += report.controller_leaders;
-        batches += report.metadata_batches;
-        truncations += report.truncations;
-        torn += report.torn_writes;
-        fsync_errors += report.fsync_errors;
         if !report.violations.is_empty() {
             println!("seed {seed}: {} violations", report.violations.len());
             for line in report.violations.iter().take(3) {
@@ -99,12 +84,17 @@ fn main() {
             );
         }
     }
+    let t = &total;
     println!(
-        "acknowledged {acked} (retries answered as duplicates {duplicates}), consumed {consumed}, partition leaderships {failovers}, controller leaders {controllers}, metadata batches {batches}, truncations {truncations}, torn writes {torn}, fsync errors {fsync_errors}"
+        "acknowledged {} (retries answered as duplicates {}), consumed {}, partition leaderships {}, controller leaders {}, metadata batches {}, truncations {}, torn writes {}, fsync errors {}",
+        t.acked, t.duplicates, t.consumed, t.leader_changes, t.controller_leaders, t.metadata_batches, t.truncations, t.torn_writes, t.fsync_errors
     );
     println!(
-        "{} seeds, {total_steps} steps, {faults} faults, {checks} checks, {violations} violations",
-        seeds.len()
+        "{} seeds, {} steps, {} faults, {} checks, {violations} violations",
+        seeds.len(),
+        t.steps,
+        t.faults,
+        t.checks
     );
     if violations > 0 || idle > 0 {
         std::process::exit(1);

@@ -681,16 +681,13 @@ impl ReplicaState {
                 })
                 .copied()
                 .collect();
-            if lagging.is_empty() && !leading.unsettled.is_empty() && now_ms >= leading.seal_at_ms {
-                // Move the partition epoch past a refused expansion: the committed ISR again.
-                out.push(Command::ProposeIsr {
-                    isr: leading.isr.iter().copied().collect(),
-                    leader_epoch: leading.epoch,
-                    partition_epoch: leading.partition_epoch,
-                });
-                leading.proposed = Some(leading.isr.clone());
+            // A shrink; or, with none due, the committed ISR again to move the partition epoch
+            // past a refused expansion.
+            let seal = lagging.is_empty() && !leading.unsettled.is_empty() && now_ms >= leading.seal_at_ms;
+            if seal {
                 leading.seal_at_ms = now_ms + SEAL_RETRY_MS;
-            } else if !lagging.is_empty() {
+            }
+            if seal || !lagging.is_empty() {
                 let isr: BTreeSet<NodeId> =
                     leading.isr.iter().filter(|m| !lagging.contains(m)).copied().collect();
                 out.push(Command::ProposeIsr {
@@ -700,7 +697,7 @@ impl ReplicaState {
                 });
                 // The maximal ISR keeps the members being removed until the change commits.
                 leading.proposed = Some(leading.isr.clone());
-                if !self.config.rules.isr_via_controller {
+                if !seal && !self.config.rules.isr_via_controller {
                     // For scenarios only: the pre-controller rule, the leader's word is final.
                     leading.isr = isr;
                     leading.proposed = None;

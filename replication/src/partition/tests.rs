@@ -250,13 +250,20 @@ fn a_lagging_follower_is_proposed_out_and_counted_until_the_change_commits() {
     assert_eq!(commands, vec![Command::HighWatermark { offset: 10 }]);
 }
 
-#[test]
-fn a_follower_that_caught_up_is_proposed_back_in() {
+/// A leader at epoch 5 whose committed ISR is {L, F2} (partition epoch 2), with 10 records
+/// durable on both: F3, out of the ISR, has not fetched them.
+fn leader_with_f3_out() -> ReplicaState {
     let mut replica = leader(0, 0);
     replica.on(Event::IsrCommitted { isr: vec![L, F2], partition_epoch: PartitionEpoch(2) }, 0);
     replica.on(Event::Appended { end: 10, epoch: e(5) }, 1);
     replica.on(Event::Durable { offset: 10 }, 1);
     replica.on(fetch(F2, 10, Some(5), 10), 1);
+    replica
+}
+
+#[test]
+fn a_follower_that_caught_up_is_proposed_back_in() {
+    let mut replica = leader_with_f3_out();
     assert_eq!(replica.high_watermark(), 10);
     // F3 is behind the HW: not yet.
     assert_eq!(replica.on(fetch(F3, 4, Some(5), 4), 2), vec![records(F3, 4, 10, 10)]);
@@ -317,11 +324,7 @@ fn a_refused_isr_proposal_can_be_made_again() {
 /// newer partition epoch commits, and the leader proposes its committed ISR to get one.
 #[test]
 fn a_refused_addition_counts_until_the_partition_epoch_moves_past_it() {
-    let mut replica = leader(0, 0);
-    replica.on(Event::IsrCommitted { isr: vec![L, F2], partition_epoch: PartitionEpoch(2) }, 0);
-    replica.on(Event::Appended { end: 10, epoch: e(5) }, 1);
-    replica.on(Event::Durable { offset: 10 }, 1);
-    replica.on(fetch(F2, 10, Some(5), 10), 1);
+    let mut replica = leader_with_f3_out();
     let commands = replica.on(fetch(F3, 10, Some(5), 10), 2);
     let expand =
         Command::ProposeIsr { isr: vec![L, F2, F3], leader_epoch: e(5), partition_epoch: PartitionEpoch(2) };

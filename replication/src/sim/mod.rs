@@ -177,6 +177,22 @@ pub struct SimReport {
 }
 
 impl SimReport {
+    /// Adds another run's counts to these (the violations and traces stay each run's own).
+    pub fn add_counts(&mut self, other: &SimReport) {
+        self.steps += other.steps;
+        self.faults += other.faults;
+        self.checks += other.checks;
+        self.acked += other.acked;
+        self.leader_changes += other.leader_changes;
+        self.controller_leaders += other.controller_leaders;
+        self.metadata_batches += other.metadata_batches;
+        self.truncations += other.truncations;
+        self.duplicates += other.duplicates;
+        self.consumed += other.consumed;
+        self.torn_writes += other.torn_writes;
+        self.fsync_errors += other.fsync_errors;
+    }
+
     /// A run that acknowledged nothing, injected no fault, or failed over neither a partition
     /// nor the controller proves nothing: its set-up failed.
     pub fn exercised(&self) -> bool {
@@ -984,15 +1000,7 @@ impl Sim {
             }
         };
         self.producers.get_mut(&partition).expect("made above").inflight = Some((seq, value, None));
-        let believers: Vec<NodeId> = NODES
-            .iter()
-            .copied()
-            .filter(|&id| self.running(id) && self.part(id, partition).replica.is_leader())
-            .collect();
-        if believers.is_empty() {
-            return;
-        }
-        let leader = believers[self.rng.range(0, believers.len() as u64) as usize];
+        let Some(leader) = self.random_believer(partition) else { return };
         let now = self.now;
         let part = self.part(leader, partition);
         if part.replica.check_acks_all().is_err() {
@@ -1032,21 +1040,27 @@ impl Sim {
         self.apply(leader, partition, commands);
     }
 
-    /// A consumer of a partition fetches from a broker that believes it leads (perhaps a
-    /// zombie) what that broker lets consumers read: below its high watermark, once a new
-    /// leader's has reached its epoch start (I12). What it reads must never be lost or change
-    /// (checked after healing): no read of a record that is not committed.
-    fn consume(&mut self) {
-        let partition = self.rng.range(0, u64::from(PARTITIONS)) as u32;
+    /// One of the running brokers that believe they lead `partition` (a zombie among them,
+    /// perhaps), as a client with stale metadata would pick: drawn from the seed.
+    fn random_believer(&mut self, partition: u32) -> Option<NodeId> {
         let believers: Vec<NodeId> = NODES
             .iter()
             .copied()
             .filter(|&id| self.running(id) && self.part(id, partition).replica.is_leader())
             .collect();
         if believers.is_empty() {
-            return;
+            return None;
         }
-        let leader = believers[self.rng.range(0, believers.len() as u64) as usize];
+        Some(believers[self.rng.range(0, believers.len() as u64) as usize])
+    }
+
+    /// A consumer of a partition fetches from a broker that believes it leads (perhaps a
+    /// zombie) what that broker lets consumers read: below its high watermark, once a new
+    /// leader's has reached its epoch start (I12). What it reads must never be lost or change
+    /// (checked after healing): no read of a record that is not committed.
+    fn consume(&mut self) {
+        let partition = self.rng.range(0, u64::from(PARTITIONS)) as u32;
+        let Some(leader) = self.random_believer(partition) else { return };
         let part = self.part(leader, partition);
         let Ok(end) = part.replica.readable_end() else { return };
         let above = end > part.replica.high_watermark();
@@ -1899,7 +1913,6 @@ impl Sim {
             let part = self.part_mut(id, partition);
             // Pages an fsync error dropped never reach the disk.
             let keep = (part.synced + keep_extra).min(part.dropped_from.take().unwrap_or(usize::MAX));
-            let torn = torn && keep < part.log.len();
             // The power went in the middle of the next record's write: part of it is on disk.
             part.torn = if torn { Some(part.log[keep]) } else { None };
             part.log.truncate(keep);

@@ -26,20 +26,19 @@ fn two_hundred_seeds_under_faults_break_no_invariant() {
     assert!(failing.is_empty(), "{} seeds failed:\n{}", failing.len(), failing.join("\n"));
     // Vacuity gate: most runs must have acknowledged records, injected faults and failed over.
     assert_eq!(exercised, 200, "every run must acknowledge records, inject faults and fail over");
-    let truncations: u64 = reports.iter().map(|(_, r)| r.truncations).sum();
-    assert!(truncations > 0, "no run made a follower truncate: divergence was never exercised");
+    let mut total = SimReport::default();
+    for (_, report) in &reports {
+        total.add_counts(report);
+    }
+    assert!(total.truncations > 0, "no run made a follower truncate: divergence was never exercised");
     // The consensus shard was exercised too: every run failed its controller over (the
     // vacuity gate above) and committed metadata batches that brokers pulled.
-    let batches: u64 = reports.iter().map(|(_, r)| r.metadata_batches).sum();
-    assert!(batches > 200 * 20, "{batches} metadata batches in 200 runs");
+    assert!(total.metadata_batches > 200 * 20, "{} metadata batches in 200 runs", total.metadata_batches);
     // Idempotent retries found their batch at a leader (I11 was exercised).
-    let duplicates: u64 = reports.iter().map(|(_, r)| r.duplicates).sum();
-    assert!(duplicates > 0, "no retried batch was answered as a duplicate");
+    assert!(total.duplicates > 0, "no retried batch was answered as a duplicate");
     // Crashes cut writes in the middle, and recovery met torn batches.
-    let torn: u64 = reports.iter().map(|(_, r)| r.torn_writes).sum();
-    assert!(torn > 0, "no crash left a torn write");
-    let fsync_errors: u64 = reports.iter().map(|(_, r)| r.fsync_errors).sum();
-    assert!(fsync_errors > 0, "no fsync failed");
+    assert!(total.torn_writes > 0, "no crash left a torn write");
+    assert!(total.fsync_errors > 0, "no fsync failed");
 }
 
 #[test]
@@ -90,23 +89,19 @@ fn consumers_that_read_above_the_high_watermark_see_records_a_failover_takes_bac
 
 /// How many of seeds `1..=count` break one of `invariants` with these shell rules.
 fn seeds_breaking(count: u64, shell: ShellRules, invariants: &[&str]) -> usize {
-    seeds_breaking_with(count, Rules::ALL, shell, invariants)
+    (1..=count).filter(|&seed| breaks(seed, Rules::ALL, shell, invariants)).count()
+}
+
+/// Whether `seed` run under these rules breaks one of `invariants`.
+fn breaks(seed: u64, rules: Rules, shell: ShellRules, invariants: &[&str]) -> bool {
+    let report = run(SimConfig { seed, steps: 3_000, rules, shell });
+    report.violations.iter().any(|v| invariants.iter().any(|i| v.contains(&format!(" {i}:"))))
 }
 
 /// Whether some seed of `1..=max` breaks one of `invariants` (stops at the first: for rules
 /// whose bug needs a rare interleaving).
 fn some_seed_breaks(max: u64, rules: Rules, shell: ShellRules, invariants: &[&str]) -> bool {
-    (1..=max).any(|seed| {
-        let report = run(SimConfig { seed, steps: 3_000, rules, shell });
-        report.violations.iter().any(|v| invariants.iter().any(|i| v.contains(&format!(" {i}:"))))
-    })
-}
-
-fn seeds_breaking_with(count: u64, rules: Rules, shell: ShellRules, invariants: &[&str]) -> usize {
-    (1..=count)
-        .map(|seed| run(SimConfig { seed, steps: 3_000, rules, shell }))
-        .filter(|r| r.violations.iter().any(|v| invariants.iter().any(|i| v.contains(&format!(" {i}:")))))
-        .count()
+    (1..=max).any(|seed| breaks(seed, rules, shell, invariants))
 }
 
 #[test]
