@@ -756,6 +756,11 @@ impl BatchBuilder {
         self.buf.len()
     }
 
+    /// Bytes the builder holds room for before it must grow its buffer.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Encoded size of one record with these fields, including its length prefix.
     pub fn record_size(
         timestamp_delta: i64,

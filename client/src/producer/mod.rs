@@ -41,7 +41,7 @@ use skein_storage::batch::{BatchBuilder, BATCH_HEADER_BYTES};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::time::Instant;
 
-use self::accumulator::{Accumulator, FastMap, OpenBatch};
+use self::accumulator::{Accumulator, FastMap, OpenBatch, PartitionSlot};
 use crate::{now_ms, Client, ClientError, Result};
 
 /// How many acknowledgements a produce waits for.
@@ -395,27 +395,29 @@ impl Producer {
             }
             let slots = accumulator.open.get_mut(&*record.topic).expect("inserted above");
             if slots.len() < topic.partitions as usize {
-                slots.resize_with(topic.partitions as usize, || None);
+                slots.resize_with(topic.partitions as usize, PartitionSlot::default);
             }
             let mut wake = false;
-            if slots[partition as usize].as_ref().is_some_and(|b| b.builder.size_bytes() + size > batch_bytes)
+            if slots[partition as usize]
+                .batch
+                .as_ref()
+                .is_some_and(|b| b.builder.size_bytes() + size > batch_bytes)
             {
                 let full = slots[partition as usize].take().expect("checked");
                 accumulator.seal(partition, full);
                 wake = true;
             }
             let slots = accumulator.open.get_mut(&*record.topic).expect("inserted above");
-            let batch = slots[partition as usize].get_or_insert_with(|| {
+            let slot = &mut slots[partition as usize];
+            let (capacity, records) = (slot.capacity(size, batch_bytes), slot.last_records + 1);
+            let batch = slot.batch.get_or_insert_with(|| {
                 wake = true; // a new batch: its linger starts
                 OpenBatch {
                     topic: record.topic.clone(),
-                    // Small at first and grown as records come: a producer writing to thousands
-                    // of partitions at once holds only what it buffers, not a batch's worth each.
-                    builder: BatchBuilder::with_capacity(
-                        (BATCH_HEADER_BYTES + size).max(4096).min(batch_bytes),
-                    ),
+                    // Sized from the partition's last batch (see `PartitionSlot`).
+                    builder: BatchBuilder::with_capacity(capacity),
                     created: Instant::now(),
-                    waiters: Vec::new(),
+                    waiters: Vec::with_capacity(records),
                     memory: 0,
                 }
             });

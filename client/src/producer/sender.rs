@@ -48,7 +48,7 @@ use skein_storage::batch::BatchBuilder;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::accumulator::{FastMap, SealedBatch};
+use super::accumulator::{FastMap, PartitionSlot, SealedBatch};
 use super::{Acks, Identity, RecordMetadata, Shared, Waiter};
 use crate::{decode, Client, ClientError, Result};
 
@@ -237,7 +237,9 @@ impl Sender {
             self.finish_flushes();
             if closing && self.outstanding.is_empty() {
                 let accumulator = self.shared.accumulator.lock().expect("not poisoned");
-                if accumulator.ready.is_empty() && accumulator.open.values().flatten().all(Option::is_none) {
+                if accumulator.ready.is_empty()
+                    && accumulator.open.values().flatten().all(|slot| slot.batch.is_none())
+                {
                     return;
                 }
                 continue;
@@ -845,7 +847,7 @@ impl Sender {
                 .open
                 .values_mut()
                 .flat_map(|partitions| partitions.iter_mut())
-                .filter_map(Option::take)
+                .filter_map(PartitionSlot::take)
                 .collect();
             (sealed, open)
         };
