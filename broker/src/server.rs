@@ -232,6 +232,9 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
                 crate::quic::ServerSetup::new(&config, quic_listen, cores).map_err(StartError::Quic)?;
             let group = crate::quic::SteeredGroup::bind(quic_listen, cores)
                 .map_err(|source| StartError::Listen { addr: quic_listen, source })?;
+            if let Some(warning) = group.buffer_warning() {
+                tracing::warn!("{warning}");
+            }
             Some((setup, group))
         }
         None => None,

@@ -115,6 +115,24 @@ fn quic_client_config(
     Ok(config)
 }
 
+/// A client endpoint whose socket asks for 8 MiB buffers (within `net.core.rmem_max` and
+/// `wmem_max`; the kernel's 208 KiB default drops datagrams when a fetch streams in fast), as
+/// the broker's do (`skein_broker::quic::SOCKET_BUFFER_BYTES`).
+fn quic_endpoint(local: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    const BUFFER_BYTES: usize = 8 << 20;
+    let socket = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
+    if local.is_ipv6() {
+        // Both families, as `quinn::Endpoint::client` does on `[::]`.
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(BUFFER_BYTES);
+    socket.bind(&local.into())?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket.into(), runtime)
+}
+
 async fn connect_quic(
     addr: &str,
     server_name: Option<&str>,
@@ -133,7 +151,7 @@ async fn connect_quic(
     } else {
         "0.0.0.0:0".parse().expect("an address")
     };
-    let mut endpoint = quinn::Endpoint::client(local).map_err(|e| connect_error(e.to_string()))?;
+    let mut endpoint = quic_endpoint(local).map_err(|e| connect_error(e.to_string()))?;
     endpoint.set_default_client_config(config);
     let host =
         addr.rsplit_once(':').map_or(addr, |(host, _)| host).trim_start_matches('[').trim_end_matches(']');
