@@ -4,7 +4,9 @@
 //! [`ShardRuntime`] is a `quinn::Runtime` whose tasks, timers and UDP socket live on the shard
 //! (thread) that created the endpoint:
 //! * **tasks**: `spawn` puts quinn's endpoint and connection drivers on the current glommio
-//!   executor (`spawn_local`), in the task queue that is running;
+//!   executor, in a task queue of their own (`quic-drivers`, made on first use), so a driver
+//!   woken by a datagram runs at the next task boundary rather than behind every request
+//!   task queued on the shard's queue;
 //! * **timers**: glommio timers;
 //! * **datagrams**: quinn-udp's `UdpSocketState` on the nonblocking socket (`sendmsg` with GSO
 //!   segments, `recvmsg` with GRO where the kernel offers them), so a call moves a batch of
@@ -85,6 +87,29 @@ impl<T> fmt::Debug for ShardLocal<T> {
     }
 }
 
+thread_local! {
+    static DRIVER_QUEUE: Cell<Option<glommio::TaskQueueHandle>> = const { Cell::new(None) };
+}
+
+/// The task queue of this executor's quinn drivers, made on first use: its own queue, so a
+/// driver woken by a datagram runs at the next task boundary instead of behind every request
+/// task queued before it on the shard's queue, and acknowledgements do not wait for a
+/// produce's CRC and copy (late ACKs inflate quinn's RTT samples, and its pacer then holds the
+/// client back).
+fn driver_queue() -> glommio::TaskQueueHandle {
+    DRIVER_QUEUE.with(|queue| {
+        queue.get().unwrap_or_else(|| {
+            let made = glommio::executor().create_task_queue(
+                glommio::Shares::Static(1000),
+                glommio::Latency::Matters(Duration::from_micros(100)),
+                "quic-drivers",
+            );
+            queue.set(Some(made));
+            made
+        })
+    })
+}
+
 /// quinn's runtime on the current shard's glommio executor.
 #[derive(Debug, Default)]
 pub struct ShardRuntime;
@@ -95,7 +120,12 @@ impl Runtime for ShardRuntime {
     }
 
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        glommio::spawn_local(future).detach();
+        match glommio::spawn_local_into(future, driver_queue()) {
+            Ok(task) => {
+                task.detach();
+            }
+            Err(error) => panic!("spawning a QUIC driver on its task queue: {error}"),
+        }
     }
 
     fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
