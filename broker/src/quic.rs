@@ -35,6 +35,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::BrokerConfig;
 use crate::shard::Shard;
+pub use skein_net::quic::SOCKET_BUFFER_BYTES;
 
 /// The ALPN protocol id of Skein's frames over QUIC.
 pub const ALPN: &[u8] = b"skein/0";
@@ -139,12 +140,6 @@ impl SteeredGroup {
         (!warnings.is_empty()).then(|| warnings.join("; "))
     }
 }
-
-/// The receive and send buffer each QUIC socket asks for. The kernel's default (about 208 KiB)
-/// overflows under a flat-out QUIC producer: measured here, about a thousand datagrams dropped
-/// per 2 GB produced (`nstat UdpRcvbufErrors`), each one a loss to the congestion controller;
-/// none with 8 MiB. quic-go asks for 7 MiB for the same reason.
-pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 
 /// Asks for `bytes` of receive and send buffer: first past `net.core.rmem_max`/`wmem_max`
 /// (`SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`, allowed with CAP_NET_ADMIN), else within them. Returns

@@ -273,7 +273,7 @@ mod tests {
     /// Pages of the file's first `len` bytes in the page cache, by `mincore`, which (unlike a
     /// probe read) never starts a read itself.
     fn resident_pages(fd: RawFd, len: usize) -> usize {
-        // SAFETY: a private read-only mapping of an open file, unmapped before returning; the
+        // SAFETY: a shared read-only mapping of an open file, unmapped before returning; the
         // vector has one byte per page, as mincore writes.
         unsafe {
             let map = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0);

@@ -115,12 +115,12 @@ fn quic_client_config(
     Ok(config)
 }
 
-/// A client endpoint whose socket asks for 8 MiB buffers (within `net.core.rmem_max` and
-/// `wmem_max`; the kernel's 208 KiB default drops datagrams when a fetch streams in fast), as
-/// the broker's do (`skein_broker::quic::SOCKET_BUFFER_BYTES`).
+/// A client endpoint whose socket asks for [`skein_net::quic::SOCKET_BUFFER_BYTES`] of buffers,
+/// as the broker's do (within `net.core.rmem_max` and `wmem_max`: a client does not force past
+/// them).
 fn quic_endpoint(local: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
     use socket2::{Domain, Protocol, Socket, Type};
-    const BUFFER_BYTES: usize = 8 << 20;
+    const BUFFER_BYTES: usize = skein_net::quic::SOCKET_BUFFER_BYTES;
     let socket = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
     if local.is_ipv6() {
         // Both families, as `quinn::Endpoint::client` does on `[::]`.

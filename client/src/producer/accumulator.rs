@@ -54,7 +54,8 @@ pub(crate) struct OpenBatch {
 /// A new batch starts with room for what the partition's last batch held (plus a record), so a
 /// steady stream of records fills its batches without growing them copy by copy (a 256 KiB
 /// batch grown from 4 KiB by doubling copies about its own size again and touches fresh pages
-/// each time: 14 % of a flat-out producer's CPU before this). A partition that has sent nothing
+/// each time: 4.7 % of all CPU samples of a flat-out embedded produce before this, a tenth of
+/// the client's; 0.1 % after). A partition that has sent nothing
 /// yet, or little, starts small: a producer writing to thousands of partitions at once holds
 /// only what it buffers, not a batch's worth each.
 #[derive(Default)]

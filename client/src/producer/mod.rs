@@ -409,18 +409,18 @@ impl Producer {
             }
             let slots = accumulator.open.get_mut(&*record.topic).expect("inserted above");
             let slot = &mut slots[partition as usize];
-            let (capacity, records) = (slot.capacity(size, batch_bytes), slot.last_records + 1);
-            let batch = slot.batch.get_or_insert_with(|| {
+            if slot.batch.is_none() {
                 wake = true; // a new batch: its linger starts
-                OpenBatch {
+                slot.batch = Some(OpenBatch {
                     topic: record.topic.clone(),
                     // Sized from the partition's last batch (see `PartitionSlot`).
-                    builder: BatchBuilder::with_capacity(capacity),
+                    builder: BatchBuilder::with_capacity(slot.capacity(size, batch_bytes)),
                     created: Instant::now(),
-                    waiters: Vec::with_capacity(records),
+                    waiters: Vec::with_capacity(slot.last_records + 1),
                     memory: 0,
-                }
-            });
+                });
+            }
+            let batch = slot.batch.as_mut().expect("made above");
             batch.builder.push(timestamp, record.key.as_deref(), record.value.as_deref(), &headers);
             batch.waiters.push(Waiter { completion, timestamp });
             batch.memory += size;
