@@ -6,6 +6,8 @@
 //! the same port (SO_REUSEPORT) and forwards requests for partitions it does not own; the
 //! answer comes back the same way. There is no `Mutex` or `RwLock` on the produce or fetch path.
 //!
+//! * [`allocator`]: glibc malloc's thresholds, so that request frames reuse freed memory
+//!   instead of page-faulting fresh pages for every byte produced.
 //! * [`server`]: start-up, the shards' main loops, shutdown on SIGINT/SIGTERM.
 //! * [`shard`]: one shard's state; its module docs say which core each structure lives on.
 //! * [`mesh`]: typed, fallible cross-shard calls with deadlines (each operation names its
@@ -52,6 +54,7 @@
 //!   `spawn_blocking`);
 //! * let one client's bad input touch another client or any stored data.
 
+pub mod allocator;
 pub mod config;
 pub mod connection;
 mod errors;

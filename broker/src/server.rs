@@ -172,6 +172,19 @@ pub fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
 pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBroker, StartError> {
     let cores = config.cores.max(1);
     let config = BrokerConfig { cores, ..config };
+    match crate::allocator::tune() {
+        crate::allocator::Tuning::Tuned => {}
+        crate::allocator::Tuning::LeftToTheEnvironment => {
+            tracing::info!(
+                "malloc is tuned by the environment (GLIBC_TUNABLES or MALLOC_*); its settings are kept"
+            )
+        }
+        crate::allocator::Tuning::Unavailable => {
+            tracing::info!(
+                "the allocator's thresholds could not be set (not glibc?); request frames use fresh memory"
+            )
+        }
+    }
     let report = crate::preflight::run(&config);
     for check in &report.checks {
         if let crate::preflight::Outcome::Warning(text) = &check.outcome {
