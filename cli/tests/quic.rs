@@ -1,6 +1,7 @@
 //! QUIC against the real broker process (`--quic-listen`, 2 shards, its development
 //! certificate): records round-trip through the native client with connections served by both
-//! shards; a producer sends each partition's batches on a connection of the partition's shard;
+//! shards; a producer sends each partition's batches, and a consumer fetches each partition, on
+//! a connection of the partition's shard, and a quiet shard's long poll holds up no other's;
 //! a client whose address changes mid-connection keeps working; hostile datagrams leave QUIC and
 //! TCP serving.
 
@@ -339,9 +340,13 @@ async fn a_quic_producer_sends_each_batch_to_the_shard_that_holds_its_partition(
         }
         producer.flush().await.expect("every record acknowledged");
     };
-    let forwarded = |samples: &std::collections::BTreeMap<String, f64>| {
-        samples.get("skein_forwarded_partitions_total{api=produce}").copied().expect("the counter is served")
+    let forwarded_of = |samples: &std::collections::BTreeMap<String, f64>, api: &str| {
+        samples
+            .get(&format!("skein_forwarded_partitions_total{{api={api}}}"))
+            .copied()
+            .expect("the counter is served")
     };
+    let forwarded = |samples: &std::collections::BTreeMap<String, f64>| forwarded_of(samples, "produce");
     produce(client.clone(), "quic").await;
     assert!(client.routes_by_shard(), "the QUIC client routes by shard");
     assert_eq!(forwarded(&scrape(&metrics)), 0.0, "no produce partition hopped between shards");
@@ -356,6 +361,16 @@ async fn a_quic_producer_sends_each_batch_to_the_shard_that_holds_its_partition(
     consumer.assign("by-shard", &[0, 1, 2, 3]).await.unwrap();
     consumer.seek_all(skein_client::SeekTo::Beginning).await.unwrap();
     let records = read_all(&mut consumer, 4000).await;
+    let fetch_hops = forwarded_of(&scrape(&metrics), "fetch");
+    assert_eq!(
+        fetch_hops, 0.0,
+        "the QUIC consumer fetched each shard's partitions on that shard's connection"
+    );
+    let mut over_tcp = Consumer::new(tcp.clone(), ConsumerConfig::default());
+    over_tcp.assign("by-shard", &[0, 1, 2, 3]).await.unwrap();
+    over_tcp.seek_all(skein_client::SeekTo::Beginning).await.unwrap();
+    assert_eq!(read_all(&mut over_tcp, 4000).await.len(), 4000);
+    assert!(forwarded_of(&scrape(&metrics), "fetch") > 0.0, "over TCP the other shard's reads hop");
     for partition in 0..4u32 {
         for tag in ["quic", "tcp"] {
             let values: Vec<u32> = records
@@ -370,4 +385,37 @@ async fn a_quic_producer_sends_each_batch_to_the_shard_that_holds_its_partition(
             assert_eq!(values, expected, "{tag} records of partition {partition}, in order");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_on_one_shard_is_returned_without_waiting_for_a_quiet_shards_long_poll() {
+    let broker = quic_broker(&[]);
+    let client = Client::connect(quic_config(&broker)).await.unwrap();
+    Admin::new(client.clone()).create_topic("quiet", 4, &[]).await.unwrap();
+    let info = client.refresh_topic("quiet").await.unwrap();
+    let busy = (0..4u32).find(|&p| info.shard_of(p) == Some(0)).expect("a partition on shard 0");
+    assert!((0..4u32).any(|p| info.shard_of(p) == Some(1)), "and one on shard 1: {info:?}");
+    // Long polls of 20 s: a poll that waited for the quiet shard's to end would take that long.
+    let config = ConsumerConfig::default().fetch_wait_max(Duration::from_secs(20));
+    let mut consumer = Consumer::new(client.clone(), config);
+    consumer.assign("quiet", &[0, 1, 2, 3]).await.unwrap();
+    consumer.seek_all(skein_client::SeekTo::End).await.unwrap();
+    // Both shards' polls are now in flight, with nothing to read.
+    assert!(consumer.poll(Duration::from_millis(300)).await.unwrap().is_empty());
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    producer.send(ProducerRecord::new("quiet", "hello").partition(busy)).await.unwrap().await.unwrap();
+    let started = Instant::now();
+    let mut records = Vec::new();
+    while records.is_empty() && started.elapsed() < Duration::from_secs(15) {
+        records = consumer.poll(Duration::from_secs(15)).await.unwrap();
+    }
+    let waited = started.elapsed();
+    assert_eq!(records.len(), 1, "the record came back");
+    assert_eq!((records[0].partition, records[0].value.as_deref()), (busy, Some(&b"hello"[..])));
+    assert!(waited < Duration::from_secs(10), "the poll waited {waited:?}, as if for the quiet shard");
+    // The quiet shard's poll is still in flight, and a record there comes back as well.
+    let quiet = (0..4u32).find(|&p| info.shard_of(p) == Some(1)).expect("checked above");
+    producer.send(ProducerRecord::new("quiet", "there").partition(quiet)).await.unwrap().await.unwrap();
+    let records = consumer.poll(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(records.iter().map(|r| r.partition).collect::<Vec<_>>(), vec![quiet]);
 }

@@ -112,50 +112,61 @@ impl Consumer {
         }
         self.fetcher.initialise_positions().await?;
         loop {
-            let (asked, mut handle) = match self.fetcher.prefetch.take() {
-                Some(prefetch) => prefetch,
-                None => {
-                    let wait = deadline
-                        .saturating_duration_since(tokio::time::Instant::now())
-                        .min(self.fetcher.config.fetch_wait_max);
-                    let positions = self.fetcher.positions.clone();
-                    (positions.clone(), self.fetcher.start_fetch(positions, wait))
-                }
+            let wait = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(self.fetcher.config.fetch_wait_max);
+            self.fetcher.start_fetches(wait);
+            if self.fetcher.prefetch.is_empty() {
+                tokio::time::sleep_until(deadline).await;
+                return Ok(Vec::new());
+            }
+            // Fetches still on their way at the deadline (a broker being restarted, or paused,
+            // or a quiet shard's long poll) stay in flight for the next poll.
+            let (index, joined) = tokio::select! {
+                (joined, index, _) = futures::future::select_all(
+                    self.fetcher.prefetch.iter_mut().map(|fetch| &mut fetch.handle),
+                ) => (index, joined),
+                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
             };
-            // A fetch still on its way at the deadline (a broker being restarted, or paused)
-            // stays in flight for the next poll.
-            let joined = tokio::select! {
-                joined = &mut handle => joined,
-                _ = tokio::time::sleep_until(deadline) => {
-                    self.fetcher.prefetch = Some((asked, handle));
-                    return Ok(Vec::new());
+            let first = self.fetcher.prefetch.swap_remove(index);
+            let mut finished = vec![(first.asked, joined)];
+            // Other shards' fetches that are done too are taken with it.
+            let mut next = 0;
+            while next < self.fetcher.prefetch.len() {
+                if self.fetcher.prefetch[next].handle.is_finished() {
+                    let fetch = self.fetcher.prefetch.swap_remove(next);
+                    finished.push((fetch.asked, fetch.handle.await));
+                } else {
+                    next += 1;
                 }
-            };
-            match joined {
-                Ok(Ok(response)) => {
-                    // A response to positions that moved since (a seek) is stale.
-                    if asked.iter().all(|(key, offset)| self.fetcher.positions.get(key) == Some(offset)) {
-                        self.fetcher.absorb(response).await?;
-                    } else {
-                        tracing::trace!(?asked, positions = ?self.fetcher.positions, "stale fetch response dropped");
+            }
+            let mut pause = false;
+            for (asked, joined) in finished {
+                match joined {
+                    Ok(Ok(response)) => {
+                        // A response to positions that moved since (a seek) is stale.
+                        if asked.iter().all(|(key, offset)| self.fetcher.positions.get(key) == Some(offset)) {
+                            self.fetcher.absorb(response).await?;
+                        } else {
+                            tracing::trace!(?asked, positions = ?self.fetcher.positions, "stale fetch response dropped");
+                        }
                     }
+                    Ok(Err(error)) if error.is_retriable() => {
+                        // The client already reconnected and retried for `retry_timeout`; keep
+                        // polling (a consumer rides over broker restarts) until the deadline.
+                        tracing::debug!(%error, "fetch failed; fetching again");
+                        pause = true;
+                    }
+                    Ok(Err(error)) => return Err(error),
+                    Err(join_error) => return Err(ClientError::ConnectionLost(join_error.to_string())),
                 }
-                Ok(Err(error)) if error.is_retriable() => {
-                    // The client already reconnected and retried for `retry_timeout`; keep
-                    // polling (a consumer rides over broker restarts) until the deadline.
-                    tracing::debug!(%error, "fetch failed; fetching again");
-                    let pause = Duration::from_millis(100);
-                    tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
-                }
-                Ok(Err(error)) => return Err(error),
-                Err(join_error) => return Err(ClientError::ConnectionLost(join_error.to_string())),
+            }
+            if pause {
+                let pause = Duration::from_millis(100);
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
             }
             if !self.fetcher.buffered.is_empty() {
-                let positions = self.fetcher.positions.clone();
-                self.fetcher.prefetch = Some((
-                    positions.clone(),
-                    self.fetcher.start_fetch(positions, self.fetcher.config.fetch_wait_max),
-                ));
+                self.fetcher.start_fetches(self.fetcher.config.fetch_wait_max);
                 return Ok(self.fetcher.buffered.drain(..).collect());
             }
             if tokio::time::Instant::now() >= deadline {

@@ -85,8 +85,13 @@ pub struct ConsumerRecord {
     pub headers: Vec<(String, Option<Bytes>)>,
 }
 
-/// A fetch in flight: the positions it asked for, and its task.
-pub(crate) type Prefetch = (HashMap<TopicPartition, u64>, JoinHandle<Result<FetchResponse<Bytes>>>);
+/// A fetch in flight for the partitions of one shard of the broker (`None`: partitions not
+/// routed by shard, on the client's fetch connection): the positions it asked for, and its task.
+pub(crate) struct SubFetch {
+    pub(crate) shard: Option<u16>,
+    pub(crate) asked: HashMap<TopicPartition, u64>,
+    pub(crate) handle: JoinHandle<Result<FetchResponse<Bytes>>>,
+}
 
 /// A consumer's partitions, positions, buffered records and fetch in flight.
 pub(crate) struct Fetcher {
@@ -95,7 +100,9 @@ pub(crate) struct Fetcher {
     pub(crate) assignment: Vec<TopicPartition>,
     pub(crate) positions: HashMap<TopicPartition, u64>,
     pub(crate) buffered: VecDeque<ConsumerRecord>,
-    pub(crate) prefetch: Option<Prefetch>,
+    /// The fetches in flight: at most one per shard (one in all unless the client routes by
+    /// shard, see [`Fetcher::start_fetches`]).
+    pub(crate) prefetch: Vec<SubFetch>,
 }
 
 impl Fetcher {
@@ -106,7 +113,7 @@ impl Fetcher {
             assignment: Vec::new(),
             positions: HashMap::new(),
             buffered: VecDeque::new(),
-            prefetch: None,
+            prefetch: Vec::new(),
         }
     }
 
@@ -119,8 +126,8 @@ impl Fetcher {
     }
 
     pub(crate) fn cancel_prefetch(&mut self) {
-        if let Some((_, handle)) = self.prefetch.take() {
-            handle.abort();
+        for fetch in self.prefetch.drain(..) {
+            fetch.handle.abort();
         }
     }
 
@@ -183,36 +190,58 @@ impl Fetcher {
         Ok(())
     }
 
-    pub(crate) fn start_fetch(
-        &self,
-        positions: HashMap<TopicPartition, u64>,
-        wait: Duration,
-    ) -> JoinHandle<Result<FetchResponse<Bytes>>> {
-        let mut topics: Vec<TopicData<FetchPartition>> = Vec::new();
+    /// Starts a fetch, long-polling up to `wait`, for the assigned partitions of every shard
+    /// that has none in flight, from their current positions.
+    ///
+    /// Over QUIC to a broker of several shards ([`Client::routes_by_shard`]) each shard's
+    /// partitions are fetched on a connection of that shard, so no read hops between the
+    /// broker's cores, and the shards' long polls run side by side: a record is returned when
+    /// its shard answers, without waiting for a quiet shard's poll to end. Each such fetch
+    /// asks for up to `fetch_bytes_max`, as a Kafka consumer asks each broker. Otherwise there
+    /// is one fetch, on the client's fetch connection.
+    pub(crate) fn start_fetches(&mut self, wait: Duration) {
+        let routed = self.client.routes_by_shard();
+        let mut groups: std::collections::BTreeMap<Option<u16>, Vec<TopicData<FetchPartition>>> =
+            std::collections::BTreeMap::new();
+        let mut asked: HashMap<Option<u16>, HashMap<TopicPartition, u64>> = HashMap::new();
         for tp in &self.assignment {
-            let Some(&offset) = positions.get(tp) else { continue };
+            let Some(&offset) = self.positions.get(tp) else { continue };
+            let shard = if routed {
+                self.client.cached_topic(tp.topic()).and_then(|info| info.shard_of(tp.partition))
+            } else {
+                None
+            };
+            if self.prefetch.iter().any(|fetch| fetch.shard == shard) {
+                continue;
+            }
             let entry = FetchPartition {
                 partition: tp.partition,
                 fetch_offset: offset,
                 partition_bytes_max: self.config.partition_bytes_max,
             };
+            let topics = groups.entry(shard).or_default();
             match topics.iter_mut().find(|t| t.name == tp.topic()) {
                 Some(t) => t.partitions.push(entry),
                 None => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
             }
+            asked.entry(shard).or_default().insert(tp.clone(), offset);
         }
-        let request = Request::Fetch(FetchRequest {
-            max_wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
-            min_bytes: self.config.fetch_bytes_min,
-            max_bytes: self.config.fetch_bytes_max,
-            topics,
-        });
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            let body = client.request(&request).await?;
-            let response = decode(&body, FetchResponse::decode)?;
-            Ok(response.map_records(|range| body.slice(range)))
-        })
+        for (shard, topics) in groups {
+            let request = Request::Fetch(FetchRequest {
+                max_wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+                min_bytes: self.config.fetch_bytes_min,
+                max_bytes: self.config.fetch_bytes_max,
+                topics,
+            });
+            let client = self.client.clone();
+            let handle = tokio::spawn(async move {
+                let body = client.fetch_on_shard(shard, &request).await?;
+                let response = decode(&body, FetchResponse::decode)?;
+                Ok(response.map_records(|range| body.slice(range)))
+            });
+            let asked = asked.remove(&shard).unwrap_or_default();
+            self.prefetch.push(SubFetch { shard, asked, handle });
+        }
     }
 
     /// Drops partitions from the assignment, with their positions and buffered records.

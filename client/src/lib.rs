@@ -192,7 +192,7 @@ pub struct Client {
 }
 
 /// What a connection of the client carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Purpose {
     /// Everything but fetches: produce, metadata, admin, groups.
     General,
@@ -216,8 +216,9 @@ struct Inner {
     config: ClientConfig,
     /// By [`Purpose`]: general, fetch.
     connections: [ConnectionSlot; 2],
-    /// QUIC only: a connection per shard of the broker, opened when first asked for.
-    shard_connections: Mutex<HashMap<u16, Arc<ShardSlot>>>,
+    /// QUIC only: a connection per shard of the broker and purpose (a shard's long polls never
+    /// hold up its produce requests), opened when first asked for.
+    shard_connections: Mutex<HashMap<(u16, Purpose), Arc<ShardSlot>>>,
     /// How many shards serve the broker, once Metadata v2 said.
     shards: Mutex<Option<u16>>,
     topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
@@ -312,7 +313,18 @@ impl Client {
     /// connection that cannot be made falls back to the general connection (the broker then
     /// forwards), so a steering problem costs a hop, not the request.
     pub async fn shard_connection(&self, shard: Option<u16>) -> Result<Arc<Connection>> {
-        let general = self.connection().await?;
+        self.shard_connection_for(shard, Purpose::General).await
+    }
+
+    /// Like [`Client::shard_connection`], for `purpose`: a shard's fetches (long polls) have
+    /// connections of their own, as on the bootstrap broker, and fall back to the fetch
+    /// connection.
+    pub async fn shard_connection_for(
+        &self,
+        shard: Option<u16>,
+        purpose: Purpose,
+    ) -> Result<Arc<Connection>> {
+        let general = self.connection_for(purpose).await?;
         let shards = *self.inner.shards.lock().expect("not poisoned");
         let (Some(shard), Some(shards)) = (shard, shards) else { return Ok(general) };
         let crate::Transport::Quic { server_name, ca_file, .. } = &self.inner.config.transport else {
@@ -321,8 +333,14 @@ impl Client {
         if !self.routes_by_shard() || shard >= shards {
             return Ok(general);
         }
-        let slot =
-            self.inner.shard_connections.lock().expect("not poisoned").entry(shard).or_default().clone();
+        let slot = self
+            .inner
+            .shard_connections
+            .lock()
+            .expect("not poisoned")
+            .entry((shard, purpose))
+            .or_default()
+            .clone();
         let mut slot = slot.lock().await;
         let addr = general.addr();
         match slot.as_ref().filter(|(at, of, _)| at == addr && *of == shards) {
@@ -372,6 +390,17 @@ impl Client {
         let purpose = if matches!(request, Request::Fetch(_)) { Purpose::Fetch } else { Purpose::General };
         let deadline = tokio::time::Instant::now() + self.inner.config.retry_timeout;
         retry_until(deadline, || async { self.connection_for(purpose).await?.request(request).await }).await
+    }
+
+    /// A fetch sent on the connection of the shard that holds its partitions (see
+    /// [`Client::shard_connection_for`]; `None`: the fetch connection), reconnecting and sending
+    /// it again after a lost connection as [`Client::request`] does.
+    pub(crate) async fn fetch_on_shard(&self, shard: Option<u16>, request: &Request<Bytes>) -> Result<Bytes> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.retry_timeout;
+        retry_until(deadline, || async {
+            self.shard_connection_for(shard, Purpose::Fetch).await?.request(request).await
+        })
+        .await
     }
 
     /// Fetches metadata (`None`: every topic) and refreshes the cache with it.
