@@ -481,7 +481,14 @@ impl ServerSetup {
 /// counts against `connections_max` like a TCP one, each of its bidirectional streams is served
 /// like a TCP connection.
 pub async fn serve(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
+    // Tests only: a shard whose QUIC handshakes never answer (a client's connection to it
+    // waits for its connect timeout).
+    let ignore = std::env::var("SKEIN_TEST_QUIC_IGNORE_SHARD").is_ok_and(|v| v == shard.id.to_string());
     while let Some(incoming) = endpoint.accept().await {
+        if ignore {
+            incoming.ignore();
+            continue;
+        }
         if shard.shutting_down.get() {
             incoming.refuse();
             break;

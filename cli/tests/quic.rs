@@ -419,3 +419,39 @@ async fn a_record_on_one_shard_is_returned_without_waiting_for_a_quiet_shards_lo
     let records = consumer.poll(Duration::from_secs(15)).await.unwrap();
     assert_eq!(records.iter().map(|r| r.partition).collect::<Vec<_>>(), vec![quiet]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_whose_handshake_never_answers_holds_up_only_its_own_partitions() {
+    let broker =
+        Broker::start_with_env(&["--quic-listen", "127.0.0.1:0"], &[("SKEIN_TEST_QUIC_IGNORE_SHARD", "1")]);
+    let connect_timeout = Duration::from_secs(6);
+    // The general connection lands on shard 0, which answers; shard 1 never completes a
+    // handshake, so a connection of its own waits for the connect timeout, then gives up.
+    let config = ClientConfig::new(broker.quic_addr.clone().unwrap())
+        .transport(Transport::Quic {
+            server_name: None,
+            ca_file: broker.quic_cert.clone().unwrap(),
+            first_shard: Some((0, 2)),
+        })
+        .connect_timeout(connect_timeout);
+    let client = Client::connect(config).await.unwrap();
+    Admin::new(client.clone()).create_topic("stuck", 4, &[]).await.unwrap();
+    let info = client.refresh_topic("stuck").await.unwrap();
+    assert!(client.routes_by_shard());
+    let on = |shard| (0..4u32).find(|&p| info.shard_of(p) == Some(shard)).expect("a partition on each shard");
+    let (stuck, fine) = (on(1), on(0));
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    producer.producer_id().await.unwrap();
+    let started = Instant::now();
+    let first = producer.send(ProducerRecord::new("stuck", "first").partition(stuck)).await.unwrap();
+    let second = producer.send(ProducerRecord::new("stuck", "second").partition(fine)).await.unwrap();
+    let written = second.await.expect("the record for shard 0 is acknowledged");
+    let waited = started.elapsed();
+    assert_eq!(written.partition, fine);
+    assert!(waited < connect_timeout / 2, "shard 0's record waited {waited:?} for shard 1's handshake");
+    // Shard 1's record goes on the general connection once its own connection gave up.
+    let written =
+        tokio::time::timeout(Duration::from_secs(30), first).await.expect("in time").expect("acknowledged");
+    assert_eq!((written.partition, written.offset), (stuck, Some(0)));
+    assert!(started.elapsed() >= connect_timeout, "it waited for the shard's handshake first");
+}

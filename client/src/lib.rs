@@ -381,6 +381,39 @@ impl Client {
         }
     }
 
+    /// Whether [`Client::shard_connection_for`] would answer now, without making a connection:
+    /// no shard connection applies, the shard's is open, its last attempt failed less than
+    /// `SHARD_RETRY_AFTER` ago (the general connection serves), or the general connection
+    /// itself is not up (making that is the caller's business, as before). `false` while the
+    /// shard's connection is being made or was never asked for.
+    pub(crate) fn shard_connection_ready(&self, shard: Option<u16>, purpose: Purpose) -> bool {
+        let shards = *self.inner.shards.lock().expect("not poisoned");
+        let (Some(shard), Some(shards)) = (shard, shards) else { return true };
+        if !self.routes_by_shard() || shard >= shards {
+            return true;
+        }
+        let general = match self.inner.connections[purpose as usize].try_lock() {
+            Ok(slot) => match slot.as_ref() {
+                Some(connection) if !connection.is_closed() => connection.addr().to_owned(),
+                _ => return true,
+            },
+            Err(_) => return true,
+        };
+        let Some(slot) =
+            self.inner.shard_connections.lock().expect("not poisoned").get(&(shard, purpose)).cloned()
+        else {
+            return false;
+        };
+        let Ok(slot) = slot.try_lock() else { return false };
+        match slot.as_ref() {
+            Some((at, of, state)) if *at == general && *of == shards => match state {
+                Ok(connection) => !connection.is_closed(),
+                Err(failed) => failed.elapsed() < SHARD_RETRY_AFTER,
+            },
+            _ => false,
+        }
+    }
+
     /// Sends a request and returns the response body (fetches on the fetch connection, the
     /// rest on the general one). If the connection is lost or refused (the broker restarts),
     /// it reconnects and sends the request again, for up to `retry_timeout`: every request

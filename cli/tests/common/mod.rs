@@ -23,6 +23,8 @@ pub struct Broker {
     extra: Vec<String>,
     /// Resource limits (soft = hard) the process starts with.
     limits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// Environment variables the process starts with (test hooks), kept for every restart.
+    env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -50,6 +52,7 @@ impl Broker {
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             limits: Vec::new(),
+            env: Vec::new(),
             _dir: Some(dir),
         };
         broker.launch("127.0.0.1:0");
@@ -70,6 +73,27 @@ impl Broker {
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             limits: limits.to_vec(),
+            env: Vec::new(),
+            _dir: Some(dir),
+        };
+        broker.launch("127.0.0.1:0");
+        broker
+    }
+
+    /// Starts a broker with 2 shards, `extra` flags and these environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Broker {
+        let dir = tempfile::tempdir_in(test_root()).unwrap();
+        let data_dir = dir.path().join("data");
+        let mut broker = Broker {
+            child: None,
+            addr: String::new(),
+            metrics_addr: None,
+            quic_addr: None,
+            quic_cert: None,
+            data_dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            limits: Vec::new(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             _dir: Some(dir),
         };
         broker.launch("127.0.0.1:0");
@@ -87,6 +111,7 @@ impl Broker {
             data_dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             limits: Vec::new(),
+            env: Vec::new(),
             _dir: None,
         };
         broker.launch("127.0.0.1:0");
@@ -148,6 +173,7 @@ impl Broker {
             .arg(&self.data_dir)
             .args(&self.extra)
             .env("RUST_LOG", "info,skein_broker::server=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let limits = self.limits.clone();

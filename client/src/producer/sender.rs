@@ -33,6 +33,12 @@
 //! 6. **Acknowledgement delivery is O(1) per record** and happens here, as answers arrive; at
 //!    most [`IDEMPOTENCE_WINDOW`] batches of a partition are in flight beyond its first
 //!    unresolved one, so the broker still remembers any batch that is resent.
+//!
+//! # Connections
+//! Over QUIC each partition's batches go on a connection of the broker shard that holds it
+//! ([`Client::shard_connection`]). The sender never waits for one to be made: a partition
+//! whose shard has no connection yet waits, unlisted, while a task makes it
+//! (`Sender::connected`, `Event::ShardConnected`), and every other partition keeps sending.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
@@ -125,8 +131,14 @@ impl PartitionQueue {
 
 /// What the sender hears back.
 enum Event {
-    Answered { batches: Vec<Sent>, outcome: Result<ProduceResponse> },
+    Answered {
+        batches: Vec<Sent>,
+        outcome: Result<ProduceResponse>,
+    },
     ProducerId(Result<(i64, i16)>),
+    /// The connection of this shard was made (or could not be: its partitions then go on the
+    /// general connection).
+    ShardConnected(u16),
 }
 
 /// A batch in a request: its queue and id, and where its answer sits in the response.
@@ -184,6 +196,10 @@ struct Sender {
     next_sweep: Instant,
     events: mpsc::UnboundedSender<Event>,
     incoming: mpsc::UnboundedReceiver<Event>,
+    /// Shards whose connection a task of its own is making, with the partitions waiting for
+    /// it: the sender never waits for a handshake itself, so one slow or unanswering shard
+    /// holds up only its own partitions.
+    connecting: FastMap<u16, Vec<usize>>,
 }
 
 impl Sender {
@@ -210,6 +226,7 @@ impl Sender {
             next_sweep: Instant::now() + SWEEP_INTERVAL,
             events,
             incoming,
+            connecting: FastMap::default(),
         }
     }
 
@@ -525,6 +542,9 @@ impl Sender {
                 continue;
             }
             self.queues[queue].listed = false;
+            if target.is_none() && !self.connected(queue) {
+                continue;
+            }
             if !self.sendable(queue, now) {
                 continue;
             }
@@ -591,6 +611,29 @@ impl Sender {
         true
     }
 
+    /// Whether `queue`'s shard connection is ready to take a request at once; if not, the
+    /// queue waits (unlisted) until a task has made it, which is started here if none is.
+    fn connected(&mut self, queue: usize) -> bool {
+        let shard = self.queues[queue].shard;
+        if self.shared.client.shard_connection_ready(shard, crate::Purpose::General) {
+            return true;
+        }
+        let Some(shard) = shard else { return true };
+        let waiting = self.connecting.entry(shard).or_default();
+        if waiting.is_empty() {
+            let client = self.shared.client.clone();
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                if let Err(error) = client.shard_connection(Some(shard)).await {
+                    tracing::debug!(shard, %error, "no connection for the shard");
+                }
+                let _ = events.send(Event::ShardConnected(shard));
+            });
+        }
+        waiting.push(queue);
+        false
+    }
+
     fn produce_request(&self, acks: i8, batches: Vec<(usize, u64, Bytes)>) -> (Request<Bytes>, Vec<Sent>) {
         let mut topics: Vec<TopicData<ProducePartition<Bytes>>> = Vec::new();
         let mut sent = Vec::with_capacity(batches.len());
@@ -645,6 +688,11 @@ impl Sender {
                 }
             }
             Event::ProducerId(outcome) => self.on_producer_id(outcome),
+            Event::ShardConnected(shard) => {
+                for queue in self.connecting.remove(&shard).unwrap_or_default() {
+                    self.list(queue);
+                }
+            }
         }
     }
 
