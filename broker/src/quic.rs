@@ -41,6 +41,11 @@ pub use skein_net::quic::SOCKET_BUFFER_BYTES;
 pub const ALPN: &[u8] = b"skein/0";
 /// Where a broker without a configured certificate writes its development certificate.
 pub const DEV_CERT_FILE: &str = "quic-dev-cert.pem";
+/// The stateless-reset key's file in the data directory ([`reset_key`]).
+pub const RESET_KEY_FILE: &str = "quic-reset-key";
+/// The reset-key file's magic and the one version this broker reads and writes.
+pub const RESET_KEY_MAGIC: [u8; 4] = *b"SKRK";
+pub const RESET_KEY_VERSION: u8 = 1;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -188,6 +193,80 @@ fn attach_steering(socket: &Socket, shards: usize) -> io::Result<()> {
         return Err(io::Error::new(error.kind(), format!("attaching the QUIC steering program: {error}")));
     }
     Ok(())
+}
+
+/// The stateless-reset key of this broker, the same in every process that serves this data
+/// directory: read from [`RESET_KEY_FILE`], or made from `getrandom(2)` and written there
+/// (temporary file, mode 0600, fsync, rename, directory fsync) the first time.
+///
+/// A QUIC server tells the client, for each connection id it issues, a reset token
+/// (HMAC-SHA256 of the id under this key). After a crash the restarted broker has no state for
+/// the client's connections; it answers their next datagram with a stateless reset carrying
+/// the token (RFC 9000 §10.3), and the client drops the connection at once and reconnects.
+/// With a new key per process the tokens would not match, the client would ignore the resets
+/// and every connection would hang until its idle timeout (30 s by default): the key must
+/// outlive the process (RFC 9000 §10.3.2: a static key).
+///
+/// ```text
+/// offset  size  field
+///      0     4  magic "SKRK"
+///      4     1  version, 1
+///      5    32  HMAC-SHA256 key
+/// ```
+///
+/// Any other length, magic or version is refused by name, never replaced: a key that changes
+/// silently is the hang this file exists to prevent.
+pub fn reset_key(data_dir: &Path) -> Result<[u8; 32], String> {
+    let path = data_dir.join(RESET_KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => parse_reset_key(&bytes).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            fill_random(&mut key);
+            let mut bytes = Vec::with_capacity(37);
+            bytes.extend_from_slice(&RESET_KEY_MAGIC);
+            bytes.push(RESET_KEY_VERSION);
+            bytes.extend_from_slice(&key);
+            write_secret(&path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
+}
+
+fn parse_reset_key(bytes: &[u8]) -> Result<[u8; 32], String> {
+    if bytes.len() < 5 || bytes[..4] != RESET_KEY_MAGIC {
+        return Err("not a Skein QUIC reset-key file (magic SKRK)".to_owned());
+    }
+    if bytes[4] != RESET_KEY_VERSION {
+        return Err(format!(
+            "reset-key file version {} is not one this broker reads (it reads version {RESET_KEY_VERSION})",
+            bytes[4]
+        ));
+    }
+    bytes[5..]
+        .try_into()
+        .map_err(|_| format!("a version-1 reset-key file is 37 bytes, this one is {}", bytes.len()))
+}
+
+/// `bytes` to `path` atomically, readable by the owner only.
+fn write_secret(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    // A leftover from a crash may have other permissions; `mode` applies only to a new file.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    {
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Shard `shard`'s connection ids (quinn's generator): 8 bytes, the first naming the shard
@@ -359,6 +438,42 @@ mod tests {
         assert!(generators[0].validate(&quinn_proto::ConnectionId::new(&[0; 5])).is_err());
     }
 
+    /// The key is made once, kept (owner-only) and read back unchanged by the next process.
+    #[test]
+    fn the_reset_key_outlives_the_process_and_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let first = reset_key(dir.path()).unwrap();
+        let path = dir.path().join(RESET_KEY_FILE);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 37);
+        assert_eq!((&bytes[..4], bytes[4]), (&RESET_KEY_MAGIC[..], RESET_KEY_VERSION));
+        assert_eq!(&bytes[5..], &first[..]);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(reset_key(dir.path()).unwrap(), first, "the same key after a restart");
+        assert_ne!(first, reset_key(tempfile::tempdir().unwrap().path()).unwrap(), "each broker its own");
+    }
+
+    /// A damaged or newer file is refused by name, never silently replaced by a new key.
+    #[test]
+    fn a_reset_key_file_of_another_version_or_shape_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RESET_KEY_FILE);
+        let mut v2 = b"SKRK".to_vec();
+        v2.push(2);
+        v2.extend_from_slice(&[7; 32]);
+        for (bytes, says) in [
+            (v2, "version 2 is not one this broker reads"),
+            (b"SKRK\x01short".to_vec(), "37 bytes, this one is 10"),
+            (vec![0; 37], "magic SKRK"),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            let error = reset_key(dir.path()).unwrap_err();
+            assert!(error.contains(says) && error.contains(RESET_KEY_FILE), "{error}");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "left as it was");
+        }
+    }
+
     #[test]
     fn the_group_refuses_impossible_shard_counts() {
         assert!(SteeredGroup::bind("127.0.0.1:0".parse().unwrap(), 0).is_err());
@@ -457,8 +572,7 @@ impl ServerSetup {
             .receive_window(quinn::VarInt::from_u32(32 << 20))
             .send_window(32 << 20);
         server.transport_config(Arc::new(transport));
-        let mut reset_key = [0u8; 32];
-        fill_random(&mut reset_key);
+        let reset_key = reset_key(&config.data_dir)?;
         Ok(ServerSetup { server, reset_key, shards, dev_cert })
     }
 

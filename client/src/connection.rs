@@ -25,6 +25,11 @@ type Pending = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Result<Bytes>>>>>>;
 /// Pieces (frame parts) handed to one vectored write at most.
 const WRITE_PIECES_MAX: usize = 256;
 
+/// How long a QUIC connection stays silent before it sends a PING: one small datagram a
+/// second on an idle connection, and at most about a second before a connection whose broker
+/// restarted hears its reset.
+pub(crate) const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
 /// The sending half of a connection.
 enum Writer {
     Tcp(tokio::net::tcp::OwnedWriteHalf),
@@ -99,7 +104,11 @@ fn quic_client_config(
         .stream_receive_window(quinn::VarInt::from_u32(8 << 20))
         .receive_window(quinn::VarInt::from_u32(32 << 20))
         .send_window(32 << 20)
-        .keep_alive_interval(Some(Duration::from_secs(5)));
+        // A broker that dies says nothing over UDP (TCP's kernel sends a FIN for it): a
+        // connection learns of the restart when its next datagram draws the new process's
+        // stateless reset. A consumer's long poll sends nothing while it waits, so the
+        // keep-alive bounds how long it waits on a dead connection.
+        .keep_alive_interval(Some(QUIC_KEEP_ALIVE));
     config.transport_config(Arc::new(transport));
     if let Some((shard, shards)) = first_shard {
         if shard >= shards || shards > 256 {

@@ -144,7 +144,14 @@ impl Broker {
         if self.extra.iter().any(|arg| arg == "--quic-listen") {
             let line = receiver.recv_timeout(Duration::from_secs(10)).expect("the QUIC address line");
             let mut words = line.split_whitespace().skip_while(|w| *w != "on").skip(1);
-            self.quic_addr = Some(words.next().expect("skein QUIC on ADDR").to_owned());
+            let quic_addr = words.next().expect("skein QUIC on ADDR").to_owned();
+            // A restart serves QUIC on the same port, as it does TCP.
+            if let Some(at) = self.extra.iter().position(|arg| arg == "--quic-listen") {
+                if self.extra.get(at + 1).is_some_and(|value| value.ends_with(":0")) {
+                    self.extra[at + 1] = quic_addr.clone();
+                }
+            }
+            self.quic_addr = Some(quic_addr);
             self.quic_cert = line
                 .split("development certificate: ")
                 .nth(1)
