@@ -59,6 +59,7 @@ pub mod group;
 mod producer;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -223,6 +224,9 @@ struct Inner {
     shards: Mutex<Option<u16>>,
     topics: Mutex<HashMap<String, Arc<TopicInfo>>>,
     broker: Mutex<Option<ApiVersionsResponse>>,
+    /// Counts the metadata answers that moved a partition to another shard or changed the
+    /// shard count ([`Client::placement`]).
+    placement: AtomicU64,
 }
 
 /// Decodes a response body, mapping decode failures to [`ClientError::Protocol`].
@@ -248,6 +252,7 @@ impl Client {
                 shards: Mutex::new(None),
                 topics: Mutex::new(HashMap::new()),
                 broker: Mutex::new(None),
+                placement: AtomicU64::new(0),
             }),
         };
         retry_until(deadline, || client.connection()).await?;
@@ -277,6 +282,7 @@ impl Client {
                 return Ok(connection.clone());
             }
         }
+        let reconnect = slot.is_some();
         let config = &self.inner.config;
         let mut failure = None;
         for addr in config.bootstrap.split(',').map(str::trim).filter(|a| !a.is_empty()) {
@@ -299,6 +305,9 @@ impl Client {
             let versions = handshake(&connection, &config.client_id).await?;
             *self.inner.broker.lock().expect("not poisoned") = Some(versions);
             *slot = Some(connection.clone());
+            if reconnect {
+                self.refresh_after_reconnect(&connection).await;
+            }
             return Ok(connection);
         }
         Err(failure.unwrap_or(ClientError::Config("no bootstrap address")))
@@ -348,6 +357,10 @@ impl Client {
             Some((_, _, Err(failed))) if failed.elapsed() < SHARD_RETRY_AFTER => return Ok(general),
             _ => {}
         }
+        // A shard connection that was lost (not one never made, nor one of another broker):
+        // the broker may have restarted with its partitions on other shards.
+        let lost =
+            matches!(slot.as_ref(), Some((at, _, Ok(connection))) if at == addr && connection.is_closed());
         let config = &self.inner.config;
         let transport = crate::Transport::Quic {
             server_name: server_name.clone(),
@@ -371,6 +384,9 @@ impl Client {
         match connect.await {
             Ok(connection) => {
                 *slot = Some((addr.to_owned(), shards, Ok(connection.clone())));
+                if lost {
+                    self.refresh_after_reconnect(&connection).await;
+                }
                 Ok(connection)
             }
             Err(error) => {
@@ -447,34 +463,73 @@ impl Client {
         })
         .await?;
         let response = decode(&body, |r| MetadataResponse::decode(r, version))?;
+        self.absorb(&response);
+        Ok(response)
+    }
+
+    /// After a lost connection was made again (the broker restarted, perhaps with another
+    /// number of shards, so its partitions sit on other shards), the cached topics are asked
+    /// for once more on the new connection, so that partitions are routed to the shards that
+    /// hold them now ([`Client::placement`]). A failure leaves the cache as it was (the next
+    /// request that needs metadata asks).
+    async fn refresh_after_reconnect(&self, connection: &Connection) {
+        let names: Vec<String> = self.inner.topics.lock().expect("not poisoned").keys().cloned().collect();
+        if names.is_empty() {
+            return;
+        }
+        let request = Request::Metadata(MetadataRequest { topics: Some(names) });
+        let refreshed = async {
+            let version = connection.version(ApiKey::Metadata)?;
+            let body = connection.request(&request).await?;
+            decode(&body, |r| MetadataResponse::decode(r, version))
+        };
+        match refreshed.await {
+            Ok(response) => self.absorb(&response),
+            Err(error) => tracing::debug!(%error, "metadata after a reconnect"),
+        }
+    }
+
+    /// Takes a metadata answer into the cache (the shard count, each topic's partitions,
+    /// configs and shards), counting a change of placement.
+    fn absorb(&self, response: &MetadataResponse) {
+        let mut moved = false;
         if let Some(shards) = response.brokers.first().and_then(|b| b.shards) {
-            *self.inner.shards.lock().expect("not poisoned") = Some(shards);
+            let mut known = self.inner.shards.lock().expect("not poisoned");
+            moved |= known.is_some_and(|known| known != shards);
+            *known = Some(shards);
         }
         let mut cache = self.inner.topics.lock().expect("not poisoned");
         for topic in &response.topics {
             if topic.error.is_ok() {
-                cache.insert(
-                    topic.name.clone(),
-                    Arc::new(TopicInfo {
-                        name: topic.name.clone(),
-                        partitions: topic.partitions.len() as u32,
-                        configs: topic.configs.clone(),
-                        shards: {
-                            let mut shards = vec![None; topic.partitions.len()];
-                            for p in &topic.partitions {
-                                if let Some(slot) = shards.get_mut(p.partition as usize) {
-                                    *slot = p.shard;
-                                }
+                let info = Arc::new(TopicInfo {
+                    name: topic.name.clone(),
+                    partitions: topic.partitions.len() as u32,
+                    configs: topic.configs.clone(),
+                    shards: {
+                        let mut shards = vec![None; topic.partitions.len()];
+                        for p in &topic.partitions {
+                            if let Some(slot) = shards.get_mut(p.partition as usize) {
+                                *slot = p.shard;
                             }
-                            shards
-                        },
-                    }),
-                );
+                        }
+                        shards
+                    },
+                });
+                let old = cache.insert(topic.name.clone(), info.clone());
+                moved |= old.is_some_and(|old| old.shards != info.shards);
             } else {
                 cache.remove(&topic.name);
             }
         }
-        Ok(response)
+        if moved {
+            self.inner.placement.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// How many times the broker's placement of partitions on shards changed as the client
+    /// learnt it: a sender that cached a partition's shard looks it up again when this moved.
+    pub(crate) fn placement(&self) -> u64 {
+        self.inner.placement.load(Ordering::Acquire)
     }
 
     /// A topic's metadata, from the cache or the broker.

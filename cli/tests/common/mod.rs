@@ -175,8 +175,12 @@ impl Broker {
     /// Spawns the process; its stderr goes to the log file, its stdout lines to the receiver.
     fn spawn(&mut self, listen: &str) -> std::sync::mpsc::Receiver<String> {
         let mut command = skein();
+        let cores =
+            if self.extra.iter().any(|arg| arg == "--cores") { &[][..] } else { &["--cores", "2"][..] };
         command
-            .args(["broker", "--cores", "2", "--listen", listen, "--data-dir"])
+            .arg("broker")
+            .args(cores)
+            .args(["--listen", listen, "--data-dir"])
             .arg(&self.data_dir)
             .args(&self.extra)
             .env("RUST_LOG", "info,skein_broker::server=debug")
@@ -265,6 +269,14 @@ impl Broker {
     }
 
     /// Starts again on the same data directory and port.
+    /// Runs the broker's next starts with `cores` shards (the data directory stays).
+    pub fn set_cores(&mut self, cores: usize) {
+        match self.extra.iter().position(|arg| arg == "--cores") {
+            Some(at) => self.extra[at + 1] = cores.to_string(),
+            None => self.extra.extend(["--cores".to_owned(), cores.to_string()]),
+        }
+    }
+
     pub fn restart(&mut self) {
         let addr = self.addr.clone();
         for attempt in 0..50 {

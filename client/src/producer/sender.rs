@@ -39,6 +39,9 @@
 //! ([`Client::shard_connection`]). The sender never waits for one to be made: a partition
 //! whose shard has no connection yet waits, unlisted, while a task makes it
 //! (`Sender::connected`, `Event::ShardConnected`), and every other partition keeps sending.
+//! A partition's shard is looked up again whenever the client learnt a new placement
+//! ([`Client::placement`]: a broker restarted with another number of shards), before the
+//! partition's next batches go out (`Sender::replace`).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
@@ -93,10 +96,13 @@ struct Entry {
 struct PartitionQueue {
     topic: Arc<str>,
     partition: u32,
-    /// The broker's shard holding the partition, as the metadata said when the queue was
-    /// made: its batches go on that shard's connection ([`Client::shard_connection`]). A stale
-    /// shard costs a hop inside the broker, nothing else.
+    /// The broker's shard holding the partition, as the client's metadata said at
+    /// `placement`: its batches go on that shard's connection ([`Client::shard_connection`]).
+    /// Looked up again when the client learns of a new placement (the broker restarted with
+    /// another number of shards); a stale shard costs a hop inside the broker, nothing else.
     shard: Option<u16>,
+    /// [`Client::placement`] when `shard` was looked up.
+    placement: u64,
     /// Unresolved batches in seal order; the front is never done (done ones are popped).
     entries: VecDeque<Entry>,
     in_flight: usize,
@@ -328,16 +334,12 @@ impl Sender {
         let queue = match self.by_partition.get(&key) {
             Some(&queue) => queue,
             None => {
-                let client = &self.shared.client;
-                let shard = if client.routes_by_shard() {
-                    client.cached_topic(&key.0).and_then(|t| t.shard_of(key.1))
-                } else {
-                    None
-                };
+                let (shard, placement) = self.shard_of(&key.0, key.1);
                 self.queues.push(PartitionQueue {
                     topic: key.0.clone(),
                     partition: key.1,
                     shard,
+                    placement,
                     entries: VecDeque::new(),
                     in_flight: 0,
                     retrying: false,
@@ -355,6 +357,32 @@ impl Sender {
         };
         self.queues[queue].entries.push_back(entry);
         self.list(queue);
+    }
+
+    /// The shard that holds `topic`/`partition` as the client knows it now, and the placement
+    /// that answer belongs to.
+    fn shard_of(&self, topic: &str, partition: u32) -> (Option<u16>, u64) {
+        let client = &self.shared.client;
+        let placement = client.placement();
+        let shard = if client.routes_by_shard() {
+            client.cached_topic(topic).and_then(|t| t.shard_of(partition))
+        } else {
+            None
+        };
+        (shard, placement)
+    }
+
+    /// Looks `queue`'s shard up again if the placement changed since it was.
+    fn replace(&mut self, queue: usize) {
+        if self.queues[queue].placement != self.shared.client.placement() {
+            let q = &self.queues[queue];
+            let (shard, placement) = self.shard_of(&q.topic, q.partition);
+            let q = &mut self.queues[queue];
+            if q.shard != shard {
+                tracing::debug!(topic = %q.topic, partition = q.partition, from = ?q.shard, to = ?shard, "partition moved to another shard");
+            }
+            (q.shard, q.placement) = (shard, placement);
+        }
     }
 
     fn sendable(&self, queue: usize, now: Instant) -> bool {
@@ -537,6 +565,7 @@ impl Sender {
         let mut other_shards = Vec::new();
         while !full {
             let Some(queue) = self.ready.pop_front() else { break };
+            self.replace(queue);
             if target.is_some_and(|shard| shard != self.queues[queue].shard) {
                 other_shards.push(queue);
                 continue;
