@@ -305,19 +305,32 @@ async fn write_parts<W: AsyncWrite + Unpin>(
 /// closes it.
 pub async fn refuse(stream: TcpStream, peer: Option<SocketAddr>) {
     tracing::warn!(?peer, "connection limit reached; refusing a connection");
-    let mut stream = stream;
+    let (mut reader, mut writer) = futures::AsyncReadExt::split(stream);
+    answer_too_many_connections(&mut reader, &mut writer).await;
+}
+
+/// Waits (at most [`REFUSAL_WAIT`]) for the first request header on `reader`, answers it with
+/// `TooManyConnections` (correlation id 0 if none came) and closes `writer`: the refusal of a
+/// connection over the limit, over TCP and on a QUIC connection's first stream alike.
+pub async fn answer_too_many_connections<R, W>(reader: &mut R, writer: &mut W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut header = [0u8; frame::REQUEST_HEADER_BYTES];
     let read =
-        glommio::timer::timeout(Duration::from_secs(2), async { Ok(stream.read_exact(&mut header).await) })
-            .await;
+        glommio::timer::timeout(REFUSAL_WAIT, async { Ok(reader.read_exact(&mut header).await) }).await;
     let correlation_id = match read {
         Ok(Ok(())) => u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")),
         _ => 0,
     };
     let response = frame::encode_error_response(correlation_id, ErrorCode::TooManyConnections);
-    let _ = stream.write_all(&response).await;
-    let _ = stream.close().await;
+    let _ = writer.write_all(&response).await;
+    let _ = writer.close().await;
 }
+
+/// How long a refused connection is kept for its first request.
+pub const REFUSAL_WAIT: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -592,12 +592,14 @@ impl ServerSetup {
 }
 
 /// Accepts QUIC connections on the shard's endpoint until the broker stops; each connection
-/// counts against `connections_max` like a TCP one, each of its bidirectional streams is served
-/// like a TCP connection.
+/// counts against `connections_max` like a TCP one and is refused over it as a TCP one is
+/// (`TooManyConnections` to its first request, [`refuse`]); each of its bidirectional streams
+/// is served like a TCP connection.
 pub async fn serve(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
     // Tests only: a shard whose QUIC handshakes never answer (a client's connection to it
     // waits for its connect timeout).
     let ignore = std::env::var("SKEIN_TEST_QUIC_IGNORE_SHARD").is_ok_and(|v| v == shard.id.to_string());
+    let refusing = Rc::new(std::cell::Cell::new(0usize));
     while let Some(incoming) = endpoint.accept().await {
         if ignore {
             incoming.ignore();
@@ -609,7 +611,20 @@ pub async fn serve(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
         }
         if shard.connections.get() >= shard.config.connections_per_shard() {
             shard.metrics.connections_refused.set(shard.metrics.connections_refused.get() + 1);
-            incoming.refuse();
+            // As over TCP, the client is told why: its first request is answered with
+            // `TooManyConnections`. That costs a handshake, so a flood past
+            // `REFUSALS_IN_PROGRESS_MAX` of them at once gets quinn's bare refusal instead.
+            if refusing.get() >= REFUSALS_IN_PROGRESS_MAX {
+                incoming.refuse();
+                continue;
+            }
+            refusing.set(refusing.get() + 1);
+            let refusing = refusing.clone();
+            glommio::spawn_local(async move {
+                refuse(incoming).await;
+                refusing.set(refusing.get() - 1);
+            })
+            .detach();
             continue;
         }
         shard.metrics.connections_accepted.set(shard.metrics.connections_accepted.get() + 1);
@@ -621,6 +636,29 @@ pub async fn serve(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
         })
         .detach();
     }
+}
+
+/// Refusals over the connection limit a shard completes at once (handshake and answer); past
+/// these a connection is refused by quinn without a reason.
+pub const REFUSALS_IN_PROGRESS_MAX: usize = 64;
+
+/// A connection over the limit: handshake, `TooManyConnections` to the first request of its
+/// first stream, then closed with the reason.
+async fn refuse(incoming: quinn::Incoming) {
+    let peer = incoming.remote_address();
+    tracing::warn!(%peer, "connection limit reached; refusing a QUIC connection");
+    let wait = crate::connection::REFUSAL_WAIT;
+    let Ok(Ok(connection)) = glommio::timer::timeout(wait, async { Ok(incoming.await) }).await else {
+        return;
+    };
+    if let Ok(Ok((mut send, mut recv))) =
+        glommio::timer::timeout(wait, async { Ok(connection.accept_bi().await) }).await
+    {
+        crate::connection::answer_too_many_connections(&mut recv, &mut send).await;
+        // Let the answer reach the client before the connection goes.
+        let _ = glommio::timer::timeout(wait, async { Ok(send.stopped().await) }).await;
+    }
+    connection.close(quinn::VarInt::from_u32(0), b"too many connections");
 }
 
 async fn serve_connection(shard: &Rc<Shard>, incoming: quinn::Incoming) {

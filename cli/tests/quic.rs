@@ -565,3 +565,28 @@ async fn after_a_restart_with_more_shards_requests_follow_the_partitions_to_thei
         assert_eq!(values, expected, "partition {partition}: every record once, in order");
     }
 }
+
+/// Over the connection limit a QUIC connection gets the error a TCP one gets
+/// (`TooManyConnections`, not a bare transport refusal), and the connections within the limit
+/// keep serving. The limit is per shard (1 each here), so each client picks its shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_connection_limit_a_quic_client_is_told_too_many_connections() {
+    let broker = quic_broker(&["--connections-max", "2"]);
+    let on_shard = |shard: usize| {
+        let mut config = quic_config(&broker).connection_per_shard(false);
+        config.connect_timeout = Duration::from_secs(3);
+        config.transport = Transport::Quic {
+            server_name: None,
+            ca_file: broker.quic_cert.clone().unwrap(),
+            first_shard: Some((shard, 2)),
+        };
+        config
+    };
+    let first = Client::connect(on_shard(0)).await.expect("within the limit");
+    let refused = Client::connect(on_shard(0)).await.expect_err("shard 0 holds its one connection");
+    assert_eq!(refused.code(), Some(skein_net::ErrorCode::TooManyConnections), "{refused}");
+    let other = Client::connect(on_shard(1)).await.expect("shard 1 has room");
+    for client in [&first, &other] {
+        client.metadata(None).await.expect("still served");
+    }
+}
