@@ -3,7 +3,9 @@
 //! shards; a producer sends each partition's batches, and a consumer fetches each partition, on
 //! a connection of the partition's shard, and a quiet shard's long poll holds up no other's;
 //! a client whose address changes mid-connection keeps working; hostile datagrams leave QUIC and
-//! TCP serving.
+//! TCP serving; a bad frame ends only its own stream; a connection over the limit is told
+//! `TooManyConnections`; after `kill -9` and a restart (with the same or another number of
+//! shards) producers and consumers carry on at once, on the shards that hold their partitions.
 
 mod common;
 
@@ -588,5 +590,55 @@ async fn over_the_connection_limit_a_quic_client_is_told_too_many_connections() 
     let other = Client::connect(on_shard(1)).await.expect("shard 1 has room");
     for client in [&first, &other] {
         client.metadata(None).await.expect("still served");
+    }
+}
+
+/// A bad frame on a QUIC stream ends that stream only, as it ends a TCP connection: the other
+/// streams of the same connection, and the connection, keep being served, and nothing is
+/// written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_frame_on_a_quic_stream_ends_only_that_stream() {
+    let broker = quic_broker(&["--frame-bytes-max", "1048576"]);
+    let endpoint = raw_endpoint(&broker);
+    let target = broker.quic_addr.as_ref().unwrap().parse().unwrap();
+    let connection = endpoint.connect(target, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    assert_eq!(api_versions(&mut send, &mut recv, 1).await, 1);
+    let good = Request::<Bytes>::ApiVersions(ApiVersionsRequest { client_id: "bad".into() }).to_frame(7, 0);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("bad magic", {
+            let mut f = good.to_vec();
+            f[4] = b'X';
+            f
+        }),
+        ("unknown header version", {
+            let mut f = good.to_vec();
+            f[5] = 9;
+            f
+        }),
+        ("length above the frame limit", {
+            let mut f = good.to_vec();
+            f[..4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+            f
+        }),
+        ("random bytes", (0..200u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
+    ];
+    for (round, (case, bytes)) in cases.into_iter().enumerate() {
+        let (mut bad_send, mut bad_recv) = connection.open_bi().await.unwrap();
+        bad_send.write_all(&bytes).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), bad_recv.read_to_end(1 << 20))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: the stream was not ended"));
+        assert!(
+            !matches!(&answer, Ok(bytes) if !bytes.is_empty()),
+            "{case}: no answer on the bad stream, it is ended: {answer:?}"
+        );
+        let correlation = 100 + round as u32;
+        assert_eq!(
+            api_versions(&mut send, &mut recv, correlation).await,
+            correlation,
+            "{case}: the good stream"
+        );
+        assert!(connection.close_reason().is_none(), "{case}: the connection lives");
     }
 }
