@@ -330,12 +330,23 @@ impl ProducerIdAllocator {
 
 /// Replaces `path` with `bytes`: temporary file, fsync, rename, directory fsync.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomically_with_mode(path, bytes, 0o666)
+}
+
+/// [`write_atomically`] with the file's permission bits (less the umask): `0o600` for a secret.
+pub fn write_atomically_with_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().expect("metadata files live in a directory");
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
+    // A leftover from a crash may have other permissions; `mode` applies only to a new file.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
-        let mut file = std::fs::File::create(&tmp)?;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
     }

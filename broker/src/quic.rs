@@ -227,7 +227,8 @@ pub fn reset_key(data_dir: &Path) -> Result<[u8; 32], String> {
             bytes.extend_from_slice(&RESET_KEY_MAGIC);
             bytes.push(RESET_KEY_VERSION);
             bytes.extend_from_slice(&key);
-            write_secret(&path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            crate::metadata::write_atomically_with_mode(&path, &bytes, 0o600)
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
             Ok(key)
         }
         Err(e) => Err(format!("reading {}: {e}", path.display())),
@@ -247,26 +248,6 @@ fn parse_reset_key(bytes: &[u8]) -> Result<[u8; 32], String> {
     bytes[5..]
         .try_into()
         .map_err(|_| format!("a version-1 reset-key file is 37 bytes, this one is {}", bytes.len()))
-}
-
-/// `bytes` to `path` atomically, readable by the owner only.
-fn write_secret(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    // A leftover from a crash may have other permissions; `mode` applies only to a new file.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    {
-        let mut file =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Shard `shard`'s connection ids (quinn's generator): 8 bytes, the first naming the shard

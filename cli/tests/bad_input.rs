@@ -106,30 +106,7 @@ async fn bad_frames_close_only_their_own_connection() {
     let api_versions = Request::<Bytes>::ApiVersions(ApiVersionsRequest { client_id: "healthy".into() });
 
     let good = api_versions.to_frame(1, 0);
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("bad magic", {
-            let mut f = good.to_vec();
-            f[4] = b'X';
-            f
-        }),
-        ("unknown header version", {
-            let mut f = good.to_vec();
-            f[5] = 9;
-            f
-        }),
-        ("unknown flag bits", {
-            let mut f = good.to_vec();
-            f[10] = 0x80;
-            f
-        }),
-        ("length shorter than a header", vec![4, 0, 0, 0, b'S', 1, 0, 0]),
-        ("length above the frame limit", {
-            let mut f = good.to_vec();
-            f[..4].copy_from_slice(&(1u32 << 30).to_le_bytes());
-            f
-        }),
-        ("random bytes", (0..200u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
-    ];
+    let cases = common::bad_frames(&good);
     for (case, bytes) in cases {
         let before = end_offset(&client).await;
         let mut stream = connect(&broker);

@@ -458,6 +458,20 @@ async fn a_shard_whose_handshake_never_answers_holds_up_only_its_own_partitions(
     assert!(started.elapsed() >= connect_timeout, "it waited for the shard's handshake first");
 }
 
+/// Records whose values are `0..total`, record `i` sent to partition `i % partitions`: every
+/// one arrived once, each partition's in the order sent.
+fn assert_each_partition_in_order(records: &[skein_client::ConsumerRecord], partitions: u32, total: u32) {
+    for partition in 0..partitions {
+        let values: Vec<u32> = records
+            .iter()
+            .filter(|r| r.partition == partition)
+            .map(|r| std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap())
+            .collect();
+        let expected: Vec<u32> = (0..total).filter(|i| i % partitions == partition).collect();
+        assert_eq!(values, expected, "partition {partition}: every record once, in order");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_producer_and_consumer_carry_on_at_once_after_the_broker_is_killed() {
     let mut broker = quic_broker(&[]);
@@ -499,15 +513,7 @@ async fn a_quic_producer_and_consumer_carry_on_at_once_after_the_broker_is_kille
     records.extend(read_all(&mut consumer, 1000).await);
     let read_in = restarted.elapsed();
     eprintln!("after the restart: produced in {produced_in:?}, read in {read_in:?}");
-    for partition in 0..4u32 {
-        let values: Vec<u32> = records
-            .iter()
-            .filter(|r| r.partition == partition)
-            .map(|r| std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap())
-            .collect();
-        let expected: Vec<u32> = (0..3000).filter(|i| i % 4 == partition).collect();
-        assert_eq!(values, expected, "partition {partition}: every record once, in order");
-    }
+    assert_each_partition_in_order(&records, 4, 3000);
     // Without the kept reset key both waited for the idle timeout (the producer 30.1 s); with
     // it but a 5 s keep-alive the consumer's long poll waited up to 5 s on its dead connection.
     assert!(produced_in < Duration::from_secs(4), "the producer took {produced_in:?} to carry on");
@@ -557,15 +563,7 @@ async fn after_a_restart_with_more_shards_requests_follow_the_partitions_to_thei
     records.extend(read_all(&mut consumer, 2340).await);
     assert_eq!(hops("produce"), produce_hops, "a produce request went to a partition's old shard");
     assert_eq!(hops("fetch"), fetch_hops, "a fetch went to a partition's old shard");
-    for partition in 0..6u32 {
-        let values: Vec<u32> = records
-            .iter()
-            .filter(|r| r.partition == partition)
-            .map(|r| std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap())
-            .collect();
-        let expected: Vec<u32> = (0..3000).filter(|i| i % 6 == partition).collect();
-        assert_eq!(values, expected, "partition {partition}: every record once, in order");
-    }
+    assert_each_partition_in_order(&records, 6, 3000);
 }
 
 /// Over the connection limit a QUIC connection gets the error a TCP one gets
@@ -575,14 +573,14 @@ async fn after_a_restart_with_more_shards_requests_follow_the_partitions_to_thei
 async fn over_the_connection_limit_a_quic_client_is_told_too_many_connections() {
     let broker = quic_broker(&["--connections-max", "2"]);
     let on_shard = |shard: usize| {
-        let mut config = quic_config(&broker).connection_per_shard(false);
-        config.connect_timeout = Duration::from_secs(3);
-        config.transport = Transport::Quic {
-            server_name: None,
-            ca_file: broker.quic_cert.clone().unwrap(),
-            first_shard: Some((shard, 2)),
-        };
-        config
+        ClientConfig::new(broker.quic_addr.clone().unwrap())
+            .transport(Transport::Quic {
+                server_name: None,
+                ca_file: broker.quic_cert.clone().unwrap(),
+                first_shard: Some((shard, 2)),
+            })
+            .connection_per_shard(false)
+            .connect_timeout(Duration::from_secs(3))
     };
     let first = Client::connect(on_shard(0)).await.expect("within the limit");
     let refused = Client::connect(on_shard(0)).await.expect_err("shard 0 holds its one connection");
@@ -605,24 +603,7 @@ async fn a_bad_frame_on_a_quic_stream_ends_only_that_stream() {
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
     assert_eq!(api_versions(&mut send, &mut recv, 1).await, 1);
     let good = Request::<Bytes>::ApiVersions(ApiVersionsRequest { client_id: "bad".into() }).to_frame(7, 0);
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("bad magic", {
-            let mut f = good.to_vec();
-            f[4] = b'X';
-            f
-        }),
-        ("unknown header version", {
-            let mut f = good.to_vec();
-            f[5] = 9;
-            f
-        }),
-        ("length above the frame limit", {
-            let mut f = good.to_vec();
-            f[..4].copy_from_slice(&(1u32 << 30).to_le_bytes());
-            f
-        }),
-        ("random bytes", (0..200u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
-    ];
+    let cases = common::bad_frames(&good);
     for (round, (case, bytes)) in cases.into_iter().enumerate() {
         let (mut bad_send, mut bad_recv) = connection.open_bi().await.unwrap();
         bad_send.write_all(&bytes).await.unwrap();

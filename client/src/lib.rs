@@ -456,12 +456,17 @@ impl Client {
     pub async fn metadata(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
         let request = Request::Metadata(MetadataRequest { topics });
         let deadline = tokio::time::Instant::now() + self.inner.config.retry_timeout;
-        let (version, body) = retry_until(deadline, || async {
-            let connection = self.connection().await?;
-            let version = connection.version(ApiKey::Metadata)?;
-            Ok((version, connection.request(&request).await?))
-        })
-        .await?;
+        retry_until(deadline, || async { self.metadata_on(&*self.connection().await?, &request).await }).await
+    }
+
+    /// One Metadata request on `connection`, its answer taken into the cache.
+    async fn metadata_on(
+        &self,
+        connection: &Connection,
+        request: &Request<Bytes>,
+    ) -> Result<MetadataResponse> {
+        let version = connection.version(ApiKey::Metadata)?;
+        let body = connection.request(request).await?;
         let response = decode(&body, |r| MetadataResponse::decode(r, version))?;
         self.absorb(&response);
         Ok(response)
@@ -478,14 +483,8 @@ impl Client {
             return;
         }
         let request = Request::Metadata(MetadataRequest { topics: Some(names) });
-        let refreshed = async {
-            let version = connection.version(ApiKey::Metadata)?;
-            let body = connection.request(&request).await?;
-            decode(&body, |r| MetadataResponse::decode(r, version))
-        };
-        match refreshed.await {
-            Ok(response) => self.absorb(&response),
-            Err(error) => tracing::debug!(%error, "metadata after a reconnect"),
+        if let Err(error) = self.metadata_on(connection, &request).await {
+            tracing::debug!(%error, "metadata after a reconnect");
         }
     }
 

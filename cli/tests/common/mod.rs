@@ -520,3 +520,34 @@ pub fn scrape(addr: &str) -> BTreeMap<String, f64> {
 pub fn sum_of(samples: &BTreeMap<String, f64>, family: &str) -> f64 {
     samples.iter().filter(|(k, _)| k.starts_with(&format!("{family}{{"))).map(|(_, v)| v).sum()
 }
+
+/// Frames that break the framing, each with its name, made from a `good` request frame: bad
+/// magic, an unknown header version, unknown flag bits, a length shorter than a header, a length
+/// above a 1 MiB frame limit, random bytes. The broker must end the connection (or QUIC stream)
+/// that carries one, and nothing else.
+pub fn bad_frames(good: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("bad magic", {
+            let mut f = good.to_vec();
+            f[4] = b'X';
+            f
+        }),
+        ("unknown header version", {
+            let mut f = good.to_vec();
+            f[5] = 9;
+            f
+        }),
+        ("unknown flag bits", {
+            let mut f = good.to_vec();
+            f[10] = 0x80;
+            f
+        }),
+        ("length shorter than a header", vec![4, 0, 0, 0, b'S', 1, 0, 0]),
+        ("length above the frame limit", {
+            let mut f = good.to_vec();
+            f[..4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+            f
+        }),
+        ("random bytes", (0..200u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
+    ]
+}
