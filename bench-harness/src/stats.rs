@@ -64,6 +64,10 @@ pub struct Counters {
     pub bytes: AtomicU64,
     pub measured_records: AtomicU64,
     pub measured_bytes: AtomicU64,
+    /// The worst latency (µs) seen since the timeline last sampled it: produce-ack in produce
+    /// mode, end-to-end in e2e mode. One stall of the broker or of the load generator shows
+    /// here as one bad second, where the run's percentiles only say that something was slow.
+    pub worst_us: AtomicU64,
 }
 
 impl Counters {
@@ -74,6 +78,10 @@ impl Counters {
             self.measured_records.fetch_add(records, Ordering::Relaxed);
             self.measured_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
+    }
+
+    pub fn note_latency(&self, micros: u64) {
+        self.worst_us.fetch_max(micros, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> (u64, u64) {
@@ -91,6 +99,8 @@ pub struct Sample {
     pub second: f64,
     pub records_per_s: f64,
     pub mib_per_s: f64,
+    /// The worst latency of the second in µs (0: none measured), see [`Counters::worst_us`].
+    pub worst_latency_us: u64,
 }
 
 /// Samples the counters every second, printing progress to stderr unless quiet.
@@ -115,11 +125,16 @@ pub async fn sample_timeline(
             second: (now - started).as_secs_f64(),
             records_per_s: (current.0 - last.0) as f64 / seconds,
             mib_per_s: (current.1 - last.1) as f64 / seconds / (1 << 20) as f64,
+            worst_latency_us: counters.worst_us.swap(0, Ordering::Relaxed),
         };
         if !quiet {
             eprintln!(
-                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s ({} records so far)",
-                sample.second, sample.records_per_s, sample.mib_per_s, current.0
+                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s, worst latency {:>9.1} ms ({} records so far)",
+                sample.second,
+                sample.records_per_s,
+                sample.mib_per_s,
+                sample.worst_latency_us as f64 / 1000.0,
+                current.0
             );
         }
         samples.push(sample);

@@ -114,6 +114,7 @@ impl ProducerStats {
                 self.counters.add(1, self.message_size, measured);
                 if measured {
                     let micros = sent_at.elapsed().as_micros().max(1) as u64;
+                    self.counters.note_latency(micros);
                     let _ = self.latency.lock().expect("not poisoned").record(micros);
                 }
             }
@@ -244,7 +245,9 @@ pub async fn consume(
             bytes += value.len() as u64;
             if stamped && value.len() >= 8 && arrived >= clock.measure_from {
                 let sent = u64::from_le_bytes(value[..8].try_into().expect("8 bytes"));
-                let _ = outcome.latency.record((now.saturating_sub(sent) / 1000).max(1));
+                let micros = (now.saturating_sub(sent) / 1000).max(1);
+                counters.note_latency(micros);
+                let _ = outcome.latency.record(micros);
             }
         }
         outcome.received += records.len() as u64;
