@@ -663,7 +663,7 @@ async fn serve_connection(shard: &Rc<Shard>, incoming: quinn::Incoming) {
                 // broker stops (noticed within a second).
                 glommio::spawn_local(crate::connection::serve_stream(
                     shard.clone(),
-                    recv,
+                    crate::connection::QuicRequests::new(recv),
                     send,
                     None,
                     Some(peer),
