@@ -35,7 +35,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use skein_client::Admin;
 
-use crate::stats::{new_histogram, Counters, Percentiles, Sample};
+use crate::stats::{new_histogram, Counters, HostCpu, Percentiles, Sample};
 use crate::workload::{Clock, ConsumeUntil, Workload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -94,6 +94,9 @@ pub struct Report {
     pub e2e_latency_us: Option<Percentiles>,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// The machine's CPU while records were sent (warm-up included), all processes: a run whose
+    /// `steal_pct` is high ran on a host busy with other guests.
+    pub host_cpu: Option<HostCpu>,
     pub timeline: Vec<Sample>,
     #[serde(skip)]
     pub latency_curve: Vec<(f64, u64)>,
@@ -298,6 +301,7 @@ pub fn run(options: Options) -> Result<Report, String> {
         e2e_latency_us: (options.mode == Mode::E2e).then(|| Percentiles::of(&measured.e2e_latency)),
         errors: measured.errors,
         first_error: measured.first_error,
+        host_cpu: measured.host_cpu,
         timeline: measured.timeline,
         latency_curve: stats::percentile_curve(curve_source),
     })
@@ -312,6 +316,7 @@ struct Measured {
     errors: u64,
     first_error: Option<String>,
     timeline: Vec<Sample>,
+    host_cpu: Option<HostCpu>,
 }
 
 async fn ensure_topic(workload: &Workload) -> Result<(), String> {
@@ -438,6 +443,7 @@ async fn drive(mode: Mode, workload: Arc<Workload>, quiet: bool) -> Result<Measu
         }
     }
     let clock = if mode == Mode::E2e { Clock::new(&workload) } else { clock };
+    let cpu_started = stats::CpuTimes::now();
     // Producers (produce and e2e modes).
     let mut producer_tasks = Vec::new();
     // In end-to-end mode the producers' acknowledgements are counted apart: throughput there is
@@ -490,13 +496,24 @@ async fn drive(mode: Mode, workload: Arc<Workload>, quiet: bool) -> Result<Measu
     if mode != Mode::E2e {
         finished = Instant::now();
     }
+    let host_cpu = stats::CpuTimes::now().zip(cpu_started).map(|(now, then)| now.since(&then));
     done.store(1, Ordering::Relaxed);
     let timeline = sampler.await.map_err(|e| e.to_string())?;
     // Throughput over the measured window (after warm-up); a run shorter than its warm-up is
     // measured whole.
     let seconds = measured_window(&clock, finished);
     let (records, bytes) = if finished > clock.measure_from { counters.measured() } else { counters.get() };
-    Ok(Measured { records, bytes, seconds, produce_latency, e2e_latency, errors, first_error, timeline })
+    Ok(Measured {
+        records,
+        bytes,
+        seconds,
+        produce_latency,
+        e2e_latency,
+        errors,
+        first_error,
+        timeline,
+        host_cpu,
+    })
 }
 
 /// The human summary.
@@ -522,6 +539,12 @@ pub fn summary(report: &Report) -> String {
     }
     if let Some(latency) = &report.e2e_latency_us {
         out.push_str(&line("end-to-end", latency));
+    }
+    if let Some(cpu) = &report.host_cpu {
+        out.push_str(&format!(
+            "  host CPU (all processes): {:.1} % busy, {:.1} % iowait, {:.1} % stolen by the hypervisor\n",
+            cpu.busy_pct, cpu.iowait_pct, cpu.steal_pct
+        ));
     }
     if report.errors > 0 {
         out.push_str(&format!(

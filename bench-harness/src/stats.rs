@@ -93,6 +93,61 @@ impl Counters {
     }
 }
 
+/// The machine's CPU time so far, from the first line of `/proc/stat` (clock ticks of all
+/// CPUs): `None` where there is no such file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    total: u64,
+    idle: u64,
+    iowait: u64,
+    steal: u64,
+}
+
+impl CpuTimes {
+    pub fn now() -> Option<CpuTimes> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// `cpu  user nice system idle iowait irq softirq steal guest guest_nice`; guest time is
+    /// already counted in user and nice.
+    fn parse(stat: &str) -> Option<CpuTimes> {
+        let line = stat.lines().next()?;
+        let mut fields = line.split_whitespace();
+        if fields.next()? != "cpu" {
+            return None;
+        }
+        let values: Vec<u64> = fields.take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+        if values.len() < 8 {
+            return None;
+        }
+        Some(CpuTimes { total: values.iter().sum(), idle: values[3], iowait: values[4], steal: values[7] })
+    }
+
+    /// What the machine's CPUs did between `earlier` and `self`.
+    pub fn since(&self, earlier: &CpuTimes) -> HostCpu {
+        let total = self.total.saturating_sub(earlier.total).max(1) as f64;
+        let pct = |now: u64, then: u64| (now.saturating_sub(then) as f64 / total * 1000.0).round() / 10.0;
+        let idle = pct(self.idle, earlier.idle);
+        let iowait = pct(self.iowait, earlier.iowait);
+        HostCpu {
+            busy_pct: ((100.0 - idle - iowait) * 10.0).round() / 10.0,
+            iowait_pct: iowait,
+            steal_pct: pct(self.steal, earlier.steal),
+        }
+    }
+}
+
+/// Shares of the machine's CPU time over a stretch of the run, all CPUs and all processes.
+/// `steal_pct` is time the hypervisor gave to other guests while this one wanted to run: on a
+/// shared VM it is the first thing to look at when a latency figure moves between runs.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct HostCpu {
+    /// Not idle (steal included).
+    pub busy_pct: f64,
+    pub iowait_pct: f64,
+    pub steal_pct: f64,
+}
+
 /// One second of the run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
@@ -101,6 +156,8 @@ pub struct Sample {
     pub mib_per_s: f64,
     /// The worst latency of the second in µs (0: none measured), see [`Counters::worst_us`].
     pub worst_latency_us: u64,
+    /// The machine's CPU over the second (`None` without `/proc/stat`).
+    pub host_cpu: Option<HostCpu>,
 }
 
 /// Samples the counters every second, printing progress to stderr unless quiet.
@@ -114,22 +171,29 @@ pub async fn sample_timeline(
     let mut samples = Vec::new();
     let mut last = (0u64, 0u64);
     let mut last_at = started;
+    let mut last_cpu = CpuTimes::now();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
     while done.load(Ordering::Relaxed) == 0 {
         ticker.tick().await;
         let now = Instant::now();
         let current = counters.get();
+        let cpu = CpuTimes::now();
+        let host_cpu = cpu.zip(last_cpu).map(|(now, then)| now.since(&then));
+        last_cpu = cpu;
         let seconds = (now - last_at).as_secs_f64();
         let sample = Sample {
             second: (now - started).as_secs_f64(),
             records_per_s: (current.0 - last.0) as f64 / seconds,
             mib_per_s: (current.1 - last.1) as f64 / seconds / (1 << 20) as f64,
             worst_latency_us: counters.worst_us.swap(0, Ordering::Relaxed),
+            host_cpu,
         };
         if !quiet {
+            let steal =
+                host_cpu.map_or(String::new(), |cpu| format!(", host steal {:>4.1} %", cpu.steal_pct));
             eprintln!(
-                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s, worst latency {:>9.1} ms ({} records so far)",
+                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s, worst latency {:>9.1} ms{steal} ({} records so far)",
                 sample.second,
                 sample.records_per_s,
                 sample.mib_per_s,
@@ -147,6 +211,21 @@ pub async fn sample_timeline(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_cpu_shares_come_from_proc_stat() {
+        let earlier = CpuTimes::parse("cpu  100 0 50 800 20 0 0 30 0 0\ncpu0 1 2 3\n").expect("parses");
+        let later = CpuTimes::parse("cpu  160 0 70 880 40 0 0 50 5 0\n").expect("parses");
+        // 200 ticks passed: 60 user, 20 system, 80 idle, 20 iowait, 20 steal.
+        let cpu = later.since(&earlier);
+        assert_eq!(cpu, HostCpu { busy_pct: 50.0, iowait_pct: 10.0, steal_pct: 10.0 });
+        assert!(CpuTimes::parse("intr 1 2 3\n").is_none());
+        assert!(CpuTimes::parse("cpu  1 2 3\n").is_none(), "too few fields");
+        // This machine's own file parses, where there is one.
+        if std::path::Path::new("/proc/stat").exists() {
+            assert!(CpuTimes::now().is_some());
+        }
+    }
 
     #[test]
     fn percentiles_of_a_known_distribution() {
