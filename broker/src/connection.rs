@@ -225,7 +225,9 @@ async fn read_loop<R: RequestStream>(
                     shard.metrics.request(header.api_key, whole.len());
                     let (api_key, correlation_id) = (header.api_key, header.correlation_id);
                     let pending = handlers::handle(shard, header, whole).await;
-                    let pending = measured(shard.clone(), api_key, correlation_id, received, pending);
+                    let handled = std::time::Instant::now();
+                    let pending =
+                        measured(shard.clone(), api_key, correlation_id, received, handled, pending);
                     if sender.send(pending).await.is_err() {
                         return End::Closed;
                     }
@@ -311,6 +313,7 @@ fn measured(
     api_key: u16,
     correlation_id: u32,
     received: std::time::Instant,
+    handled: std::time::Instant,
     pending: LocalFuture<Outgoing>,
 ) -> LocalFuture<Outgoing> {
     Box::pin(async move {
@@ -335,6 +338,10 @@ fn measured(
                 correlation_id,
                 response_bytes = bytes,
                 micros = elapsed.as_micros() as u64,
+                // The request's own work before its response could wait (a produce: checks and
+                // appends into the write buffers, waiting for room), then the wait for the
+                // response (a produce: its writes; a fetch: its long poll).
+                handle_micros = handled.duration_since(received).as_micros() as u64,
                 "request"
             );
         }

@@ -40,7 +40,7 @@
 //! | `metrics.partition_series_max` | 1000 | per-partition series up to this many partitions (0: none) |
 //! | `log.format` | `text` | `text` or `json` |
 //! | `log.level` | `info` | a `tracing` filter (`RUST_LOG`, when set, wins) |
-//! | `log.requests` | false | log every request at `info` |
+//! | `log.requests` | false | log every request at `info` (with `handle_micros`, the part before its response could wait) |
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
