@@ -35,6 +35,7 @@
 //! | `skein_tail_cache_evictions_total` | counter | | cached batches evicted for the bound (oldest first, whichever partition) |
 //! | `skein_segment_rolls_total` | counter | | active segments sealed |
 //! | `skein_fsync_latency_seconds` | histogram | | `fdatasync` of data segments |
+//! | `skein_write_latency_seconds` | histogram | | O_DIRECT writes of data segments, handed to the ring to completion seen (with `fsync never` a produce is acknowledged after its writes: their tail is its tail) |
 //! | `skein_log_reads_total` | counter | source = `tail_cache` or `file` | reads by where they were answered from |
 //! | `skein_cache_hit_ratio` | gauge | | tail-cache reads / all reads (0 before any read) |
 //! | `skein_direct_read_bytes_total` | counter | | bytes read with O_DIRECT (cold reads, read-ahead) |
@@ -673,6 +674,11 @@ impl Collector for Merged {
                 |s| s.fetch_latency,
             ),
             ("skein_fsync_latency", "fdatasync of data segments.", |s| s.storage.fsync),
+            (
+                "skein_write_latency",
+                "O_DIRECT writes of data segments: handed to the ring to completion seen.",
+                |s| s.storage.writes,
+            ),
         ] {
             let mut merged = Histogram::default();
             for shard in shards {

@@ -192,6 +192,9 @@ async fn metrics_after_traffic_have_every_family_and_the_right_figures() {
     assert!(value("skein_request_bytes_total{}") > 0.0 && value("skein_response_bytes_total{}") > 0.0);
     assert!(value("skein_produce_latency_seconds_count{}") >= 1.0);
     assert!(value("skein_fetch_latency_seconds_count{}") >= 1.0);
+    // Every produce waited for at least one O_DIRECT write.
+    assert!(value("skein_write_latency_seconds_count{}") >= 1.0);
+    assert!(value("skein_write_latency_seconds_sum{}") > 0.0);
     assert!(value("skein_connections_accepted_total{}") >= 3.0);
     assert!(value("skein_connections{}") >= 3.0, "admin, producer and consumer are connected");
     assert!(value("skein_open_files{}") > 0.0);

@@ -50,6 +50,11 @@ pub struct StorageCounters {
     pub segment_rolls: u64,
     /// `fdatasync` calls of data segments and how long each took.
     pub fsync: Histogram,
+    /// O_DIRECT writes of data segments, from being handed to the flusher's ring to their
+    /// completion being seen by the shard: the device's time, plus any wait for the kernel
+    /// (io_uring's workers) or for the shard to reap it. A produce with `fsync never` is
+    /// acknowledged after its writes, so their tail is its tail.
+    pub writes: Histogram,
     /// Reads answered from a log's tail cache (memory).
     pub cache_reads: u64,
     /// Reads answered with a range of a segment file (page cache or disk).

@@ -206,6 +206,7 @@ impl Flusher {
                 outcome: None,
             });
             let (segment, dma) = (segment.clone(), dma.clone());
+            let issued = std::time::Instant::now();
             self.writes.push(Box::pin(async move {
                 let expected = write.len();
                 let (result, shared) = match write.buffer {
@@ -214,6 +215,7 @@ impl Flusher {
                     }
                     WriteBuffer::Owned(buffer) => (dma.write_at(buffer, write.position).await, None),
                 };
+                crate::metrics::count(|c| c.writes.observe(issued.elapsed()));
                 let result = match result {
                     Ok(written) if written == expected => Ok(()),
                     // A short write: the device ran out of space part way.
