@@ -95,7 +95,7 @@ impl Counters {
 
 /// The machine's CPU time so far, from the first line of `/proc/stat` (clock ticks of all
 /// CPUs): `None` where there is no such file.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct CpuTimes {
     total: u64,
     idle: u64,
@@ -127,11 +127,10 @@ impl CpuTimes {
     pub fn since(&self, earlier: &CpuTimes) -> HostCpu {
         let total = self.total.saturating_sub(earlier.total).max(1) as f64;
         let pct = |now: u64, then: u64| (now.saturating_sub(then) as f64 / total * 1000.0).round() / 10.0;
-        let idle = pct(self.idle, earlier.idle);
-        let iowait = pct(self.iowait, earlier.iowait);
+        let busy = |t: &CpuTimes| t.total - t.idle - t.iowait;
         HostCpu {
-            busy_pct: ((100.0 - idle - iowait) * 10.0).round() / 10.0,
-            iowait_pct: iowait,
+            busy_pct: pct(busy(self), busy(earlier)),
+            iowait_pct: pct(self.iowait, earlier.iowait),
             steal_pct: pct(self.steal, earlier.steal),
         }
     }

@@ -242,12 +242,12 @@ async fn read_loop<R: RequestStream>(
         }
         // Read more: the rest of the current frame if its length is known, else a chunk.
         let filled = buffer.len();
-        let wanted = match filled {
-            n if n >= frame::LENGTH_BYTES => {
-                let length = u32::from_le_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
-                (length + frame::LENGTH_BYTES).saturating_sub(n).clamp(READ_CHUNK_BYTES, FRAME_READ_MAX_BYTES)
-            }
-            _ => READ_CHUNK_BYTES,
+        let frame_total = (filled >= frame::LENGTH_BYTES).then(|| {
+            u32::from_le_bytes(buffer[..4].try_into().expect("4 bytes")) as usize + frame::LENGTH_BYTES
+        });
+        let wanted = match frame_total {
+            Some(total) => total.saturating_sub(filled).clamp(READ_CHUNK_BYTES, FRAME_READ_MAX_BYTES),
+            None => READ_CHUNK_BYTES,
         };
         let (timeout, idle) = if filled == 0 {
             frame_started = None;
@@ -260,9 +260,6 @@ async fn read_loop<R: RequestStream>(
             }
             (left, false)
         };
-        let frame_total = (filled >= frame::LENGTH_BYTES).then(|| {
-            u32::from_le_bytes(buffer[..4].try_into().expect("4 bytes")) as usize + frame::LENGTH_BYTES
-        });
         make_room(&mut buffer, wanted, frame_total);
         match read_with_timeout(reader, &mut buffer, wanted, timeout, idle, shard).await {
             Ok(0) => return End::Closed,
@@ -273,8 +270,9 @@ async fn read_loop<R: RequestStream>(
 }
 
 /// Makes room in `buffer`'s spare capacity for a read of `wanted` bytes after the bytes it
-/// holds (what arrived of the frame in progress). When the buffer is too small it is replaced by a new one and the filled bytes are copied over,
-/// instead of growing it with `BytesMut::resize`: the frames already taken from it are still
+/// holds (what arrived of the frame in progress). When the buffer is too small it is replaced
+/// by a new one and the held bytes are copied over, instead of growing it with
+/// `BytesMut::resize`: the frames already taken from it are still
 /// alive (in the tail cache, or a response), so growing could not reuse its memory and
 /// reallocated and copied it, doubling, zeroed room included (9 % of a flat-out produce's CPU).
 ///
@@ -288,8 +286,8 @@ async fn read_loop<R: RequestStream>(
 ///
 /// The memory the broker *touches* still follows the bytes that came, never what a length
 /// prefix claims: only the bytes that arrive are written, by the read itself (nothing is zeroed
-/// ahead, see [`RequestStream`]; a TCP read that has to wait zeroes a 16 KiB window); the rest of the capacity is address space the kernel backs with memory
-/// only when a read writes it (a buffer over glibc's mmap threshold is a fresh mapping; below
+/// ahead, see [`RequestStream`]; a TCP read that has to wait zeroes a 16 KiB window); the rest
+/// of the capacity is address space the kernel backs with memory only when a read writes it (a buffer over glibc's mmap threshold is a fresh mapping; below
 /// it, heap memory already resident or not yet touched). A slow-loris sender that announces a
 /// 64 MiB frame costs its connection one read's worth of memory until the frame timeout cuts it
 /// (`cli/tests/hostile.rs`).
