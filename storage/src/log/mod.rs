@@ -477,21 +477,24 @@ impl Shared {
     }
 
     /// Records that everything before (`tail_base_offset`, `recovery_position`) is synced.
-    /// Ignored if an equal or later point is already recorded.
+    /// Ignored if an equal or later point is already recorded, or if a truncation or reset
+    /// replaced the log's files after this was called (the point describes files that are gone:
+    /// a checkpoint written from it would point recovery past the log's end).
     async fn write_checkpoint(&self, tail_base_offset: u64, recovery_position: u64) -> Result<()> {
-        self.store_checkpoint(tail_base_offset, recovery_position, false).await
-    }
-
-    async fn store_checkpoint(
-        &self,
-        tail_base_offset: u64,
-        recovery_position: u64,
-        backwards: bool,
-    ) -> Result<()> {
+        let generation = self.state.borrow().generation;
         let _permit = self.checkpoint_gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
-        if !backwards && (tail_base_offset, recovery_position) <= self.checkpoint_mark.get() {
+        if generation != self.state.borrow().generation
+            || (tail_base_offset, recovery_position) <= self.checkpoint_mark.get()
+        {
             return Ok(());
         }
+        self.put_checkpoint(tail_base_offset, recovery_position).await
+    }
+
+    /// Writes and syncs the checkpoint. The caller holds `checkpoint_gate`: a truncation or a
+    /// reset holds it from before it touches the files until its generation is bumped, so no
+    /// forward write from before it can land in between or after it.
+    async fn put_checkpoint(&self, tail_base_offset: u64, recovery_position: u64) -> Result<()> {
         let checkpoint = Checkpoint { tail_base_offset, recovery_position, written_ms: now_ms() };
         // Opened for each write (at most every `checkpoint_interval`) rather than held: a
         // partition at rest holds no descriptor.

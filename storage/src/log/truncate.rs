@@ -33,6 +33,10 @@ impl Log {
         if offset < start {
             return Err(StorageError::OffsetOutOfRange { offset, start, end: next });
         }
+        // Held until the generation is bumped (see `Shared::put_checkpoint`); taken after the
+        // barrier, which needs the flusher, and the flusher may wait for this gate.
+        let _checkpoints =
+            shared.checkpoint_gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
         // The segment that keeps the truncation point becomes the active one.
         let sealed_target = {
             let state = shared.state.borrow();
@@ -101,7 +105,7 @@ impl Log {
             Ok(header) => header.created_ms,
             Err(error) => return Err(target.corruption(0, CorruptionKind::Format(error))),
         };
-        shared.store_checkpoint(base, cut, true).await?;
+        shared.put_checkpoint(base, cut).await?;
         shared.account_ahead(0);
         let mut state = shared.state.borrow_mut();
         let mark = Mark { offset: new_next, position: cut, max_timestamp };
@@ -149,6 +153,10 @@ impl Log {
         shared.check_usable()?;
         shared.barrier().await?;
         shared.finish_index_writes().await;
+        // Held until the generation is bumped (see `Shared::put_checkpoint`); taken after the
+        // barrier, which needs the flusher, and the flusher may wait for this gate.
+        let _checkpoints =
+            shared.checkpoint_gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
         let doomed: Vec<Rc<SegmentFile>> = {
             let state = shared.state.borrow();
             state
@@ -170,7 +178,7 @@ impl Log {
             let segment = Rc::new(SegmentFile::create(&shared.dir, start, created_ms).await?);
             segment.sync().await?;
             shared.sync_directory().await?;
-            shared.store_checkpoint(start, SEGMENT_HEADER_BYTES, true).await?;
+            shared.put_checkpoint(start, SEGMENT_HEADER_BYTES).await?;
             Ok::<_, StorageError>(segment)
         }
         .await;
