@@ -77,14 +77,16 @@ pub(crate) async fn open_read_write(path: &Path, create_new: bool) -> Result<Dma
 }
 
 /// Writes a small file in full with O_DIRECT (padded to the block size, then truncated to its
-/// length) and syncs it. Used for index files when a segment is sealed.
-pub(crate) async fn write_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
+/// length), and syncs it if `sync`. Index files are not synced: they carry a CRC, and one
+/// lost or torn in a crash is rebuilt from the log.
+pub(crate) async fn write_small_file(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(true);
     let file = options.dma_open(path).await.map_err(|e| StorageError::io("creating", path, glommio_io(e)))?;
     let result = write_block_padded(&file, path, 0, bytes).await;
     let result = match result {
         Ok(()) => match file.truncate(bytes.len() as u64).await {
+            Ok(()) if !sync => Ok(()),
             Ok(()) => file.fdatasync().await.map_err(|e| StorageError::io("syncing", path, glommio_io(e))),
             Err(e) => Err(StorageError::io("truncating", path, glommio_io(e))),
         },
@@ -100,7 +102,7 @@ pub(crate) async fn write_small_file(path: &Path, bytes: &[u8]) -> Result<()> {
 /// replaces). For small files (snapshots, metadata).
 pub async fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    write_small_file(&tmp, bytes).await?;
+    write_small_file(&tmp, bytes, true).await?;
     std::fs::rename(&tmp, path).map_err(|e| StorageError::io("renaming", &tmp, e))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let directory = glommio::io::Directory::open(dir)

@@ -326,8 +326,8 @@ pub(crate) async fn write_index(
     entries: &[IndexEntry],
 ) -> Result<()> {
     let paths = segment.paths();
-    dio::write_small_file(&paths.index, &files::encode_offset_index(summary, entries)).await?;
-    dio::write_small_file(&paths.time_index, &files::encode_time_index(summary, entries)).await?;
+    dio::write_small_file(&paths.index, &files::encode_offset_index(summary, entries), false).await?;
+    dio::write_small_file(&paths.time_index, &files::encode_time_index(summary, entries), false).await?;
     Ok(())
 }
 

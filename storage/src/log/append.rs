@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 
-use super::{failed_error, Active, AppendAck, Appended, Log, Mark, PendingAck, Sealed, PREALLOCATE_STEP_MIN};
+use super::{
+    failed_error, sync_directory, Active, AppendAck, Appended, Log, Mark, PendingAck, Sealed,
+    PREALLOCATE_STEP_MIN,
+};
 use crate::batch::{self, BatchError};
 use crate::cache::CacheEntry;
 use crate::error::{glommio_io, Result, StorageError};
@@ -257,10 +260,19 @@ impl Log {
         let background = self.shared.clone();
         let next_base = summary.next_offset;
         let task = glommio::spawn_local(async move {
+            // In roll order (see `Shared::seal_gate`); closed only with the log.
+            let _seal = background.seal_gate.acquire_permit(1).await;
             let synced = if sync_now { Ok(()) } else { sealed_segment.sync().await };
             match synced {
                 Ok(()) => {
-                    if let Err(error) = background.write_checkpoint(next_base, SEGMENT_HEADER_BYTES).await {
+                    // The checkpoint names the new segment: its directory entry goes first (one
+                    // journal commit on ext4, which the segment's sync has mostly done already),
+                    // and the checkpoint itself needs no sync (see `Shared::write_checkpoint`).
+                    let written = match sync_directory(&background.dir).await {
+                        Ok(()) => background.write_checkpoint(next_base, SEGMENT_HEADER_BYTES, false).await,
+                        Err(error) => Err(error),
+                    };
+                    if let Err(error) = written {
                         tracing::warn!(%error, "could not write the recovery checkpoint");
                     }
                 }

@@ -15,6 +15,7 @@ use super::{failed_error, sync_directory, Mark, Shared, IDLE_RELEASE};
 use crate::appender::WriteBuffer;
 use crate::config::FsyncPolicy;
 use crate::error::{glommio_io, Result, StorageError};
+use crate::files::BLOCK_BYTES;
 use crate::io::align_down;
 use crate::segment::SegmentFile;
 
@@ -214,6 +215,14 @@ impl Flusher {
                         (dma.write_rc_at(buffer.clone(), write.position).await, Some(buffer))
                     }
                     WriteBuffer::Owned(buffer) => (dma.write_at(buffer, write.position).await, None),
+                    WriteBuffer::Rewrite { head, rest } => {
+                        // Both go into the ring together (see `WriteBuffer::Rewrite`).
+                        let (head, rest) = futures::join!(
+                            dma.write_at(head, write.position),
+                            dma.write_at(rest, write.position + BLOCK_BYTES as u64)
+                        );
+                        (head.and_then(|head| Ok(head + rest?)), None)
+                    }
                 };
                 crate::metrics::count(|c| c.writes.observe(issued.elapsed()));
                 let result = match result {
@@ -338,7 +347,9 @@ impl Flusher {
                 };
                 if checkpoint_due && Rc::ptr_eq(segment, &shared.state.borrow().active.file) {
                     shared.checkpoint_busy.set(true);
-                    let result = shared.write_checkpoint(segment.base_offset(), mark.position).await;
+                    // Not synced: the sync just done covers the data, and the segment's directory
+                    // entry was synced before it (`start_sync`, `directory_sync_pending`).
+                    let result = shared.write_checkpoint(segment.base_offset(), mark.position, false).await;
                     shared.checkpoint_busy.set(false);
                     if let Err(error) = result {
                         // A stale checkpoint only makes recovery more lenient.

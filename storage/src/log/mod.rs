@@ -18,13 +18,21 @@
 //!    a reader never sees a record that a crash could take back under the chosen policy.
 //!
 //! # Crash consistency
-//! *What is synced when.* Every segment header is synced, and the directory entry made durable,
-//! before the first batch goes into the segment. A segment is sealed (rolled) only after its
-//! data is synced, its padding truncated away and its index files written and synced; only
-//! then is the next segment created. Sealed segments are therefore complete on disk. The tail
-//! segment is synced per the fsync policy; after a sync the log rewrites, at most every
-//! `checkpoint_interval`, the `checkpoint` file with the tail's *recovery position*: the number
-//! of its bytes covered by a completed `fdatasync`.
+//! *What is synced when.* A new segment's header and directory entry are synced before any
+//! record in it is acknowledged under `fsync=always`, and before a checkpoint names it. A
+//! segment is sealed (rolled) once all its
+//! data is written: its padding is truncated away and the next segment created; then, in the
+//! background and in roll order, the sealed segment is synced (with `fsync=always` it already
+//! was, before the roll), the directory synced, and the checkpoint moved to the new segment,
+//! which vouches for every segment before it. Until then the checkpoint still points into an
+//! older segment and recovery scans from there. The tail segment is synced per the fsync
+//! policy; after a sync the log rewrites, at most every `checkpoint_interval`, the `checkpoint`
+//! file with the tail's *recovery position*: the number of its bytes covered by a completed
+//! `fdatasync`. Forward checkpoints and index files are written without a sync of their own:
+//! everything they vouch for is durable before they are written, a lost one leaves recovery an
+//! older checkpoint (more lenient) or no index (rebuilt), and a torn one fails its CRC. (On
+//! ext4 the journal folds the syncs of one roll into the same commits: the device flushes per
+//! roll did not change measurably, about 4, so this saves system calls, not flushes.)
 //!
 //! *Torn tail versus corruption.* Recovery scans the tail segment batch by batch (lengths,
 //! CRCs, offset continuity). Bytes after the recovery position may be torn by a crash (a write
@@ -232,6 +240,10 @@ struct Shared {
     checkpoint_mark: Cell<(u64, u64)>,
     /// Serialises checkpoint writes (the flusher and background seals both write it).
     checkpoint_gate: Semaphore,
+    /// Serialises the background work of seals in roll order, so that a seal's checkpoint
+    /// (which names the next segment and so vouches for every segment before it) is written
+    /// only after every earlier sealed segment is synced.
+    seal_gate: Semaphore,
     /// Set when the flusher is waiting for the checkpoint write, so close waits for it.
     checkpoint_busy: Cell<bool>,
     /// The current preallocation step and when the last extension happened.
@@ -480,7 +492,17 @@ impl Shared {
     /// Ignored if an equal or later point is already recorded, or if a truncation or reset
     /// replaced the log's files after this was called (the point describes files that are gone:
     /// a checkpoint written from it would point recovery past the log's end).
-    async fn write_checkpoint(&self, tail_base_offset: u64, recovery_position: u64) -> Result<()> {
+    ///
+    /// With `sync` false the checkpoint is written but not synced: a lost or torn checkpoint
+    /// (it carries a CRC) only leaves recovery an older one or none, which is more lenient,
+    /// never wrong, provided everything it covers, the directory entry of its segment
+    /// included, was durable before it was written. Callers that cannot promise that sync.
+    async fn write_checkpoint(
+        &self,
+        tail_base_offset: u64,
+        recovery_position: u64,
+        sync: bool,
+    ) -> Result<()> {
         let generation = self.state.borrow().generation;
         let _permit = self.checkpoint_gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
         if generation != self.state.borrow().generation
@@ -488,19 +510,24 @@ impl Shared {
         {
             return Ok(());
         }
-        self.put_checkpoint(tail_base_offset, recovery_position).await
+        self.put_checkpoint(tail_base_offset, recovery_position, sync).await
     }
 
-    /// Writes and syncs the checkpoint. The caller holds `checkpoint_gate`: a truncation or a
-    /// reset holds it from before it touches the files until its generation is bumped, so no
-    /// forward write from before it can land in between or after it.
-    async fn put_checkpoint(&self, tail_base_offset: u64, recovery_position: u64) -> Result<()> {
+    /// Writes the checkpoint, and syncs it if `sync`. The caller holds `checkpoint_gate`: a
+    /// truncation or a reset holds it from before it touches the files until its generation is
+    /// bumped, so no forward write from before it can land in between or after it. Their
+    /// backward checkpoints are always synced: an older one left by a crash would point past
+    /// the cut.
+    async fn put_checkpoint(&self, tail_base_offset: u64, recovery_position: u64, sync: bool) -> Result<()> {
         let checkpoint = Checkpoint { tail_base_offset, recovery_position, written_ms: now_ms() };
         // Opened for each write (at most every `checkpoint_interval`) rather than held: a
         // partition at rest holds no descriptor.
         let file = open_checkpoint(&self.checkpoint_path).await?;
         let written = async {
             dio::write_block_padded(&file, &self.checkpoint_path, 0, &checkpoint.encode()).await?;
+            if !sync {
+                return Ok(());
+            }
             file.fdatasync()
                 .await
                 .map_err(|e| StorageError::io("syncing", &self.checkpoint_path, glommio_io(e)))
@@ -674,7 +701,7 @@ impl Log {
         segment.truncate(end).await?;
         shared.account_ahead(0);
         segment.sync().await?;
-        shared.write_checkpoint(segment.base_offset(), end).await?;
+        shared.write_checkpoint(segment.base_offset(), end, true).await?;
         shared.gate.close();
         drop(permit);
         Ok(())

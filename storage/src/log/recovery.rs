@@ -185,6 +185,7 @@ impl Log {
                 checkpoint.map_or((0, 0), |c| (c.tail_base_offset, c.recovery_position)),
             ),
             checkpoint_gate: Semaphore::new(1),
+            seal_gate: Semaphore::new(1),
             dir,
             config: Cell::new(config),
             state: RefCell::new(state),

@@ -105,7 +105,7 @@ impl Log {
             Ok(header) => header.created_ms,
             Err(error) => return Err(target.corruption(0, CorruptionKind::Format(error))),
         };
-        shared.put_checkpoint(base, cut).await?;
+        shared.put_checkpoint(base, cut, true).await?;
         shared.account_ahead(0);
         let mut state = shared.state.borrow_mut();
         let mark = Mark { offset: new_next, position: cut, max_timestamp };
@@ -178,7 +178,7 @@ impl Log {
             let segment = Rc::new(SegmentFile::create(&shared.dir, start, created_ms).await?);
             segment.sync().await?;
             shared.sync_directory().await?;
-            shared.put_checkpoint(start, SEGMENT_HEADER_BYTES).await?;
+            shared.put_checkpoint(start, SEGMENT_HEADER_BYTES, true).await?;
             Ok::<_, StorageError>(segment)
         }
         .await;
