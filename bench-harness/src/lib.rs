@@ -97,6 +97,9 @@ pub struct Report {
     /// The machine's CPU while records were sent (warm-up included), all processes: a run whose
     /// `steal_pct` is high ran on a host busy with other guests.
     pub host_cpu: Option<HostCpu>,
+    /// The worst lateness of the load generator's 5 ms timer over the run (µs; see
+    /// [`Sample::client_lag_us`]), warm-up included.
+    pub client_lag_max_us: u64,
     pub timeline: Vec<Sample>,
     #[serde(skip)]
     pub latency_curve: Vec<(f64, u64)>,
@@ -302,6 +305,7 @@ pub fn run(options: Options) -> Result<Report, String> {
         errors: measured.errors,
         first_error: measured.first_error,
         host_cpu: measured.host_cpu,
+        client_lag_max_us: measured.timeline.iter().map(|s| s.client_lag_us).max().unwrap_or(0),
         timeline: measured.timeline,
         latency_curve: stats::percentile_curve(curve_source),
     })
@@ -393,6 +397,7 @@ async fn drive(mode: Mode, workload: Arc<Workload>, quiet: bool) -> Result<Measu
         Mode::E2e => "consumed",
     };
     let sampler = tokio::spawn(stats::sample_timeline(counters.clone(), label, quiet, done.clone()));
+    let probe = tokio::spawn(stats::probe_lag(counters.clone(), done.clone()));
     let clock = Clock::new(&workload);
 
     let mut produce_latency = new_histogram();
@@ -499,6 +504,7 @@ async fn drive(mode: Mode, workload: Arc<Workload>, quiet: bool) -> Result<Measu
     let host_cpu = stats::CpuTimes::now().zip(cpu_started).map(|(now, then)| now.since(&then));
     done.store(1, Ordering::Relaxed);
     let timeline = sampler.await.map_err(|e| e.to_string())?;
+    probe.await.map_err(|e| e.to_string())?;
     // Throughput over the measured window (after warm-up); a run shorter than its warm-up is
     // measured whole.
     let seconds = measured_window(&clock, finished);
@@ -546,6 +552,10 @@ pub fn summary(report: &Report) -> String {
             cpu.busy_pct, cpu.iowait_pct, cpu.steal_pct
         ));
     }
+    out.push_str(&format!(
+        "  load generator's 5 ms timer: at worst {:.1} ms late (a latency stall that shows here too was on the client's side)\n",
+        report.client_lag_max_us as f64 / 1000.0
+    ));
     if report.errors > 0 {
         out.push_str(&format!(
             "  {} records failed: {}\n",

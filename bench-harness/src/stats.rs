@@ -68,6 +68,9 @@ pub struct Counters {
     /// mode, end-to-end in e2e mode. One stall of the broker or of the load generator shows
     /// here as one bad second, where the run's percentiles only say that something was slow.
     pub worst_us: AtomicU64,
+    /// The latest the load generator's own timer fired (µs) since the timeline last sampled
+    /// it, see [`probe_lag`].
+    pub lag_us: AtomicU64,
 }
 
 impl Counters {
@@ -157,6 +160,25 @@ pub struct Sample {
     pub worst_latency_us: u64,
     /// The machine's CPU over the second (`None` without `/proc/stat`).
     pub host_cpu: Option<HostCpu>,
+    /// How late the load generator's 5 ms timer fired at worst in the second (µs): when a
+    /// latency stall shows here too, the load generator's runtime was not running (its thread
+    /// descheduled or busy), so the stall is on the client's side, not the broker's.
+    pub client_lag_us: u64,
+}
+
+/// How often [`probe_lag`] wakes.
+pub const LAG_PROBE_PERIOD: Duration = Duration::from_millis(5);
+
+/// Sleeps [`LAG_PROBE_PERIOD`] again and again on the load generator's runtime until `done`,
+/// noting in `counters.lag_us` how much later than asked each wake-up came. Tokio timers have
+/// a 1 ms resolution, so up to about 1 ms of lateness is the timer's, not a stall.
+pub async fn probe_lag(counters: Arc<Counters>, done: Arc<AtomicU64>) {
+    while done.load(Ordering::Relaxed) == 0 {
+        let asked = Instant::now();
+        tokio::time::sleep(LAG_PROBE_PERIOD).await;
+        let late = asked.elapsed().saturating_sub(LAG_PROBE_PERIOD);
+        counters.lag_us.fetch_max(late.as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Samples the counters every second, printing progress to stderr unless quiet.
@@ -187,16 +209,18 @@ pub async fn sample_timeline(
             mib_per_s: (current.1 - last.1) as f64 / seconds / (1 << 20) as f64,
             worst_latency_us: counters.worst_us.swap(0, Ordering::Relaxed),
             host_cpu,
+            client_lag_us: counters.lag_us.swap(0, Ordering::Relaxed),
         };
         if !quiet {
             let steal =
                 host_cpu.map_or(String::new(), |cpu| format!(", host steal {:>4.1} %", cpu.steal_pct));
             eprintln!(
-                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s, worst latency {:>9.1} ms{steal} ({} records so far)",
+                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s, worst latency {:>9.1} ms, client lag {:>6.1} ms{steal} ({} records so far)",
                 sample.second,
                 sample.records_per_s,
                 sample.mib_per_s,
                 sample.worst_latency_us as f64 / 1000.0,
+                sample.client_lag_us as f64 / 1000.0,
                 current.0
             );
         }
@@ -210,6 +234,28 @@ pub async fn sample_timeline(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A runtime thread that blocks for 40 ms shows as about 40 ms of lag; one that does not, as
+    /// about the timer's resolution.
+    #[test]
+    fn the_lag_probe_sees_a_blocked_runtime() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+        let (quiet, blocked) = runtime.block_on(async {
+            let counters = Arc::new(Counters::default());
+            let done = Arc::new(AtomicU64::new(0));
+            let probe = tokio::spawn(probe_lag(counters.clone(), done.clone()));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let quiet = counters.lag_us.swap(0, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            std::thread::sleep(Duration::from_millis(40));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            done.store(1, Ordering::Relaxed);
+            probe.await.expect("probe");
+            (quiet, counters.lag_us.load(Ordering::Relaxed))
+        });
+        assert!(blocked >= 30_000, "a 40 ms block is seen: {blocked} µs");
+        assert!(quiet < blocked, "an idle runtime lags less: {quiet} vs {blocked} µs");
+    }
 
     #[test]
     fn host_cpu_shares_come_from_proc_stat() {
