@@ -259,11 +259,22 @@ impl Log {
             (segment.clone(), summary.clone(), entries.clone());
         let background = self.shared.clone();
         let next_base = summary.next_offset;
+        // Seal tasks run one after another in roll order: each waits for the one before (see
+        // `Shared::previous_seal`), and until the last is done the flusher moves no checkpoint.
+        let (done, done_here) = futures::channel::oneshot::channel::<()>();
+        let previous = shared.previous_seal.replace(Some(done_here));
+        shared.seals_pending.set(shared.seals_pending.get() + 1);
         let task = glommio::spawn_local(async move {
-            // In roll order (see `Shared::seal_gate`); closed only with the log.
-            let _seal = background.seal_gate.acquire_permit(1).await;
+            if let Some(previous) = previous {
+                // Cancelled only if that task was dropped, with the log.
+                let _ = previous.await;
+            }
             let synced = if sync_now { Ok(()) } else { sealed_segment.sync().await };
+            // A checkpoint naming the new segment vouches for every segment before it: not
+            // after an earlier seal's sync failed.
+            let failed = background.state.borrow().failed.is_some();
             match synced {
+                Ok(()) if failed => {}
                 Ok(()) => {
                     // The checkpoint names the new segment: its directory entry goes first (one
                     // journal commit on ext4, which the segment's sync has mostly done already),
@@ -284,9 +295,16 @@ impl Log {
                     state.failed = Some(error);
                 }
             }
-            if let Err(error) = segment::write_index(&sealed_segment, &index_summary, &index_entries).await {
-                tracing::warn!(%error, "could not write a sealed segment's index; it will be rebuilt on open");
+            // An index vouches for the segment's bytes: only for a synced segment.
+            if !failed && background.state.borrow().failed.is_none() {
+                if let Err(error) =
+                    segment::write_index(&sealed_segment, &index_summary, &index_entries).await
+                {
+                    tracing::warn!(%error, "could not write a sealed segment's index; it will be rebuilt on open");
+                }
             }
+            background.seals_pending.set(background.seals_pending.get() - 1);
+            let _ = done.send(());
         });
         shared.index_writes.borrow_mut().push(task);
         let mut state = shared.state.borrow_mut();

@@ -37,7 +37,8 @@ struct WriteDone {
 type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 
 /// A finished `fdatasync`: of which file, covering which mark.
-type SyncDone = (Rc<SegmentFile>, Mark, std::io::Result<()>);
+/// The log's generation when the sync started: a truncation or reset since makes it stale.
+type SyncDone = (Rc<SegmentFile>, Mark, u64, std::io::Result<()>);
 
 /// The background task of one log: issues writes, syncs, checkpoints; resolves acks.
 pub(super) struct Flusher {
@@ -52,7 +53,7 @@ pub(super) struct Flusher {
 
 enum Event {
     Write(WriteDone),
-    Sync(Rc<SegmentFile>, Mark, std::io::Result<()>),
+    Sync(Rc<SegmentFile>, Mark, u64, std::io::Result<()>),
     Wake,
 }
 
@@ -153,9 +154,9 @@ impl Flusher {
                     }
                 }
                 if let Some(sync) = self.sync.as_mut() {
-                    if let Poll::Ready((segment, mark, result)) = sync.as_mut().poll(cx) {
+                    if let Poll::Ready((segment, mark, generation, result)) = sync.as_mut().poll(cx) {
                         self.sync = None;
-                        return Poll::Ready(Event::Sync(segment, mark, result));
+                        return Poll::Ready(Event::Sync(segment, mark, generation, result));
                     }
                 }
                 if notified.as_mut().poll(cx).is_ready() {
@@ -171,7 +172,9 @@ impl Flusher {
             .await;
             match event {
                 Event::Write(done) => self.write_done(done),
-                Event::Sync(segment, mark, result) => self.sync_done(&segment, mark, result).await,
+                Event::Sync(segment, mark, generation, result) => {
+                    self.sync_done(&segment, mark, generation, result).await
+                }
                 Event::Wake => {}
             }
         }
@@ -304,13 +307,18 @@ impl Flusher {
             return;
         }
         let mark = state.written;
+        let generation = state.generation;
         let segment = state.active.file.clone();
         let shared = self.shared.clone();
         self.sync = Some(Box::pin(async move {
             let mut result = Ok(());
             if shared.directory_sync_pending.get() {
+                // Cleared first: a roll while this sync runs sets it again for its new entry.
+                shared.directory_sync_pending.set(false);
                 result = sync_directory(&shared.dir).await.map_err(StorageError::into_io);
-                shared.directory_sync_pending.set(result.is_err());
+                if result.is_err() {
+                    shared.directory_sync_pending.set(true);
+                }
             }
             if result.is_ok() {
                 result = match segment.file().await {
@@ -323,13 +331,22 @@ impl Flusher {
                     Err(error) => Err(error.into_io()),
                 };
             }
-            (segment, mark, result)
+            (segment, mark, generation, result)
         }));
     }
 
-    async fn sync_done(&mut self, segment: &Rc<SegmentFile>, mark: Mark, result: std::io::Result<()>) {
+    async fn sync_done(
+        &mut self,
+        segment: &Rc<SegmentFile>,
+        mark: Mark,
+        generation: u64,
+        result: std::io::Result<()>,
+    ) {
         let shared = self.shared.clone();
         match result {
+            // A truncation or reset replaced what this sync covered: its mark means nothing now
+            // (it may lie past the new end, and a checkpoint from it past the file's end).
+            Ok(()) if generation != shared.state.borrow().generation => {}
             Ok(()) => {
                 let checkpoint_due = {
                     let mut state = shared.state.borrow_mut();
@@ -345,7 +362,10 @@ impl Flusher {
                         .last_checkpoint
                         .is_none_or(|at| at.elapsed() >= shared.config.get().checkpoint_interval)
                 };
-                if checkpoint_due && Rc::ptr_eq(segment, &shared.state.borrow().active.file) {
+                if checkpoint_due
+                    && shared.seals_pending.get() == 0
+                    && Rc::ptr_eq(segment, &shared.state.borrow().active.file)
+                {
                     shared.checkpoint_busy.set(true);
                     // Not synced: the sync just done covers the data, and the segment's directory
                     // entry was synced before it (`start_sync`, `directory_sync_pending`).

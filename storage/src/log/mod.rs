@@ -19,13 +19,16 @@
 //!
 //! # Crash consistency
 //! *What is synced when.* A new segment's header and directory entry are synced before any
-//! record in it is acknowledged under `fsync=always`, and before a checkpoint names it. A
+//! record in it is acknowledged under `fsync=always`; its directory entry is synced before a
+//! checkpoint names it (a header lost in a crash is written again by recovery). A
 //! segment is sealed (rolled) once all its
 //! data is written: its padding is truncated away and the next segment created; then, in the
-//! background and in roll order, the sealed segment is synced (with `fsync=always` it already
-//! was, before the roll), the directory synced, and the checkpoint moved to the new segment,
-//! which vouches for every segment before it. Until then the checkpoint still points into an
-//! older segment and recovery scans from there. The tail segment is synced per the fsync
+//! background and in roll order (each seal waits for the one before), the sealed segment is
+//! synced (with `fsync=always` it already was, before the roll), the directory synced, and the
+//! checkpoint moved to the new segment, which vouches for every segment before it; after a
+//! failed sync, no later seal moves it. Until then the checkpoint still points into an older
+//! segment (the flusher moves none while a seal is pending) and recovery scans from there. A
+//! sync that a truncation or reset overtook moves nothing. The tail segment is synced per the fsync
 //! policy; after a sync the log rewrites, at most every `checkpoint_interval`, the `checkpoint`
 //! file with the tail's *recovery position*: the number of its bytes covered by a completed
 //! `fdatasync`. Forward checkpoints and index files are written without a sync of their own:
@@ -240,10 +243,13 @@ struct Shared {
     checkpoint_mark: Cell<(u64, u64)>,
     /// Serialises checkpoint writes (the flusher and background seals both write it).
     checkpoint_gate: Semaphore,
-    /// Serialises the background work of seals in roll order, so that a seal's checkpoint
-    /// (which names the next segment and so vouches for every segment before it) is written
-    /// only after every earlier sealed segment is synced.
-    seal_gate: Semaphore,
+    /// Where the newest seal task says it is done: the next one waits for it, so seals run in
+    /// roll order and a seal's checkpoint (which names the next segment and so vouches for
+    /// every segment before it) is written only after every earlier sealed segment is synced.
+    previous_seal: RefCell<Option<futures::channel::oneshot::Receiver<()>>>,
+    /// Seal tasks not yet done. While any is, the flusher writes no checkpoint: one naming the
+    /// active segment would vouch for a sealed segment not yet synced.
+    seals_pending: Cell<u32>,
     /// Set when the flusher is waiting for the checkpoint write, so close waits for it.
     checkpoint_busy: Cell<bool>,
     /// The current preallocation step and when the last extension happened.

@@ -68,44 +68,65 @@ impl Log {
             }
         };
         let base = target.base_offset();
-        let relative = (offset - base) as u32;
-        let entry_index = index.partition_point(|entry| entry.relative_offset <= relative);
-        let from =
-            if entry_index == 0 { SEGMENT_HEADER_BYTES } else { u64::from(index[entry_index - 1].position) };
-        let (cut, new_next) = if offset == base {
-            (SEGMENT_HEADER_BYTES, base)
-        } else {
-            let (position, header) = target.find_batch(from, offset, data_end, size_max).await?;
-            (position, header.base_offset)
-        };
-        for file in &doomed {
-            segment::remove_files(file.paths())?;
+        // From here the files change. An error part way leaves them not matching the state in
+        // memory (segments already gone from it, or the active one cut): the log is failed
+        // until a reopen recovers what the directory holds, as for a failed reset.
+        let rebuilt = async {
+            let relative = (offset - base) as u32;
+            let entry_index = index.partition_point(|entry| entry.relative_offset <= relative);
+            let from = if entry_index == 0 {
+                SEGMENT_HEADER_BYTES
+            } else {
+                u64::from(index[entry_index - 1].position)
+            };
+            let (cut, new_next) = if offset == base {
+                (SEGMENT_HEADER_BYTES, base)
+            } else {
+                let (position, header) = target.find_batch(from, offset, data_end, size_max).await?;
+                (position, header.base_offset)
+            };
+            for file in &doomed {
+                segment::remove_files(file.paths())?;
+            }
+            dio::remove_file(&target.paths().index)?;
+            dio::remove_file(&target.paths().time_index)?;
+            target.truncate(cut).await?;
+            target.sync().await?;
+            shared.sync_directory().await?;
+            // Rebuild the in-memory state of the kept part.
+            let kept: Vec<IndexEntry> =
+                index.iter().copied().filter(|entry| u64::from(entry.position) < cut).collect();
+            let mut max_timestamp = kept.last().map_or(i64::MIN, |entry| entry.max_timestamp_before);
+            let mut position = kept.last().map_or(SEGMENT_HEADER_BYTES, |entry| u64::from(entry.position));
+            while position < cut {
+                let (at, header) = target.find_batch(position, 0, cut, size_max).await?;
+                max_timestamp = max_timestamp.max(header.max_timestamp);
+                position = at + header.total_bytes() as u64;
+            }
+            let tail_block = if cut.is_multiple_of(files::BLOCK_BYTES as u64) {
+                Vec::new()
+            } else {
+                target.read(align_down(cut), (cut - align_down(cut)) as usize).await?.to_vec()
+            };
+            let created_ms = match target.read_header().await? {
+                Ok(header) => header.created_ms,
+                Err(error) => return Err(target.corruption(0, CorruptionKind::Format(error))),
+            };
+            shared.put_checkpoint(base, cut, true).await?;
+            Ok::<_, StorageError>((cut, new_next, max_timestamp, kept, tail_block, created_ms))
         }
-        dio::remove_file(&target.paths().index)?;
-        dio::remove_file(&target.paths().time_index)?;
-        target.truncate(cut).await?;
-        target.sync().await?;
-        shared.sync_directory().await?;
-        // Rebuild the in-memory state of the kept part.
-        let kept: Vec<IndexEntry> =
-            index.iter().copied().filter(|entry| u64::from(entry.position) < cut).collect();
-        let mut max_timestamp = kept.last().map_or(i64::MIN, |entry| entry.max_timestamp_before);
-        let mut position = kept.last().map_or(SEGMENT_HEADER_BYTES, |entry| u64::from(entry.position));
-        while position < cut {
-            let (at, header) = target.find_batch(position, 0, cut, size_max).await?;
-            max_timestamp = max_timestamp.max(header.max_timestamp);
-            position = at + header.total_bytes() as u64;
-        }
-        let tail_block = if cut.is_multiple_of(files::BLOCK_BYTES as u64) {
-            Vec::new()
-        } else {
-            target.read(align_down(cut), (cut - align_down(cut)) as usize).await?.to_vec()
+        .await;
+        let (cut, new_next, max_timestamp, kept, tail_block, created_ms) = match rebuilt {
+            Ok(rebuilt) => rebuilt,
+            Err(error) => {
+                tracing::error!(%error, "truncation failed part way; the log refuses further writes until reopened");
+                let error = Arc::new(error);
+                let mut state = shared.state.borrow_mut();
+                state.fail_everything(&failed_error(&error));
+                state.failed = Some(error.clone());
+                return Err(failed_error(&error));
+            }
         };
-        let created_ms = match target.read_header().await? {
-            Ok(header) => header.created_ms,
-            Err(error) => return Err(target.corruption(0, CorruptionKind::Format(error))),
-        };
-        shared.put_checkpoint(base, cut, true).await?;
         shared.account_ahead(0);
         let mut state = shared.state.borrow_mut();
         let mark = Mark { offset: new_next, position: cut, max_timestamp };
