@@ -290,3 +290,19 @@ pub(crate) fn adjust_ahead(previous: u64, now: u64) {
 pub(crate) fn ahead_room() -> Option<u64> {
     with(|registry| registry.ahead_limit.map(|limit| limit.saturating_sub(registry.ahead))).flatten()
 }
+
+thread_local! {
+    static SYNC_DELAY: std::cell::Cell<std::time::Duration> = const { std::cell::Cell::new(std::time::Duration::ZERO) };
+}
+
+/// For tests: every `fdatasync` a log's flusher starts on this executor thread from now on
+/// waits this long first, so a test can hold a sync in flight while it rolls, truncates or
+/// resets. Zero (the default) waits for nothing.
+#[doc(hidden)]
+pub fn set_flusher_sync_delay(delay: std::time::Duration) {
+    SYNC_DELAY.with(|cell| cell.set(delay));
+}
+
+pub(crate) fn flusher_sync_delay() -> std::time::Duration {
+    SYNC_DELAY.with(std::cell::Cell::get)
+}

@@ -585,3 +585,34 @@ fn racing_rounds(fsync: FsyncPolicy) {
         }
     });
 }
+
+/// A sync that a roll and then a truncation overtake (found in review): with the sync held in
+/// flight, the log rolls and is truncated back into the segment that sync covered. The sync's
+/// completion used to move the synced mark and the recovery checkpoint to its old position,
+/// past the new end, and the log then refused to open ("shorter than its recovery position").
+#[test]
+fn a_sync_overtaken_by_a_truncation_moves_nothing() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let fsync = FsyncPolicy::Interval(std::time::Duration::from_millis(1));
+        let config = LogConfig { checkpoint_interval: std::time::Duration::ZERO, ..config(fsync) };
+        let log = Log::open(&path, config.clone()).await.unwrap();
+        append_acked(&log, &[3, 3], 1).await;
+        skein_storage::handles::set_flusher_sync_delay(std::time::Duration::from_millis(200));
+        append_acked(&log, &[3, 3], 1).await;
+        // The interval sync of everything so far starts and waits (200 ms).
+        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+        log.roll().await.unwrap();
+        assert_eq!(log.truncate(4).await.unwrap(), 3, "the batch holding offset 4 goes");
+        skein_storage::handles::set_flusher_sync_delay(std::time::Duration::ZERO);
+        // The held sync completes after the truncation.
+        glommio::timer::sleep(std::time::Duration::from_millis(400)).await;
+        assert_eq!(log.end_offset(), 3);
+        drop(log);
+        let log = Log::open(&path, config).await.expect("opens after the overtaken sync");
+        assert_eq!(log.end_offset(), 3);
+        assert_eq!(read_all(&log, 0, 1000, u64::MAX).await, (0..3).collect::<Vec<_>>());
+        log.close().await.unwrap();
+    });
+}

@@ -320,6 +320,10 @@ impl Flusher {
                     shared.directory_sync_pending.set(true);
                 }
             }
+            let delay = crate::handles::flusher_sync_delay();
+            if result.is_ok() && !delay.is_zero() {
+                glommio::timer::sleep(delay).await;
+            }
             if result.is_ok() {
                 result = match segment.file().await {
                     Ok(file) => {
