@@ -597,7 +597,7 @@ fn a_sync_overtaken_by_a_truncation_moves_nothing() {
     run(move || async move {
         let fsync = FsyncPolicy::Interval(std::time::Duration::from_millis(1));
         let config = LogConfig { checkpoint_interval: std::time::Duration::ZERO, ..config(fsync) };
-        let log = Log::open(&path, config.clone()).await.unwrap();
+        let log = Log::open(&path, config).await.unwrap();
         append_acked(&log, &[3, 3], 1).await;
         skein_storage::handles::set_flusher_sync_delay(std::time::Duration::from_millis(200));
         append_acked(&log, &[3, 3], 1).await;
