@@ -100,6 +100,8 @@ pub struct Report {
     /// The worst lateness of the load generator's 5 ms timer over the run (µs; see
     /// [`Sample::client_lag_us`]), warm-up included.
     pub client_lag_max_us: u64,
+    /// The same for an embedded broker's shards (`None` for a broker in another process).
+    pub broker_lag_max_us: Option<u64>,
     pub timeline: Vec<Sample>,
     #[serde(skip)]
     pub latency_curve: Vec<(f64, u64)>,
@@ -306,6 +308,7 @@ pub fn run(options: Options) -> Result<Report, String> {
         first_error: measured.first_error,
         host_cpu: measured.host_cpu,
         client_lag_max_us: measured.timeline.iter().map(|s| s.client_lag_us).max().unwrap_or(0),
+        broker_lag_max_us: measured.timeline.iter().filter_map(|s| s.broker_lag_us).max(),
         timeline: measured.timeline,
         latency_curve: stats::percentile_curve(curve_source),
     })
@@ -556,6 +559,12 @@ pub fn summary(report: &Report) -> String {
         "  load generator's 5 ms timer: at worst {:.1} ms late (a latency stall that shows here too was on the client's side)\n",
         report.client_lag_max_us as f64 / 1000.0
     ));
+    if let Some(lag) = report.broker_lag_max_us {
+        out.push_str(&format!(
+            "  embedded broker's shard timers: at worst {:.1} ms late (a stall that shows here too was the broker's executors not running)\n",
+            lag as f64 / 1000.0
+        ));
+    }
     if report.errors > 0 {
         out.push_str(&format!(
             "  {} records failed: {}\n",

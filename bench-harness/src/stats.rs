@@ -164,6 +164,9 @@ pub struct Sample {
     /// latency stall shows here too, the load generator's runtime was not running (its thread
     /// descheduled or busy), so the stall is on the client's side, not the broker's.
     pub client_lag_us: u64,
+    /// The same for the shards of an embedded broker, from their 10 ms wake-up timers (µs;
+    /// absent when the broker runs in another process).
+    pub broker_lag_us: Option<u64>,
 }
 
 /// How often [`probe_lag`] wakes.
@@ -210,12 +213,17 @@ pub async fn sample_timeline(
             worst_latency_us: counters.worst_us.swap(0, Ordering::Relaxed),
             host_cpu,
             client_lag_us: counters.lag_us.swap(0, Ordering::Relaxed),
+            broker_lag_us: skein_broker::metrics::take_in_process_reactor_lag()
+                .map(|lag| lag.as_micros() as u64),
         };
         if !quiet {
             let steal =
                 host_cpu.map_or(String::new(), |cpu| format!(", host steal {:>4.1} %", cpu.steal_pct));
+            let broker = sample
+                .broker_lag_us
+                .map_or(String::new(), |lag| format!(", broker lag {:>6.1} ms", lag as f64 / 1000.0));
             eprintln!(
-                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s, worst latency {:>9.1} ms, client lag {:>6.1} ms{steal} ({} records so far)",
+                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s, worst latency {:>9.1} ms, client lag {:>6.1} ms{broker}{steal} ({} records so far)",
                 sample.second,
                 sample.records_per_s,
                 sample.mib_per_s,
