@@ -1,15 +1,13 @@
 //! Appending: offsets, buffering, back-pressure, preallocation, rolling and flushing.
 
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 
 use super::{
-    failed_error, sync_directory, Active, AppendAck, Appended, Log, Mark, PendingAck, Sealed,
-    PREALLOCATE_STEP_MIN,
+    sync_directory, Active, AppendAck, Appended, Log, Mark, PendingAck, Sealed, PREALLOCATE_STEP_MIN,
 };
 use crate::batch::{self, BatchError};
 use crate::cache::CacheEntry;
@@ -289,14 +287,12 @@ impl Log {
                 }
                 Err(error) => {
                     tracing::error!(%error, "fdatasync of a sealed segment failed; the log refuses further writes until reopened");
-                    let error = Arc::new(error);
-                    let mut state = background.state.borrow_mut();
-                    state.fail_everything(&failed_error(&error));
-                    state.failed = Some(error);
+                    background.state.borrow_mut().fail(error);
                 }
             }
-            // An index vouches for the segment's bytes: only for a synced segment.
-            if !failed && background.state.borrow().failed.is_none() {
+            // An index vouches for the segment's bytes: only for a synced segment (a failed sync,
+            // this one or an earlier one, has failed the log).
+            if background.state.borrow().failed.is_none() {
                 if let Err(error) =
                     segment::write_index(&sealed_segment, &index_summary, &index_entries).await
                 {

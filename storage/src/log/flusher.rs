@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use super::{failed_error, sync_directory, Mark, Shared, IDLE_RELEASE};
+use super::{sync_directory, Mark, Shared, IDLE_RELEASE};
 use crate::appender::WriteBuffer;
 use crate::config::FsyncPolicy;
 use crate::error::{glommio_io, Result, StorageError};
@@ -384,10 +384,7 @@ impl Flusher {
             Err(error) => {
                 let error = StorageError::io("syncing", segment.path(), error);
                 tracing::error!(%error, "fdatasync failed; the log refuses further writes until reopened");
-                let mut state = shared.state.borrow_mut();
-                let error = Arc::new(error);
-                state.fail_everything(&failed_error(&error));
-                state.failed = Some(error);
+                shared.state.borrow_mut().fail(error);
             }
         }
         shared.progress.notify_all();
@@ -419,9 +416,7 @@ impl Flusher {
             Ok(tail_block) => tail_block,
             Err(cleanup_error) => {
                 tracing::error!(%cleanup_error, "could not cut the segment back after a failed write");
-                let failed = Arc::new(cleanup_error);
-                state.fail_everything(&failed_error(&failed));
-                state.failed = Some(failed);
+                state.fail(cleanup_error);
                 drop(state);
                 shared.progress.notify_all();
                 return;

@@ -34,8 +34,9 @@
 //! `fdatasync`. Forward checkpoints and index files are written without a sync of their own:
 //! everything they vouch for is durable before they are written, a lost one leaves recovery an
 //! older checkpoint (more lenient) or no index (rebuilt), and a torn one fails its CRC. (On
-//! ext4 the journal folds the syncs of one roll into the same commits: the device flushes per
-//! roll did not change measurably, about 4, so this saves system calls, not flushes.)
+//! ext4 the journal folds the syncs of one roll into the same commits: a 10 s produce at
+//! 325 K records/s made 199 device flushes before and 193–197 after, in groups at the rolls, so
+//! this saves system calls, not flushes.)
 //!
 //! *Torn tail versus corruption.* Recovery scans the tail segment batch by batch (lengths,
 //! CRCs, offset continuity). Bytes after the recovery position may be torn by a crash (a write
@@ -428,6 +429,16 @@ impl State {
                 index += 1;
             }
         }
+    }
+
+    /// Fails the log until it is reopened: every waiting ack and barrier gets the error, and
+    /// so does everything after ([`StorageError::Failed`]). Returns that error.
+    fn fail(&mut self, error: StorageError) -> StorageError {
+        let error = Arc::new(error);
+        let failed = failed_error(&error);
+        self.fail_everything(&failed);
+        self.failed = Some(error);
+        failed
     }
 
     fn fail_everything(&mut self, error: &StorageError) {

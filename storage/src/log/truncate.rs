@@ -1,9 +1,8 @@
 //! Truncation: removing the tail of the log from an offset on.
 
 use std::rc::Rc;
-use std::sync::Arc;
 
-use super::{failed_error, Active, Log, Mark, FREE_BUFFERS_MAX};
+use super::{Active, Log, Mark, FREE_BUFFERS_MAX};
 use crate::appender::Appender;
 use crate::error::{CorruptionKind, Result, StorageError};
 use crate::files::{self, IndexEntry, SEGMENT_HEADER_BYTES};
@@ -120,11 +119,7 @@ impl Log {
             Ok(rebuilt) => rebuilt,
             Err(error) => {
                 tracing::error!(%error, "truncation failed part way; the log refuses further writes until reopened");
-                let error = Arc::new(error);
-                let mut state = shared.state.borrow_mut();
-                state.fail_everything(&failed_error(&error));
-                state.failed = Some(error.clone());
-                return Err(failed_error(&error));
+                return Err(shared.state.borrow_mut().fail(error));
             }
         };
         shared.account_ahead(0);
@@ -209,11 +204,7 @@ impl Log {
                 // The files no longer match the state in memory: refuse writes until a reopen
                 // recovers whatever the directory holds now.
                 tracing::error!(%error, "reset failed part way; the log refuses further writes until reopened");
-                let error = Arc::new(error);
-                let mut state = shared.state.borrow_mut();
-                state.fail_everything(&failed_error(&error));
-                state.failed = Some(error.clone());
-                return Err(failed_error(&error));
+                return Err(shared.state.borrow_mut().fail(error));
             }
         };
         shared.account_ahead(0);
