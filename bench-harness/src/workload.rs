@@ -60,7 +60,11 @@ impl Clock {
     }
 
     pub fn expired(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.expired_at(Instant::now())
+    }
+
+    pub fn expired_at(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
     }
 }
 
@@ -170,7 +174,7 @@ pub async fn produce(
         }
         if sent.is_multiple_of(CLOCK_EVERY) {
             now = Instant::now();
-            if clock.deadline.is_some_and(|deadline| now >= deadline) {
+            if clock.expired_at(now) {
                 break;
             }
         }
