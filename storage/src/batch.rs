@@ -688,9 +688,22 @@ impl Iterator for BatchSplitter {
 /// let record = batch.records().next().unwrap().unwrap();
 /// assert_eq!(record.value.as_deref(), Some(&b"value"[..]));
 /// ```
+/// Records a [`BatchBuilder`] takes into its running CRC at a time (a few of the `crc32c`
+/// crate's 24 KiB three-way chunks; well within a core's L2 cache).
+const CRC_STEP_BYTES: usize = 64 << 10;
+
 #[derive(Debug)]
 pub struct BatchBuilder {
     buf: BytesMut,
+    /// CRC32C of the records in `buf[BATCH_HEADER_BYTES..crc_end]`, taken every
+    /// [`CRC_STEP_BYTES`] of records while those bytes are still in the CPU's cache: `finish`
+    /// then reads only the header and the last step, and combines (`crate::crc::combine`). A
+    /// CRC over the whole batch at the end read it back from memory, often after the batch
+    /// waited for a request slot: 12 % of a flat-out producer's CPU samples (cold, the CRC ran
+    /// at about 14 GB/s here). A CRC per record was no cheaper: at 1 KiB a call is too short
+    /// for the CPU's three CRC units to run in parallel.
+    records_crc: u32,
+    crc_end: usize,
     record_count: u32,
     first_timestamp: i64,
     max_timestamp: i64,
@@ -717,6 +730,8 @@ impl BatchBuilder {
         buf.put_bytes(0, BATCH_HEADER_BYTES);
         BatchBuilder {
             buf,
+            records_crc: 0,
+            crc_end: BATCH_HEADER_BYTES,
             record_count: 0,
             first_timestamp: 0,
             max_timestamp: 0,
@@ -839,6 +854,10 @@ impl BatchBuilder {
             self.buf.put_slice(header_key.as_bytes());
             self.put_nullable(*header_value);
         }
+        if self.buf.len() - self.crc_end >= CRC_STEP_BYTES {
+            self.records_crc = crc32c::crc32c_append(self.records_crc, &self.buf[self.crc_end..]);
+            self.crc_end = self.buf.len();
+        }
         self.record_count += 1;
     }
 
@@ -868,7 +887,11 @@ impl BatchBuilder {
             .copy_from_slice(&self.base_sequence.to_le_bytes());
         header[field::RECORD_COUNT..field::RECORD_COUNT + 4]
             .copy_from_slice(&self.record_count.to_le_bytes());
-        let crc = compute_crc(&self.buf);
+        let records_crc = crc32c::crc32c_append(self.records_crc, &self.buf[self.crc_end..]);
+        let records_len = total - BATCH_HEADER_BYTES;
+        let header_crc = crc32c::crc32c(&self.buf[CRC_START..BATCH_HEADER_BYTES]);
+        let crc = crate::crc::combine(header_crc, records_crc, records_len);
+        debug_assert_eq!(crc, compute_crc(&self.buf), "the combined CRC is the batch's");
         self.buf[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_le_bytes());
         self.buf
     }
@@ -901,6 +924,30 @@ mod tests {
             builder.push(1_700_000_000_000 + timestamp, key.as_deref(), value.as_deref(), &headers);
         }
         builder.finish()
+    }
+
+    #[test]
+    fn a_batch_of_many_crc_steps_carries_the_crc_of_its_bytes() {
+        // Records of odd sizes across several `CRC_STEP_BYTES` steps, so steps end mid-record
+        // and at unaligned positions; and producer fields set after the records.
+        for (records, size) in [(1usize, 3usize), (70, 1000), (300, 1031), (5, 100_000), (2000, 77)] {
+            let mut builder = BatchBuilder::with_capacity(64);
+            let value: Vec<u8> = (0..size).map(|i| (i * 31 + records) as u8).collect();
+            for i in 0..records {
+                builder.push(
+                    1_700_000_000_000 + i as i64,
+                    Some(b"k"),
+                    Some(&value[..size - i % 3.min(size)]),
+                    &[],
+                );
+            }
+            builder.set_producer(9, 1, 5);
+            let bytes = builder.finish();
+            let stored = u32::from_le_bytes(bytes[field::CRC..field::CRC + 4].try_into().unwrap());
+            assert_eq!(stored, crc32c::crc32c(&bytes[CRC_START..]), "{records} records of {size} B");
+            let (batch, _) = Batch::from_bytes(bytes.freeze(), 1 << 24).unwrap();
+            assert_eq!(batch.records().count(), records);
+        }
     }
 
     proptest! {

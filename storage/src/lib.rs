@@ -63,6 +63,8 @@
 //! ```
 
 pub mod batch;
+/// CRC32C combine of a concatenation's parts (for `batch::BatchBuilder`).
+mod crc;
 pub mod files;
 pub mod varint;
 

@@ -117,17 +117,7 @@ pub(crate) struct Accumulator {
 
 impl Accumulator {
     pub fn seal(&mut self, partition: u32, batch: OpenBatch) {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.ready.push_back(SealedBatch {
-            id,
-            topic: batch.topic,
-            partition,
-            builder: batch.builder,
-            waiters: batch.waiters,
-            memory: batch.memory,
-            created: batch.created,
-        });
+        seal(&mut self.ready, &mut self.next_id, partition, batch);
     }
 
     /// Seals the batches that waited `linger` (all of them with `force`); returns the earliest
@@ -155,6 +145,22 @@ impl Accumulator {
         }
         next
     }
+}
+
+/// Moves `batch` to the ready queue with the next seal id (a free function, so a caller can
+/// seal while it holds a borrow of the open batches).
+pub(crate) fn seal(ready: &mut VecDeque<SealedBatch>, next_id: &mut u64, partition: u32, batch: OpenBatch) {
+    let id = *next_id;
+    *next_id += 1;
+    ready.push_back(SealedBatch {
+        id,
+        topic: batch.topic,
+        partition,
+        builder: batch.builder,
+        waiters: batch.waiters,
+        memory: batch.memory,
+        created: batch.created,
+    });
 }
 
 #[cfg(test)]

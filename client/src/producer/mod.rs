@@ -236,6 +236,15 @@ impl Waiter {
     }
 }
 
+/// What the producer keeps of a topic's metadata: read once per record, so parsed once (the
+/// configs' `max.message.bytes` was searched and parsed for every record).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KnownTopic {
+    partitions: u32,
+    /// `max.message.bytes` (8 MiB if the broker did not say), at most `buffer_bytes`.
+    record_bytes_max: usize,
+}
+
 pub(crate) struct Shared {
     client: Client,
     config: ProducerConfig,
@@ -245,7 +254,7 @@ pub(crate) struct Shared {
     wake: tokio::sync::Notify,
     /// Bytes of records buffered or in flight.
     memory: Semaphore,
-    topics: Mutex<FastMap<String, Arc<crate::TopicInfo>>>,
+    topics: Mutex<FastMap<String, KnownTopic>>,
     /// The idempotent producer's id and epoch, as the sender last learnt them.
     identity: watch::Sender<Identity>,
 }
@@ -288,13 +297,20 @@ impl Producer {
         Producer { shared }
     }
 
-    async fn topic(&self, name: &str) -> Result<Arc<crate::TopicInfo>> {
-        if let Some(info) = self.shared.topics.lock().expect("not poisoned").get(name) {
-            return Ok(info.clone());
+    async fn topic(&self, name: &str) -> Result<KnownTopic> {
+        if let Some(known) = self.shared.topics.lock().expect("not poisoned").get(name) {
+            return Ok(*known);
         }
         let info = self.shared.client.topic(name).await?;
-        self.shared.topics.lock().expect("not poisoned").insert(name.to_owned(), info.clone());
-        Ok(info)
+        let known = KnownTopic {
+            partitions: info.partitions,
+            record_bytes_max: info
+                .max_message_bytes()
+                .unwrap_or(8 << 20)
+                .min(self.shared.config.buffer_bytes),
+        };
+        self.shared.topics.lock().expect("not poisoned").insert(name.to_owned(), known);
+        Ok(known)
     }
 
     /// Queues a record; the returned future resolves once it is acknowledged. Waits if
@@ -341,7 +357,7 @@ impl Producer {
         let shared = &self.shared;
         let topic = self.topic(&record.topic).await?;
         let size = record.encoded_size();
-        let limit = topic.max_message_bytes().unwrap_or(8 << 20).min(shared.config.buffer_bytes);
+        let limit = topic.record_bytes_max;
         if size + BATCH_HEADER_BYTES > limit {
             return Err(ClientError::RecordTooLarge { size, limit });
         }
@@ -376,39 +392,37 @@ impl Producer {
                 (Some(partition), _) => partition,
                 (None, Some(key)) => crc32c::crc32c(key) % topic.partitions,
                 (None, None) => {
-                    let spread = &shared.config;
-                    if !accumulator.sticky.contains_key(&*record.topic) {
-                        let start = (now_ms() as u64 % u64::from(topic.partitions)) as u32;
-                        accumulator.sticky.insert(record.topic.to_string(), (start, 0));
+                    // One lookup when the topic is known (this runs for every record).
+                    let sticky = match accumulator.sticky.get_mut(&*record.topic) {
+                        Some(sticky) => sticky,
+                        None => {
+                            let start = (now_ms() as u64 % u64::from(topic.partitions)) as u32;
+                            accumulator.sticky.entry(record.topic.to_string()).or_insert((start, 0))
+                        }
+                    };
+                    if sticky.1 >= batch_bytes || sticky.0 >= topic.partitions {
+                        sticky.0 = (sticky.0 + 1) % topic.partitions;
+                        sticky.1 = 0;
                     }
-                    let entry = accumulator.sticky.get_mut(&*record.topic).expect("inserted above");
-                    if entry.1 >= batch_bytes.min(spread.batch_bytes) || entry.0 >= topic.partitions {
-                        entry.0 = (entry.0 + 1) % topic.partitions;
-                        entry.1 = 0;
-                    }
-                    entry.1 += size;
-                    entry.0
+                    sticky.1 += size;
+                    sticky.0
                 }
             };
             if !accumulator.open.contains_key(&*record.topic) {
                 accumulator.open.insert(record.topic.to_string(), Vec::new());
             }
-            let slots = accumulator.open.get_mut(&*record.topic).expect("inserted above");
+            let Accumulator { open, ready, next_id, .. } = &mut *accumulator;
+            let slots = open.get_mut(&*record.topic).expect("inserted above");
             if slots.len() < topic.partitions as usize {
                 slots.resize_with(topic.partitions as usize, PartitionSlot::default);
             }
+            let slot = &mut slots[partition as usize];
             let mut wake = false;
-            if slots[partition as usize]
-                .batch
-                .as_ref()
-                .is_some_and(|b| b.builder.size_bytes() + size > batch_bytes)
-            {
-                let full = slots[partition as usize].take().expect("checked");
-                accumulator.seal(partition, full);
+            if slot.batch.as_ref().is_some_and(|b| b.builder.size_bytes() + size > batch_bytes) {
+                let full = slot.take().expect("checked");
+                accumulator::seal(ready, next_id, partition, full);
                 wake = true;
             }
-            let slots = accumulator.open.get_mut(&*record.topic).expect("inserted above");
-            let slot = &mut slots[partition as usize];
             if slot.batch.is_none() {
                 wake = true; // a new batch: its linger starts
                 slot.batch = Some(OpenBatch {
@@ -425,8 +439,8 @@ impl Producer {
             batch.waiters.push(Waiter { completion, timestamp });
             batch.memory += size;
             if batch.builder.size_bytes() >= batch_bytes {
-                let full = slots[partition as usize].take().expect("just used");
-                accumulator.seal(partition, full);
+                let full = slot.take().expect("just used");
+                accumulator::seal(ready, next_id, partition, full);
                 wake = true;
             }
             wake
