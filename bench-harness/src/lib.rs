@@ -102,6 +102,9 @@ pub struct Report {
     pub client_lag_max_us: u64,
     /// The same for an embedded broker's shards (`None` for a broker in another process).
     pub broker_lag_max_us: Option<u64>,
+    /// The slowest segment write of an embedded broker over the run (µs; see
+    /// [`Sample::broker_write_max_us`]), warm-up included.
+    pub broker_write_max_us: Option<u64>,
     pub timeline: Vec<Sample>,
     #[serde(skip)]
     pub latency_curve: Vec<(f64, u64)>,
@@ -309,6 +312,7 @@ pub fn run(options: Options) -> Result<Report, String> {
         host_cpu: measured.host_cpu,
         client_lag_max_us: measured.timeline.iter().map(|s| s.client_lag_us).max().unwrap_or(0),
         broker_lag_max_us: measured.timeline.iter().filter_map(|s| s.broker_lag_us).max(),
+        broker_write_max_us: measured.timeline.iter().filter_map(|s| s.broker_write_max_us).max(),
         timeline: measured.timeline,
         latency_curve: stats::percentile_curve(curve_source),
     })
@@ -563,6 +567,12 @@ pub fn summary(report: &Report) -> String {
         out.push_str(&format!(
             "  embedded broker's shard timers: at worst {:.1} ms late (a stall that shows here too was the broker's executors not running)\n",
             lag as f64 / 1000.0
+        ));
+    }
+    if let Some(write) = report.broker_write_max_us {
+        out.push_str(&format!(
+            "  embedded broker's slowest segment write: {:.1} ms (a stall that shows here too waited on the disk)\n",
+            write as f64 / 1000.0
         ));
     }
     if report.errors > 0 {

@@ -167,6 +167,10 @@ pub struct Sample {
     /// The same for the shards of an embedded broker, from their 10 ms wake-up timers (µs;
     /// absent when the broker runs in another process).
     pub broker_lag_us: Option<u64>,
+    /// The slowest O_DIRECT segment write of an embedded broker that completed in the second
+    /// (µs, handed to the ring to completion seen; absent when the broker runs in another
+    /// process or nothing was written): a latency stall that shows here too waited on the disk.
+    pub broker_write_max_us: Option<u64>,
 }
 
 /// How often [`probe_lag`] wakes.
@@ -215,6 +219,8 @@ pub async fn sample_timeline(
             client_lag_us: counters.lag_us.swap(0, Ordering::Relaxed),
             broker_lag_us: skein_broker::metrics::take_in_process_reactor_lag()
                 .map(|lag| lag.as_micros() as u64),
+            broker_write_max_us: skein_storage::metrics::take_in_process_write_max()
+                .map(|write| write.as_micros() as u64),
         };
         if !quiet {
             let steal =
@@ -222,8 +228,11 @@ pub async fn sample_timeline(
             let broker = sample
                 .broker_lag_us
                 .map_or(String::new(), |lag| format!(", broker lag {:>6.1} ms", lag as f64 / 1000.0));
+            let write = sample
+                .broker_write_max_us
+                .map_or(String::new(), |us| format!(", slowest write {:>6.1} ms", us as f64 / 1000.0));
             eprintln!(
-                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s, worst latency {:>9.1} ms, client lag {:>6.1} ms{broker}{steal} ({} records so far)",
+                "[{:>6.1}s] {label}: {:>12.0} records/s {:>9.1} MiB/s, worst latency {:>9.1} ms, client lag {:>6.1} ms{broker}{write}{steal} ({} records so far)",
                 sample.second,
                 sample.records_per_s,
                 sample.mib_per_s,

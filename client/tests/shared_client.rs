@@ -83,3 +83,44 @@ async fn the_consumer_is_a_stream_of_records() {
     expected.sort();
     assert_eq!(values, expected);
 }
+
+/// A loop of sends that all find buffer room never waits, so on a current-thread runtime the
+/// producer's sender task and connections (same thread) could not run until the loop ended
+/// or the buffer filled: nothing sent, nothing acknowledged, for as long as the loop ran.
+/// Each send counts against tokio's cooperative budget, so the loop yields every 128 sends
+/// and records are acknowledged while it still runs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_tight_send_loop_lets_the_producer_send_and_acknowledge_meanwhile() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let broker = embedded::Embedded::start();
+    let client = Client::connect(ClientConfig::new(broker.addr())).await.unwrap();
+    Admin::new(client.clone()).create_topic("tight", 2, &[]).await.unwrap();
+    let producer = Producer::new(client, ProducerConfig::default().linger(Duration::ZERO));
+    let acked = Arc::new(AtomicU64::new(0));
+    // 300,000 records of 100 bytes stay well within the 64 MiB buffer: no send waits for room.
+    let records = 300_000u64;
+    let started = Instant::now();
+    let mut acked_during_loop = 0;
+    for i in 0..records {
+        let counter = acked.clone();
+        producer
+            .send_with_callback(ProducerRecord::new("tight", vec![i as u8; 100]), move |result| {
+                result.expect("acknowledged");
+                counter.fetch_add(1, Ordering::Relaxed);
+            })
+            .await
+            .unwrap();
+        if i == records - 1 {
+            acked_during_loop = acked.load(Ordering::Relaxed);
+        }
+    }
+    let loop_took = started.elapsed();
+    producer.flush().await.unwrap();
+    assert_eq!(acked.load(Ordering::Relaxed), records, "every record acknowledged after the flush");
+    assert!(
+        acked_during_loop > 0,
+        "no record was acknowledged during a send loop of {loop_took:?}: the loop kept the thread"
+    );
+}

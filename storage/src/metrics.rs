@@ -6,6 +6,7 @@
 //! histograms add up bucket by bucket).
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the latency buckets: 50 µs to 10 s, roughly ×2–2.5 apart.
@@ -76,9 +77,41 @@ pub(crate) fn count(f: impl FnOnce(&mut StorageCounters)) {
     let _ = COUNTERS.try_with(|counters| f(&mut counters.borrow_mut()));
 }
 
+/// The slowest segment write of any shard in this process since the last
+/// [`take_in_process_write_max`], in µs plus one (0: none). One relaxed `fetch_max` per
+/// write (thousands a second), shared by the shards: a diagnostic, read once a second.
+static IN_PROCESS_WRITE_MAX_US: AtomicU64 = AtomicU64::new(0);
+
+/// Notes one segment write's time (from being handed to the ring to its completion seen).
+pub(crate) fn note_write(elapsed: Duration) {
+    count(|c| c.writes.observe(elapsed));
+    IN_PROCESS_WRITE_MAX_US.fetch_max(elapsed.as_micros() as u64 + 1, Ordering::Relaxed);
+}
+
+/// The slowest segment write of the logs in this process since the last call (`None` if none
+/// completed since). For a load generator with an embedded broker: a latency stall that
+/// shows here too was spent waiting on the disk (the device, or the kernel's I/O path).
+pub fn take_in_process_write_max() -> Option<Duration> {
+    match IN_PROCESS_WRITE_MAX_US.swap(0, Ordering::Relaxed) {
+        0 => None,
+        plus_one => Some(Duration::from_micros(plus_one - 1)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_slowest_write_is_seen_in_process_once() {
+        note_write(Duration::from_millis(2));
+        note_write(Duration::from_millis(9));
+        note_write(Duration::from_millis(4));
+        // Other tests' logs may write too: the worst is at least this one's.
+        let worst = take_in_process_write_max().expect("writes were noted");
+        assert!(worst >= Duration::from_millis(9), "{worst:?}");
+        assert!(COUNTERS.with(|c| c.borrow().writes.count) >= 3);
+    }
 
     #[test]
     fn observations_land_in_their_bucket_and_merge() {

@@ -250,6 +250,10 @@ impl Sender {
             self.request_producer_id();
         }
         loop {
+            self.shared.sender_ran_us.store(
+                self.shared.started.elapsed().as_micros() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let (next_linger, closing) = self.take_sealed();
             let now = Instant::now();
             self.fire_timers(now);

@@ -227,7 +227,7 @@ impl Flusher {
                         (head.and_then(|head| Ok(head + rest?)), None)
                     }
                 };
-                crate::metrics::count(|c| c.writes.observe(issued.elapsed()));
+                crate::metrics::note_write(issued.elapsed());
                 let result = match result {
                     Ok(written) if written == expected => Ok(()),
                     // A short write: the device ran out of space part way.
