@@ -25,6 +25,21 @@
 //!
 //! A record that fails carries the error: [`ClientError::DeliveryTimeout`] (with the last
 //! error seen) when its deadline passed, or the broker's refusal.
+//!
+//! # Runtime
+//! The sender is a task on the tokio runtime that made the producer; `send` only queues. A
+//! send that finds buffer room returns at once, so a loop of sends yields to the sender only
+//! when it must: a send that seals a batch yields once if the sender has not run for 1 ms
+//! (on a current-thread runtime the loop would otherwise hold the thread until the buffer
+//! filled, sending nothing). On a multi-thread runtime the sender runs beside the loop.
+//!
+//! # Cost per record
+//! A flat-out producer of 1 KiB records uses about 0.7 µs of CPU per record. That covers the
+//! copy into its batch, the batch CRC, the socket write, and the acknowledgement callback
+//! (2.0–2.3 s of task-clock per 3 M records, bench harness included, on this machine's AMD
+//! EPYC). The CRC is taken 64 KiB at a time while the bytes are still in cache (see
+//! `skein_storage::batch::BatchBuilder`). A topic's metadata is looked up once per record,
+//! parsed once per topic.
 
 mod accumulator;
 pub mod sender;
