@@ -185,7 +185,7 @@ fn count_on_disk(data_dir: &Path) -> (u64, u64) {
 
 /// Descriptors a shard opens for a moment (a recovery checkpoint, index files, a range being
 /// sent with `sendfile`, a directory sync), on top of its budget of segment files.
-const FILES_TRANSIENT_PER_SHARD: u64 = 64;
+pub(crate) const FILES_TRANSIENT_PER_SHARD: u64 = 64;
 /// The smallest budget of segment files a shard can work with.
 pub const OPEN_FILES_MIN_PER_SHARD: u64 = 16;
 

@@ -586,8 +586,17 @@ async fn run_shard(
     Ok(())
 }
 
-/// Logs closed at once at shutdown (each writes, syncs and checkpoints through io_uring).
-const CLOSING_AT_ONCE: usize = 64;
+/// Descriptors one log's close may hold at once: its producer snapshot's temporary file and
+/// its directory, then its segment file (reopened if the budget had closed it), its recovery
+/// checkpoint and its directory.
+const FILES_PER_CLOSE: u64 = 4;
+
+/// Logs closed at once at shutdown (each writes, syncs and checkpoints through io_uring): as
+/// many as the shard's allowance of transient descriptors covers, beside a budget of segment
+/// files that may be full. 64 at once overran an open-files limit of 1024 with 2000 partitions
+/// (`cli/tests/many_partitions.rs`, once in a full test run: EMFILE writing producer
+/// snapshots at the stop).
+const CLOSING_AT_ONCE: usize = (crate::preflight::FILES_TRANSIENT_PER_SHARD / FILES_PER_CLOSE) as usize;
 
 /// Writes the producer snapshots and closes every log of the shard (flushed and synced).
 async fn close_logs(shard: &Shard) {
