@@ -70,7 +70,11 @@ start_broker() {
 }
 trap 'kill $broker_pid 2>/dev/null || true' EXIT
 start_broker
-"$bench" produce --bootstrap "$addr" --topic consume-test --messages "$messages" --message-size 1000 --batch-bytes 1000000 --quiet >/dev/null
+# This fill is also the produce row against a broker process (how users run one), next to the
+# embedded produce row above.
+echo "== produce-process"
+"$bench" produce --bootstrap "$addr" --broker-fsync never --topic consume-test --messages "$messages" --message-size 1000 \
+  --batch-bytes 1000000 --quiet --json "$out/produce-process.json" --chart "$out/produce-process.svg"
 kill $broker_pid; wait $broker_pid 2>/dev/null || true
 start_broker
 for pass in cold warm; do
@@ -112,6 +116,7 @@ def lat(l): return "—" if not l else f"{l['p50']} / {l['p90']} / {l['p99']} / 
 quic = load("quic-bulk")
 rows = [
     ("produce, fsync=never, acks=all", "produce-never", iperf, "iperf3"),
+    ("produce into a broker process of its own, fsync=never, acks=all (1000-byte records, batches of about 1 MB)", "produce-process", iperf, "iperf3"),
     ("produce over QUIC (a connection per shard), fsync=never, acks=all", "produce-quic", quic["tokio_mib_per_s"], "quinn bulk"),
     ("produce over QUIC (one connection), fsync=never, acks=all", "produce-quic-one", quic["tokio_mib_per_s"], "quinn bulk"),
     ("produce, fsync=always, acks=all", "produce-always", fio, "fio"),
