@@ -207,7 +207,7 @@ fn encoded(bytes: &[u8], encoding: Encoding) -> (serde_json::Value, Option<&'sta
 fn json(record: &ConsumerRecord, encoding: Encoding) -> serde_json::Value {
     use serde_json::{Map, Value};
     let mut object = Map::new();
-    object.insert("topic".into(), record.topic.clone().into());
+    object.insert("topic".into(), (*record.topic).into());
     object.insert("partition".into(), record.partition.into());
     object.insert("offset".into(), record.offset.into());
     object.insert("timestamp".into(), record.timestamp.into());

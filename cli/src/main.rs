@@ -1151,7 +1151,7 @@ async fn consume(args: ConsumeArgs) -> Result<(), String> {
                 break;
             }
             format.write(&mut out, &record).map_err(|e| e.to_string())?;
-            printed.insert(TopicPartition::new(record.topic.as_str(), record.partition), record.offset + 1);
+            printed.insert(TopicPartition::new(record.topic.clone(), record.partition), record.offset + 1);
             seen += 1;
         }
         out.flush().map_err(|e| e.to_string())?;

@@ -71,7 +71,7 @@ impl Consumer {
         let key = TopicPartition::new(topic, partition);
         let offset = self.fetcher.resolve(std::slice::from_ref(&key), to).await?[0];
         self.fetcher.positions.insert(key, offset);
-        self.fetcher.buffered.retain(|r| !(r.topic == topic && r.partition == partition));
+        self.fetcher.buffered.retain(|r| !(*r.topic == *topic && r.partition == partition));
         self.fetcher.cancel_prefetch();
         Ok(())
     }

@@ -8,6 +8,7 @@
 //! error ([`ClientError::Corrupt`]), never skipped.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -76,7 +77,9 @@ pub enum SeekTo {
 /// A record read from a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRecord {
-    pub topic: String,
+    /// Shared by the records of a fetch (as a `ProducerRecord`'s is): a `String` per record
+    /// was an allocation and a copy for every record consumed.
+    pub topic: Arc<str>,
     pub partition: u32,
     pub offset: u64,
     pub timestamp: i64,
@@ -258,6 +261,7 @@ impl Fetcher {
     /// Decodes a fetch response into the buffer and advances positions.
     pub(crate) async fn absorb(&mut self, response: FetchResponse<Bytes>) -> Result<()> {
         for topic in response.topics {
+            let name: Arc<str> = Arc::from(topic.name.as_str());
             for partition in topic.partitions {
                 let key = TopicPartition::new(topic.name.as_str(), partition.partition);
                 let Some(&position) = self.positions.get(&key) else { continue };
@@ -328,7 +332,7 @@ impl Fetcher {
                             continue;
                         }
                         self.buffered.push_back(ConsumerRecord {
-                            topic: topic.name.clone(),
+                            topic: name.clone(),
                             partition: partition.partition,
                             offset: record.offset,
                             timestamp: record.timestamp,
