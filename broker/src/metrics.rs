@@ -161,22 +161,18 @@ pub fn note_timer_lateness(late: Duration) {
         let (stalls, worst) = reactor.get();
         reactor.set((stalls + u64::from(late >= STALL_THRESHOLD), worst.max(late)));
     });
-    IN_PROCESS_LAG_US.fetch_max(late.as_micros() as u64 + 1, Ordering::Relaxed);
+    IN_PROCESS_LAG.note(late);
 }
 
-/// The worst lateness of any shard's wake-up timer in this process since the last call, plus
-/// one µs (0: no shard ticked since, or none runs here).
-static IN_PROCESS_LAG_US: AtomicU64 = AtomicU64::new(0);
+/// The worst lateness of any shard's wake-up timer in this process since the last take.
+static IN_PROCESS_LAG: skein_storage::metrics::MaxSince = skein_storage::metrics::MaxSince::new();
 
 /// How late, at worst, the wake-up timers of the shards running in this process fired since
 /// the last call (`None` if none ticked since: no broker runs in this process). For a load
 /// generator with an embedded broker: a latency stall that shows here was the broker's
 /// executors not running (a long task, a blocking call, the thread descheduled).
 pub fn take_in_process_reactor_lag() -> Option<Duration> {
-    match IN_PROCESS_LAG_US.swap(0, Ordering::Relaxed) {
-        0 => None,
-        plus_one => Some(Duration::from_micros(plus_one - 1)),
-    }
+    IN_PROCESS_LAG.take()
 }
 
 /// One partition as a scrape sees it.

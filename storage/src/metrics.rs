@@ -77,25 +77,49 @@ pub(crate) fn count(f: impl FnOnce(&mut StorageCounters)) {
     let _ = COUNTERS.try_with(|counters| f(&mut counters.borrow_mut()));
 }
 
-/// The slowest segment write of any shard in this process since the last
-/// [`take_in_process_write_max`], in µs plus one (0: none). One relaxed `fetch_max` per
-/// write (thousands a second), shared by the shards: a diagnostic, read once a second.
-static IN_PROCESS_WRITE_MAX_US: AtomicU64 = AtomicU64::new(0);
+/// The longest of some durations noted by any thread of the process since the last
+/// [`MaxSince::take`]: one relaxed `fetch_max` per note, for diagnostics read once a second
+/// (the bench harness's per-second timeline). Holds µs plus one, so 0 means none noted.
+pub struct MaxSince(AtomicU64);
+
+impl MaxSince {
+    pub const fn new() -> MaxSince {
+        MaxSince(AtomicU64::new(0))
+    }
+
+    pub fn note(&self, elapsed: Duration) {
+        self.0.fetch_max(elapsed.as_micros() as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// The longest noted since the last call (`None` if nothing was).
+    pub fn take(&self) -> Option<Duration> {
+        match self.0.swap(0, Ordering::Relaxed) {
+            0 => None,
+            plus_one => Some(Duration::from_micros(plus_one - 1)),
+        }
+    }
+}
+
+impl Default for MaxSince {
+    fn default() -> MaxSince {
+        MaxSince::new()
+    }
+}
+
+/// The slowest segment write of any shard in this process (thousands of writes a second).
+static IN_PROCESS_WRITE_MAX: MaxSince = MaxSince::new();
 
 /// Notes one segment write's time (from being handed to the ring to its completion seen).
 pub(crate) fn note_write(elapsed: Duration) {
     count(|c| c.writes.observe(elapsed));
-    IN_PROCESS_WRITE_MAX_US.fetch_max(elapsed.as_micros() as u64 + 1, Ordering::Relaxed);
+    IN_PROCESS_WRITE_MAX.note(elapsed);
 }
 
 /// The slowest segment write of the logs in this process since the last call (`None` if none
 /// completed since). For a load generator with an embedded broker: a latency stall that
 /// shows here too was spent waiting on the disk (the device, or the kernel's I/O path).
 pub fn take_in_process_write_max() -> Option<Duration> {
-    match IN_PROCESS_WRITE_MAX_US.swap(0, Ordering::Relaxed) {
-        0 => None,
-        plus_one => Some(Duration::from_micros(plus_one - 1)),
-    }
+    IN_PROCESS_WRITE_MAX.take()
 }
 
 #[cfg(test)]
