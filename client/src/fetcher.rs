@@ -263,7 +263,7 @@ impl Fetcher {
         for topic in response.topics {
             let name: Arc<str> = Arc::from(topic.name.as_str());
             for partition in topic.partitions {
-                let key = TopicPartition::new(topic.name.as_str(), partition.partition);
+                let key = TopicPartition::new(name.clone(), partition.partition);
                 let Some(&position) = self.positions.get(&key) else { continue };
                 tracing::trace!(
                     %key,

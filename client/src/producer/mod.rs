@@ -278,8 +278,8 @@ pub(crate) struct Shared {
     identity: watch::Sender<Identity>,
     /// When the sender task last started a round, in µs since `started` (see
     /// `Producer::enqueue`).
-    pub(crate) sender_ran_us: std::sync::atomic::AtomicU64,
-    pub(crate) started: std::time::Instant,
+    sender_ran_us: std::sync::atomic::AtomicU64,
+    started: Instant,
 }
 
 /// What the producer knows of its producer id.
@@ -316,7 +316,7 @@ impl Producer {
             topics: Mutex::new(FastMap::default()),
             identity: watch::Sender::new(Identity::Unknown),
             sender_ran_us: std::sync::atomic::AtomicU64::new(0),
-            started: std::time::Instant::now(),
+            started: Instant::now(),
         });
         tokio::spawn(sender::run(shared.clone()));
         Producer { shared }

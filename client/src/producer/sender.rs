@@ -250,12 +250,10 @@ impl Sender {
             self.request_producer_id();
         }
         loop {
-            self.shared.sender_ran_us.store(
-                self.shared.started.elapsed().as_micros() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
             let (next_linger, closing) = self.take_sealed();
             let now = Instant::now();
+            let ran_us = now.duration_since(self.shared.started).as_micros() as u64;
+            self.shared.sender_ran_us.store(ran_us, std::sync::atomic::Ordering::Relaxed);
             self.fire_timers(now);
             if now >= self.next_sweep {
                 self.sweep(now);
