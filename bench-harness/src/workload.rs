@@ -120,19 +120,28 @@ struct StatsInner {
     latency: Histogram<u64>,
     failed: u64,
     first_error: Option<String>,
-    /// Not yet added to the shared counters: records, of them measured, the worst latency.
-    pending: (u64, u64, u64),
+    /// Not yet added to the shared counters.
+    pending: Pending,
     pending_since: Instant,
+}
+
+/// Acknowledgements a [`ProducerStats`] has not yet added to the shared counters.
+#[derive(Default)]
+struct Pending {
+    records: u64,
+    /// Of them, sent after the warm-up.
+    measured: u64,
+    worst_us: u64,
 }
 
 impl StatsInner {
     fn flush(&mut self, counters: &Counters, message_size: u64, now: Instant) {
         self.pending_since = now;
-        let (records, measured, worst) = std::mem::take(&mut self.pending);
+        let Pending { records, measured, worst_us } = std::mem::take(&mut self.pending);
         if records > 0 {
             counters.add(records - measured, (records - measured) * message_size, false);
             counters.add(measured, measured * message_size, true);
-            counters.note_latency(worst);
+            counters.note_latency(worst_us);
         }
     }
 }
@@ -143,11 +152,11 @@ impl ProducerStats {
         match result {
             Ok(_) => {
                 let now = Instant::now();
-                inner.pending.0 += 1;
+                inner.pending.records += 1;
                 if sent_at >= self.measure_from {
                     let micros = now.saturating_duration_since(sent_at).as_micros().max(1) as u64;
-                    inner.pending.1 += 1;
-                    inner.pending.2 = inner.pending.2.max(micros);
+                    inner.pending.measured += 1;
+                    inner.pending.worst_us = inner.pending.worst_us.max(micros);
                     let _ = inner.latency.record(micros);
                 }
                 if now.saturating_duration_since(inner.pending_since) >= COUNTERS_EVERY {
@@ -197,7 +206,7 @@ pub async fn produce(
             latency: new_histogram(),
             failed: 0,
             first_error: None,
-            pending: (0, 0, 0),
+            pending: Pending::default(),
             pending_since: Instant::now(),
         }),
         counters,
@@ -213,7 +222,7 @@ pub async fn produce(
             loop {
                 tick.tick().await;
                 let mut inner = stats.inner.lock().expect("not poisoned");
-                if inner.pending.0 > 0 {
+                if inner.pending.records > 0 {
                     inner.flush(&stats.counters, stats.message_size, Instant::now());
                 }
             }
