@@ -93,10 +93,12 @@ peak=$(json "$out/produce-never.json" 'int(d["records_per_s"])')
 half=$((peak / 2))
 run latency-never produce --duration 10 --rate "$half" --linger-ms 0 --fsync never
 # End to end, the load generator gets both CPUs (it produces and consumes). Measured after a
-# 3 s warm-up: a fresh broker's first second (its tail caches' first touch of up to 512 MiB,
-# new segment files) left the consumer a backlog that took seconds to drain at 80-96 % CPU, so
-# with 1 s the row measured the broker's start, not half load (2026-12-04, 594 K records/s: p99
-# 104 and 127 ms with 1 s, 20.2 and 15.6 ms with 3 s). The timeline keeps the warm-up seconds.
+# 3 s warm-up: a fresh broker's first second (client 31 ms, shards 22 ms and the slowest write
+# 32 ms late in one run; its tail caches fill up to 512 MiB of fresh pages first, while a warm
+# broker took 17, 34 623 and 15 page faults in three produces of 3 M records) left the consumer a backlog that
+# took seconds to drain at 80-96 % CPU, so with 1 s the row measured the broker's start, not
+# half load (2026-12-04, 594 K records/s: p99 104 and 127 ms with 1 s, 20.2 and 15.6 ms with
+# 3 s). The timeline keeps the warm-up seconds.
 run e2e-never e2e --duration 10 --warmup 3 --rate "$half" --linger-ms 0 --fsync never --client-threads 2
 run e2e-quarter e2e --duration 10 --warmup 3 --rate "$((peak / 4))" --linger-ms 0 --fsync never --client-threads 2
 peak_always=$(json "$out/produce-always.json" 'int(d["records_per_s"])')

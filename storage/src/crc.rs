@@ -1,8 +1,9 @@
 //! CRC32C of a concatenation from the CRCs of its parts, in O(log n) multiplications.
 //!
 //! The `crc32c` crate's own `crc32c_combine` is zlib's old GF(2) matrix method: it squares a
-//! 32×32 bit matrix for every bit of the length, about 10 µs for a 256 KiB part, which made it
-//! cost as much as the CRC it was meant to save (1.6 % of a QUIC produce's CPU samples). This
+//! 32×32 bit matrix for every bit of the length, 9–16 µs a call for a 256 KiB part against
+//! 0.3 µs here (20,000 calls of each in a loop, same results), which made it cost as much as
+//! the CRC it was meant to save (1.6 % of a QUIC produce's CPU samples). This
 //! is zlib 1.2.12's method: multiply by x^(8·len) modulo the polynomial, with x^(2^k) taken from
 //! a table built at compile time, so a combine is one polynomial multiplication (32 shifts and
 //! XORs) per set bit of `len`.
