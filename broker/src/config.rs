@@ -108,9 +108,82 @@ impl BrokerConfig {
             ..defaults
         }
     }
+}
 
-    /// Connections each shard accepts.
-    pub fn connections_per_shard(&self) -> usize {
-        self.connections_max.div_ceil(self.cores).max(1)
+/// The client connections of the whole broker against `connections_max`, TCP and QUIC
+/// together, whichever shard accepted them. A shared count (one atomic add at accept and one
+/// subtract at close, never on a request's path): a limit split evenly between shards would
+/// refuse a connection while the broker is under its limit whenever the kernel's
+/// `SO_REUSEPORT` hash lands more connections on one shard than on another.
+#[derive(Debug)]
+pub struct ConnectionSlots {
+    open: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl ConnectionSlots {
+    pub fn new(max: usize) -> std::sync::Arc<ConnectionSlots> {
+        std::sync::Arc::new(ConnectionSlots { open: std::sync::atomic::AtomicUsize::new(0), max: max.max(1) })
+    }
+
+    /// A slot for one more connection, or `None` at the limit. The slot is given back when
+    /// dropped.
+    pub fn take(self: &std::sync::Arc<Self>) -> Option<ConnectionSlot> {
+        use std::sync::atomic::Ordering;
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < self.max).then_some(open + 1))
+            .ok()
+            .map(|_| ConnectionSlot(self.clone()))
+    }
+
+    /// Connections open now, all shards together.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// One admitted connection's place under `connections_max`.
+#[derive(Debug)]
+pub struct ConnectionSlot(std::sync::Arc<ConnectionSlots>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod connection_slots_tests {
+    use super::ConnectionSlots;
+
+    #[test]
+    fn slots_stop_at_the_limit_and_come_back_when_dropped() {
+        let slots = ConnectionSlots::new(2);
+        let first = slots.take().expect("first");
+        let second = slots.take().expect("second");
+        assert!(slots.take().is_none(), "a third is over the limit");
+        assert_eq!(slots.open(), 2);
+        drop(first);
+        assert_eq!(slots.open(), 1);
+        let third = slots.take().expect("a slot given back is taken again");
+        assert!(slots.take().is_none());
+        drop((second, third));
+        assert_eq!(slots.open(), 0);
+    }
+
+    #[test]
+    fn slots_are_shared_between_threads() {
+        let slots = ConnectionSlots::new(1000);
+        let taken: Vec<_> = (0..4)
+            .map(|_| {
+                let slots = slots.clone();
+                std::thread::spawn(move || (0..400).filter_map(|_| slots.take()).collect::<Vec<_>>())
+            })
+            .collect();
+        let taken: Vec<_> = taken.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        assert_eq!(taken.len(), 1000, "exactly the limit, across threads");
+        assert_eq!(slots.open(), 1000);
+        drop(taken);
+        assert_eq!(slots.open(), 0);
     }
 }

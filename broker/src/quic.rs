@@ -590,7 +590,7 @@ pub async fn serve(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
             incoming.refuse();
             break;
         }
-        if shard.connections.get() >= shard.config.connections_per_shard() {
+        let Some(slot) = shard.connection_slots.take() else {
             shard.metrics.connections_refused.set(shard.metrics.connections_refused.get() + 1);
             // As over TCP, the client is told why: its first request is answered with
             // `TooManyConnections`. That costs a handshake, so a flood past
@@ -607,13 +607,14 @@ pub async fn serve(shard: Rc<Shard>, endpoint: quinn::Endpoint) {
             })
             .detach();
             continue;
-        }
+        };
         shard.metrics.connections_accepted.set(shard.metrics.connections_accepted.get() + 1);
         shard.connections.set(shard.connections.get() + 1);
         let served = shard.clone();
         glommio::spawn_local(async move {
             serve_connection(&served, incoming).await;
             served.connections.set(served.connections.get() - 1);
+            drop(slot);
         })
         .detach();
     }

@@ -89,6 +89,8 @@ struct Phase {
     /// Every shard recovered: bind the listeners.
     listen: AtomicBool,
     stop: Arc<AtomicBool>,
+    /// Client connections, all shards together, against `connections_max`.
+    connections: Arc<crate::config::ConnectionSlots>,
 }
 
 /// A running broker. Dropping it without [`RunningBroker::stop`] stops it too.
@@ -230,7 +232,11 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mesh: MeshBuilder<MeshMessage, _> = MeshBuilder::full(cores, 1024);
     let stop = Arc::new(AtomicBool::new(false));
-    let phase = Arc::new(Phase { listen: AtomicBool::new(false), stop: stop.clone() });
+    let phase = Arc::new(Phase {
+        listen: AtomicBool::new(false),
+        stop: stop.clone(),
+        connections: crate::config::ConnectionSlots::new(config.connections_max),
+    });
     let (events, event_receiver) = mpsc::channel::<(usize, ShardEvent)>();
     let mut executors = Vec::with_capacity(cores);
     let mut store = Some((store, producer_ids));
@@ -448,7 +454,7 @@ async fn run_shard(
     };
     assert_eq!(senders.peer_id(), id, "mesh peers are numbered in executor creation order");
     tracing::debug!(shard = id, "joined");
-    let shard = Rc::new(Shard::new(id, config.clone(), senders, controller));
+    let shard = Rc::new(Shard::new(id, config.clone(), senders, controller, phase.connections.clone()));
     // Test builds only: a shard that dies during recovery (the start must stop and say so).
     #[cfg(debug_assertions)]
     if std::env::var("SKEIN_TEST_PANIC_SHARD").is_ok_and(|v| v == id.to_string()) {
@@ -550,17 +556,18 @@ async fn run_shard(
                     break;
                 }
                 let peer = stream.peer_addr().ok();
-                if shard.connections.get() >= shard.config.connections_per_shard() {
+                let Some(slot) = shard.connection_slots.take() else {
                     shard.metrics.connections_refused.set(shard.metrics.connections_refused.get() + 1);
                     glommio::spawn_local(connection::refuse(stream, peer)).detach();
                     continue;
-                }
+                };
                 shard.metrics.connections_accepted.set(shard.metrics.connections_accepted.get() + 1);
                 shard.connections.set(shard.connections.get() + 1);
                 let served = shard.clone();
                 glommio::spawn_local(async move {
                     connection::serve(served.clone(), stream).await;
                     served.connections.set(served.connections.get() - 1);
+                    drop(slot);
                 })
                 .detach();
             }

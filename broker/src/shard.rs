@@ -215,7 +215,10 @@ pub struct Shard {
     controller: RefCell<Option<FileMetadataStore>>,
     /// Serialises topic changes on the controller.
     controller_gate: glommio::sync::Semaphore,
+    /// Connections this shard serves now.
     pub connections: Cell<usize>,
+    /// The broker's connections against `connections_max`, every shard's together.
+    pub connection_slots: std::sync::Arc<crate::config::ConnectionSlots>,
     /// What this shard did, for `/metrics` (see [`crate::metrics`]).
     pub metrics: crate::metrics::ShardMetrics,
     pub shutting_down: Cell<bool>,
@@ -231,6 +234,7 @@ impl Shard {
         config: Rc<BrokerConfig>,
         senders: Senders<MeshMessage>,
         controller: Option<(FileMetadataStore, ProducerIdAllocator)>,
+        connection_slots: std::sync::Arc<crate::config::ConnectionSlots>,
     ) -> Shard {
         let advertised = (config.listen.ip().to_string(), config.listen.port());
         let (controller, producer_ids) = match controller {
@@ -254,6 +258,7 @@ impl Shard {
             controller: RefCell::new(controller),
             controller_gate: glommio::sync::Semaphore::new(1),
             connections: Cell::new(0),
+            connection_slots,
             metrics: crate::metrics::ShardMetrics::default(),
             shutting_down: Cell::new(false),
             advertised: RefCell::new(advertised),

@@ -568,7 +568,9 @@ async fn after_a_restart_with_more_shards_requests_follow_the_partitions_to_thei
 
 /// Over the connection limit a QUIC connection gets the error a TCP one gets
 /// (`TooManyConnections`, not a bare transport refusal), and the connections within the limit
-/// keep serving. The limit is per shard (1 each here), so each client picks its shard.
+/// keep serving. The limit is the broker's, whichever shards hold the connections: two on
+/// shard 0 fill a limit of 2, and shard 1 then refuses too; a closed connection gives its place
+/// back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_connection_limit_a_quic_client_is_told_too_many_connections() {
     let broker = quic_broker(&["--connections-max", "2"]);
@@ -583,12 +585,29 @@ async fn over_the_connection_limit_a_quic_client_is_told_too_many_connections() 
             .connect_timeout(Duration::from_secs(3))
     };
     let first = Client::connect(on_shard(0)).await.expect("within the limit");
-    let refused = Client::connect(on_shard(0)).await.expect_err("shard 0 holds its one connection");
+    let second = Client::connect(on_shard(0)).await.expect("the limit is the broker's, not shard 0's");
+    let refused = Client::connect(on_shard(1)).await.expect_err("the broker holds its two connections");
     assert_eq!(refused.code(), Some(skein_net::ErrorCode::TooManyConnections), "{refused}");
-    let other = Client::connect(on_shard(1)).await.expect("shard 1 has room");
-    for client in [&first, &other] {
+    for client in [&first, &second] {
         client.metadata(None).await.expect("still served");
     }
+    drop(first);
+    let started = std::time::Instant::now();
+    let third = loop {
+        match Client::connect(on_shard(1)).await {
+            Ok(client) => break client,
+            Err(error) => {
+                assert_eq!(error.code(), Some(skein_net::ErrorCode::TooManyConnections), "{error}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the closed connection's place came back"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    third.metadata(None).await.expect("served in the place given back");
+    second.metadata(None).await.expect("still served");
 }
 
 /// A bad frame on a QUIC stream ends that stream only, as it ends a TCP connection: the other
