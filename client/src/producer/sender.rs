@@ -41,7 +41,8 @@
 //! (`Sender::connected`, `Event::ShardConnected`), and every other partition keeps sending.
 //! A partition's shard is looked up again whenever the client learnt a new placement
 //! ([`Client::placement`]: a broker restarted with another number of shards), before the
-//! partition's next batches go out (`Sender::replace`).
+//! partition's next batches go out, once none of its batches is in flight on the old shard's
+//! connection (`Sender::replace`).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
@@ -374,10 +375,13 @@ impl Sender {
         (shard, placement)
     }
 
-    /// Looks `queue`'s shard up again if the placement changed since it was.
+    /// Looks `queue`'s shard up again if the placement changed since it was, once none of its
+    /// batches is in flight: while some are, the partition stays on the connection they went
+    /// on (a stale shard costs a hop inside the broker). Moved at once, its next batch could
+    /// overtake them on the other connection and be refused as out of order, to be resent.
     fn replace(&mut self, queue: usize) {
-        if self.queues[queue].placement != self.shared.client.placement() {
-            let q = &self.queues[queue];
+        let q = &self.queues[queue];
+        if q.in_flight == 0 && q.placement != self.shared.client.placement() {
             let (shard, placement) = self.shard_of(&q.topic, q.partition);
             let q = &mut self.queues[queue];
             if q.shard != shard {
