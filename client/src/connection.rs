@@ -217,6 +217,16 @@ pub struct Connection {
     /// The version of each API (by key) to send, negotiated from the broker's ApiVersions
     /// answer; `None` until then (requests go at this build's newest version).
     versions: std::sync::OnceLock<Vec<Option<u16>>>,
+    /// The task reading responses: stopped when the connection is dropped, so a connection
+    /// given up on (a request timed out on it) does not keep its socket open while the kernel
+    /// retransmits into a silent network.
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Connection {
@@ -276,10 +286,11 @@ impl Connection {
         });
 
         let reader_pending = pending.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let error = read_responses(&mut reader, &reader_pending).await;
             fail_all(&reader_pending, error);
-        });
+        })
+        .abort_handle();
 
         Ok(Connection {
             addr: addr.to_owned(),
@@ -289,6 +300,7 @@ impl Connection {
             in_flight: Arc::new(Semaphore::new(in_flight_max)),
             request_timeout,
             versions: std::sync::OnceLock::new(),
+            reader,
         })
     }
 
@@ -354,10 +366,16 @@ impl Connection {
             self.forget(correlation);
             return Err(ClientError::ConnectionLost("connection closed".into()));
         }
+        // A fetch may wait at the broker for up to its `max_wait_ms` before it is answered: its
+        // timeout starts after that.
+        let timeout = match request {
+            Request::Fetch(fetch) => self.request_timeout + Duration::from_millis(fetch.max_wait_ms.into()),
+            _ => self.request_timeout,
+        };
         Ok(ResponseFuture {
             receiver,
-            timeout: Box::pin(tokio::time::sleep(self.request_timeout)),
-            request_timeout: self.request_timeout,
+            timeout: Box::pin(tokio::time::sleep(timeout)),
+            request_timeout: timeout,
             pending: self.pending.clone(),
             correlation,
             _permit: permit,
@@ -402,9 +420,18 @@ impl std::future::Future for ResponseFuture {
             );
         }
         if self.timeout.as_mut().poll(cx).is_ready() {
+            // No answer in time: the connection is given up, as Kafka's client does, and every
+            // other request on it fails as on a lost connection (to be retried on a new one).
+            // Kept, a connection into a silent network (a partition, a peer gone without a
+            // reset) would take every retry into the same silence until the kernel gave up on
+            // it, minutes later, and after a long partition TCP's backed-off retransmissions
+            // would resume it only long after a new connection could have been made.
             if let Some(map) = self.pending.lock().expect("not poisoned").as_mut() {
                 map.remove(&self.correlation);
             }
+            let reason =
+                format!("no answer to a request within {:?}: connection given up", self.request_timeout);
+            fail_all(&self.pending, ClientError::ConnectionLost(reason));
             return Poll::Ready(Err(ClientError::Timeout(self.request_timeout)));
         }
         Poll::Pending

@@ -89,6 +89,11 @@ pub struct ClientConfig {
     pub bootstrap: String,
     pub client_id: String,
     pub connect_timeout: Duration,
+    /// How long a request waits for its answer (a fetch: this beyond its `max_wait_ms`). A
+    /// request that gets none fails with [`ClientError::Timeout`] and its connection is given
+    /// up, as Kafka's client does: the other requests on it fail as on a lost connection
+    /// (retried on a new one), since a connection into a silent network would otherwise take
+    /// every retry into the same silence (`cli/tests/silent_network.rs`).
     pub request_timeout: Duration,
     /// How long a request keeps being retried after a lost or refused connection (a broker
     /// restart) before it fails: [`Client::request`] reconnects and sends it again.
