@@ -4,6 +4,8 @@
 //! it held. The client must give up on the silent connections, make new ones once the link is
 //! back, and resend; the bytes the old connections held arrive late at the broker. Every send
 //! must be acknowledged (none is allowed to fail), and every record read back once, in order.
+//! And a consumer-group member behind such a link: the broker expires it, another member takes
+//! its partitions, and it rejoins once the link is back.
 
 mod common;
 
@@ -165,5 +167,158 @@ async fn after_a_silent_link_outlasts_the_request_timeout_every_record_arrives_o
         "RELIABILITY silent-link: 6 s of TCP silence (request timeout 2 s), {held} bytes held and delivered late, {} new connections; the 3,000 records sent into it acknowledged {:.1} s after the link came back, all 6,000 read once and in order",
         accepted - accepted_before,
         acknowledged_in.as_secs_f64()
+    );
+}
+
+/// What a group member's polling task saw, shared with the test.
+#[derive(Default)]
+struct Seen {
+    values: Vec<u32>,
+    partitions: Vec<u32>,
+    poll_errors: u64,
+    commit_errors: u64,
+}
+
+/// Polls `consumer` (subscribed), and commits after each poll if `commit`, until `stop`,
+/// noting what it read and which partitions it holds.
+fn member(
+    mut consumer: Consumer,
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+    commit: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Acquire) {
+            let polled = consumer.poll(Duration::from_millis(200)).await;
+            let committed = if commit { consumer.commit().await } else { Ok(()) };
+            let mut seen = seen.lock().unwrap();
+            match polled {
+                Ok(records) => seen.values.extend(records.iter().map(|r| {
+                    std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse::<u32>().unwrap()
+                })),
+                Err(_) => seen.poll_errors += 1,
+            }
+            if committed.is_err() {
+                seen.commit_errors += 1;
+            }
+            seen.partitions = consumer.assignment().iter().map(|tp| tp.partition).collect();
+        }
+    })
+}
+
+async fn produce_range(client: &Client, from: u32, to: u32) {
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    send_all_to(&producer, "work", from, to).await;
+}
+
+async fn send_all_to(producer: &Producer, topic: &str, from: u32, to: u32) {
+    let mut pending = Vec::new();
+    for i in from..to {
+        let record = ProducerRecord::new(topic.to_owned(), format!("{i}")).partition(i % 4);
+        pending.push(producer.send(record).await.unwrap());
+    }
+    for delivery in pending {
+        delivery.await.expect("acknowledged");
+    }
+}
+
+/// Waits until `check` holds, or panics with `what` after `limit`.
+async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not happen within {limit:?}");
+}
+
+/// A group member behind a link that goes silent for longer than its session timeout: the
+/// broker expires it and the other member takes all the partitions and reads everything
+/// produced meanwhile, while the silenced member, its heartbeats unanswered for a session,
+/// drops its partitions; once the link is back it rejoins and gets partitions again.
+/// Nothing produced is missed by the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_a_silent_link_is_replaced_and_rejoins_once_it_is_back() {
+    let broker = Broker::start(&[]);
+    let proxy = SilentProxy::start(broker.addr.clone()).await;
+    let direct = broker.client().await;
+    Admin::new(direct.clone()).create_topic("work", 4, &[]).await.unwrap();
+    produce_range(&direct, 0, 2000).await;
+
+    let group = || skein_client::GroupConfig::new("workers").session_timeout(Duration::from_secs(2));
+    let behind = Client::connect(
+        ClientConfig::new(proxy.addr.clone())
+            .request_timeout(Duration::from_secs(1))
+            .connect_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let mut consumers = Vec::new();
+    for client in [behind, direct.clone()] {
+        let mut consumer = Consumer::new(client, ConsumerConfig::default());
+        consumer.subscribe(&["work"], group()).await.unwrap();
+        consumers.push(consumer);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (a, b) = (Arc::new(Mutex::new(Seen::default())), Arc::new(Mutex::new(Seen::default())));
+    // The member behind the link does not commit: a commit into the silence would hold its
+    // loop for the client's retry timeout, and with it this test's view of its partitions.
+    let direct_member = member(consumers.pop().unwrap(), b.clone(), stop.clone(), true);
+    let proxied_member = member(consumers.pop().unwrap(), a.clone(), stop.clone(), false);
+    let held = |seen: &Arc<Mutex<Seen>>| seen.lock().unwrap().partitions.len();
+    let union = |from: u32, to: u32| {
+        let (a, b) = (a.lock().unwrap(), b.lock().unwrap());
+        (from..to).all(|i| a.values.contains(&i) || b.values.contains(&i))
+    };
+    eventually(Duration::from_secs(30), "both members hold partitions and the group read 0..2000", || {
+        held(&a) > 0 && held(&b) > 0 && union(0, 2000)
+    })
+    .await;
+
+    // The link goes silent for 8 s, four session timeouts; records keep coming.
+    proxy.set_silent(true);
+    let silenced = Instant::now();
+    produce_range(&direct, 2000, 4000).await;
+    let took_over =
+        eventually(Duration::from_secs(20), "the other member holds all 4 partitions", || held(&b) == 4)
+            .await;
+    // And the silenced member knows it is no member any more: it dropped its partitions
+    // (it does not go on reading them beside the other member).
+    let dropped =
+        eventually(Duration::from_secs(20), "the silenced member dropped its partitions", || held(&a) == 0)
+            .await;
+    eventually(Duration::from_secs(20), "the other member read what came meanwhile", || {
+        let b = b.lock().unwrap();
+        (2000..4000).all(|i| b.values.contains(&i))
+    })
+    .await;
+    let silent_for = Duration::from_secs(8).saturating_sub(silenced.elapsed());
+    tokio::time::sleep(silent_for).await;
+    proxy.set_silent(false);
+
+    // Back: the member rejoins and gets partitions again; what comes next is read by the group.
+    let rejoined =
+        eventually(Duration::from_secs(30), "the member behind the link holds partitions again", || {
+            held(&a) > 0 && held(&b) < 4
+        })
+        .await;
+    produce_range(&direct, 4000, 6000).await;
+    eventually(Duration::from_secs(30), "the group read everything produced", || union(0, 6000)).await;
+    stop.store(true, Ordering::Release);
+    let _ = tokio::time::timeout(Duration::from_secs(10), direct_member).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), proxied_member).await;
+    let a = a.lock().unwrap();
+    assert!(
+        !(2000..4000).any(|i| a.values.contains(&i)),
+        "the silenced member read none of the records produced in the silence: the other member read and committed them"
+    );
+    eprintln!(
+        "RELIABILITY silent-member: session timeout 2 s, 8 s of silence: the other member held all 4 partitions {:.1} s after the silence began, the silenced one had dropped its own {:.1} s after it and held partitions again {:.1} s after the link came back ({} poll errors on its side meanwhile); the group read all 6,000 records",
+        took_over.as_secs_f64(),
+        (took_over + dropped).as_secs_f64(),
+        rejoined.as_secs_f64(),
+        a.poll_errors,
     );
 }

@@ -89,8 +89,9 @@ pub enum RebalanceEvent {
     Assigned(Vec<TopicPartition>),
     /// Given up in a rebalance (committed first with automatic commit).
     Revoked(Vec<TopicPartition>),
-    /// The membership was lost (session expired, broker restarted): the partitions were
-    /// dropped without a commit and the consumer rejoins.
+    /// The membership was lost (session expired, broker restarted, or no heartbeat answered
+    /// for a session timeout): the partitions were dropped without a commit and the consumer
+    /// rejoins.
     Lost(Vec<TopicPartition>),
 }
 
@@ -141,6 +142,9 @@ async fn run_heartbeats(
     wake: Arc<tokio::sync::Notify>,
 ) {
     let mut interval = Duration::from_millis(500);
+    // When the coordinator last answered a heartbeat: past the session timeout without an
+    // answer, the coordinator has removed this member and handed its partitions to others.
+    let mut answered = tokio::time::Instant::now();
     loop {
         let request = {
             let state = shared.lock().expect("not poisoned");
@@ -161,8 +165,15 @@ async fn run_heartbeats(
             }
         };
         if let Some(request) = request {
-            match heartbeat(&client, request).await {
+            // A heartbeat waits at most a session timeout for its answer (not the client's
+            // request timeout, 30 s by default), so an unreachable coordinator is noticed
+            // within about one session (`give_up_after_session`).
+            let answer = tokio::time::timeout(config.session_timeout, heartbeat(&client, request))
+                .await
+                .unwrap_or(Err(ClientError::Timeout(config.session_timeout)));
+            match answer {
                 Ok(response) if response.error.is_ok() => {
+                    answered = tokio::time::Instant::now();
                     let mut state = shared.lock().expect("not poisoned");
                     state.member_id = response.member_id;
                     state.member_epoch = response.member_epoch;
@@ -183,7 +194,10 @@ async fn run_heartbeats(
                     state.lost = !state.owned.is_empty();
                     interval = Duration::ZERO;
                 }
-                Ok(response) if response.error.is_retriable() => interval = Duration::from_millis(200),
+                Ok(response) if response.error.is_retriable() => {
+                    interval = Duration::from_millis(200);
+                    give_up_after_session(&shared, &config, answered);
+                }
                 Ok(response) => {
                     let context = format!("group {}: {}", config.group_id, response.error_message);
                     shared.lock().expect("not poisoned").fatal =
@@ -193,6 +207,7 @@ async fn run_heartbeats(
                 Err(error) if error.is_retriable() => {
                     tracing::debug!(%error, "heartbeat failed; retrying");
                     interval = Duration::from_millis(200);
+                    give_up_after_session(&shared, &config, answered);
                 }
                 Err(error) => {
                     shared.lock().expect("not poisoned").fatal = Some(error);
@@ -209,6 +224,30 @@ async fn run_heartbeats(
         };
         let _ = tokio::time::timeout(wait, wake.notified()).await;
     }
+}
+
+/// A member whose heartbeats went unanswered for its whole session timeout (the coordinator
+/// unreachable: a partition, a silent link) drops its partitions instead of waiting to hear
+/// it was removed, as KIP-848 consumers do: the coordinator has removed it by then and given
+/// them to other members, and records this member would still read from them are read by the
+/// others as well. It rejoins as a new member once a heartbeat is answered.
+fn give_up_after_session(shared: &Mutex<Membership>, config: &GroupConfig, answered: tokio::time::Instant) {
+    if answered.elapsed() < config.session_timeout {
+        return;
+    }
+    let mut state = shared.lock().expect("not poisoned");
+    if state.member_id.is_empty() && state.owned.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        group = config.group_id,
+        "no heartbeat answered for the session timeout ({:?}): the partitions are dropped; rejoining",
+        config.session_timeout
+    );
+    state.member_id.clear();
+    state.member_epoch = JOIN_EPOCH;
+    state.target.clear();
+    state.lost = !state.owned.is_empty();
 }
 
 impl GroupState {
