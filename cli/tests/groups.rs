@@ -1,6 +1,6 @@
 //! Consumer groups against the real broker process: members as real `skein consume --group`
-//! processes (one is SIGKILLed), independent groups, committed offsets across a restart, and
-//! the group administration commands.
+//! processes (one is SIGKILLed), independent groups, committed offsets across a restart, a
+//! member that stops polling, and the group administration commands.
 
 mod common;
 
@@ -453,4 +453,72 @@ fn group_commands_list_describe_and_reset_offsets() {
     drop(member);
     let (ok, _, err) = cli(&broker, &["group", "describe", "nope"], "");
     assert!(!ok && err.contains("group not found"), "{err}");
+}
+
+/// A member that stops polling (its processing stuck) keeps heartbeating, but leaves once it
+/// has not polled for `max_poll_interval`: the other member takes its partitions and reads
+/// what comes meanwhile. Its next poll reports them lost, and it joins again and gets
+/// partitions back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_stops_polling_leaves_and_its_next_poll_rejoins() {
+    let broker = Broker::start(&[]);
+    let admin = Admin::new(broker.client().await);
+    admin.create_topic("jobs", 4, &[]).await.unwrap();
+    produce(&broker, "jobs", 0, 400).await;
+    let group = || fast_group("stuck").max_poll_interval(Duration::from_secs(1));
+    let mut stuck =
+        Consumer::new(broker.client().await, ConsumerConfig::default().start_from(SeekTo::Beginning));
+    stuck.subscribe(&["jobs"], group()).await.unwrap();
+    let mut other =
+        Consumer::new(broker.client().await, ConsumerConfig::default().start_from(SeekTo::Beginning));
+    other.subscribe(&["jobs"], group()).await.unwrap();
+    // Both poll until they share the partitions.
+    let started = Instant::now();
+    while stuck.assignment().is_empty() || other.assignment().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the two members share the partitions");
+        stuck.poll(Duration::from_millis(100)).await.unwrap();
+        other.poll(Duration::from_millis(100)).await.unwrap();
+    }
+    stuck.rebalance_events();
+    let held_by_stuck = stuck.assignment().len();
+
+    // `stuck` stops polling; `other` goes on, and gets all 4 partitions once `stuck` left.
+    let stopped = Instant::now();
+    while other.assignment().len() < 4 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(20),
+            "the other member took the stuck one's partitions"
+        );
+        other.poll(Duration::from_millis(100)).await.unwrap();
+    }
+    let taken_over = stopped.elapsed();
+    // Not before max_poll_interval (counted from the stuck member's last poll, which ended at
+    // most one 100 ms poll of the other member before `stopped`).
+    assert!(taken_over >= Duration::from_millis(850), "not before max_poll_interval: {taken_over:?}");
+    produce(&broker, "jobs", 400, 800).await;
+    let read: BTreeSet<String> = read(&mut other, 400)
+        .await
+        .into_iter()
+        .map(|r| String::from_utf8(r.value.unwrap().to_vec()).unwrap())
+        .collect();
+    assert!((400..800).all(|i| read.contains(&format!("r{i}"))), "the other member read what came meanwhile");
+
+    // `stuck` polls again: its partitions are reported lost, and it joins again.
+    stuck.poll(Duration::from_millis(100)).await.unwrap();
+    let events = stuck.rebalance_events();
+    assert!(
+        events.iter().any(|e| matches!(e, RebalanceEvent::Lost(p) if p.len() == held_by_stuck)),
+        "its next poll reports its {held_by_stuck} partitions lost: {events:?}"
+    );
+    let back = Instant::now();
+    while stuck.assignment().is_empty() {
+        assert!(back.elapsed() < Duration::from_secs(30), "the stuck member got partitions again");
+        stuck.poll(Duration::from_millis(100)).await.unwrap();
+        other.poll(Duration::from_millis(100)).await.unwrap();
+    }
+    eprintln!(
+        "RELIABILITY stuck-member: max_poll_interval 1 s: the other member held all 4 partitions {:.1} s after the stuck one's last poll, and the stuck one held partitions again {:.1} s after it polled again",
+        taken_over.as_secs_f64(),
+        back.elapsed().as_secs_f64()
+    );
 }

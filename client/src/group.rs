@@ -62,6 +62,11 @@ pub struct GroupConfig {
     /// Commit the returned records' positions at most this often (at the next `poll`);
     /// `None`: only [`Consumer::commit`](crate::Consumer::commit) commits.
     pub auto_commit: Option<Duration>,
+    /// The member leaves the group if the caller does not `poll` for this long (Kafka's
+    /// `max.poll.interval.ms`): a consumer stuck in its processing keeps heartbeating, and
+    /// would otherwise hold its partitions from the other members for as long as it is stuck.
+    /// Its next `poll` reports them [`RebalanceEvent::Lost`] and it joins again.
+    pub max_poll_interval: Duration,
 }
 
 impl GroupConfig {
@@ -71,6 +76,7 @@ impl GroupConfig {
             session_timeout: Duration::from_secs(10),
             rebalance_timeout: Duration::from_secs(60),
             auto_commit: Some(Duration::from_secs(5)),
+            max_poll_interval: Duration::from_secs(300),
         }
     }
 }
@@ -80,6 +86,7 @@ crate::setters!(GroupConfig {
     session_timeout: Duration,
     rebalance_timeout: Duration,
     auto_commit: Option<Duration>,
+    max_poll_interval: Duration,
 });
 
 /// A change of the partitions this consumer owns.
@@ -107,6 +114,11 @@ struct Membership {
     /// The membership was lost: the consumer drops everything before the task rejoins.
     lost: bool,
     fatal: Option<ClientError>,
+    /// When the caller last polled (`None`: not yet joined).
+    last_poll: Option<tokio::time::Instant>,
+    /// The member left for not polling within `max_poll_interval`: the task rejoins only once
+    /// the caller polls again.
+    stalled: bool,
 }
 
 /// A consumer's group membership.
@@ -146,10 +158,36 @@ async fn run_heartbeats(
     // answer, the coordinator has removed this member and handed its partitions to others.
     let mut answered = tokio::time::Instant::now();
     loop {
+        let mut leaving = None;
         let request = {
-            let state = shared.lock().expect("not poisoned");
-            if state.lost {
-                // Wait until the consumer dropped its partitions.
+            let mut state = shared.lock().expect("not poisoned");
+            let unpolled = state.last_poll.is_some_and(|at| at.elapsed() > config.max_poll_interval);
+            if state.lost || state.stalled {
+                // Wait until the consumer dropped its partitions, or polls again.
+                None
+            } else if unpolled && !state.member_id.is_empty() {
+                // Not polled within `max_poll_interval`: leave, so that the partitions go to
+                // members that read them.
+                tracing::warn!(
+                    group = config.group_id,
+                    "no poll for more than max_poll_interval ({:?}): leaving the group until the next poll",
+                    config.max_poll_interval
+                );
+                let leave = HeartbeatRequest {
+                    group_id: config.group_id.clone(),
+                    member_id: std::mem::take(&mut state.member_id),
+                    member_epoch: LEAVE_EPOCH,
+                    client_id: client.config().client_id.clone(),
+                    session_timeout_ms: config.session_timeout.as_millis() as u32,
+                    rebalance_timeout_ms: config.rebalance_timeout.as_millis() as u32,
+                    subscribed_topics: Vec::new(),
+                    owned: TopicPartitions::from_tps(&state.owned),
+                };
+                state.member_epoch = JOIN_EPOCH;
+                state.target.clear();
+                state.lost = !state.owned.is_empty();
+                state.stalled = true;
+                leaving = Some(leave);
                 None
             } else {
                 Some(HeartbeatRequest {
@@ -164,6 +202,11 @@ async fn run_heartbeats(
                 })
             }
         };
+        if let Some(leave) = leaving {
+            // If the leave is not heard, the coordinator removes the member after its session
+            // timeout all the same (no more heartbeats come).
+            let _ = tokio::time::timeout(config.session_timeout, heartbeat(&client, leave)).await;
+        }
         if let Some(request) = request {
             // A heartbeat waits at most a session timeout for its answer (not the client's
             // request timeout, 30 s by default), so an unreachable coordinator is noticed
@@ -269,7 +312,10 @@ impl GroupState {
             fetcher.client.topic(topic).await?;
         }
         fetcher.clear_assignment();
-        let shared = Arc::new(Mutex::new(Membership::default()));
+        let shared = Arc::new(Mutex::new(Membership {
+            last_poll: Some(tokio::time::Instant::now()),
+            ..Membership::default()
+        }));
         let wake = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(run_heartbeats(
             fetcher.client.clone(),
@@ -312,6 +358,10 @@ impl GroupState {
             let mut state = self.shared.lock().expect("not poisoned");
             if let Some(error) = state.fatal.clone() {
                 return Err(error);
+            }
+            state.last_poll = Some(tokio::time::Instant::now());
+            if std::mem::take(&mut state.stalled) {
+                self.wake.notify_one(); // the task may join again
             }
             (std::mem::take(&mut state.lost), state.target.clone(), state.owned.clone())
         };
