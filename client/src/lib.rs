@@ -232,6 +232,9 @@ struct Inner {
     /// Counts the metadata answers that moved a partition to another shard or changed the
     /// shard count ([`Client::placement`]).
     placement: AtomicU64,
+    /// Counts the metadata answers that changed or removed a cached topic
+    /// ([`Client::topics_generation`]).
+    topics_changed: AtomicU64,
 }
 
 /// Decodes a response body, mapping decode failures to [`ClientError::Protocol`].
@@ -258,6 +261,7 @@ impl Client {
                 topics: Mutex::new(HashMap::new()),
                 broker: Mutex::new(None),
                 placement: AtomicU64::new(0),
+                topics_changed: AtomicU64::new(0),
             }),
         };
         retry_until(deadline, || client.connection()).await?;
@@ -496,7 +500,7 @@ impl Client {
     /// Takes a metadata answer into the cache (the shard count, each topic's partitions,
     /// configs and shards), counting a change of placement.
     fn absorb(&self, response: &MetadataResponse) {
-        let mut moved = false;
+        let (mut moved, mut changed) = (false, false);
         if let Some(shards) = response.brokers.first().and_then(|b| b.shards) {
             let mut known = self.inner.shards.lock().expect("not poisoned");
             moved |= known.is_some_and(|known| known != shards);
@@ -520,14 +524,27 @@ impl Client {
                     },
                 });
                 let old = cache.insert(topic.name.clone(), info.clone());
-                moved |= old.is_some_and(|old| old.shards != info.shards);
+                moved |= old.as_ref().is_some_and(|old| old.shards != info.shards);
+                changed |=
+                    old.is_some_and(|old| old.partitions != info.partitions || old.configs != info.configs);
             } else {
-                cache.remove(&topic.name);
+                changed |= cache.remove(&topic.name).is_some();
             }
         }
         if moved {
             self.inner.placement.fetch_add(1, Ordering::Release);
         }
+        if changed {
+            self.inner.topics_changed.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// How many metadata answers changed a cached topic (its partition count or its
+    /// settings) or said it is gone (deleted, perhaps made anew): a producer that keeps its
+    /// own copy of a topic's partition count and record limit looks them up again when this
+    /// moved.
+    pub(crate) fn topics_generation(&self) -> u64 {
+        self.inner.topics_changed.load(Ordering::Acquire)
     }
 
     /// How many times the broker's placement of partitions on shards changed as the client
@@ -572,8 +589,12 @@ impl Client {
         self.inner.topics.lock().expect("not poisoned").get(name).cloned()
     }
 
+    /// Drops a topic from the cache (this client deleted or changed it), so that producers
+    /// sharing the client look it up again.
     pub(crate) fn forget_topic(&self, name: &str) {
-        self.inner.topics.lock().expect("not poisoned").remove(name);
+        if self.inner.topics.lock().expect("not poisoned").remove(name).is_some() {
+            self.inner.topics_changed.fetch_add(1, Ordering::Release);
+        }
     }
 }
 

@@ -273,7 +273,10 @@ pub(crate) struct Shared {
     wake: tokio::sync::Notify,
     /// Bytes of records buffered or in flight.
     memory: Semaphore,
-    topics: Mutex<FastMap<String, KnownTopic>>,
+    /// Each topic's partition count and record limit, and the client's
+    /// [`Client::topics_generation`] they were read at: looked up again when it moved (the
+    /// topic was deleted, made anew, or changed).
+    topics: Mutex<FastMap<String, (KnownTopic, u64)>>,
     /// The idempotent producer's id and epoch, as the sender last learnt them.
     identity: watch::Sender<Identity>,
     /// When the sender task last started a round, in µs since `started` (see
@@ -323,8 +326,11 @@ impl Producer {
     }
 
     async fn topic(&self, name: &str) -> Result<KnownTopic> {
-        if let Some(known) = self.shared.topics.lock().expect("not poisoned").get(name) {
-            return Ok(*known);
+        let generation = self.shared.client.topics_generation();
+        if let Some((known, at)) = self.shared.topics.lock().expect("not poisoned").get(name) {
+            if *at == generation {
+                return Ok(*known);
+            }
         }
         let info = self.shared.client.topic(name).await?;
         let known = KnownTopic {
@@ -334,7 +340,7 @@ impl Producer {
                 .unwrap_or(8 << 20)
                 .min(self.shared.config.buffer_bytes),
         };
-        self.shared.topics.lock().expect("not poisoned").insert(name.to_owned(), known);
+        self.shared.topics.lock().expect("not poisoned").insert(name.to_owned(), (known, generation));
         Ok(known)
     }
 
