@@ -42,6 +42,12 @@ iperf() { # name, port (a port of its own: the last server may still be exiting)
 }
 iperf_before=$(iperf before 5297)
 echo "fio ${fio_mib} MiB/s, iperf3 loopback ${iperf_before} MiB/s"
+# The ceiling: loopback TCP and QUIC into a shard-like executor that writes the bytes with
+# O_DIRECT (no records), beside the same transfers without the disk and the disk alone, 2 GiB
+# a round, 3 alternating rounds of each. The most any broker could ingest here; the produce
+# rows are compared with it as well as with iperf3 and quinn's bulk transfer.
+echo "== ceiling"
+"$bench" ceiling --quic-mib 2048 --rounds 3 --data-dir "$data_dir" --json "$out/ceiling.json"
 
 run() { # name, then skein-bench arguments
   local name=$1; shift
@@ -123,18 +129,20 @@ out, fio, iperf, commit, fio_read, half, iperfs = sys.argv[1], float(sys.argv[2]
 def load(name): return json.load(open(f"{out}/{name}.json"))
 def lat(l): return "—" if not l else f"{l['p50']} / {l['p90']} / {l['p99']} / {l['p999']} / {l['p9999']} / {l['max']}"
 quic = load("quic-bulk")
+ceiling = load("ceiling")
+tcp_ceiling, quic_ceiling = ceiling["tcp_disk_mib_per_s"], ceiling["quic_disk_mib_per_s"]
 rows = [
-    ("produce, fsync=never, acks=all (batches of about 1 MB)", "produce-never", iperf, "iperf3"),
-    ("produce into a broker process of its own, fsync=never, acks=all (1000-byte records, batches of about 1 MB)", "produce-process", iperf, "iperf3"),
-    ("produce over QUIC (a connection per shard), fsync=never, acks=all", "produce-quic", quic["tokio_mib_per_s"], "quinn bulk"),
-    ("produce over QUIC (one connection), fsync=never, acks=all", "produce-quic-one", quic["tokio_mib_per_s"], "quinn bulk"),
-    ("produce, fsync=always, acks=all (batches of about 1 MB)", "produce-always", fio, "fio"),
-    ("consume from the beginning after a restart (cold: from disk)", "consume-cold", fio_read, "fio read"),
-    ("consume it all again (re-read)", "consume-warm", fio_read, "fio read"),
-    ("produce at 50% of peak, fsync=never", "latency-never", None, None),
-    ("produce at 50% of peak, fsync=always", "latency-always", None, None),
-    ("end-to-end at 50% of peak, fsync=never", "e2e-never", None, None),
-    ("end-to-end at 25% of peak, fsync=never", "e2e-quarter", None, None),
+    ("produce, fsync=never, acks=all (batches of about 1 MB)", "produce-never", iperf, "iperf3", tcp_ceiling),
+    ("produce into a broker process of its own, fsync=never, acks=all (1000-byte records, batches of about 1 MB)", "produce-process", iperf, "iperf3", tcp_ceiling),
+    ("produce over QUIC (a connection per shard), fsync=never, acks=all", "produce-quic", quic["tokio_mib_per_s"], "quinn bulk", quic_ceiling),
+    ("produce over QUIC (one connection), fsync=never, acks=all", "produce-quic-one", quic["tokio_mib_per_s"], "quinn bulk", quic_ceiling),
+    ("produce, fsync=always, acks=all (batches of about 1 MB)", "produce-always", fio, "fio", tcp_ceiling),
+    ("consume from the beginning after a restart (cold: from disk)", "consume-cold", fio_read, "fio read", None),
+    ("consume it all again (re-read)", "consume-warm", fio_read, "fio read", None),
+    ("produce at 50% of peak, fsync=never", "latency-never", None, None, None),
+    ("produce at 50% of peak, fsync=always", "latency-always", None, None, None),
+    ("end-to-end at 50% of peak, fsync=never", "e2e-never", None, None, None),
+    ("end-to-end at 25% of peak, fsync=never", "e2e-quarter", None, None, None),
 ]
 print("# Benchmarks\n")
 print(f"Produced by `scripts/bench.sh` on {datetime.date.today()} at commit `{commit}`: 1 KiB records, keys null, "
@@ -145,12 +153,13 @@ print(f"Produced by `scripts/bench.sh` on {datetime.date.today()} at commit `{co
       f"**iperf3** loopback **{iperf} MiB/s** (the highest of {iperfs} MiB/s, measured before, between and after "
       "the two produce runs). Consume rows: 1000-byte records in batches of about 1 MB, "
       "a broker process of its own restarted before the first read.\n")
-print("| run | records/s | MiB/s | of limit | produce-ack latency µs p50 / p90 / p99 / p99.9 / p99.99 / max | end-to-end latency µs p50 / p90 / p99 / p99.9 / p99.99 / max |")
-print("|---|---|---|---|---|---|")
-for label, name, limit, limit_name in rows:
+print("| run | records/s | MiB/s | of limit | of ceiling | produce-ack latency µs p50 / p90 / p99 / p99.9 / p99.99 / max | end-to-end latency µs p50 / p90 / p99 / p99.9 / p99.99 / max |")
+print("|---|---|---|---|---|---|---|")
+for label, name, limit, limit_name, ceiling_limit in rows:
     d = load(name)
     ratio = f"{d['mib_per_s'] / limit * 100:.0f}% of {limit_name}" if limit else "—"
-    print(f"| {label} | {d['records_per_s']:.0f} | {d['mib_per_s']:.1f} | {ratio} | {lat(d.get('latency_us'))} | {lat(d.get('e2e_latency_us'))} |")
+    of_ceiling = f"{d['mib_per_s'] / ceiling_limit * 100:.0f}%" if ceiling_limit else "—"
+    print(f"| {label} | {d['records_per_s']:.0f} | {d['mib_per_s']:.1f} | {ratio} | {of_ceiling} | {lat(d.get('latency_us'))} | {lat(d.get('e2e_latency_us'))} |")
 e2e = load("e2e-never")
 achieved = e2e["records_per_s"] / half * 100
 e2e_p99_ms = e2e["e2e_latency_us"]["p99"] / 1000
@@ -161,6 +170,13 @@ print(f"\nQUIC (`skein-bench quic-bulk`, 1 GiB on one stream, medians of 3 alter
       f"broker shard's glommio executor **{quic['glommio_mib_per_s']:.1f} MiB/s**, quinn on a pinned tokio current-thread "
       f"runtime **{quic['tokio_mib_per_s']:.1f} MiB/s**: {quic['ratio']:.2f} (gate ≥ 0.8). The produce-over-QUIC row's "
       "limit is the tokio figure (target ≥ 0.8 of it).")
+print(f"\nThe ceiling (`skein-bench ceiling --quic-mib 2048 --rounds 3`, medians of 3 alternating rounds of 2 GiB): "
+      f"the bytes alone, no records, from a sender on the last CPU into an executor on CPU 0 that writes them with "
+      f"O_DIRECT, 1 MiB writes, 4 in flight, into a preallocated file of the data directory: TCP into O_DIRECT "
+      f"**{tcp_ceiling:.1f} MiB/s** (TCP alone {ceiling['tcp_mib_per_s']:.1f}), QUIC into O_DIRECT **{quic_ceiling:.1f} MiB/s** "
+      f"(QUIC alone {ceiling['quic_mib_per_s']:.1f}), the executor's O_DIRECT writes alone {ceiling['disk_mib_per_s']:.1f} MiB/s. "
+      "No broker can ingest faster here than the path that only moves the bytes; the \"of ceiling\" column compares "
+      "each produce row with it (TCP rows with TCP into O_DIRECT, QUIC rows with QUIC into O_DIRECT).")
 print("\nLatency runs offer half of the peak measured by the produce runs above (`--rate`); their load "
       "generator uses one tokio thread (two end to end, where it produces and consumes), leaving a core to the broker. "
       "End-to-end rows are measured after a 3 s warm-up (the others after 1 s): a fresh broker's first second "

@@ -9,7 +9,12 @@
 //!   (stamped in its value) to its arrival at a consumer;
 //! * `partitions`: what many partitions cost a node ([`partitions`]): a broker child process,
 //!   one topic of `--partitions` partitions, `--messages` records written to each, read back,
-//!   a restart, read again; memory, descriptors and disk at each step, as JSON.
+//!   a restart, read again; memory, descriptors and disk at each step, as JSON;
+//! * `quic-bulk`: quinn on a broker shard's glommio executor next to quinn on pinned tokio
+//!   ([`quic_bulk`]);
+//! * `ceiling`: the most any broker could ingest here ([`ceiling`]): loopback TCP and QUIC into a
+//!   shard-like executor that writes the bytes with O_DIRECT, no records, beside the same
+//!   transfers without the disk.
 //!
 //! `--embedded` starts a broker in the same process on a temporary data directory and removes
 //! it afterwards. `--json` writes every figure with the parameters, the git commit and the
@@ -20,6 +25,7 @@
 //! send, so a producer held back by back-pressure under-reports them (coordinated omission):
 //! keep `--rate` below the peak.
 
+pub mod ceiling;
 pub mod chart;
 pub mod partitions;
 pub mod quic_bulk;
@@ -139,6 +145,18 @@ pub struct BrokerInfo {
     pub cores: Option<usize>,
     /// The broker's fsync policy: acknowledged records are synced to disk only with `always`.
     pub fsync: String,
+}
+
+/// Bytes free for an unprivileged writer on the filesystem that holds `path`.
+pub fn free_bytes(path: &std::path::Path) -> Result<u64, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated path and a zeroed statvfs the call fills.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(name.as_ptr(), &mut stat) } != 0 {
+        return Err(format!("statvfs {}: {}", path.display(), std::io::Error::last_os_error()));
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// The commit the harness was built from (embedded at build time; `-dirty` when the tree had

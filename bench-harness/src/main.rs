@@ -20,6 +20,9 @@ enum ModeArg {
     /// quinn driven by a broker shard's glommio executor next to quinn on pinned tokio (see
     /// the crate docs, `quic_bulk`).
     QuicBulk,
+    /// The most any broker could ingest here: loopback TCP and QUIC into O_DIRECT writes, no
+    /// records (see the crate docs, `ceiling`).
+    Ceiling,
 }
 
 #[derive(Parser, Debug)]
@@ -50,13 +53,13 @@ struct Args {
     /// Time slice of the embedded broker's shards (µs).
     #[arg(long)]
     preempt_us: Option<u64>,
-    /// quic-bulk: MiB sent per round.
+    /// quic-bulk and ceiling: MiB sent per round.
     #[arg(long, default_value_t = 1024)]
     quic_mib: u64,
     /// quic-bulk: streams per connection.
     #[arg(long, default_value_t = 1)]
     streams: usize,
-    /// quic-bulk: rounds per runtime (alternating).
+    /// quic-bulk and ceiling: rounds per runtime or path (alternating).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Memory of the embedded broker's tail caches, all shards (MiB; default: sized from memory).
@@ -221,7 +224,7 @@ fn main() -> ExitCode {
     };
     if args.messages.is_none()
         && args.duration.is_none()
-        && !matches!(args.mode, ModeArg::Partitions | ModeArg::QuicBulk)
+        && !matches!(args.mode, ModeArg::Partitions | ModeArg::QuicBulk | ModeArg::Ceiling)
     {
         eprintln!("error: give --messages N or --duration SECONDS");
         return ExitCode::FAILURE;
@@ -233,6 +236,7 @@ fn main() -> ExitCode {
         ModeArg::E2e => Mode::E2e,
         ModeArg::Partitions => return run_partitions(&args, cpus),
         ModeArg::QuicBulk => return run_quic_bulk(&args),
+        ModeArg::Ceiling => return run_ceiling(&args),
     };
     let options = Options {
         mode,
@@ -336,6 +340,43 @@ fn run_quic_bulk(args: &Args) -> ExitCode {
         args.rounds.max(1),
         report.streams,
         report.ratio
+    );
+    if !write_json(args.json.as_deref(), &report) {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn run_ceiling(args: &Args) -> ExitCode {
+    let options = skein_bench::ceiling::CeilingOptions {
+        bytes: args.quic_mib << 20,
+        rounds: args.rounds.max(1),
+        data_dir: args.data_dir.clone(),
+    };
+    let report = match skein_bench::ceiling::run(options, skein_bench::git_commit()) {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for round in &report.rounds {
+        println!(
+            "{:?}: {} MiB in {:.2} s, {:.1} MiB/s",
+            round.path,
+            round.bytes >> 20,
+            round.seconds,
+            round.mib_per_s
+        );
+    }
+    println!(
+        "medians of {} rounds: O_DIRECT alone {:.1}, tcp {:.1}, tcp into O_DIRECT {:.1}, quic {:.1}, quic into O_DIRECT {:.1} MiB/s",
+        args.rounds.max(1),
+        report.disk_mib_per_s,
+        report.tcp_mib_per_s,
+        report.tcp_disk_mib_per_s,
+        report.quic_mib_per_s,
+        report.quic_disk_mib_per_s
     );
     if !write_json(args.json.as_deref(), &report) {
         return ExitCode::FAILURE;

@@ -64,7 +64,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
-fn pin_to(cpu: usize) {
+pub(crate) fn pin_to(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t with one bit set, applied to the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -93,7 +93,7 @@ async fn serve(endpoint: quinn::Endpoint, streams: usize) -> Result<u64, String>
     Ok(total)
 }
 
-fn server_config(cert: &rcgen::CertifiedKey) -> quinn::ServerConfig {
+pub(crate) fn server_config(cert: &rcgen::CertifiedKey) -> quinn::ServerConfig {
     let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der());
     let mut config = quinn::ServerConfig::with_single_cert(vec![cert.cert.der().clone()], key.into())
         .expect("a valid self-signed certificate");
@@ -101,7 +101,7 @@ fn server_config(cert: &rcgen::CertifiedKey) -> quinn::ServerConfig {
     config
 }
 
-fn server_endpoint(
+pub(crate) fn server_endpoint(
     config: quinn::ServerConfig,
     socket: UdpSocket,
     runtime: Arc<dyn quinn::Runtime>,
@@ -150,11 +150,13 @@ fn start_server(
     Ok((address, handle))
 }
 
-/// The client side of one round: the seconds from the first stream opened to the answer.
-fn send_all(
+/// The client side of one round, `bytes` over `streams` streams: the bytes the server answered
+/// and the seconds from the first stream opened to the answer.
+pub(crate) fn send_all(
     address: SocketAddr,
     cert: &rcgen::CertifiedKey,
-    options: &QuicBulkOptions,
+    bytes: u64,
+    streams: usize,
 ) -> Result<(u64, f64), String> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut roots = rustls::RootCertStore::empty();
@@ -162,7 +164,7 @@ fn send_all(
     let mut client =
         quinn::ClientConfig::with_root_certificates(Arc::new(roots)).map_err(|e| e.to_string())?;
     client.transport_config(transport());
-    let (bytes, streams) = (options.bytes, options.streams.max(1));
+    let streams = streams.max(1);
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
@@ -213,7 +215,7 @@ fn send_all(
     })
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
@@ -224,7 +226,7 @@ pub fn run(options: QuicBulkOptions, git_commit: String) -> Result<QuicBulkRepor
     for index in 0..options.rounds.max(1) * 2 {
         let runtime = if index % 2 == 0 { ServerRuntime::Glommio } else { ServerRuntime::Tokio };
         let (address, server) = start_server(runtime, server_config(&cert), options.streams.max(1))?;
-        let sent = send_all(address, &cert, &options);
+        let sent = send_all(address, &cert, options.bytes, options.streams);
         let received = server.join().map_err(|_| "the server panicked".to_owned())??;
         let (answered, seconds) = sent?;
         let expected = options.bytes / options.streams.max(1) as u64 * options.streams.max(1) as u64;

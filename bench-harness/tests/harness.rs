@@ -141,3 +141,42 @@ fn produce_runs_over_quic_and_the_quic_gate_reports_both_runtimes() {
             && report["tokio_mib_per_s"].as_f64().unwrap() > 0.0
     );
 }
+
+#[test]
+fn ceiling_runs_every_path_and_leaves_no_file_behind() {
+    let dir = work_dir();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let json = dir.path().join("ceiling.json");
+    let json_arg = json.to_str().unwrap().to_owned();
+    let (ok, out, err) = bench(&[
+        "ceiling",
+        "--quic-mib",
+        "8",
+        "--rounds",
+        "1",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--json",
+        &json_arg,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("tcp into O_DIRECT"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    let paths: Vec<&str> = rounds.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["disk", "tcp", "tcp_disk", "quic", "quic_disk"]);
+    for round in rounds {
+        assert_eq!(round["bytes"], 8 << 20, "every byte arrived: {round}");
+        assert!(round["mib_per_s"].as_f64().unwrap() > 0.0, "{round}");
+    }
+    for median in ["disk", "tcp", "tcp_disk", "quic", "quic_disk"] {
+        assert!(report[format!("{median}_mib_per_s")].as_f64().unwrap() > 0.0, "{median}: {report}");
+    }
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0, "the rounds removed their files");
+
+    // Less free space than a round writes: refused before anything is written.
+    let (ok, _, err) = bench(&["ceiling", "--quic-mib", "100000000", "--data-dir", data.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("MiB free"), "{err}");
+}
