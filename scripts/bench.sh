@@ -131,14 +131,15 @@ def lat(l): return "—" if not l else f"{l['p50']} / {l['p90']} / {l['p99']} / 
 quic = load("quic-bulk")
 ceiling = load("ceiling")
 tcp_ceiling, quic_ceiling = ceiling["tcp_disk_mib_per_s"], ceiling["quic_disk_mib_per_s"]
+read_ceiling = ceiling["read_tcp_mib_per_s"]
 rows = [
     ("produce, fsync=never, acks=all (batches of about 1 MB)", "produce-never", iperf, "iperf3", tcp_ceiling),
     ("produce into a broker process of its own, fsync=never, acks=all (1000-byte records, batches of about 1 MB)", "produce-process", iperf, "iperf3", tcp_ceiling),
     ("produce over QUIC (a connection per shard), fsync=never, acks=all", "produce-quic", quic["tokio_mib_per_s"], "quinn bulk", quic_ceiling),
     ("produce over QUIC (one connection), fsync=never, acks=all", "produce-quic-one", quic["tokio_mib_per_s"], "quinn bulk", quic_ceiling),
     ("produce, fsync=always, acks=all (batches of about 1 MB)", "produce-always", fio, "fio", tcp_ceiling),
-    ("consume from the beginning after a restart (cold: from disk)", "consume-cold", fio_read, "fio read", None),
-    ("consume it all again (re-read)", "consume-warm", fio_read, "fio read", None),
+    ("consume from the beginning after a restart (cold: from disk)", "consume-cold", fio_read, "fio read", read_ceiling),
+    ("consume it all again (re-read)", "consume-warm", fio_read, "fio read", read_ceiling),
     ("produce at 50% of peak, fsync=never", "latency-never", None, None, None),
     ("produce at 50% of peak, fsync=always", "latency-always", None, None, None),
     ("end-to-end at 50% of peak, fsync=never", "e2e-never", None, None, None),
@@ -174,9 +175,12 @@ print(f"\nThe ceiling (`skein-bench ceiling --quic-mib 2048 --rounds 3`, medians
       f"the bytes alone, no records, from a sender on the last CPU into an executor on CPU 0 that writes them with "
       f"O_DIRECT, 1 MiB writes, 4 in flight, into a preallocated file of the data directory: TCP into O_DIRECT "
       f"**{tcp_ceiling:.1f} MiB/s** (TCP alone {ceiling['tcp_mib_per_s']:.1f}), QUIC into O_DIRECT **{quic_ceiling:.1f} MiB/s** "
-      f"(QUIC alone {ceiling['quic_mib_per_s']:.1f}), the executor's O_DIRECT writes alone {ceiling['disk_mib_per_s']:.1f} MiB/s. "
-      "No broker can ingest faster here than the path that only moves the bytes; the \"of ceiling\" column compares "
-      "each produce row with it (TCP rows with TCP into O_DIRECT, QUIC rows with QUIC into O_DIRECT).")
+      f"(QUIC alone {ceiling['quic_mib_per_s']:.1f}), the executor's O_DIRECT writes alone {ceiling['disk_mib_per_s']:.1f} MiB/s; "
+      f"the way out, O_DIRECT reads (1 MiB, 4 in flight) of a file it wrote first, each sent over TCP as it completes to a "
+      f"thread on the last CPU, **{read_ceiling:.1f} MiB/s** (the reads alone {ceiling['read_mib_per_s']:.1f}, TCP out alone "
+      f"{ceiling['tcp_out_mib_per_s']:.1f}). No broker can move bytes faster here than the paths that only move them; the "
+      "\"of ceiling\" column compares each row with its path (TCP produce with TCP into O_DIRECT, QUIC produce with QUIC "
+      "into O_DIRECT, consume with O_DIRECT reads sent over TCP).")
 print("\nLatency runs offer half of the peak measured by the produce runs above (`--rate`); their load "
       "generator uses one tokio thread (two end to end, where it produces and consumes), leaving a core to the broker. "
       "End-to-end rows are measured after a 3 s warm-up (the others after 1 s): a fresh broker's first second "

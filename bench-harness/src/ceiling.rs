@@ -6,7 +6,7 @@
 //! with the network (iperf3), which on a small machine shares its cores with that disk's I/O.
 //!
 //! Each round sends `bytes` on one connection from a thread pinned to the last CPU, along one of
-//! five paths, the rounds alternating (a noisy minute hits all of them):
+//! eight paths, the rounds alternating (a noisy minute hits all of them):
 //!
 //! | path | the sender | the receiver |
 //! |---|---|---|
@@ -15,6 +15,14 @@
 //! | `tcp_disk` | the same | the same, then writes each buffer, up to 4 writes in flight |
 //! | `quic` | quinn on pinned tokio, 1 MiB chunks | quinn on the shard's glommio driver, reads into 1 MiB buffers |
 //! | `quic_disk` | the same | the same, then writes as `tcp_disk` |
+//!
+//! and three the other way, what a catch-up read costs at least (a consumer's way out):
+//!
+//! | path | the executor | the receiver (a thread on the last CPU) |
+//! |---|---|---|
+//! | `read` | reads a file it wrote first (untimed) with O_DIRECT, 1 MiB, 4 in flight (fio's read) | none |
+//! | `tcp_out` | sends 1 MiB from one buffer over and over | blocking reads into 1 MiB, dropped |
+//! | `read_tcp` | reads as `read` and sends each buffer as it completes | the same |
 //!
 //! The disk paths write a file allocated up front for the round (as fio does) and remove it
 //! after. The figure is the bytes over the time from the connection's start to the receiver's
@@ -50,14 +58,36 @@ pub enum CeilingPath {
     TcpDisk,
     Quic,
     QuicDisk,
+    Read,
+    TcpOut,
+    ReadTcp,
 }
 
 impl CeilingPath {
-    const ALL: [CeilingPath; 5] =
-        [CeilingPath::Disk, CeilingPath::Tcp, CeilingPath::TcpDisk, CeilingPath::Quic, CeilingPath::QuicDisk];
+    const ALL: [CeilingPath; 8] = [
+        CeilingPath::Disk,
+        CeilingPath::Tcp,
+        CeilingPath::TcpDisk,
+        CeilingPath::Quic,
+        CeilingPath::QuicDisk,
+        CeilingPath::Read,
+        CeilingPath::TcpOut,
+        CeilingPath::ReadTcp,
+    ];
 
+    /// The round writes into a file as it receives.
     fn disk(self) -> bool {
         matches!(self, CeilingPath::Disk | CeilingPath::TcpDisk | CeilingPath::QuicDisk)
+    }
+
+    /// The round reads a file it wrote first (untimed).
+    fn reads(self) -> bool {
+        matches!(self, CeilingPath::Read | CeilingPath::ReadTcp)
+    }
+
+    /// The executor sends to a receiver thread.
+    fn outbound(self) -> bool {
+        matches!(self, CeilingPath::TcpOut | CeilingPath::ReadTcp)
     }
 }
 
@@ -90,6 +120,10 @@ pub struct CeilingReport {
     pub tcp_disk_mib_per_s: f64,
     pub quic_mib_per_s: f64,
     pub quic_disk_mib_per_s: f64,
+    /// The way out (what a consumer's catch-up read costs at least).
+    pub read_mib_per_s: f64,
+    pub tcp_out_mib_per_s: f64,
+    pub read_tcp_mib_per_s: f64,
 }
 
 /// The O_DIRECT side of a disk round: full buffers written in order at increasing positions,
@@ -103,7 +137,16 @@ struct DiskSink {
 
 impl DiskSink {
     async fn create(path: &Path, bytes: u64) -> Result<DiskSink, String> {
-        let file = DmaFile::create(path).await.map_err(|e| format!("creating {}: {e}", path.display()))?;
+        // Read and write, as the broker opens its segments (glommio probes a write-only file's
+        // device for polled I/O with a read, which fails with EBADF and logs an error).
+        let file = glommio::io::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(path)
+            .await
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
         // Allocated up front as fio does (no allocation, or keeping the size, measured the
         // same here, 2026-12-05).
         file.pre_allocate(bytes, false).await.map_err(|e| format!("allocating {}: {e}", path.display()))?;
@@ -138,14 +181,94 @@ impl DiskSink {
 
     /// Waits for every write, then closes and removes the file.
     async fn finish(self) -> Result<(), String> {
+        self.finish_as(true).await
+    }
+
+    /// Waits for every write, then closes the file, removing it if `remove`.
+    async fn finish_as(self, remove: bool) -> Result<(), String> {
         self.slots.acquire(DEPTH).await.map_err(|e| e.to_string())?;
         if let Some(error) = self.error.borrow().clone() {
             return Err(error);
         }
-        self.file.remove().await.map_err(|e| format!("removing the file: {e}"))?;
+        if remove {
+            self.file.remove().await.map_err(|e| format!("removing the file: {e}"))?;
+        }
         let file = Rc::try_unwrap(self.file).map_err(|_| "the file is still shared")?;
         file.close().await.map_err(|e| format!("closing the file: {e}"))
     }
+}
+
+/// Writes `bytes` of a pattern into a new file at `path` and closes it (a read round's file:
+/// written with O_DIRECT, so none of it is in the page cache).
+async fn write_file(path: &Path, bytes: u64) -> Result<(), String> {
+    let mut sink = DiskSink::create(path, bytes).await?;
+    for _ in 0..bytes / CHUNK as u64 {
+        let mut buffer = glommio::allocate_dma_buffer(CHUNK);
+        buffer.as_bytes_mut().fill(0xa5);
+        sink.write(buffer).await?;
+    }
+    sink.finish_as(false).await
+}
+
+/// Reads the file's `bytes` in order with O_DIRECT, [`CHUNK`] at a time and [`DEPTH`] reads in
+/// flight (fio's read), sending each to `out` if given, straight from the read's buffer.
+async fn read_out(
+    path: &Path,
+    bytes: u64,
+    mut out: Option<&mut glommio::net::TcpStream>,
+) -> Result<(), String> {
+    let file = Rc::new(DmaFile::open(path).await.map_err(|e| format!("opening {}: {e}", path.display()))?);
+    let chunks = bytes / CHUNK as u64;
+    let mut pending = std::collections::VecDeque::new();
+    let mut issued = 0u64;
+    for _ in 0..chunks {
+        while issued < chunks && pending.len() < DEPTH as usize {
+            let (file, position) = (file.clone(), issued * CHUNK as u64);
+            pending
+                .push_back(glommio::spawn_local(async move { file.read_at_aligned(position, CHUNK).await }));
+            issued += 1;
+        }
+        let read =
+            pending.pop_front().expect("a read in flight").await.map_err(|e| format!("reading: {e}"))?;
+        if read.len() != CHUNK {
+            return Err(format!("a short read: {} of {CHUNK}", read.len()));
+        }
+        if let Some(stream) = out.as_deref_mut() {
+            stream.write_all(&read).await.map_err(|e| format!("send: {e}"))?;
+        }
+    }
+    let file = Rc::try_unwrap(file).map_err(|_| "the file is still shared")?;
+    file.close().await.map_err(|e| format!("closing the file: {e}"))
+}
+
+/// The receiving side of an outbound round, on the last CPU: the bytes read until the stream
+/// ended and the seconds from the connection's acceptance.
+fn receive_tcp(listener: std::net::TcpListener) -> Result<(u64, f64), String> {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    quic_bulk::pin_to(cpus - 1);
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + TIME_LIMIT;
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    };
+    let started = Instant::now();
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(TIME_LIMIT)).map_err(|e| e.to_string())?;
+    let mut buffer = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buffer).map_err(|e| format!("read: {e}"))? {
+            0 => break,
+            read => total += read as u64,
+        }
+    }
+    Ok((total, started.elapsed().as_secs_f64()))
 }
 
 /// A stream the receiver reads whole buffers from.
@@ -279,17 +402,63 @@ fn round(
     let file = options.data_dir.join(format!("skein-ceiling-{}-{index}.dat", std::process::id()));
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     let server_config = quic_bulk::server_config(cert);
+    // Outbound rounds: the executor connects to a receiver thread's listener.
+    let outbound = match path.outbound() {
+        true => Some(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?),
+        false => None,
+    };
+    let receiver_address = match &outbound {
+        Some(listener) => Some(listener.local_addr().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let data_dir = options.data_dir.clone();
     let server = std::thread::spawn(move || -> Result<(u64, Option<f64>), String> {
         let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(0))
             .make()
             .map_err(|e| e.to_string())?;
         executor.run(async move {
             let work = async {
+                // As a broker shard does first: glommio's polled-I/O probe, fooled by a new
+                // empty file, would fail every later O_DIRECT read (skein_storage's docs).
+                skein_storage::prime_executor(&data_dir).await.map_err(|e| e.to_string())?;
                 let sink = match path.disk() {
                     true => Some(DiskSink::create(&file, bytes).await?),
                     false => None,
                 };
-                if path == CeilingPath::Disk {
+                if path.reads() || path == CeilingPath::TcpOut {
+                    let _ = address_tx.send(SocketAddr::from(([127, 0, 0, 1], 0)));
+                    if path.reads() {
+                        write_file(&file, bytes).await?;
+                    }
+                    let started = Instant::now();
+                    match receiver_address {
+                        None => read_out(&file, bytes, None).await?,
+                        Some(address) => {
+                            let mut stream = glommio::net::TcpStream::connect(address)
+                                .await
+                                .map_err(|e| format!("connect: {e}"))?;
+                            let _ = stream.set_nodelay(true);
+                            if path.reads() {
+                                read_out(&file, bytes, Some(&mut stream)).await?;
+                            } else {
+                                let mut buffer = glommio::allocate_dma_buffer(CHUNK);
+                                buffer.as_bytes_mut().fill(0xa5);
+                                for _ in 0..bytes / CHUNK as u64 {
+                                    stream
+                                        .write_all(buffer.as_bytes())
+                                        .await
+                                        .map_err(|e| format!("send: {e}"))?;
+                                }
+                            }
+                            stream.close().await.map_err(|e| format!("close: {e}"))?;
+                        }
+                    }
+                    let seconds = started.elapsed().as_secs_f64();
+                    if path.reads() {
+                        std::fs::remove_file(&file).map_err(|e| format!("removing the file: {e}"))?;
+                    }
+                    Ok((bytes, Some(seconds)))
+                } else if path == CeilingPath::Disk {
                     let _ = address_tx.send(SocketAddr::from(([127, 0, 0, 1], 0)));
                     let mut sink = sink.expect("a disk round has a sink");
                     let started = Instant::now();
@@ -333,15 +502,22 @@ fn round(
                 .unwrap_or_default())
         }
     };
+    let receiver = outbound.map(|listener| std::thread::spawn(move || receive_tcp(listener)));
     let sent = match path {
-        // The executor wrote without a sender and timed itself.
-        CeilingPath::Disk => Ok((bytes, 0.0)),
+        // The executor wrote or read without a peer, or sent, and timed itself.
+        CeilingPath::Disk | CeilingPath::Read => Ok((bytes, 0.0)),
+        CeilingPath::TcpOut | CeilingPath::ReadTcp => receiver
+            .expect("an outbound round has a receiver")
+            .join()
+            .map_err(|_| "the receiver panicked".to_owned())?,
         CeilingPath::Tcp | CeilingPath::TcpDisk => send_tcp(address, bytes),
         CeilingPath::Quic | CeilingPath::QuicDisk => quic_bulk::send_all(address, cert, bytes, 1),
     };
     let (received, own_seconds) = server.join().map_err(|_| "the receiver panicked".to_owned())??;
     let (answered, seconds) = sent?;
-    let seconds = own_seconds.unwrap_or(seconds);
+    // Outbound rounds end when the receiver has every byte: its clock; the others, the
+    // executor's own where it kept one, else the sender's.
+    let seconds = if path.outbound() { seconds } else { own_seconds.unwrap_or(seconds) };
     if received != bytes || answered != bytes {
         return Err(format!("{path:?}: received {received} of {bytes} bytes (answered {answered})"));
     }
@@ -380,6 +556,9 @@ pub fn run(options: CeilingOptions, git_commit: String) -> Result<CeilingReport,
         tcp_disk_mib_per_s: of(CeilingPath::TcpDisk),
         quic_mib_per_s: of(CeilingPath::Quic),
         quic_disk_mib_per_s: of(CeilingPath::QuicDisk),
+        read_mib_per_s: of(CeilingPath::Read),
+        tcp_out_mib_per_s: of(CeilingPath::TcpOut),
+        read_tcp_mib_per_s: of(CeilingPath::ReadTcp),
         rounds,
     })
 }

@@ -378,6 +378,10 @@ fn run_ceiling(args: &Args) -> ExitCode {
         report.quic_mib_per_s,
         report.quic_disk_mib_per_s
     );
+    println!(
+        "the way out: O_DIRECT reads alone {:.1}, tcp out {:.1}, O_DIRECT reads sent over tcp {:.1} MiB/s",
+        report.read_mib_per_s, report.tcp_out_mib_per_s, report.read_tcp_mib_per_s
+    );
     if !write_json(args.json.as_deref(), &report) {
         return ExitCode::FAILURE;
     }

@@ -245,6 +245,10 @@ pub async fn produce(
     // (a few µs) earlier than its real one, so its latency reads a few µs long, never short.
     const CLOCK_EVERY: u64 = 16;
     let mut now = Instant::now();
+    // The stamp is the wall clock at `now`, from one reading of each clock here: a wall-clock
+    // read per record was 2.5 % of an end-to-end run's CPU samples (`__vdso_clock_gettime`),
+    // the load generator's, not the broker's. Like the send time, it is a few µs early.
+    let (wall_base, instant_base) = (now_ns(), now);
     loop {
         if share.is_some_and(|share| sent >= share) {
             break;
@@ -267,7 +271,7 @@ pub async fn produce(
         }
         let value = if stamp {
             let mut value = BytesMut::with_capacity(payload.len().max(8));
-            value.put_u64_le(now_ns());
+            value.put_u64_le(wall_base + now.duration_since(instant_base).as_nanos() as u64);
             value.extend_from_slice(&payload[8.min(payload.len())..]);
             value.freeze()
         } else {
