@@ -881,7 +881,7 @@ impl Shard {
                             {
                                 Ok(Records::File { fd, position, len: len as u32 })
                             }
-                            Ok(_) => log.read_range(&range).await.map(|bytes| Records::Memory(vec![bytes])),
+                            Ok(_) => log.read_range_parts(&range).await.map(Records::Memory),
                             Err(error) => Err(error),
                         }
                     }

@@ -182,6 +182,13 @@ pub trait PartitionLog {
     /// The bytes of a file range that [`PartitionLog::read`] returned.
     fn read_range(&self, range: &FileRange) -> impl Future<Output = Result<Bytes>>;
 
+    /// The bytes of a file range as consecutive parts, for a caller that writes them out in
+    /// order (a fetch response) and so need not have them joined: the file log hands back the
+    /// pieces its reads filled, without copying them into one buffer. One part by default.
+    fn read_range_parts(&self, range: &FileRange) -> impl Future<Output = Result<Vec<Bytes>>> {
+        async move { Ok(vec![self.read_range(range).await?]) }
+    }
+
     /// The bytes of a read, joined (a file range is read with [`PartitionLog::read_range`]).
     fn read_bytes(&self, read: LogRead) -> impl Future<Output = Result<Bytes>> {
         async move {
@@ -270,6 +277,10 @@ impl PartitionLog for Log {
 
     async fn read_range(&self, range: &FileRange) -> Result<Bytes> {
         self.read_file(&range.segment, range.position, range.len()).await
+    }
+
+    async fn read_range_parts(&self, range: &FileRange) -> Result<Vec<Bytes>> {
+        self.read_file_parts(&range.segment, range.position, range.len()).await
     }
 
     async fn truncate_to(&self, offset: u64) -> Result<u64> {

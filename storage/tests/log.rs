@@ -662,3 +662,53 @@ fn settings_change_on_an_open_log_and_lowering_a_limit_keeps_stored_batches_read
         log.close().await.unwrap();
     });
 }
+
+#[test]
+fn a_file_read_hands_back_the_read_ahead_pieces_unjoined_and_in_order() {
+    use skein_storage::{LogData, PartitionLog};
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        // Old data comes from the file: a cache of one block, segments larger than the data.
+        let config = LogConfig {
+            segment_bytes: 64 << 20,
+            cache_bytes_max: 4096,
+            batch_bytes_max: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            write_buffered_bytes_max: 8 << 20,
+            ..LogConfig::tiny()
+        };
+        let log = Log::open(&path, config).await.unwrap();
+        append_all(&log, &[1000; 60]).await;
+        let end = log.visible_offset();
+        // Consecutive reads of 3 MiB, as a consumer's fetches: from the second on each continues
+        // the read-ahead, whose pieces are 2 MiB, so most span two pieces or more.
+        let (mut next, mut split, mut file_reads, mut offsets) = (0, 0, 0, Vec::new());
+        while next < end {
+            let read = PartitionLog::read(&log, next, 3 << 20, u64::MAX).await.unwrap();
+            let bytes = match read.data.clone() {
+                LogData::File(range) => {
+                    file_reads += 1;
+                    let parts = log.read_range_parts(&range).await.unwrap();
+                    assert!(parts.iter().all(|part| !part.is_empty()));
+                    let joined = log.read_range(&range).await.unwrap();
+                    assert_eq!(joined.len(), range.len());
+                    let concatenated: Vec<u8> = parts.iter().flat_map(|part| part.iter().copied()).collect();
+                    assert_eq!(&concatenated[..], &joined[..], "the parts are the range, in order");
+                    if parts.len() > 1 {
+                        split += 1;
+                    }
+                    joined
+                }
+                LogData::Memory(chunks) => chunks.concat().into(),
+                LogData::Empty => panic!("an empty read below the end at {next}"),
+            };
+            offsets.extend(check_records(bytes).into_iter().filter(|&o| o >= next));
+            next = read.next_offset;
+        }
+        assert_eq!(offsets, (0..end).collect::<Vec<_>>(), "every record once, in order");
+        assert!(file_reads > 2, "the reads came from the file: {file_reads}");
+        assert!(split > 0, "a read that spans read-ahead pieces gets them apart ({file_reads} file reads)");
+        log.close().await.unwrap();
+    });
+}

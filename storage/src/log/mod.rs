@@ -79,8 +79,10 @@
 //!   The tail cache shares the batch's bytes (no copy).
 //! * Fetch from the tail cache: the cached bytes are written to the socket (the kernel's copy).
 //! * Fetch from a file, cold: the device writes into DMA buffers; **one copy** into the bytes
-//!   sent (they may cross shards, and DMA buffers cannot); a second only where a range spans
-//!   two read-ahead pieces; then the kernel's copy into the socket.
+//!   sent (they may cross shards, and DMA buffers cannot); then the kernel's copy into the
+//!   socket. A range that spans read-ahead pieces goes out as those pieces, in order
+//!   (`PartitionLog::read_range_parts`, what the broker's fetch uses); only a caller that wants
+//!   one buffer (`read_range`) has them joined, a second copy.
 //! * Fetch from a file in the page cache: `sendfile`, no copy in user space.
 
 mod append;
