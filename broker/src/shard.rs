@@ -1285,13 +1285,7 @@ const SPACE_RESERVE_BYTES: u64 = 1 << 20;
 
 /// Refuses a topic whose empty partitions would not fit on the data directory's filesystem.
 fn check_space_for(data_dir: &std::path::Path, partitions: u32) -> Result<(), (ErrorCode, String)> {
-    let Ok(c_path) = std::ffi::CString::new(data_dir.as_os_str().as_encoded_bytes()) else { return Ok(()) };
-    // SAFETY: statvfs into a zeroed local struct with a NUL-terminated path.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Ok(());
-    }
-    let free = stat.f_bavail as u64 * stat.f_frsize as u64;
+    let Ok(free) = skein_storage::free_bytes(data_dir) else { return Ok(()) };
     let needed = u64::from(partitions) * PARTITION_BYTES_MIN + SPACE_RESERVE_BYTES;
     if free < needed {
         return Err((

@@ -192,3 +192,16 @@ pub(crate) fn align_down(value: u64) -> u64 {
 pub(crate) fn align_up(value: u64) -> u64 {
     align_down(value + BLOCK_BYTES as u64 - 1)
 }
+
+/// Bytes free for an unprivileged writer on the filesystem that holds `path` (`statvfs`).
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a NUL-terminated path and a zeroed statvfs the call fills.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(name.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}

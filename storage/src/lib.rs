@@ -98,7 +98,7 @@ pub use crate::config::{FsyncPolicy, LogConfig, ParseFsyncPolicyError};
 #[cfg(feature = "engine")]
 pub use crate::error::{CorruptionKind, Result, StorageError};
 #[cfg(feature = "engine")]
-pub use crate::io::{now_ms, prime_executor, write_file_atomically};
+pub use crate::io::{free_bytes, now_ms, prime_executor, write_file_atomically};
 #[cfg(feature = "engine")]
 pub use crate::log::{AppendAck, Appended, Log, ReadData, ReadSlice, RetentionOutcome};
 #[cfg(feature = "engine")]
