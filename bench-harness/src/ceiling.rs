@@ -77,7 +77,7 @@ impl CeilingPath {
 
     /// The round writes into a file as it receives.
     fn disk(self) -> bool {
-        matches!(self, CeilingPath::Disk | CeilingPath::TcpDisk | CeilingPath::QuicDisk)
+        matches!(self, CeilingPath::TcpDisk | CeilingPath::QuicDisk)
     }
 
     /// The round reads a file it wrote first (untimed).
@@ -198,14 +198,13 @@ impl DiskSink {
     }
 }
 
-/// Writes `bytes` of a pattern into a new file at `path` and closes it (a read round's file:
-/// written with O_DIRECT, so none of it is in the page cache).
+/// Writes `bytes` of the executor's buffers (what they hold does not matter: nothing checks
+/// it) into a new file at `path` with O_DIRECT, 4 writes in flight, and closes it: the `disk`
+/// round, timed, and a read round's file, untimed (none of it is then in the page cache).
 async fn write_file(path: &Path, bytes: u64) -> Result<(), String> {
     let mut sink = DiskSink::create(path, bytes).await?;
     for _ in 0..bytes / CHUNK as u64 {
-        let mut buffer = glommio::allocate_dma_buffer(CHUNK);
-        buffer.as_bytes_mut().fill(0xa5);
-        sink.write(buffer).await?;
+        sink.write(glommio::allocate_dma_buffer(CHUNK)).await?;
     }
     sink.finish_as(false).await
 }
@@ -392,6 +391,80 @@ fn send_tcp(address: SocketAddr, bytes: u64) -> Result<(u64, f64), String> {
 }
 
 /// One round on `path`: the bytes received and the seconds.
+/// The executor's part of a round on `path`: the bytes it received (or wrote, read, sent) and,
+/// where it keeps the clock itself, the seconds. It sends the address a sender connects to
+/// (or a placeholder when nobody connects) once it is ready.
+async fn executor_side(
+    path: CeilingPath,
+    file: &Path,
+    bytes: u64,
+    address_tx: std::sync::mpsc::Sender<SocketAddr>,
+    receiver: Option<SocketAddr>,
+    server_config: quinn::ServerConfig,
+) -> Result<(u64, Option<f64>), String> {
+    let nobody = SocketAddr::from(([127, 0, 0, 1], 0));
+    match path {
+        CeilingPath::Disk => {
+            let _ = address_tx.send(nobody);
+            let started = Instant::now();
+            write_file(file, bytes).await?;
+            let seconds = started.elapsed().as_secs_f64();
+            std::fs::remove_file(file).map_err(|e| format!("removing the file: {e}"))?;
+            Ok((bytes, Some(seconds)))
+        }
+        CeilingPath::Read | CeilingPath::TcpOut | CeilingPath::ReadTcp => {
+            let _ = address_tx.send(nobody);
+            if path.reads() {
+                write_file(file, bytes).await?;
+            }
+            let started = Instant::now();
+            match receiver {
+                None => read_out(file, bytes, None).await?,
+                Some(address) => {
+                    let mut stream = glommio::net::TcpStream::connect(address)
+                        .await
+                        .map_err(|e| format!("connect: {e}"))?;
+                    let _ = stream.set_nodelay(true);
+                    if path.reads() {
+                        read_out(file, bytes, Some(&mut stream)).await?;
+                    } else {
+                        let buffer = glommio::allocate_dma_buffer(CHUNK);
+                        for _ in 0..bytes / CHUNK as u64 {
+                            stream.write_all(buffer.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+                        }
+                    }
+                    stream.close().await.map_err(|e| format!("close: {e}"))?;
+                }
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            if path.reads() {
+                std::fs::remove_file(file).map_err(|e| format!("removing the file: {e}"))?;
+            }
+            Ok((bytes, Some(seconds)))
+        }
+        CeilingPath::Tcp | CeilingPath::TcpDisk | CeilingPath::Quic | CeilingPath::QuicDisk => {
+            let sink = match path.disk() {
+                true => Some(DiskSink::create(file, bytes).await?),
+                false => None,
+            };
+            if matches!(path, CeilingPath::Tcp | CeilingPath::TcpDisk) {
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+                let _ = address_tx.send(listener.local_addr().map_err(|e| e.to_string())?);
+                Ok((serve_tcp(listener, sink).await?, None))
+            } else {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+                let _ = address_tx.send(socket.local_addr().map_err(|e| e.to_string())?);
+                let endpoint = quic_bulk::server_endpoint(
+                    server_config,
+                    socket,
+                    Arc::new(skein_broker::quic_runtime::ShardRuntime),
+                )?;
+                Ok((serve_quic(endpoint, sink).await?, None))
+            }
+        }
+    }
+}
+
 fn round(
     path: CeilingPath,
     options: &CeilingOptions,
@@ -421,67 +494,7 @@ fn round(
                 // As a broker shard does first: glommio's polled-I/O probe, fooled by a new
                 // empty file, would fail every later O_DIRECT read (skein_storage's docs).
                 skein_storage::prime_executor(&data_dir).await.map_err(|e| e.to_string())?;
-                let sink = match path.disk() {
-                    true => Some(DiskSink::create(&file, bytes).await?),
-                    false => None,
-                };
-                if path.reads() || path == CeilingPath::TcpOut {
-                    let _ = address_tx.send(SocketAddr::from(([127, 0, 0, 1], 0)));
-                    if path.reads() {
-                        write_file(&file, bytes).await?;
-                    }
-                    let started = Instant::now();
-                    match receiver_address {
-                        None => read_out(&file, bytes, None).await?,
-                        Some(address) => {
-                            let mut stream = glommio::net::TcpStream::connect(address)
-                                .await
-                                .map_err(|e| format!("connect: {e}"))?;
-                            let _ = stream.set_nodelay(true);
-                            if path.reads() {
-                                read_out(&file, bytes, Some(&mut stream)).await?;
-                            } else {
-                                let mut buffer = glommio::allocate_dma_buffer(CHUNK);
-                                buffer.as_bytes_mut().fill(0xa5);
-                                for _ in 0..bytes / CHUNK as u64 {
-                                    stream
-                                        .write_all(buffer.as_bytes())
-                                        .await
-                                        .map_err(|e| format!("send: {e}"))?;
-                                }
-                            }
-                            stream.close().await.map_err(|e| format!("close: {e}"))?;
-                        }
-                    }
-                    let seconds = started.elapsed().as_secs_f64();
-                    if path.reads() {
-                        std::fs::remove_file(&file).map_err(|e| format!("removing the file: {e}"))?;
-                    }
-                    Ok((bytes, Some(seconds)))
-                } else if path == CeilingPath::Disk {
-                    let _ = address_tx.send(SocketAddr::from(([127, 0, 0, 1], 0)));
-                    let mut sink = sink.expect("a disk round has a sink");
-                    let started = Instant::now();
-                    for _ in 0..bytes / CHUNK as u64 {
-                        sink.write(glommio::allocate_dma_buffer(CHUNK)).await?;
-                    }
-                    sink.finish().await?;
-                    Ok((bytes, Some(started.elapsed().as_secs_f64())))
-                } else if matches!(path, CeilingPath::Tcp | CeilingPath::TcpDisk) {
-                    let listener =
-                        glommio::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-                    let _ = address_tx.send(listener.local_addr().map_err(|e| e.to_string())?);
-                    Ok((serve_tcp(listener, sink).await?, None))
-                } else {
-                    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-                    let _ = address_tx.send(socket.local_addr().map_err(|e| e.to_string())?);
-                    let endpoint = quic_bulk::server_endpoint(
-                        server_config,
-                        socket,
-                        Arc::new(skein_broker::quic_runtime::ShardRuntime),
-                    )?;
-                    Ok((serve_quic(endpoint, sink).await?, None))
-                }
+                executor_side(path, &file, bytes, address_tx, receiver_address, server_config).await
             };
             let result = glommio::timer::timeout(TIME_LIMIT, async { Ok(work.await) })
                 .await
@@ -528,7 +541,8 @@ pub fn run(options: CeilingOptions, git_commit: String) -> Result<CeilingReport,
     if options.bytes < CHUNK as u64 {
         return Err("ceiling: send at least 1 MiB a round".into());
     }
-    let free = crate::free_bytes(&options.data_dir)?;
+    let free = skein_storage::free_bytes(&options.data_dir)
+        .map_err(|e| format!("statvfs {}: {e}", options.data_dir.display()))?;
     // One round's file at a time, and room to spare for whoever else writes there.
     if free < options.bytes + (1 << 30) {
         return Err(format!(

@@ -147,18 +147,6 @@ pub struct BrokerInfo {
     pub fsync: String,
 }
 
-/// Bytes free for an unprivileged writer on the filesystem that holds `path`.
-pub fn free_bytes(path: &std::path::Path) -> Result<u64, String> {
-    use std::os::unix::ffi::OsStrExt;
-    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: a NUL-terminated path and a zeroed statvfs the call fills.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(name.as_ptr(), &mut stat) } != 0 {
-        return Err(format!("statvfs {}: {}", path.display(), std::io::Error::last_os_error()));
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
-}
-
 /// The commit the harness was built from (embedded at build time; `-dirty` when the tree had
 /// uncommitted changes then).
 pub fn git_commit() -> String {

@@ -311,6 +311,11 @@ fn write_json(path: Option<&std::path::Path>, report: &impl serde::Serialize) ->
     true
 }
 
+/// One round of `quic-bulk` or `ceiling`: what ran, and how fast.
+fn print_round(what: impl std::fmt::Debug, bytes: u64, seconds: f64, mib_per_s: f64) {
+    println!("{what:?}: {} MiB in {seconds:.2} s, {mib_per_s:.1} MiB/s", bytes >> 20);
+}
+
 fn run_quic_bulk(args: &Args) -> ExitCode {
     let options = skein_bench::quic_bulk::QuicBulkOptions {
         bytes: args.quic_mib << 20,
@@ -325,13 +330,7 @@ fn run_quic_bulk(args: &Args) -> ExitCode {
         }
     };
     for round in &report.rounds {
-        println!(
-            "{:?}: {} MiB in {:.2} s, {:.1} MiB/s",
-            round.runtime,
-            round.bytes >> 20,
-            round.seconds,
-            round.mib_per_s
-        );
+        print_round(round.runtime, round.bytes, round.seconds, round.mib_per_s);
     }
     println!(
         "quinn on a glommio shard {:.1} MiB/s, on pinned tokio {:.1} MiB/s (medians of {} rounds, {} streams): {:.2} (gate ≥ 0.8)",
@@ -361,13 +360,7 @@ fn run_ceiling(args: &Args) -> ExitCode {
         }
     };
     for round in &report.rounds {
-        println!(
-            "{:?}: {} MiB in {:.2} s, {:.1} MiB/s",
-            round.path,
-            round.bytes >> 20,
-            round.seconds,
-            round.mib_per_s
-        );
+        print_round(round.path, round.bytes, round.seconds, round.mib_per_s);
     }
     println!(
         "medians of {} rounds: O_DIRECT alone {:.1}, tcp {:.1}, tcp into O_DIRECT {:.1}, quic {:.1}, quic into O_DIRECT {:.1} MiB/s",
