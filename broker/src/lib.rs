@@ -74,6 +74,7 @@ pub mod sendfile;
 pub mod server;
 pub mod settings;
 pub mod shard;
+pub mod steering;
 
 pub use config::BrokerConfig;
 

@@ -49,12 +49,7 @@ pub const RESET_KEY_VERSION: u8 = 1;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Classic BPF opcodes (linux/filter.h).
-const BPF_LD_B_ABS: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS: A = packet[k]
-const BPF_JSET_K: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K: if A & k jump jt else jf
-const BPF_JA: u16 = 0x05; // BPF_JMP | BPF_JA: skip k
-const BPF_MOD_K: u16 = 0x94; // BPF_ALU | BPF_MOD | BPF_K: A %= k
-const BPF_RET_A: u16 = 0x16; // BPF_RET | BPF_A: return A
+use crate::steering::{op, BPF_JA, BPF_JSET_K, BPF_LD_B_ABS, BPF_MOD_K, BPF_RET_A};
 
 /// The steering program for `shards` sockets. For a reuseport group the kernel runs it on the
 /// UDP payload (the QUIC datagram) and uses the returned value as the index of the socket; a
@@ -70,7 +65,6 @@ const BPF_RET_A: u16 = 0x16; // BPF_RET | BPF_A: return A
 /// 6: return A
 /// ```
 pub fn steering_program(shards: usize) -> Vec<libc::sock_filter> {
-    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     vec![
         op(BPF_LD_B_ABS, 0, 0, 0),
         op(BPF_JSET_K, 0, 2, 0x80),
@@ -114,7 +108,7 @@ impl SteeredGroup {
             socket.bind(&bound.into())?;
             if index == 0 {
                 bound = socket.local_addr()?.as_socket().expect("an IP socket");
-                attach_steering(&socket, shards)?;
+                crate::steering::attach(&socket, steering_program(shards), "QUIC")?;
             }
             sockets.push(UdpSocket::from(socket));
         }
@@ -172,27 +166,6 @@ fn size_buffers(socket: &Socket, bytes: usize) -> (usize, usize) {
         let _ = socket.set_send_buffer_size(bytes);
     }
     (socket.recv_buffer_size().map_or(0, |got| got / 2), socket.send_buffer_size().map_or(0, |got| got / 2))
-}
-
-/// Attaches the steering program to the group `socket` belongs to.
-fn attach_steering(socket: &Socket, shards: usize) -> io::Result<()> {
-    let mut program = steering_program(shards);
-    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
-    // SAFETY: `fprog` points at `program`, alive for the call; the kernel copies it.
-    let result = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if result != 0 {
-        let error = io::Error::last_os_error();
-        return Err(io::Error::new(error.kind(), format!("attaching the QUIC steering program: {error}")));
-    }
-    Ok(())
 }
 
 /// The stateless-reset key of this broker, the same in every process that serves this data

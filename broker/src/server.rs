@@ -8,9 +8,10 @@
 //!    shard that fails, or whose thread dies (glommio could not create its executor, or it
 //!    panicked), stops the whole start within a moment, with its error; so does SIGINT or
 //!    SIGTERM ([`run`]). A slow recovery is reported every 10 s.
-//! 3. Only when every shard has recovered do the shards bind their listeners: a client can
-//!    never reach a shard whose partitions, or a peer's, are not open yet. [`start`] returns
-//!    once every shard listens.
+//! 3. Only when every shard has recovered does the main thread bind the listeners, one per
+//!    shard in one `SO_REUSEPORT` group steered by source port ([`crate::steering`]), and hand
+//!    listener `k` to shard `k`: a client can never reach a shard whose partitions, or a
+//!    peer's, are not open yet. [`start`] returns once every shard listens.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -86,8 +87,11 @@ impl Drop for ShardGuard {
 
 /// The shared flags the main thread and the shards start and stop by.
 struct Phase {
-    /// Every shard recovered: bind the listeners.
+    /// Every shard recovered: the listeners are in `listeners`, take yours and accept.
     listen: AtomicBool,
+    /// Listener `k` is shard `k`'s: one steered `SO_REUSEPORT` group (see [`crate::steering`]),
+    /// bound by the main thread in shard order once every shard recovered.
+    listeners: std::sync::Mutex<Vec<Option<std::net::TcpListener>>>,
     stop: Arc<AtomicBool>,
     /// Client connections, all shards together, against `connections_max`.
     connections: Arc<crate::config::ConnectionSlots>,
@@ -234,6 +238,7 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
     let stop = Arc::new(AtomicBool::new(false));
     let phase = Arc::new(Phase {
         listen: AtomicBool::new(false),
+        listeners: std::sync::Mutex::new(Vec::new()),
         stop: stop.clone(),
         connections: crate::config::ConnectionSlots::new(config.connections_max),
     });
@@ -328,6 +333,17 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
             Ok((shard, ShardEvent::Recovered)) => {
                 recovered[shard] = true;
                 if recovered.iter().all(|r| *r) {
+                    // Only now: a connection accepted before every shard recovered could reach
+                    // (or be forwarded to) a shard whose partitions are not open yet.
+                    let listeners = match crate::steering::bind_tcp(addr, cores) {
+                        Ok(listeners) => listeners,
+                        Err(source) => {
+                            fail(stop, executors, 0, String::new());
+                            return Err(StartError::Listen { addr, source });
+                        }
+                    };
+                    *phase.listeners.lock().expect("not poisoned") =
+                        listeners.into_iter().map(Some).collect();
                     phase.listen.store(true, Ordering::SeqCst);
                 }
             }
@@ -499,12 +515,17 @@ async fn run_shard(
         close_logs(&shard).await;
         return Ok(());
     }
-    let listener = match bind_listener(listen) {
-        Ok(listener) => listener,
-        Err(error) => {
+    let mine = phase.listeners.lock().expect("not poisoned").get_mut(id).and_then(Option::take);
+    let listener = match mine {
+        // SAFETY: a bound, listening socket whose ownership moves to glommio.
+        Some(listener) => unsafe {
+            use std::os::fd::{FromRawFd, IntoRawFd};
+            TcpListener::from_raw_fd(listener.into_raw_fd())
+        },
+        None => {
             shard.shutting_down.set(true);
             close_logs(&shard).await;
-            return Err(format!("binding {listen}: {error}"));
+            return Err(format!("no listener for shard {id} on {listen}"));
         }
     };
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
@@ -629,18 +650,6 @@ async fn close_logs(shard: &Shard) {
 /// A listening socket with SO_REUSEPORT (every shard listens on the port) and SO_REUSEADDR
 /// (glommio's own `bind` omits it: connections it accepted then linger in TIME_WAIT without the
 /// flag and keep a restarted broker off its port for a minute).
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    // SAFETY: the descriptor is a bound, listening socket whose ownership moves to glommio.
-    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
-}
-
 /// A timer that never lets a shard sleep longer than 10 ms. glommio 0.9 can park an executor
 /// that still has work: a shared channel whose other end connected while it slept (it only looks
 /// again when its reactor wakes up), and, rarely, a task made runnable just as the time slice

@@ -17,6 +17,7 @@ pub mod groups;
 pub mod messages;
 pub mod quic;
 pub mod request;
+pub mod tcp;
 pub mod types;
 pub mod wire;
 
