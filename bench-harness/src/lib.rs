@@ -134,7 +134,7 @@ pub struct Parameters {
     pub transport: String,
     pub client_threads: usize,
     pub max_in_flight: usize,
-    /// QUIC: producers open a connection per broker shard (false: `--quic-one-connection`).
+    /// Clients open a connection per broker shard (false: `--one-connection`).
     pub connection_per_shard: bool,
 }
 

@@ -113,10 +113,10 @@ struct Args {
     /// `quic-dev-cert.pem` when it runs without a certificate).
     #[arg(long)]
     quic_ca_file: Option<PathBuf>,
-    /// QUIC: every request on one connection (the client's default opens one per broker shard
-    /// for a producer and sends each partition's batches on its shard's).
-    #[arg(long)]
-    quic_one_connection: bool,
+    /// Every request on one connection (the client's default opens one per broker shard and
+    /// sends each partition's requests on its shard's; the broker then forwards nothing).
+    #[arg(long, alias = "quic-one-connection")]
+    one_connection: bool,
     /// QUIC: the name the broker's certificate carries (default: the bootstrap host).
     #[arg(long)]
     quic_server_name: Option<String>,
@@ -243,7 +243,7 @@ fn main() -> ExitCode {
         workload: Workload {
             bootstrap: args.bootstrap.clone(),
             transport,
-            connection_per_shard: !args.quic_one_connection,
+            connection_per_shard: !args.one_connection,
             topic: args.topic.clone(),
             partitions: args.partitions,
             producers: args.producers.max(1),

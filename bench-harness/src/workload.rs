@@ -19,7 +19,7 @@ pub struct Workload {
     pub bootstrap: String,
     /// TCP, or QUIC with the certificate authority to trust.
     pub transport: skein_client::Transport,
-    /// QUIC: a connection per broker shard for producers (the client's default), or one.
+    /// A connection per broker shard (the client's default), or one for everything.
     pub connection_per_shard: bool,
     pub topic: String,
     pub partitions: u32,

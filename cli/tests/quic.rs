@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{read_all, scrape, Broker};
+use common::{
+    assert_each_partition_in_order, read_all, request_shards, scrape, settled_request_shards, Broker,
+};
 use skein_client::{
     Admin, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, Producer,
     ProducerConfig, ProducerRecord, Transport,
@@ -246,23 +248,6 @@ fn the_cli_speaks_quic_and_says_what_it_needs() {
     assert!(!ok && err.contains("--quic-ca-file"), "a missing CA file is named: {err}");
 }
 
-/// The shards of the request lines logged since line `from` (JSON logs, `--log-requests`).
-fn request_shards(broker: &Broker, from: usize) -> (BTreeSet<u64>, usize) {
-    let log = broker.log();
-    let lines: Vec<&str> = log.lines().collect();
-    let mut shards = BTreeSet::new();
-    for line in &lines[from.min(lines.len())..] {
-        if !line.contains("\"request\"") {
-            continue;
-        }
-        let object: serde_json::Value = serde_json::from_str(line).unwrap();
-        if object["fields"]["message"] == "request" {
-            shards.insert(object["span"]["shard"].as_u64().expect("request lines name their shard"));
-        }
-    }
-    (shards, lines.len())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_picks_its_first_connection_id_lands_on_that_shard() {
     let broker = quic_broker(&["--log-format", "json", "--log-requests"]);
@@ -277,20 +262,7 @@ async fn a_client_that_picks_its_first_connection_id_lands_on_that_shard() {
             let client = Client::connect(config).await.unwrap();
             Admin::new(client.clone()).list_topics().await.unwrap();
             drop(client);
-            // The request lines reach the log file a moment after the answers, not all at
-            // once: wait until some came and none followed for 200 ms, so that none of this
-            // client's lines is counted with the next client's.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut last = seen;
-            let shards = loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let (shards, lines) = request_shards(&broker, seen);
-                if (!shards.is_empty() && lines == last) || Instant::now() > deadline {
-                    seen = lines;
-                    break shards;
-                }
-                last = lines;
-            };
+            let shards = settled_request_shards(&broker, &mut seen).await;
             assert_eq!(
                 shards,
                 BTreeSet::from([shard as u64]),
@@ -321,8 +293,9 @@ async fn a_client_that_picks_its_first_connection_id_lands_on_that_shard() {
 
 /// Metadata v2 says the broker's shard count and each partition's shard; a QUIC producer then
 /// opens a connection per shard and sends every batch on its partition's shard: the broker
-/// forwards no produce partition between its cores. The same producer over TCP (one connection,
-/// on a shard the kernel picks) makes the broker forward, so the counter can tell.
+/// forwards no produce partition between its cores. So does a TCP producer (its connections
+/// steered by source port, `tests/steering.rs`); one held to a single connection
+/// (`connection_per_shard(false)`) makes the broker forward, so the counter can tell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_producer_sends_each_batch_to_the_shard_that_holds_its_partition() {
     let broker = quic_broker(&["--metrics-listen", "127.0.0.1:0"]);
@@ -355,10 +328,14 @@ async fn a_quic_producer_sends_each_batch_to_the_shard_that_holds_its_partition(
     assert!(client.routes_by_shard(), "the QUIC client routes by shard");
     assert_eq!(forwarded(&scrape(&metrics)), 0.0, "no produce partition hopped between shards");
 
-    let tcp = Client::connect(ClientConfig::new(broker.addr.clone())).await.unwrap();
+    let tcp =
+        Client::connect(ClientConfig::new(broker.addr.clone()).connection_per_shard(false)).await.unwrap();
     produce(tcp.clone(), "tcp").await;
     assert!(!tcp.routes_by_shard());
-    assert!(forwarded(&scrape(&metrics)) > 0.0, "over TCP half the partitions are on the other shard");
+    assert!(
+        forwarded(&scrape(&metrics)) > 0.0,
+        "on one TCP connection half the partitions are on the other shard"
+    );
 
     // Everything arrived, each partition in order.
     let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
@@ -374,7 +351,7 @@ async fn a_quic_producer_sends_each_batch_to_the_shard_that_holds_its_partition(
     over_tcp.assign("by-shard", &[0, 1, 2, 3]).await.unwrap();
     over_tcp.seek_all(skein_client::SeekTo::Beginning).await.unwrap();
     assert_eq!(read_all(&mut over_tcp, 4000).await.len(), 4000);
-    assert!(forwarded_of(&scrape(&metrics), "fetch") > 0.0, "over TCP the other shard's reads hop");
+    assert!(forwarded_of(&scrape(&metrics), "fetch") > 0.0, "on one connection the other shard's reads hop");
     for partition in 0..4u32 {
         for tag in ["quic", "tcp"] {
             let values: Vec<u32> = records
@@ -462,18 +439,6 @@ async fn a_shard_whose_handshake_never_answers_holds_up_only_its_own_partitions(
 
 /// Records whose values are `0..total`, record `i` sent to partition `i % partitions`: every
 /// one arrived once, each partition's in the order sent.
-fn assert_each_partition_in_order(records: &[skein_client::ConsumerRecord], partitions: u32, total: u32) {
-    for partition in 0..partitions {
-        let values: Vec<u32> = records
-            .iter()
-            .filter(|r| r.partition == partition)
-            .map(|r| std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap())
-            .collect();
-        let expected: Vec<u32> = (0..total).filter(|i| i % partitions == partition).collect();
-        assert_eq!(values, expected, "partition {partition}: every record once, in order");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_producer_and_consumer_carry_on_at_once_after_the_broker_is_killed() {
     let mut broker = quic_broker(&[]);

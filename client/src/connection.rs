@@ -75,6 +75,84 @@ fn random_id() -> [u8; skein_net::quic::CID_BYTES] {
     hasher.finish().to_le_bytes()
 }
 
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), where a steered
+/// connection picks its source port: ports outside it may belong to services.
+fn ephemeral_ports() -> std::ops::RangeInclusive<u16> {
+    let read = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let parsed = read.and_then(|text| {
+        let mut parts = text.split_whitespace().map(|part| part.parse::<u16>().ok());
+        Some((parts.next()??, parts.next()??))
+    });
+    match parsed {
+        Some((low, high)) if low <= high && low > 0 => low..=high,
+        _ => 32768..=60999,
+    }
+}
+
+/// How many source ports a steered connection tries before it gives up on steering.
+const STEERED_PORT_TRIES: usize = 32;
+
+/// A TCP connection to `target` from a source port that the broker's steering program maps to
+/// `shard` of `shards` ([`skein_net::tcp`]), so the shard that owns the caller's partitions
+/// serves it. A port in use (`EADDRINUSE`, or the 4-tuple taken: `EADDRNOTAVAIL`) is skipped
+/// for the next one of the same shard; after [`STEERED_PORT_TRIES`] the connection is made from
+/// a port the kernel picks (it then lands where that port steers, and is served as well).
+async fn connect_tcp_steered(
+    target: std::net::SocketAddr,
+    shard: usize,
+    shards: usize,
+) -> std::io::Result<TcpStream> {
+    let range = ephemeral_ports();
+    let start = u16::from_le_bytes([random_id()[0], random_id()[1]]);
+    for skip in 0..STEERED_PORT_TRIES {
+        let Some(port) = skein_net::tcp::port_for_shard(shard, shards, range.clone(), start, skip) else {
+            break;
+        };
+        let socket = if target.is_ipv6() {
+            tokio::net::TcpSocket::new_v6()?
+        } else {
+            tokio::net::TcpSocket::new_v4()?
+        };
+        // A port whose last connection is in TIME_WAIT is free for a connection elsewhere.
+        socket.set_reuseaddr(true)?;
+        let local: std::net::SocketAddr = if target.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+        };
+        if let Err(error) = socket.bind(local) {
+            if error.kind() == std::io::ErrorKind::AddrInUse {
+                continue;
+            }
+            return Err(error);
+        }
+        match socket.connect(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                ) =>
+            {
+                continue
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    tracing::debug!(%target, shard, "no free source port of the shard; connecting from any port");
+    TcpStream::connect(target).await
+}
+
+/// A TCP connection to `addr`: from a source port steered to `shard` (`(shard, shards)`), or
+/// from any port.
+async fn connect_tcp(addr: &str, shard: Option<(usize, usize)>) -> std::io::Result<TcpStream> {
+    let Some((shard, shards)) = shard else { return TcpStream::connect(addr).await };
+    let target = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr} resolves to nothing"))
+    })?;
+    connect_tcp_steered(target, shard, shards).await
+}
+
 /// Opens a QUIC connection and its request stream.
 /// The QUIC client settings: TLS trusting `ca_file`, and the first connection id's shard.
 /// Its errors are the caller's settings, not the network: they are not worth a retry.
@@ -209,6 +287,8 @@ const RESPONSE_BYTES_MAX: usize = 256 << 20;
 #[derive(Debug)]
 pub struct Connection {
     addr: String,
+    /// TCP: the source port, which the broker steers by ([`skein_net::tcp`]).
+    local_port: Option<u16>,
     outgoing: mpsc::Sender<Vec<Bytes>>,
     pending: Pending,
     next_correlation: AtomicU32,
@@ -230,31 +310,37 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    /// Connects and starts the connection's reader and writer tasks.
+    /// Connects and starts the connection's reader and writer tasks. `shard`: `(shard, shards)`,
+    /// have shard `shard` of a broker of `shards` serve the connection (over TCP by its source
+    /// port, over QUIC by its first connection id; `None`: wherever it lands, or over QUIC where
+    /// the transport's `first_shard` says).
     pub async fn connect(
         addr: &str,
         connect_timeout: Duration,
         request_timeout: Duration,
         in_flight_max: usize,
         transport: &crate::Transport,
+        shard: Option<(usize, usize)>,
     ) -> Result<Connection> {
         let connect_error = |reason: String| ClientError::Connect { addr: addr.to_owned(), reason };
         let no_answer = |_| connect_error(format!("no answer within {connect_timeout:?}"));
+        let mut local_port = None;
         let (mut reader, mut writer): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Writer) = match transport
         {
             crate::Transport::Tcp => {
-                let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+                let stream = tokio::time::timeout(connect_timeout, connect_tcp(addr, shard))
                     .await
                     .map_err(no_answer)?
                     .map_err(|e| connect_error(e.to_string()))?;
                 stream.set_nodelay(true).map_err(|e| connect_error(e.to_string()))?;
+                local_port = stream.local_addr().ok().map(|local| local.port());
                 let (reader, writer) = stream.into_split();
                 (Box::new(reader), Writer::Tcp(writer))
             }
             crate::Transport::Quic { server_name, ca_file, first_shard } => {
                 let (writer, reader) = tokio::time::timeout(
                     connect_timeout,
-                    connect_quic(addr, server_name.as_deref(), ca_file, *first_shard),
+                    connect_quic(addr, server_name.as_deref(), ca_file, shard.or(*first_shard)),
                 )
                 .await
                 .map_err(no_answer)??;
@@ -294,6 +380,7 @@ impl Connection {
 
         Ok(Connection {
             addr: addr.to_owned(),
+            local_port,
             outgoing,
             pending,
             next_correlation: AtomicU32::new(1),
@@ -330,6 +417,12 @@ impl Connection {
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Over TCP, the shard of a broker of `shards` that serves this connection: the one its
+    /// source port steers to ([`skein_net::tcp::port_shard`]). `None` over QUIC.
+    pub fn tcp_shard(&self, shards: usize) -> Option<usize> {
+        self.local_port.map(|port| skein_net::tcp::port_shard(port, shards))
     }
 
     /// Whether the connection broke (its tasks ended).

@@ -196,7 +196,7 @@ impl Fetcher {
     /// Starts a fetch, long-polling up to `wait`, for the assigned partitions of every shard
     /// that has none in flight, from their current positions.
     ///
-    /// Over QUIC to a broker of several shards ([`Client::routes_by_shard`]) each shard's
+    /// To a broker of several shards ([`Client::routes_by_shard`]) each shard's
     /// partitions are fetched on a connection of that shard, so no read hops between the
     /// broker's cores, and the shards' long polls run side by side: a record is returned when
     /// its shard answers, without waiting for a quiet shard's poll to end. Each such fetch

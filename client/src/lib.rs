@@ -102,9 +102,9 @@ pub struct ClientConfig {
     pub in_flight_max: usize,
     /// TCP (the default) or QUIC; the bootstrap addresses are of that transport.
     pub transport: Transport,
-    /// QUIC: a producer opens a connection per shard of the broker and sends each
-    /// partition's batches on its shard's (default `true`; see [`Client`]); `false`: everything
-    /// on one connection, as over TCP.
+    /// A producer and a consumer open a connection per shard of the broker and send each
+    /// partition's requests on its shard's (default `true`; see [`Client`]); `false`:
+    /// everything on one connection (and the broker forwards what another shard holds).
     pub connection_per_shard: bool,
 }
 
@@ -185,13 +185,13 @@ impl TopicInfo {
 /// holds up a produce, a commit or a group heartbeat sent meanwhile (the broker answers each
 /// connection's requests in order).
 ///
-/// Over QUIC, against a broker that says how many shards serve it (Metadata v2), the producer
-/// also opens one connection per shard it writes to, steered to that shard by its first
-/// connection id, and sends each partition's batches on the connection of the partition's
-/// shard ([`Client::shard_connection`]): no request waits for a hop between the broker's cores,
-/// and the QUIC work of one producer is spread over the cores that hold its partitions. (Over
-/// TCP the kernel picks a connection's shard, so everything goes on the one connection and the
-/// broker forwards what another shard holds.)
+/// Against a broker that says how many shards serve it (Metadata v2), the producer also opens
+/// one connection per shard it writes to, and the consumer one per shard it reads from, each
+/// steered to its shard (over TCP by its source port, [`skein_net::tcp`]; over QUIC by its
+/// first connection id, [`skein_net::quic`]), and sends each partition's requests on the
+/// connection of the partition's shard ([`Client::shard_connection`]): no request waits for a
+/// hop between the broker's cores, no record is copied from one core to another, and the
+/// network work of one client is spread over the cores that hold its partitions.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -301,6 +301,7 @@ impl Client {
                 config.request_timeout,
                 config.in_flight_max,
                 &config.transport,
+                None,
             )
             .await;
             let connection = match connected {
@@ -322,12 +323,13 @@ impl Client {
         Err(failure.unwrap_or(ClientError::Config("no bootstrap address")))
     }
 
-    /// The connection to send requests for a partition of `shard` on: over QUIC, when the
-    /// broker said how many shards serve it and has more than one (and
-    /// [`ClientConfig::connection_per_shard`]), a connection of that shard's own (opened on
-    /// first use, steered by its first connection id, to the broker of the general connection;
-    /// opened again when lost, or when the general connection moved to another broker);
-    /// otherwise (TCP, one shard, `None`, an older broker) the general connection. A shard
+    /// The connection to send requests for a partition of `shard` on: when the broker said how
+    /// many shards serve it and has more than one (and [`ClientConfig::connection_per_shard`]),
+    /// a connection of that shard's own (opened on first use, steered by its source port over
+    /// TCP or its first connection id over QUIC, to the broker of the general connection;
+    /// opened again when lost, or when the general connection moved to another broker; over
+    /// TCP the general connection itself when its own port steers it to that shard);
+    /// otherwise (one shard, `None`, an older broker) the general connection. A shard
     /// connection that cannot be made falls back to the general connection (the broker then
     /// forwards), so a steering problem costs a hop, not the request.
     pub async fn shard_connection(&self, shard: Option<u16>) -> Result<Arc<Connection>> {
@@ -345,10 +347,12 @@ impl Client {
         let general = self.connection_for(purpose).await?;
         let shards = *self.inner.shards.lock().expect("not poisoned");
         let (Some(shard), Some(shards)) = (shard, shards) else { return Ok(general) };
-        let crate::Transport::Quic { server_name, ca_file, .. } = &self.inner.config.transport else {
-            return Ok(general);
-        };
         if !self.routes_by_shard() || shard >= shards {
+            return Ok(general);
+        }
+        // Over TCP the general connection's own port steers it to some shard: that shard's
+        // requests need no second connection.
+        if general.tcp_shard(usize::from(shards)) == Some(usize::from(shard)) {
             return Ok(general);
         }
         let slot = self
@@ -371,11 +375,6 @@ impl Client {
         let lost =
             matches!(slot.as_ref(), Some((at, _, Ok(connection))) if at == addr && connection.is_closed());
         let config = &self.inner.config;
-        let transport = crate::Transport::Quic {
-            server_name: server_name.clone(),
-            ca_file: ca_file.clone(),
-            first_shard: Some((usize::from(shard), usize::from(shards))),
-        };
         let connect = async {
             let connection = Arc::new(
                 Connection::connect(
@@ -383,7 +382,8 @@ impl Client {
                     config.connect_timeout,
                     config.request_timeout,
                     config.in_flight_max,
-                    &transport,
+                    &config.transport,
+                    Some((usize::from(shard), usize::from(shards))),
                 )
                 .await?,
             );
@@ -419,7 +419,12 @@ impl Client {
         }
         let general = match self.inner.connections[purpose as usize].try_lock() {
             Ok(slot) => match slot.as_ref() {
-                Some(connection) if !connection.is_closed() => connection.addr().to_owned(),
+                Some(connection) if !connection.is_closed() => {
+                    if connection.tcp_shard(usize::from(shards)) == Some(usize::from(shard)) {
+                        return true;
+                    }
+                    connection.addr().to_owned()
+                }
                 _ => return true,
             },
             Err(_) => return true,
@@ -576,11 +581,11 @@ impl Client {
         }
     }
 
-    /// Whether requests for partitions go on connections of their shards: over QUIC, to a
-    /// broker that said it has more than one ([`Client::shard_connection`]).
+    /// Whether requests for partitions go on connections of their shards: to a broker that
+    /// said it has more than one, unless [`ClientConfig::connection_per_shard`] is off
+    /// ([`Client::shard_connection`]).
     pub fn routes_by_shard(&self) -> bool {
-        matches!(self.inner.config.transport, Transport::Quic { .. })
-            && self.inner.config.connection_per_shard
+        self.inner.config.connection_per_shard
             && self.inner.shards.lock().expect("not poisoned").is_some_and(|shards| shards > 1)
     }
 

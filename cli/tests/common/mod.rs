@@ -551,3 +551,52 @@ pub fn bad_frames(good: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         ("random bytes", (0..200u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
     ]
 }
+
+/// The shards of the request lines logged since line `from` (JSON logs, `--log-requests`).
+pub fn request_shards(broker: &Broker, from: usize) -> (std::collections::BTreeSet<u64>, usize) {
+    let log = broker.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let mut shards = std::collections::BTreeSet::new();
+    for line in &lines[from.min(lines.len())..] {
+        if !line.contains("\"request\"") {
+            continue;
+        }
+        let object: serde_json::Value = serde_json::from_str(line).unwrap();
+        if object["fields"]["message"] == "request" {
+            shards.insert(object["span"]["shard"].as_u64().expect("request lines name their shard"));
+        }
+    }
+    (shards, lines.len())
+}
+
+/// The shards that served the request lines logged after line `seen`, once they stopped
+/// coming; `seen` moves past them. The request lines reach the log file a moment after the
+/// answers, not all at once: this waits until some came and none followed for 200 ms (at most
+/// 10 s), so that none of one client's lines is counted with the next client's.
+pub async fn settled_request_shards(broker: &Broker, seen: &mut usize) -> std::collections::BTreeSet<u64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = *seen;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (shards, lines) = request_shards(broker, *seen);
+        if (!shards.is_empty() && lines == last) || Instant::now() > deadline {
+            *seen = lines;
+            return shards;
+        }
+        last = lines;
+    }
+}
+
+/// Each of `partitions` partitions holds the records `i` (values) with `i mod partitions` equal to
+/// it, for `i` below `total`: every record once, in order.
+pub fn assert_each_partition_in_order(records: &[skein_client::ConsumerRecord], partitions: u32, total: u32) {
+    for partition in 0..partitions {
+        let values: Vec<u32> = records
+            .iter()
+            .filter(|r| r.partition == partition)
+            .map(|r| std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap())
+            .collect();
+        let expected: Vec<u32> = (0..total).filter(|i| i % partitions == partition).collect();
+        assert_eq!(values, expected, "partition {partition}: every record once, in order");
+    }
+}

@@ -35,7 +35,7 @@
 //!    unresolved one, so the broker still remembers any batch that is resent.
 //!
 //! # Connections
-//! Over QUIC each partition's batches go on a connection of the broker shard that holds it
+//! Each partition's batches go on a connection of the broker shard that holds it
 //! ([`Client::shard_connection`]). The sender never waits for one to be made: a partition
 //! whose shard has no connection yet waits, unlisted, while a task makes it
 //! (`Sender::connected`, `Event::ShardConnected`), and every other partition keeps sending.
