@@ -1,6 +1,7 @@
 //! The producer's sequence rules against a scripted broker (a plain TCP server speaking the
 //! Skein protocol, whose answers each test chooses): what a refusal does to a batch and to the
-//! batches of its partition behind it. The real broker's side is tested in skein-broker.
+//! batches of its partition behind it; and how records are batched while every request slot is
+//! taken. The real broker's side is tested in skein-broker.
 //!
 //! The scripted broker speaks only version 0 of every API, as a broker built before any v1
 //! existed: it refuses a request at any other version at the frame level. So every test here
@@ -327,4 +328,38 @@ async fn a_record_fails_with_the_delivery_timeout_and_the_last_error() {
         other => panic!("expected a delivery timeout, got {other:?}"),
     }
     assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(5), "{elapsed:?}");
+}
+
+/// With linger 0 and every request slot taken, the records sent meanwhile go on filling the
+/// partition's open batch instead of each being sealed into a tiny batch of its own: a batch
+/// whose linger is over is sealed when a request can carry it, as Kafka's accumulator drains
+/// a ready batch only when it sends it. (Sealed at once, a producer under load sent a stream of
+/// batches of a few records, each with its own header, CRC, append and consumer wake-up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_sent_while_every_request_slot_is_taken_fill_one_batch() {
+    let script: Script = Arc::new(|_, _, _| None);
+    let (addr, log) = scripted_broker(script, Duration::from_millis(200)).await;
+    let config = config().linger(Duration::ZERO).max_in_flight(1);
+    let producer = Producer::new(Client::connect(ClientConfig::new(addr)).await.unwrap(), config);
+    let first = producer.send(ProducerRecord::new("t", "first")).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while log.lock().unwrap().batches.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the first batch never reached the broker");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut deliveries = Vec::new();
+    for i in 0..1000 {
+        deliveries.push(producer.send(ProducerRecord::new("t", format!("r{i}"))).await.unwrap());
+    }
+    first.await.expect("acknowledged");
+    for delivery in deliveries {
+        delivery.await.expect("acknowledged");
+    }
+    let batches = log.lock().unwrap().batches.clone();
+    assert_eq!(batches.iter().map(|b| b.records).sum::<u32>(), 1001, "every record was sent once");
+    assert_eq!(
+        batches.len(),
+        2,
+        "the first record alone, then the 1000 sent while it was in flight in one batch: {batches:?}"
+    );
 }

@@ -99,7 +99,9 @@ pub struct ProducerConfig {
     pub acks: Acks,
     /// A partition's batch is sent once it reaches this size…
     pub batch_bytes: usize,
-    /// …or once its first record waited this long.
+    /// …or once its first record waited this long and a request can carry it: while
+    /// `max_in_flight` requests are out, a batch whose linger is over keeps taking records (up
+    /// to `batch_bytes`), as Kafka's does, instead of going out as many small batches.
     pub linger: Duration,
     /// Produce requests in flight at once.
     pub max_in_flight: usize,

@@ -300,12 +300,27 @@ impl Sender {
     }
 
     /// Seals lingering batches and moves sealed ones into their partition queues. Returns the
-    /// next linger deadline and whether the producer is closing.
+    /// next linger deadline (`None` while no request could go out) and whether the producer is
+    /// closing.
+    ///
+    /// A batch whose linger is over is sealed only when a request can go out
+    /// (`max_in_flight` not reached), as Kafka's accumulator drains a ready batch only when the
+    /// sender sends it: until then it keeps taking records (up to `batch_bytes`). Sealing it
+    /// at once made a producer with a short linger under load send a stream of tiny batches,
+    /// each with its own header, CRC, append, index entry and consumer wake-up: at 580 K
+    /// records/s with linger 0, end-to-end p99 136-144 ms where linger 2 ms gave 11.5 ms.
     fn take_sealed(&mut self) -> (Option<Instant>, bool) {
+        let can_send = self.requests_in_flight < self.max_in_flight;
         let (sealed, next, closing) = {
             let mut accumulator = self.shared.accumulator.lock().expect("not poisoned");
             let closing = accumulator.closed;
-            let next = accumulator.seal_expired(self.shared.config.linger, closing);
+            let next = if can_send || closing {
+                accumulator.seal_expired(self.shared.config.linger, closing)
+            } else {
+                // An answer frees a request slot and wakes the sender (`incoming`); the open
+                // batches are sealed then.
+                None
+            };
             let sealed: Vec<SealedBatch> = accumulator.ready.drain(..).collect();
             (sealed, next, closing)
         };
