@@ -60,7 +60,8 @@ pub struct StorageCounters {
     pub cache_reads: u64,
     /// Reads answered with a range of a segment file (page cache or disk).
     pub file_reads: u64,
-    /// Bytes read from segment files with O_DIRECT (cold reads and read-ahead).
+    /// Bytes read from segment files with O_DIRECT (cold reads, read-ahead, and the header
+    /// lookups that find where a read starts).
     pub direct_read_bytes: u64,
 }
 

@@ -106,6 +106,7 @@ impl SegmentFile {
     /// Reads `len` bytes at `position` with O_DIRECT into a shared buffer (one copy).
     pub async fn read(&self, position: u64, len: usize) -> Result<Bytes> {
         let file = self.file().await?;
+        crate::metrics::count(|c| c.direct_read_bytes += len as u64);
         let read = file
             .read_at(position, len)
             .await

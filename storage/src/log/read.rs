@@ -147,6 +147,40 @@ impl Log {
         Ok(parts)
     }
 
+    /// [`SegmentFile::find_batch`] within what was read ahead: the batch of the segment based at
+    /// `base` that holds `offset`, scanning headers forward from `position` but not past `end`,
+    /// in the read-ahead pieces (waiting for one still being read: its bytes are the ones the
+    /// fetch sends next anyway). `None` when a header it needs is in no piece (or does not
+    /// parse, or its read failed: the disk's scan then reports it, with its position).
+    async fn find_batch_read_ahead(
+        &self,
+        base: u64,
+        mut position: u64,
+        offset: u64,
+        end: u64,
+        size_max: usize,
+    ) -> Option<(u64, batch::BatchHeader)> {
+        loop {
+            if position >= end {
+                return None;
+            }
+            let (start, data) = {
+                let ahead = self.shared.read_ahead.borrow();
+                let piece = ahead.iter().find(|piece| {
+                    piece.segment_base == base && piece.start <= position && position < piece.end
+                })?;
+                (piece.start, piece.data.clone())
+            };
+            let bytes = data.await.ok()?;
+            let header =
+                batch::BatchHeader::parse(bytes.get((position - start) as usize..)?, size_max).ok()?;
+            if header.next_offset() > offset {
+                return Some((position, header));
+            }
+            position += header.total_bytes() as u64;
+        }
+    }
+
     /// Extends what is read ahead of a consumer of `segment` to `want` bytes past `from`, in
     /// background reads of [`READ_AHEAD_PIECE_BYTES`], within the segment's stable bytes and the
     /// shard's read-ahead budget.
@@ -264,7 +298,28 @@ impl Log {
             };
             (position, 0)
         });
-        let (position, header) = segment.find_batch(start_position, offset, data_end.0, size_max).await?;
+        // A consumer reading on starts where its last read ended (the cursor: a batch start
+        // past the index entry), in bytes read ahead for it, so its first header comes from
+        // memory. The disk's scan is for the rest: a header read queued behind the read-ahead's
+        // large reads took 0.8 ms per partition of a cold fetch, 94 % of its preparation.
+        let generation = shared.state.borrow().generation;
+        let start_position = match shared.read_cursor.get() {
+            Some(cursor)
+                if cursor.generation == generation
+                    && cursor.segment_base == base
+                    && cursor.next_offset <= offset
+                    && cursor.position > start_position
+                    && cursor.position < data_end.0 =>
+            {
+                cursor.position
+            }
+            _ => start_position,
+        };
+        let found = self.find_batch_read_ahead(base, start_position, offset, data_end.0, size_max).await;
+        let (position, header) = match found {
+            Some(found) => found,
+            None => segment.find_batch(start_position, offset, data_end.0, size_max).await?,
+        };
         let first_end = (position + header.total_bytes() as u64, header.next_offset());
         if first_end.0 > stable {
             // The batch reaches into the block the next write will rewrite, and the cache does
@@ -289,6 +344,12 @@ impl Log {
             batch_boundary(index, base, position, bytes_max, stable_end, first_end)
         });
         assert!(end.0 <= data_end.0 && end.0 <= stable, "a file range covers only readable, stable bytes");
+        shared.read_cursor.set(Some(super::ReadCursor {
+            generation,
+            segment_base: base,
+            position: end.0,
+            next_offset: end.1,
+        }));
         Ok(ReadSlice {
             first_offset: header.base_offset,
             next_offset: end.1,

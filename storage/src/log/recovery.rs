@@ -199,6 +199,7 @@ impl Log {
             preallocated_at: Cell::new(None),
             allocated_ahead: Cell::new(0),
             read_ahead: RefCell::new(VecDeque::new()),
+            read_cursor: Cell::new(None),
         });
         {
             let mut state = shared.state.borrow_mut();
