@@ -166,6 +166,26 @@ async fn damaged_files_are_recovered_or_refused_with_their_location() {
         }
         other => panic!("the damaged batch was not refused: {:?}", other.map(|r| r.len())),
     }
+    // A consumer that polls on after the error is handed every record before the damaged batch
+    // once and the error again, never a record past it: the fetch it sent for the offsets after
+    // the batch (before checking it) is dropped as stale.
+    let mut consumer = Consumer::new(broker.client().await, ConsumerConfig::default());
+    consumer.assign("c", &[0]).await.unwrap();
+    consumer.seek("c", 0, SeekTo::Offset(0)).await.unwrap();
+    let (mut seen, mut refusals) = (Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refusals < 3 && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)).await {
+            Ok(records) => seen.extend(records.iter().map(|r| r.offset)),
+            Err(ClientError::Corrupt { offset, .. }) => {
+                assert_eq!(offset, damaged_base, "the same batch is refused each time");
+                refusals += 1;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert_eq!(refusals, 3, "the damaged batch is refused at every poll that reaches it");
+    assert_eq!(seen, (0..damaged_base).collect::<Vec<_>>(), "each record before it once, none after");
     assert!(broker.stop());
     restore(&first, position, old);
 

@@ -1,6 +1,8 @@
 //! The consumer: reads assigned partitions from any offset, the beginning, the end or a
 //! timestamp. Pull-based: each [`Consumer::poll`] returns the records that arrived; while the
-//! caller works on them, the next fetch is already in flight (prefetch).
+//! caller works on them, the next fetch is already in flight (prefetch); a shard's next fetch
+//! goes out even before its last response is checked and decoded, from the offsets its batch
+//! headers give (`Fetcher::prefetch_after`).
 //!
 //! What it reads and where it stands is a `Fetcher` (`fetcher.rs`); a consumer that
 //! subscribed to a group also has a group membership (`group.rs`, see [`crate::group`]) that
@@ -129,23 +131,24 @@ impl Consumer {
                 _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
             };
             let first = self.fetcher.prefetch.swap_remove(index);
-            let mut finished = vec![(first.asked, joined)];
+            let mut finished = vec![(first.shard, first.asked, joined)];
             // Other shards' fetches that are done too are taken with it.
             let mut next = 0;
             while next < self.fetcher.prefetch.len() {
                 if self.fetcher.prefetch[next].handle.is_finished() {
                     let fetch = self.fetcher.prefetch.swap_remove(next);
-                    finished.push((fetch.asked, fetch.handle.await));
+                    finished.push((fetch.shard, fetch.asked, fetch.handle.await));
                 } else {
                     next += 1;
                 }
             }
             let mut pause = false;
-            for (asked, joined) in finished {
+            for (shard, asked, joined) in finished {
                 match joined {
                     Ok(Ok(response)) => {
                         // A response to positions that moved since (a seek) is stale.
                         if asked.iter().all(|(key, offset)| self.fetcher.positions.get(key) == Some(offset)) {
+                            self.fetcher.prefetch_after(shard, &asked, &response);
                             self.fetcher.absorb(response).await?;
                         } else {
                             tracing::trace!(?asked, positions = ?self.fetcher.positions, "stale fetch response dropped");

@@ -209,11 +209,7 @@ impl Fetcher {
         let mut asked: HashMap<Option<u16>, HashMap<TopicPartition, u64>> = HashMap::new();
         for tp in &self.assignment {
             let Some(&offset) = self.positions.get(tp) else { continue };
-            let shard = if routed {
-                self.client.cached_topic(tp.topic()).and_then(|info| info.shard_of(tp.partition))
-            } else {
-                None
-            };
+            let shard = self.shard_of(tp, routed);
             if self.prefetch.iter().any(|fetch| fetch.shard == shard) {
                 continue;
             }
@@ -230,21 +226,112 @@ impl Fetcher {
             asked.entry(shard).or_default().insert(tp.clone(), offset);
         }
         for (shard, topics) in groups {
-            let request = Request::Fetch(FetchRequest {
-                max_wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
-                min_bytes: self.config.fetch_bytes_min,
-                max_bytes: self.config.fetch_bytes_max,
-                topics,
-            });
-            let client = self.client.clone();
-            let handle = tokio::spawn(async move {
-                let body = client.fetch_on_shard(shard, &request).await?;
-                let response = decode(&body, FetchResponse::decode)?;
-                Ok(response.map_records(|range| body.slice(range)))
-            });
             let asked = asked.remove(&shard).unwrap_or_default();
-            self.prefetch.push(SubFetch { shard, asked, handle });
+            self.spawn_fetch(shard, topics, asked, wait);
         }
+    }
+
+    /// The shard whose connection fetches `tp` (`None`: the fetch connection), when `routed`
+    /// ([`Client::routes_by_shard`]).
+    fn shard_of(&self, tp: &TopicPartition, routed: bool) -> Option<u16> {
+        if routed {
+            self.client.cached_topic(tp.topic()).and_then(|info| info.shard_of(tp.partition))
+        } else {
+            None
+        }
+    }
+
+    /// Sends a fetch of `topics` (the partitions of `shard`, from the offsets in `asked`) and
+    /// lists it in flight.
+    fn spawn_fetch(
+        &mut self,
+        shard: Option<u16>,
+        topics: Vec<TopicData<FetchPartition>>,
+        asked: HashMap<TopicPartition, u64>,
+        wait: Duration,
+    ) {
+        let request = Request::Fetch(FetchRequest {
+            max_wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            min_bytes: self.config.fetch_bytes_min,
+            max_bytes: self.config.fetch_bytes_max,
+            topics,
+        });
+        let client = self.client.clone();
+        let handle = tokio::spawn(async move {
+            let body = client.fetch_on_shard(shard, &request).await?;
+            let response = decode(&body, FetchResponse::decode)?;
+            Ok(response.map_records(|range| body.slice(range)))
+        });
+        self.prefetch.push(SubFetch { shard, asked, handle });
+    }
+
+    /// Starts the next fetch of a shard whose fetch (`asked`, answered with `response`) is about
+    /// to be absorbed, from the offsets after the response's records, read from their batch
+    /// headers alone (no CRC, no decoding): the broker reads and sends the next range while
+    /// this one is checked and decoded. The new fetch's `asked` are those predicted positions;
+    /// if absorbing ends anywhere else (a corrupt batch, an error, a seek, a poll cancelled
+    /// half-way), its response no longer matches the positions when it arrives and is dropped
+    /// as stale ([`crate::Consumer::poll`]). Nothing is started when a partition of the
+    /// response carries an error or no partition got records (the usual path then fetches after
+    /// the absorb, long-polling), or when the shard already has a fetch in flight.
+    pub(crate) fn prefetch_after(
+        &mut self,
+        shard: Option<u16>,
+        asked: &HashMap<TopicPartition, u64>,
+        response: &FetchResponse<Bytes>,
+    ) {
+        if self.prefetch.iter().any(|fetch| fetch.shard == shard) {
+            return;
+        }
+        // Only for the same partitions, still on that shard: a partition assigned since, or
+        // moved to another shard (a restart with another shard count), waits for the usual
+        // path, which groups the partitions anew.
+        let routed = self.client.routes_by_shard();
+        let same = asked.keys().all(|tp| self.assignment.contains(tp) && self.shard_of(tp, routed) == shard)
+            && self
+                .assignment
+                .iter()
+                .filter(|tp| self.positions.contains_key(*tp))
+                .all(|tp| asked.contains_key(tp) || self.shard_of(tp, routed) != shard);
+        if !same {
+            return;
+        }
+        let mut predicted = asked.clone();
+        let mut advanced = false;
+        for topic in &response.topics {
+            for partition in &topic.partitions {
+                if partition.error != ErrorCode::None {
+                    return;
+                }
+                let key = TopicPartition::new(Arc::from(topic.name.as_str()), partition.partition);
+                let Some(position) = predicted.get_mut(&key) else { continue };
+                match next_offset_after(&partition.records, self.config.batch_bytes_max) {
+                    Some(next) if next > *position => {
+                        *position = next;
+                        advanced = true;
+                    }
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        }
+        if !advanced {
+            return;
+        }
+        let mut topics: Vec<TopicData<FetchPartition>> = Vec::new();
+        for (tp, &offset) in &predicted {
+            let entry = FetchPartition {
+                partition: tp.partition,
+                fetch_offset: offset,
+                partition_bytes_max: self.config.partition_bytes_max,
+            };
+            match topics.iter_mut().find(|t| t.name == tp.topic()) {
+                Some(t) => t.partitions.push(entry),
+                None => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
+            }
+        }
+        let wait = self.config.fetch_wait_max;
+        self.spawn_fetch(shard, topics, predicted, wait);
     }
 
     /// Drops partitions from the assignment, with their positions and buffered records.
@@ -312,12 +399,21 @@ impl Fetcher {
                 }
                 let mut next = position;
                 for batch in BatchSplitter::new(partition.records, self.config.batch_bytes_max) {
-                    let batch = batch.map_err(|error| ClientError::Corrupt {
-                        topic: topic.name.clone(),
-                        partition: partition.partition,
-                        offset: next,
-                        error,
-                    })?;
+                    let batch = match batch {
+                        Ok(batch) => batch,
+                        Err(error) => {
+                            // The records before the damaged batch are buffered: the position
+                            // is the damaged batch's, so a poll after the error returns them
+                            // once and refuses the batch again, never skipping it.
+                            self.positions.insert(key, next);
+                            return Err(ClientError::Corrupt {
+                                topic: topic.name.clone(),
+                                partition: partition.partition,
+                                offset: next,
+                                error,
+                            });
+                        }
+                    };
                     if batch.header().next_offset() <= next {
                         continue;
                     }
@@ -347,5 +443,45 @@ impl Fetcher {
             }
         }
         Ok(())
+    }
+}
+
+/// The offset after the last batch of `records` (whole batches, back to back), from their
+/// headers alone; `records`' own start when it is empty; `None` when a header does not parse
+/// or a batch runs past the end (absorbing will say what is wrong).
+fn next_offset_after(records: &[u8], size_max: usize) -> Option<u64> {
+    let mut at = 0usize;
+    let mut next = None;
+    while at < records.len() {
+        let header = skein_storage::batch::BatchHeader::parse(&records[at..], size_max).ok()?;
+        at = at.checked_add(header.total_bytes()).filter(|&end| end <= records.len())?;
+        next = Some(header.next_offset());
+    }
+    Some(next.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_offset_after;
+    use skein_storage::batch::{set_base_offset, BatchBuilder};
+
+    fn batch(base: u64, records: usize) -> Vec<u8> {
+        let mut builder = BatchBuilder::new();
+        for i in 0..records {
+            builder.push(0, None, Some(format!("v{i}").as_bytes()), &[]);
+        }
+        let mut bytes = builder.finish().to_vec();
+        set_base_offset(&mut bytes, base);
+        bytes
+    }
+
+    #[test]
+    fn the_offset_after_a_response_comes_from_its_batch_headers() {
+        let mut records = batch(10, 3);
+        records.extend(batch(13, 5));
+        assert_eq!(next_offset_after(&records, 1 << 20), Some(18), "after the last batch");
+        assert_eq!(next_offset_after(&[], 1 << 20), Some(0), "no records: nothing to go by");
+        assert_eq!(next_offset_after(&records[..records.len() - 1], 1 << 20), None, "a batch cut short");
+        assert_eq!(next_offset_after(&records[..20], 1 << 20), None, "a header cut short");
     }
 }
