@@ -493,44 +493,8 @@ async fn a_quic_producer_and_consumer_carry_on_at_once_after_the_broker_is_kille
 /// the first requests after the restart are answered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_with_more_shards_requests_follow_the_partitions_to_their_new_shards() {
-    let mut broker = quic_broker(&["--metrics-listen", "127.0.0.1:0"]);
-    let client = Client::connect(quic_config(&broker)).await.unwrap();
-    Admin::new(client.clone()).create_topic("moving", 6, &[]).await.unwrap();
-    let before = client.refresh_topic("moving").await.unwrap().shards.clone();
-    let producer = Producer::new(client.clone(), ProducerConfig::default().linger(Duration::from_millis(1)));
-    let send = |from: u32, to: u32| {
-        let producer = &producer;
-        async move {
-            for i in from..to {
-                producer.send(ProducerRecord::new("moving", format!("{i}")).partition(i % 6)).await.unwrap();
-            }
-            producer.flush().await.expect("every record acknowledged");
-        }
-    };
-    send(0, 600).await;
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-    consumer.assign("moving", &[0, 1, 2, 3, 4, 5]).await.unwrap();
-    consumer.seek_all(skein_client::SeekTo::Beginning).await.unwrap();
-    let mut records = read_all(&mut consumer, 600).await;
-
-    broker.kill();
-    broker.set_cores(3);
-    broker.restart();
-    let metrics = broker.metrics_addr.clone().expect("the metrics address");
-    let hops = |api: &str| scrape(&metrics)[&format!("skein_forwarded_partitions_total{{api={api}}}")];
-    // The first requests after the restart may go to a partition's old shard: they were on
-    // their way before the client heard of the new placement.
-    send(600, 660).await;
-    records.extend(read_all(&mut consumer, 60).await);
-    let after = client.topic("moving").await.unwrap().shards.clone(); // the cached metadata
-    assert_eq!(after.iter().flatten().max(), Some(&2), "the client knows the 3 shards: {after:?}");
-    assert_ne!(before, after, "some partitions moved to other shards");
-    let (produce_hops, fetch_hops) = (hops("produce"), hops("fetch"));
-    send(660, 3000).await;
-    records.extend(read_all(&mut consumer, 2340).await);
-    assert_eq!(hops("produce"), produce_hops, "a produce request went to a partition's old shard");
-    assert_eq!(hops("fetch"), fetch_hops, "a fetch went to a partition's old shard");
-    assert_each_partition_in_order(&records, 6, 3000);
+    let broker = quic_broker(&["--metrics-listen", "127.0.0.1:0"]);
+    common::requests_follow_the_partitions_after_a_restart_with_more_shards(broker, quic_config).await;
 }
 
 /// Over the connection limit a QUIC connection gets the error a TCP one gets

@@ -151,15 +151,7 @@ async fn after_a_silent_link_outlasts_the_request_timeout_every_record_arrives_o
     let acknowledged_in = back.elapsed();
     records.extend(read_all(&mut consumer, 3000).await);
 
-    for partition in 0..4u32 {
-        let values: Vec<u32> = records
-            .iter()
-            .filter(|r| r.partition == partition)
-            .map(|r| std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap())
-            .collect();
-        let expected: Vec<u32> = (0..6000).filter(|i| i % 4 == partition).collect();
-        assert_eq!(values, expected, "partition {partition}: every record once, in order");
-    }
+    common::assert_each_partition_in_order(&records, 4, 6000);
     let (accepted, held) = (proxy.accepted.load(Ordering::Relaxed), proxy.held.load(Ordering::Relaxed));
     assert!(accepted > accepted_before, "the client gave up on the silent connections and made new ones");
     assert!(held > 0, "the silence held bytes, delivered late");

@@ -106,30 +106,9 @@ async fn a_tcp_producer_and_consumer_send_each_partition_to_the_shard_that_holds
 /// restart are answered, none hops between shards. Nothing is lost or repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_with_more_shards_tcp_requests_follow_the_partitions() {
-    let mut broker = Broker::start(&["--metrics-listen", "127.0.0.1:0"]);
-    let client = Client::connect(ClientConfig::new(broker.addr.clone())).await.unwrap();
-    Admin::new(client.clone()).create_topic("moving", 6, &[]).await.unwrap();
-    let before = client.refresh_topic("moving").await.unwrap().shards.clone();
-    let producer = Producer::new(client.clone(), ProducerConfig::default().linger(Duration::from_millis(1)));
-    send(&producer, "moving", 6, 0, 600).await;
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-    consumer.assign("moving", &[0, 1, 2, 3, 4, 5]).await.unwrap();
-    consumer.seek_all(skein_client::SeekTo::Beginning).await.unwrap();
-    let mut records = read_all(&mut consumer, 600).await;
-
-    broker.kill();
-    broker.set_cores(3);
-    broker.restart();
-    let metrics = broker.metrics_addr.clone().expect("the metrics address");
-    send(&producer, "moving", 6, 600, 660).await;
-    records.extend(read_all(&mut consumer, 60).await);
-    let after = client.topic("moving").await.unwrap().shards.clone();
-    assert_eq!(after.iter().flatten().max(), Some(&2), "the client knows the 3 shards: {after:?}");
-    assert_ne!(before, after, "some partitions moved to other shards");
-    let (produce_hops, fetch_hops) = (hops(&metrics, "produce"), hops(&metrics, "fetch"));
-    send(&producer, "moving", 6, 660, 3000).await;
-    records.extend(read_all(&mut consumer, 2340).await);
-    assert_eq!(hops(&metrics, "produce"), produce_hops, "a produce request went to a partition's old shard");
-    assert_eq!(hops(&metrics, "fetch"), fetch_hops, "a fetch went to a partition's old shard");
-    assert_each_partition_in_order(&records, 6, 3000);
+    let broker = Broker::start(&["--metrics-listen", "127.0.0.1:0"]);
+    common::requests_follow_the_partitions_after_a_restart_with_more_shards(broker, |broker| {
+        ClientConfig::new(broker.addr.clone())
+    })
+    .await;
 }

@@ -663,22 +663,27 @@ fn settings_change_on_an_open_log_and_lowering_a_limit_keeps_stored_batches_read
     });
 }
 
+/// Old data comes from the file: a cache of one block, segments larger than the data, an index
+/// entry every `index_interval_bytes`.
+fn file_read_config(index_interval_bytes: u32) -> LogConfig {
+    LogConfig {
+        segment_bytes: 64 << 20,
+        cache_bytes_max: 4096,
+        batch_bytes_max: 1 << 20,
+        write_buffer_bytes: 1 << 20,
+        write_buffered_bytes_max: 8 << 20,
+        index_interval_bytes,
+        ..LogConfig::tiny()
+    }
+}
+
 #[test]
 fn a_file_read_hands_back_the_read_ahead_pieces_unjoined_and_in_order() {
     use skein_storage::{LogData, PartitionLog};
     let dir = tmp();
     let path = dir.path().join("p0");
     run(move || async move {
-        // Old data comes from the file: a cache of one block, segments larger than the data.
-        let config = LogConfig {
-            segment_bytes: 64 << 20,
-            cache_bytes_max: 4096,
-            batch_bytes_max: 1 << 20,
-            write_buffer_bytes: 1 << 20,
-            write_buffered_bytes_max: 8 << 20,
-            ..LogConfig::tiny()
-        };
-        let log = Log::open(&path, config).await.unwrap();
+        let log = Log::open(&path, file_read_config(LogConfig::tiny().index_interval_bytes)).await.unwrap();
         append_all(&log, &[1000; 60]).await;
         let end = log.visible_offset();
         // Consecutive reads of 3 MiB, as a consumer's fetches: from the second on each continues
@@ -719,19 +724,9 @@ fn a_consumer_reading_on_finds_its_batches_in_the_read_ahead_and_reads_each_byte
     let dir = tmp();
     let path = dir.path().join("p0");
     run(move || async move {
-        // Old data comes from the file (a cache of one block); the sparse index has one entry
-        // every 32 MiB, so a read's first batch is found by scanning headers from far behind it
-        // unless the log knows where the last read ended.
-        let config = LogConfig {
-            segment_bytes: 64 << 20,
-            cache_bytes_max: 4096,
-            batch_bytes_max: 1 << 20,
-            write_buffer_bytes: 1 << 20,
-            write_buffered_bytes_max: 8 << 20,
-            index_interval_bytes: 32 << 20,
-            ..LogConfig::tiny()
-        };
-        let log = Log::open(&path, config).await.unwrap();
+        // The sparse index has one entry every 32 MiB, so a read's first batch is found by
+        // scanning headers from far behind it unless the log knows where the last read ended.
+        let log = Log::open(&path, file_read_config(32 << 20)).await.unwrap();
         append_all(&log, &[1000; 60]).await;
         let end = log.visible_offset();
         let before = skein_storage::metrics::snapshot().direct_read_bytes;

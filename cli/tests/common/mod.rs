@@ -600,3 +600,53 @@ pub fn assert_each_partition_in_order(records: &[skein_client::ConsumerRecord], 
         assert_eq!(values, expected, "partition {partition}: every record once, in order");
     }
 }
+
+/// A broker restarted with another number of shards (3 after 2) holds its partitions on other
+/// shards: a client made with `config` learns the new placement when it reconnects, and the
+/// same producer and consumer send each partition's requests to the shard that holds it now
+/// (none hops between shards once the requests on their way at the restart are answered);
+/// nothing is lost or repeated. `broker` serves `--metrics-listen`; `config` says how the
+/// client connects to it.
+pub async fn requests_follow_the_partitions_after_a_restart_with_more_shards(
+    mut broker: Broker,
+    config: impl Fn(&Broker) -> ClientConfig,
+) {
+    use skein_client::{Admin, ConsumerConfig, Producer, ProducerConfig, ProducerRecord};
+    let client = Client::connect(config(&broker)).await.unwrap();
+    Admin::new(client.clone()).create_topic("moving", 6, &[]).await.unwrap();
+    let before = client.refresh_topic("moving").await.unwrap().shards.clone();
+    let producer = Producer::new(client.clone(), ProducerConfig::default().linger(Duration::from_millis(1)));
+    let send = |from: u32, to: u32| {
+        let producer = &producer;
+        async move {
+            for i in from..to {
+                producer.send(ProducerRecord::new("moving", format!("{i}")).partition(i % 6)).await.unwrap();
+            }
+            producer.flush().await.expect("every record acknowledged");
+        }
+    };
+    send(0, 600).await;
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer.assign("moving", &[0, 1, 2, 3, 4, 5]).await.unwrap();
+    consumer.seek_all(skein_client::SeekTo::Beginning).await.unwrap();
+    let mut records = read_all(&mut consumer, 600).await;
+
+    broker.kill();
+    broker.set_cores(3);
+    broker.restart();
+    let metrics = broker.metrics_addr.clone().expect("the metrics address");
+    let hops = |api: &str| scrape(&metrics)[&format!("skein_forwarded_partitions_total{{api={api}}}")];
+    // The first requests after the restart may go to a partition's old shard: they were on
+    // their way before the client heard of the new placement.
+    send(600, 660).await;
+    records.extend(read_all(&mut consumer, 60).await);
+    let after = client.topic("moving").await.unwrap().shards.clone(); // the cached metadata
+    assert_eq!(after.iter().flatten().max(), Some(&2), "the client knows the 3 shards: {after:?}");
+    assert_ne!(before, after, "some partitions moved to other shards");
+    let (produce_hops, fetch_hops) = (hops("produce"), hops("fetch"));
+    send(660, 3000).await;
+    records.extend(read_all(&mut consumer, 2340).await);
+    assert_eq!(hops("produce"), produce_hops, "a produce request went to a partition's old shard");
+    assert_eq!(hops("fetch"), fetch_hops, "a fetch went to a partition's old shard");
+    assert_each_partition_in_order(&records, 6, 3000);
+}
