@@ -76,11 +76,11 @@
 //! starts exactly where its last read ended, so the log keeps that end (a batch start and its
 //! offset: the read cursor) and scans from there, in the bytes already read ahead for it: no
 //! disk read. Looking the first header up on the disk was a small read queued behind the
-//! read-ahead's large ones: 0.81 ms of the 0.87 ms a cold fetch spent per partition before its bytes were ready (fetch
-//! time from request to response ready 1.46-1.77 ms before, 0.61-0.66 after; consume 1500 /
-//! 1515 / 1610 MiB/s before, 1575 / 1754 / 1624 after, 4 M records of 1000 B read cold from a
-//! broker process, alternating builds), and with a coarse index it read every header between
-//! the index entry and the offset again for each read.
+//! read-ahead's large ones: 0.81 ms of the 0.87 ms a cold fetch spent per partition before its
+//! bytes were ready (fetch time from request to response ready 1.46-1.77 ms before, 0.61-0.66
+//! after; consume 1500 / 1515 / 1610 MiB/s before, 1575 / 1754 / 1624 after, 4 M records of
+//! 1000 B read cold from a broker process, alternating builds), and with a coarse index it read
+//! every header between the index entry and the offset again for each read.
 //!
 //! # Copies on the hot paths
 //! * Produce: the request frame is received into one buffer (the kernel's copy); each batch is
