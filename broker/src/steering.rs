@@ -125,12 +125,13 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    /// Connects from `port` (on 127.0.0.1) and says which listener accepted it, within 2 s.
+    /// Connects from `port` (on the listeners' loopback address) and says which listener
+    /// accepted it, within 2 s.
     fn accepted_by(listeners: &[std::net::TcpListener], port: u16) -> Option<usize> {
         let target = listeners[0].local_addr().expect("bound");
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
+        let socket = Socket::new(Domain::for_address(target), Type::STREAM, None).expect("a socket");
         socket.set_reuse_address(true).expect("reuse");
-        let local: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+        let local = SocketAddr::new(target.ip(), port);
         socket.bind(&local.into()).ok()?;
         socket.connect(&target.into()).expect("connect");
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -149,8 +150,11 @@ mod tests {
 
     #[test]
     fn connections_land_on_the_listener_their_source_port_names() {
-        for shards in [2usize, 3, 4] {
-            let listeners = bind_tcp("127.0.0.1:0".parse().unwrap(), shards).expect("bound");
+        // IPv4 (the TCP header after 4 × IHL bytes) and IPv6 (after the fixed 40).
+        for (shards, listen) in
+            [(2usize, "127.0.0.1:0"), (3, "127.0.0.1:0"), (4, "127.0.0.1:0"), (2, "[::1]:0"), (3, "[::1]:0")]
+        {
+            let listeners = bind_tcp(listen.parse().unwrap(), shards).expect("bound");
             for listener in &listeners {
                 listener.set_nonblocking(true).expect("non-blocking");
             }
@@ -165,7 +169,7 @@ mod tests {
                     };
                     // A port some other socket holds is skipped; enough others are tried.
                     let Some(landed) = accepted_by(&listeners, port) else { continue };
-                    assert_eq!(landed, shard, "port {port}, {shards} shards");
+                    assert_eq!(landed, shard, "port {port}, {shards} shards on {listen}");
                     *reached += 1;
                     tried += 1;
                 }
