@@ -277,7 +277,6 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         let topics = topics.clone();
         let topic_ids = topic_ids.clone();
         let controller = if id == 0 { store.take() } else { None };
-        let listen = addr;
         let hub = hub.clone();
         let quic =
             quic.as_ref().and_then(|(setup, _)| Some((setup.clone(), quic_sockets.get_mut(id)?.take()?)));
@@ -300,8 +299,7 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
                     // Every event logged on this executor's thread carries its shard.
                     let _shard_span = tracing::info_span!("shard", shard = id).entered();
                     let config = Rc::new(BrokerConfig::clone(&shard_config));
-                    let shard =
-                        ShardStart { id, config, listen, topics, topic_ids, mesh, controller, hub, quic };
+                    let shard = ShardStart { id, config, topics, topic_ids, mesh, controller, hub, quic };
                     if let Err(reason) = run_shard(shard, &phase, &events).await {
                         let _ = events.send((id, ShardEvent::Failed(reason)));
                     }
@@ -439,7 +437,6 @@ async fn wait_for(flag: &AtomicBool, stop: &AtomicBool) -> bool {
 struct ShardStart {
     id: usize,
     config: Rc<BrokerConfig>,
-    listen: SocketAddr,
     topics: BTreeMap<String, TopicConfig>,
     topic_ids: BTreeMap<String, skein_net::types::TopicId>,
     mesh: MeshBuilder<MeshMessage, glommio::channels::channel_mesh::Full>,
@@ -454,7 +451,7 @@ async fn run_shard(
     phase: &Phase,
     events: &mpsc::Sender<(usize, ShardEvent)>,
 ) -> Result<(), String> {
-    let ShardStart { id, config, listen, topics, topic_ids, mesh, controller, hub, quic } = start;
+    let ShardStart { id, config, topics, topic_ids, mesh, controller, hub, quic } = start;
     let stop = phase.stop.clone();
     tracing::debug!(shard = id, "priming");
     skein_storage::prime_executor(&config.data_dir).await.map_err(|e| e.to_string())?;
@@ -525,7 +522,7 @@ async fn run_shard(
         None => {
             shard.shutting_down.set(true);
             close_logs(&shard).await;
-            return Err(format!("no listener for shard {id} on {listen}"));
+            return Err(format!("no listener for shard {id}"));
         }
     };
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
@@ -647,9 +644,6 @@ async fn close_logs(shard: &Shard) {
     }
 }
 
-/// A listening socket with SO_REUSEPORT (every shard listens on the port) and SO_REUSEADDR
-/// (glommio's own `bind` omits it: connections it accepted then linger in TIME_WAIT without the
-/// flag and keep a restarted broker off its port for a minute).
 /// A timer that never lets a shard sleep longer than 10 ms. glommio 0.9 can park an executor
 /// that still has work: a shared channel whose other end connected while it slept (it only looks
 /// again when its reactor wakes up), and, rarely, a task made runnable just as the time slice

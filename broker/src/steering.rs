@@ -95,7 +95,9 @@ pub(crate) fn attach(socket: &Socket, mut program: Vec<libc::sock_filter>, what:
 }
 
 /// `shards` TCP listeners on `addr` (port 0: one picked for all), in one `SO_REUSEPORT` group
-/// steered by source port: listener `k` is shard `k`'s. Blocking sockets, backlog 1024.
+/// steered by source port: listener `k` is shard `k`'s. Blocking sockets, backlog 1024, with
+/// `SO_REUSEADDR` (glommio's own `bind` omits it: connections it accepted then linger in
+/// TIME_WAIT without the flag and keep a restarted broker off its port for a minute).
 pub fn bind_tcp(addr: SocketAddr, shards: usize) -> io::Result<Vec<std::net::TcpListener>> {
     if shards == 0 || shards > 256 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{shards} shards: 1 to 256")));
