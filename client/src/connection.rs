@@ -103,23 +103,23 @@ async fn connect_tcp_steered(
     shards: usize,
 ) -> std::io::Result<TcpStream> {
     let range = ephemeral_ports();
-    let start = u16::from_le_bytes([random_id()[0], random_id()[1]]);
+    let noise = random_id();
+    let start = u16::from_le_bytes([noise[0], noise[1]]);
     for skip in 0..STEERED_PORT_TRIES {
         let Some(port) = skein_net::tcp::port_for_shard(shard, shards, range.clone(), start, skip) else {
             break;
         };
-        let socket = if target.is_ipv6() {
-            tokio::net::TcpSocket::new_v6()?
-        } else {
-            tokio::net::TcpSocket::new_v4()?
+        let (socket, any) = match target {
+            std::net::SocketAddr::V4(_) => {
+                (tokio::net::TcpSocket::new_v4()?, std::net::Ipv4Addr::UNSPECIFIED.into())
+            }
+            std::net::SocketAddr::V6(_) => {
+                (tokio::net::TcpSocket::new_v6()?, std::net::Ipv6Addr::UNSPECIFIED.into())
+            }
         };
         // A port whose last connection is in TIME_WAIT is free for a connection elsewhere.
         socket.set_reuseaddr(true)?;
-        let local: std::net::SocketAddr = if target.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
-        };
+        let local = std::net::SocketAddr::new(any, port);
         if let Err(error) = socket.bind(local) {
             if error.kind() == std::io::ErrorKind::AddrInUse {
                 continue;

@@ -145,10 +145,7 @@ impl Fetcher {
         let mut topics: Vec<TopicData<ListOffsetsPartition>> = Vec::new();
         for tp in partitions {
             let entry = ListOffsetsPartition { partition: tp.partition, timestamp };
-            match topics.iter_mut().find(|t| t.name == tp.topic()) {
-                Some(t) => t.partitions.push(entry),
-                None => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
-            }
+            push_to_topic(&mut topics, tp.topic(), entry);
         }
         let body = self.client.request(&Request::ListOffsets(ListOffsetsRequest { topics })).await?;
         let response = decode(&body, ListOffsetsResponse::decode)?;
@@ -219,10 +216,7 @@ impl Fetcher {
                 partition_bytes_max: self.config.partition_bytes_max,
             };
             let topics = groups.entry(shard).or_default();
-            match topics.iter_mut().find(|t| t.name == tp.topic()) {
-                Some(t) => t.partitions.push(entry),
-                None => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
-            }
+            push_to_topic(topics, tp.topic(), entry);
             asked.entry(shard).or_default().insert(tp.clone(), offset);
         }
         for (shard, topics) in groups {
@@ -287,12 +281,13 @@ impl Fetcher {
         // moved to another shard (a restart with another shard count), waits for the usual
         // path, which groups the partitions anew.
         let routed = self.client.routes_by_shard();
-        let same = asked.keys().all(|tp| self.assignment.contains(tp) && self.shard_of(tp, routed) == shard)
-            && self
-                .assignment
-                .iter()
-                .filter(|tp| self.positions.contains_key(*tp))
-                .all(|tp| asked.contains_key(tp) || self.shard_of(tp, routed) != shard);
+        let same =
+            asked.keys().all(|tp| self.positions.contains_key(tp) && self.shard_of(tp, routed) == shard)
+                && self
+                    .assignment
+                    .iter()
+                    .filter(|tp| self.positions.contains_key(*tp))
+                    .all(|tp| asked.contains_key(tp) || self.shard_of(tp, routed) != shard);
         if !same {
             return;
         }
@@ -325,10 +320,7 @@ impl Fetcher {
                 fetch_offset: offset,
                 partition_bytes_max: self.config.partition_bytes_max,
             };
-            match topics.iter_mut().find(|t| t.name == tp.topic()) {
-                Some(t) => t.partitions.push(entry),
-                None => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
-            }
+            push_to_topic(&mut topics, tp.topic(), entry);
         }
         let wait = self.config.fetch_wait_max;
         self.spawn_fetch(shard, topics, predicted, wait);
@@ -443,6 +435,15 @@ impl Fetcher {
             }
         }
         Ok(())
+    }
+}
+
+/// Adds `entry` to `topic`'s partitions in `topics`, the topic's entry made if missing (a
+/// request lists each topic once).
+pub(crate) fn push_to_topic<T>(topics: &mut Vec<TopicData<T>>, topic: &str, entry: T) {
+    match topics.iter_mut().find(|t| t.name == topic) {
+        Some(t) => t.partitions.push(entry),
+        None => topics.push(TopicData { name: topic.to_owned(), partitions: vec![entry] }),
     }
 }
 

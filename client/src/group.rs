@@ -471,10 +471,7 @@ impl GroupState {
         let mut topics: Vec<TopicData<CommitPartition>> = Vec::new();
         for (tp, offset) in offsets {
             let entry = CommitPartition { partition: tp.partition, offset: *offset, metadata: String::new() };
-            match topics.iter_mut().find(|t| t.name == tp.topic()) {
-                Some(t) => t.partitions.push(entry),
-                None => topics.push(TopicData { name: tp.topic().to_owned(), partitions: vec![entry] }),
-            }
+            crate::fetcher::push_to_topic(&mut topics, tp.topic(), entry);
         }
         OffsetCommitRequest { group_id: self.config.group_id.clone(), member_id, member_epoch, topics }
     }
