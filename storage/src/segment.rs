@@ -150,15 +150,13 @@ impl SegmentFile {
             let window = ((end - position) as usize).min(LOOKUP_WINDOW_BYTES);
             let bytes =
                 self.read(position, window.max(BATCH_HEADER_BYTES.min((end - position) as usize))).await?;
-            let mut at = 0usize;
-            while at + BATCH_HEADER_BYTES <= bytes.len() {
-                let header = BatchHeader::parse(&bytes[at..], size_max)
-                    .map_err(|e| self.corruption(position + at as u64, CorruptionKind::Batch(e)))?;
-                if header.next_offset() > offset {
-                    return Ok((position + at as u64, header));
+            let at = match scan_headers(&bytes, offset, size_max) {
+                HeaderScan::Found(at, header) => return Ok((position + at as u64, header)),
+                HeaderScan::Beyond(at) => at,
+                HeaderScan::Bad(at, e) => {
+                    return Err(self.corruption(position + at as u64, CorruptionKind::Batch(e)))
                 }
-                at += header.total_bytes();
-            }
+            };
             if at == 0 {
                 return Err(self.corruption(
                     position,
@@ -171,6 +169,35 @@ impl SegmentFile {
             position += at as u64;
         }
     }
+}
+
+/// Where [`scan_headers`] stopped.
+pub(crate) enum HeaderScan {
+    /// The batch at this position of the bytes holds the offset.
+    Found(usize, BatchHeader),
+    /// Every batch whose header the bytes hold ends at or before the offset; the next header
+    /// starts here (at or past the end of the bytes).
+    Beyond(usize),
+    /// The header at this position does not parse.
+    Bad(usize, BatchError),
+}
+
+/// Walks the batch headers in `bytes` (a batch start first) to the batch that holds `offset`:
+/// the one scan behind [`SegmentFile::find_batch`] (bytes read from the disk) and the log's
+/// lookup in its read-ahead pieces.
+pub(crate) fn scan_headers(bytes: &[u8], offset: u64, size_max: usize) -> HeaderScan {
+    let mut at = 0usize;
+    while at + BATCH_HEADER_BYTES <= bytes.len() {
+        let header = match BatchHeader::parse(&bytes[at..], size_max) {
+            Ok(header) => header,
+            Err(error) => return HeaderScan::Bad(at, error),
+        };
+        if header.next_offset() > offset {
+            return HeaderScan::Found(at, header);
+        }
+        at += header.total_bytes();
+    }
+    HeaderScan::Beyond(at)
 }
 
 /// What a scan found in one segment.

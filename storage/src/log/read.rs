@@ -172,12 +172,12 @@ impl Log {
                 (piece.start, piece.data.clone())
             };
             let bytes = data.await.ok()?;
-            let header =
-                batch::BatchHeader::parse(bytes.get((position - start) as usize..)?, size_max).ok()?;
-            if header.next_offset() > offset {
-                return Some((position, header));
+            match segment::scan_headers(&bytes[(position - start) as usize..], offset, size_max) {
+                segment::HeaderScan::Found(at, header) => return Some((position + at as u64, header)),
+                // A header that straddles the piece's end is left to the disk.
+                segment::HeaderScan::Beyond(0) | segment::HeaderScan::Bad(..) => return None,
+                segment::HeaderScan::Beyond(at) => position += at as u64,
             }
-            position += header.total_bytes() as u64;
         }
     }
 
@@ -301,7 +301,8 @@ impl Log {
         // A consumer reading on starts where its last read ended (the cursor: a batch start
         // past the index entry), in bytes read ahead for it, so its first header comes from
         // memory. The disk's scan is for the rest: a header read queued behind the read-ahead's
-        // large reads took 0.8 ms per partition of a cold fetch, 94 % of its preparation.
+        // large reads took 0.81 of the 0.87 ms per partition a cold fetch spent before its bytes
+        // were ready.
         let generation = shared.state.borrow().generation;
         let start_position = match shared.read_cursor.get() {
             Some(cursor)
