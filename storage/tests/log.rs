@@ -756,3 +756,43 @@ fn a_consumer_reading_on_finds_its_batches_in_the_read_ahead_and_reads_each_byte
         log.close().await.unwrap();
     });
 }
+
+#[test]
+fn file_reads_keep_their_bytes_after_the_executor_and_the_log_are_gone() {
+    use skein_storage::{LogData, PartitionLog};
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    // The bytes of file reads land in DMA buffers that the returned `Bytes` own (no copy out of
+    // them): they must stay valid on another thread after the log is closed, its files dropped
+    // and the executor that read them has exited.
+    let (reads, end) = run(move || async move {
+        let log = Log::open(&path, file_read_config(LogConfig::tiny().index_interval_bytes)).await.unwrap();
+        append_all(&log, &[1000; 30]).await;
+        let end = log.visible_offset();
+        let (mut next, mut reads) = (0, Vec::new());
+        while next < end {
+            let read = PartitionLog::read(&log, next, 700 << 10, u64::MAX).await.unwrap();
+            match read.data.clone() {
+                LogData::File(range) => reads.push((next, log.read_range_parts(&range).await.unwrap())),
+                LogData::Memory(_) => {}
+                LogData::Empty => panic!("an empty read below the end at {next}"),
+            }
+            next = read.next_offset;
+        }
+        log.close().await.unwrap();
+        (reads, end)
+    });
+    drop(dir);
+    let offsets: Vec<u64> = std::thread::spawn(move || {
+        let mut offsets = Vec::new();
+        for (from, parts) in reads {
+            let bytes: bytes::Bytes = parts.concat().into();
+            offsets.extend(check_records(bytes).into_iter().filter(|&o| o >= from));
+        }
+        offsets
+    })
+    .join()
+    .unwrap();
+    assert!(offsets.len() as u64 > end / 2, "most records came from file reads: {} of {end}", offsets.len());
+    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "the file reads' records are whole and in order");
+}

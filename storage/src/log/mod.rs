@@ -65,9 +65,9 @@
 //! * **in the page cache** (rare: O_DIRECT writes never put anything there): `sendfile`, zero
 //!   copies in user space;
 //! * **not in the page cache** (a catch-up consumer, a lagging follower): [`Log::read_file`]
-//!   reads it with O_DIRECT in 512 KiB pieces all in flight, and keeps reading ahead of the
-//!   consumer in the background (twice what it asked for, up to 8 MiB, within a per-shard
-//!   budget of 256 MiB), so the disk streams while the network sends. Measured here: the
+//!   reads it with O_DIRECT into buffers the returned bytes own, and keeps reading ahead of
+//!   the consumer in the background (twice what it asked for, up to 8 MiB in reads of 2 MiB,
+//!   within a per-shard budget of 256 MiB), so the disk streams while the network sends. Measured here: the
 //!   storage alone reads back at the speed of `fio --rw=read --direct=1` (805 vs 758 MiB/s);
 //!   a cold `sendfile` reads synchronously in small pieces and reached about half that.
 //!
@@ -89,11 +89,12 @@
 //!   is written as it is; a partly filled last block is copied into a small buffer of its own).
 //!   The tail cache shares the batch's bytes (no copy).
 //! * Fetch from the tail cache: the cached bytes are written to the socket (the kernel's copy).
-//! * Fetch from a file, cold: the device writes into DMA buffers; **one copy** into the bytes
-//!   sent (they may cross shards, and DMA buffers cannot); then the kernel's copy into the
-//!   socket. A range that spans read-ahead pieces goes out as those pieces, in order
-//!   (`PartitionLog::read_range_parts`, what the broker's fetch uses); only a caller that wants
-//!   one buffer (`read_range`) has them joined, a second copy.
+//! * Fetch from a file, cold: the device writes into DMA buffers that the returned `Bytes`
+//!   own (glommio patch 5, `DmaFile::read_at_owned`: an aligned allocation of the read's own,
+//!   not the ring's registered pool, so it may cross shards); **no copy** in user space, then
+//!   the kernel's copy into the socket. A range that spans read-ahead pieces goes out as those
+//!   pieces, in order (`PartitionLog::read_range_parts`, what the broker's fetch uses); only a
+//!   caller that wants one buffer (`read_range`) has them joined, a copy.
 //! * Fetch from a file in the page cache: `sendfile`, no copy in user space.
 
 mod append;
@@ -140,8 +141,8 @@ const IDLE_RELEASE: Duration = Duration::from_secs(2);
 pub const READ_AHEAD_BYTES_MAX: usize = 8 << 20;
 /// The background reads of a read-ahead.
 const READ_AHEAD_PIECE_BYTES: usize = 2 << 20;
-/// Pieces a direct read is cut into, all in flight at once.
-const DIRECT_READ_CHUNK_BYTES: usize = 512 << 10;
+/// The least a log reads ahead of a consumer's read.
+const READ_AHEAD_BYTES_MIN: usize = 512 << 10;
 
 /// The first extension of an active segment ahead of its data (then it follows the write
 /// rate; see `Log::preallocate`).
@@ -391,7 +392,7 @@ impl ReadSlice {
         self.len() == 0
     }
 
-    /// The bytes, reading a file range with O_DIRECT (one copy); memory chunks are joined.
+    /// The bytes, reading a file range with O_DIRECT (no copy); memory chunks are joined.
     pub async fn into_bytes(self) -> Result<Bytes> {
         match self.data {
             ReadData::Empty => Ok(Bytes::new()),

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::recovery::rebuild_index;
 use super::{
-    Log, ReadAhead, ReadData, ReadSlice, SharedRead, DIRECT_READ_CHUNK_BYTES, READ_AHEAD_BYTES_MAX,
+    Log, ReadAhead, ReadData, ReadSlice, SharedRead, READ_AHEAD_BYTES_MAX, READ_AHEAD_BYTES_MIN,
     READ_AHEAD_PIECE_BYTES,
 };
 use crate::batch;
@@ -77,15 +77,14 @@ impl Log {
     }
 
     /// The bytes of a file range that [`Log::read`] returned ([`ReadData::File`]), read with
-    /// O_DIRECT in pieces of 512 KiB all in flight at once; and, in the background, the bytes
-    /// after it, up to twice as much again (at most [`READ_AHEAD_BYTES_MAX`] ahead, within the
-    /// shard's read-ahead budget). A consumer reading on finds its next range in memory while
+    /// O_DIRECT in one read; and, in the background, the bytes after it, up to twice as much
+    /// again (at most [`READ_AHEAD_BYTES_MAX`] ahead, within the shard's read-ahead budget). A consumer reading on finds its next range in memory while
     /// the disk is already busy with the one after; each byte is read once. This is the path for
     /// ranges not in the page cache, which with O_DIRECT writes is every range not read before:
     /// a `sendfile` of them reads synchronously in small pieces.
     ///
-    /// One copy on the way: from the DMA buffers into the returned bytes (which may cross
-    /// shards), and a second only when a range spans two read-ahead pieces (see
+    /// No copy on the way: the returned bytes own the DMA buffers the device wrote (and may
+    /// cross shards); one only when a range spans two read-ahead pieces (see
     /// [`Log::read_file_parts`], which leaves them apart).
     pub async fn read_file(&self, segment: &Rc<SegmentFile>, position: u64, len: usize) -> Result<Bytes> {
         let mut parts = self.read_file_parts(segment, position, len).await?;
@@ -143,7 +142,7 @@ impl Log {
         if at < end {
             parts.push(read_direct(segment, at, (end - at) as usize).await?);
         }
-        self.read_ahead(segment, end, (2 * len).clamp(DIRECT_READ_CHUNK_BYTES, READ_AHEAD_BYTES_MAX));
+        self.read_ahead(segment, end, (2 * len).clamp(READ_AHEAD_BYTES_MIN, READ_AHEAD_BYTES_MAX));
         Ok(parts)
     }
 
@@ -479,30 +478,21 @@ fn boundary_at_or_before(index: &[IndexEntry], base: u64, limit: u64, first_end:
     }
 }
 
-/// Reads `[position, position + len)` of a segment with O_DIRECT, in pieces all in flight at
-/// once, into one buffer.
+/// Reads `[position, position + len)` of a segment with O_DIRECT, in one read into an aligned
+/// buffer of its own (glommio patch 5, `DmaFile::read_at_owned`), which the returned bytes
+/// keep: no copy out of the DMA buffer, and the bytes may cross shards. The kernel splits the
+/// read into the device's largest requests and issues them together (`fio` on this machine:
+/// 2 MiB reads at depth 2 as fast as 512 KiB reads at depth 8).
 async fn read_direct(segment: &SegmentFile, position: u64, len: usize) -> Result<Bytes> {
     let file = segment.file().await?;
     crate::metrics::count(|c| c.direct_read_bytes += len as u64);
-    let pieces: Vec<(u64, usize)> = (0..len.div_ceil(DIRECT_READ_CHUNK_BYTES))
-        .map(|i| {
-            let at = i * DIRECT_READ_CHUNK_BYTES;
-            (position + at as u64, DIRECT_READ_CHUNK_BYTES.min(len - at))
-        })
-        .collect();
-    let reads = pieces.iter().map(|&(at, size)| {
-        let file = file.clone();
-        async move { file.read_at(at, size).await }
-    });
-    let results = futures::future::join_all(reads).await;
-    let mut bytes = BytesMut::with_capacity(len);
-    for ((at, size), result) in pieces.into_iter().zip(results) {
-        let read = result.map_err(|e| StorageError::io("reading", segment.path(), glommio_io(e)))?;
-        if read.len() < size {
-            let short = at + read.len() as u64;
-            return Err(segment.corruption(short, CorruptionKind::PastEnd { end: short }));
-        }
-        bytes.extend_from_slice(&read[..size]);
+    let read = file
+        .read_at_owned(position, len)
+        .await
+        .map_err(|e| StorageError::io("reading", segment.path(), glommio_io(e)))?;
+    if read.as_bytes().len() < len {
+        let short = position + read.as_bytes().len() as u64;
+        return Err(segment.corruption(short, CorruptionKind::PastEnd { end: short }));
     }
-    Ok(bytes.freeze())
+    Ok(Bytes::from_owner(read))
 }

@@ -585,6 +585,31 @@ impl Reactor {
         }
     }
 
+    /// Skein patch 5: a direct read into a buffer of its own (see
+    /// [`DmaFile::read_at_owned`](crate::io::DmaFile::read_at_owned)); not deduplicated with
+    /// other reads, since its buffer leaves with the caller.
+    pub(crate) fn read_dma_owned(
+        &self,
+        raw: RawFd,
+        pos: u64,
+        size: usize,
+        pollable: PollableStatus,
+    ) -> Source {
+        let stats = StatsCollection {
+            fulfilled: Some(|result, stats, op_count| {
+                if let Ok(result) = result {
+                    stats.file_reads += op_count;
+                    stats.file_bytes_read += *result as u64 * op_count;
+                }
+            }),
+            reused: None,
+            latency: None,
+        };
+        let source = self.new_source(raw, SourceType::Read(pollable, None), Some(stats));
+        self.sys.read_dma_owned(&source, pos, size);
+        source
+    }
+
     pub(crate) fn read_buffered(
         &self,
         raw: RawFd,

@@ -14,7 +14,7 @@ use crate::{
         read_result::ReadResult,
         ScheduledSource,
     },
-    sys::{self, sysfs, DirectIo, DmaBuffer, DmaSource, PollableStatus},
+    sys::{self, sysfs, DirectIo, DmaBuffer, DmaSource, IoBuffer, OwnedDmaBuffer, PollableStatus},
 };
 use futures_lite::{Stream, StreamExt};
 use nix::sys::statfs::*;
@@ -419,6 +419,32 @@ impl DmaFile {
             b,
             std::cmp::min(read_size, size),
         ))
+    }
+
+    /// Skein patch 5: [`Self::read_at`] into an aligned buffer of its own instead of the
+    /// ring's registered pool, returned as an [`OwnedDmaBuffer`] that can be kept, sliced and
+    /// sent to other threads without a copy. The read is plain (not `READ_FIXED`) and is not
+    /// deduplicated with other reads of the same range. Fewer bytes than `size` come back only
+    /// at the end of the file.
+    pub async fn read_at_owned(&self, pos: u64, size: usize) -> Result<OwnedDmaBuffer> {
+        let eff_pos = self.align_down(pos);
+        let b = (pos - eff_pos) as usize;
+        let eff_size = self.align_up((size + b) as u64) as usize;
+        let source = self.file.reactor.upgrade().unwrap().read_dma_owned(
+            self.as_raw_fd(),
+            eff_pos,
+            eff_size,
+            self.pollable,
+        );
+        let read_size = enhanced_try!(source.collect_rw().await, "Reading", self.file)?;
+        let len = read_size.saturating_sub(b).min(size);
+        match source.extract_buffer() {
+            IoBuffer::DmaSink(buffer) => match buffer.into_owned() {
+                Ok(owned) => Ok(owned.narrow(b, len)),
+                Err(_) => unreachable!("an owned read fills a buffer of its own"),
+            },
+            _ => unreachable!("a read fills a DMA sink"),
+        }
     }
 
     /// Submit many reads and process the results in a stream-like fashion via a

@@ -159,6 +159,59 @@ impl DmaBuffer {
     }
 }
 
+impl DmaBuffer {
+    /// Skein patch 5: the buffer as an [`OwnedDmaBuffer`] when its memory is its own heap
+    /// allocation (not a slice of the ring's registered pool), else the buffer back.
+    pub(crate) fn into_owned(self) -> Result<OwnedDmaBuffer, DmaBuffer> {
+        match self.storage {
+            BufferStorage::Sys(alloc) => Ok(OwnedDmaBuffer {
+                alloc,
+                start: self.trim,
+                len: self.size,
+            }),
+            storage => Err(DmaBuffer { storage, ..self }),
+        }
+    }
+}
+
+/// Skein patch 5: the bytes a direct read filled, in an aligned heap allocation of their own
+/// (not the ring's registered pool), so they may be kept, sliced and sent to other threads
+/// (`bytes::Bytes::from_owner`) without a copy. Returned by
+/// [`DmaFile::read_at_owned`](crate::io::DmaFile::read_at_owned).
+#[derive(Debug)]
+pub struct OwnedDmaBuffer {
+    alloc: SysAlloc,
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: the allocation is plain heap memory owned by this value alone (no `Rc`, no pool), freed
+// through the global allocator, which any thread may do; shared access is read-only.
+unsafe impl Send for OwnedDmaBuffer {}
+unsafe impl Sync for OwnedDmaBuffer {}
+
+impl OwnedDmaBuffer {
+    /// Narrows the bytes to `[start, start + len)` of the current ones.
+    pub(crate) fn narrow(mut self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.len);
+        self.start += start;
+        self.len = len;
+        self
+    }
+
+    /// The bytes read.
+    pub fn as_bytes(&self) -> &[u8] {
+        unsafe { std::slice::from_raw_parts(self.alloc.as_ptr().add(self.start), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for OwnedDmaBuffer {
+    #[inline(always)]
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
 impl AsRef<[u8]> for DmaBuffer {
     #[inline(always)]
     fn as_ref(&self) -> &[u8] {

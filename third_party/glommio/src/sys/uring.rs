@@ -62,6 +62,9 @@ enum UringOpDescriptor {
     Write(*const u8, usize, u64),
     WriteFixed(*const u8, usize, u64, u32),
     ReadFixed(u64, usize),
+    // Skein patch 5: a direct read into a buffer of its own (not the registered pool), which the
+    // caller may then take and send to another thread.
+    ReadOwned(u64, usize),
     Read(u64, usize),
     Open(*const u8, libc::c_int, u32),
     Close,
@@ -350,6 +353,19 @@ fn fill_sqe<F>(
             UringOpDescriptor::Close => {
                 sqe.prep_close(op.fd);
             }
+            UringOpDescriptor::ReadOwned(pos, len) => {
+                let mut buf = DmaBuffer::new(len).expect("Buffer allocation failed");
+                source_map.peek_source_mut(from_user_data(op.user_data), |mut src| {
+                    match &mut src.source_type {
+                        SourceType::Read(_, slot) => {
+                            sqe.prep_read(op.fd, buf.as_bytes_mut(), pos);
+                            *slot = Some(IoBuffer::DmaSink(buf));
+                        }
+                        _ => unreachable!(),
+                    };
+                });
+            }
+
             UringOpDescriptor::ReadFixed(pos, len) => {
                 let mut buf = buffer_allocation(len).expect("Buffer allocation failed");
                 source_map.peek_source_mut(from_user_data(op.user_data), |mut src| {
@@ -1427,6 +1443,16 @@ impl Reactor {
 
     pub(crate) fn read_dma(&self, source: &Source, pos: u64, size: usize) {
         let op = UringOpDescriptor::ReadFixed(pos, size);
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            op,
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    pub(crate) fn read_dma_owned(&self, source: &Source, pos: u64, size: usize) {
+        let op = UringOpDescriptor::ReadOwned(pos, size);
         queue_request_into_ring(
             &mut *self.ring_for_source(source),
             source,
