@@ -77,8 +77,9 @@ impl Log {
     }
 
     /// The bytes of a file range that [`Log::read`] returned ([`ReadData::File`]), read with
-    /// O_DIRECT in one read; and, in the background, the bytes after it, up to twice as much
-    /// again (at most [`READ_AHEAD_BYTES_MAX`] ahead, within the shard's read-ahead budget). A consumer reading on finds its next range in memory while
+    /// O_DIRECT in one read; and, in the background, the bytes after it, up to four times as
+    /// much again (at most [`READ_AHEAD_BYTES_MAX`] ahead, within the shard's read-ahead
+    /// budget). A consumer reading on finds its next range in memory while
     /// the disk is already busy with the one after; each byte is read once. This is the path for
     /// ranges not in the page cache, which with O_DIRECT writes is every range not read before:
     /// a `sendfile` of them reads synchronously in small pieces.
@@ -142,7 +143,7 @@ impl Log {
         if at < end {
             parts.push(read_direct(segment, at, (end - at) as usize).await?);
         }
-        self.read_ahead(segment, end, (2 * len).clamp(READ_AHEAD_BYTES_MIN, READ_AHEAD_BYTES_MAX));
+        self.read_ahead(segment, end, (4 * len).clamp(READ_AHEAD_BYTES_MIN, READ_AHEAD_BYTES_MAX));
         Ok(parts)
     }
 
