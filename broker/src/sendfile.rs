@@ -9,8 +9,9 @@
 //!   non-blocking mode, in calls of at most 1 MiB, so it never blocks.
 //! * **Segment file, not in the page cache** (data written with O_DIRECT never is, until read):
 //!   the partition's shard does not hand a file range out at all: it reads the range with
-//!   O_DIRECT through `Log::read_file` (large reads in flight together, read-ahead per
-//!   consumer) and sends the bytes from memory, as the tail cache's. A `sendfile` of a cold
+//!   O_DIRECT through `Log::read_file` (large reads, read-ahead per consumer, into buffers the
+//!   returned bytes own: no copy in user space) and sends the bytes from memory, as the tail
+//!   cache's. A `sendfile` of a cold
 //!   range would read it synchronously in small pieces (a quarter to a half of the disk's speed
 //!   here); the older path that warmed the page cache with `posix_fadvise(WILLNEED)` from a
 //!   helper thread first reached 360–630 MiB/s where O_DIRECT with read-ahead reached 690–730
