@@ -39,6 +39,7 @@
 //! | `skein_log_reads_total` | counter | source = `tail_cache` or `file` | reads by where they were answered from |
 //! | `skein_cache_hit_ratio` | gauge | | tail-cache reads / all reads (0 before any read) |
 //! | `skein_direct_read_bytes_total` | counter | | bytes read with O_DIRECT (cold reads, read-ahead) |
+//! | `skein_recovery_scanned_bytes_total` | counter | | bytes of segment files that opening the partitions scanned batch by batch (after a clean stop, only what a tail's index did not cover; after a crash, every tail) |
 //! | `skein_reactor_stalls_total` | counter | shard | a 10 ms timer that fired over 25 ms late |
 //! | `skein_reactor_lag_max_seconds` | gauge | shard | the latest timer's worst lateness since start |
 //! | `skein_shard_partitions` | gauge | shard | partitions owned |
@@ -785,6 +786,13 @@ impl Collector for Merged {
             "Bytes read from segment files with O_DIRECT.",
             Counter,
             sum(&|s| s.storage.direct_read_bytes),
+        )?;
+        single(
+            &mut encoder,
+            "skein_recovery_scanned_bytes",
+            "Bytes of segment files that opening partitions scanned batch by batch.",
+            Counter,
+            sum(&|s| s.storage.recovery_scanned_bytes),
         )?;
         let per_shard = |pick: &dyn Fn(&ShardSnapshot) -> f64| {
             shards.iter().map(|s| (vec![("shard", s.shard.to_string())], pick(s))).collect::<Vec<_>>()

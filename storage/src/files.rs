@@ -30,8 +30,12 @@
 //! # Index files
 //!
 //! Written once, when a segment is sealed (rolled or closed behind a newer segment); the active
-//! segment's index lives in memory and is rebuilt from the log on open. A 64-byte header and
-//! then `entry_count` fixed-size entries:
+//! segment's index lives in memory, and is written too when the log is closed, describing the
+//! tail up to its end (`log_bytes`): the next open scans the tail only from its last indexed
+//! batch on and checks that the scan passes through `log_bytes` with `next_offset`, else it
+//! rebuilds the index from the whole segment (as it always does without the files, after a
+//! crash). The same format either way. A 64-byte header and then `entry_count` fixed-size
+//! entries:
 //!
 //! | offset | size | field | notes |
 //! |-------:|-----:|-------|-------|
@@ -73,6 +77,10 @@
 //!
 //! # Compatibility
 //! * Version 1 of every file above is the first version.
+//! * Index files of the tail written at close (since 2026-12-07) use the same format, so no
+//!   version changed: a build without them scans the tail whole as before, and overwrites them
+//!   when it seals the segment; a sealed segment's index is used only if its `log_bytes` is
+//!   the file's size, so a tail index left behind never passes for a sealed one that grew.
 
 use std::path::{Path, PathBuf};
 

@@ -63,6 +63,9 @@ pub struct StorageCounters {
     /// Bytes read from segment files with O_DIRECT (cold reads, read-ahead, and the header
     /// lookups that find where a read starts).
     pub direct_read_bytes: u64,
+    /// Bytes of segment files that opening logs had to scan batch by batch (a tail's bytes
+    /// after what its index vouched for; every byte of a tail without one, as after a crash).
+    pub recovery_scanned_bytes: u64,
 }
 
 thread_local! {

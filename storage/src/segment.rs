@@ -214,6 +214,34 @@ pub(crate) struct ScanOutcome {
     /// seal whose truncation did not reach the disk): not data, not damage.
     pub zero_tail: bool,
     pub file_bytes: u64,
+    /// A batch ended exactly at [`ScanStart::verify_at`]'s position, with its next offset
+    /// (always false without one).
+    pub passed_through: bool,
+}
+
+/// Where [`scan_from`] starts: at the segment's header with nothing known, or at a batch that
+/// an index already describes, with the entries and the largest timestamp before it.
+#[derive(Debug, Clone)]
+pub(crate) struct ScanStart {
+    pub position: u64,
+    pub next_offset: u64,
+    pub max_timestamp: i64,
+    pub entries: Vec<IndexEntry>,
+    /// A (position, next offset) the scan must pass through, as a batch boundary, for the
+    /// start to be believed ([`ScanOutcome::passed_through`]).
+    pub verify_at: Option<(u64, u64)>,
+}
+
+impl ScanStart {
+    fn header(base_offset: u64) -> ScanStart {
+        ScanStart {
+            position: SEGMENT_HEADER_BYTES,
+            next_offset: base_offset,
+            max_timestamp: i64::MIN,
+            entries: Vec::new(),
+            verify_at: None,
+        }
+    }
 }
 
 /// Whether the batch at `position` gets an index entry.
@@ -224,19 +252,30 @@ pub(crate) fn wants_index_entry(entries: &[IndexEntry], position: u64, interval:
 /// Reads every batch of a segment from the header on, checking lengths, CRCs and offset
 /// continuity, and rebuilds the index on the way. Stops at the first invalid batch.
 pub(crate) async fn scan(segment: &SegmentFile, index_interval: u32, size_max: usize) -> Result<ScanOutcome> {
+    scan_from(segment, index_interval, size_max, ScanStart::header(segment.base_offset)).await
+}
+
+/// [`scan`] from `start` on: the bytes before it are taken as the start describes them.
+pub(crate) async fn scan_from(
+    segment: &SegmentFile,
+    index_interval: u32,
+    size_max: usize,
+    start: ScanStart,
+) -> Result<ScanOutcome> {
     let file_bytes = segment.size().await?;
     let mut outcome = ScanOutcome {
-        end_position: SEGMENT_HEADER_BYTES,
-        next_offset: segment.base_offset,
-        max_timestamp: i64::MIN,
-        entries: Vec::new(),
+        end_position: start.position,
+        next_offset: start.next_offset,
+        max_timestamp: start.max_timestamp,
+        entries: start.entries,
         invalid: None,
         zero_tail: false,
         file_bytes,
+        passed_through: false,
     };
     let mut window = Bytes::new();
     let mut window_start = 0u64;
-    let mut position = SEGMENT_HEADER_BYTES;
+    let mut position = start.position;
     while position < file_bytes {
         let needed_header = BATCH_HEADER_BYTES as u64;
         let in_window = |from: u64, len: u64, start: u64, window: &Bytes| {
@@ -305,7 +344,11 @@ pub(crate) async fn scan(segment: &SegmentFile, index_interval: u32, size_max: u
         outcome.next_offset = header.next_offset();
         position += total;
         outcome.end_position = position;
+        if start.verify_at == Some((position, outcome.next_offset)) {
+            outcome.passed_through = true;
+        }
     }
+    crate::metrics::count(|c| c.recovery_scanned_bytes += outcome.end_position - start.position);
     Ok(outcome)
 }
 

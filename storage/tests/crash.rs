@@ -151,6 +151,9 @@ fn damage_before_the_recovery_point_is_refused_with_file_and_position() {
     let original = dir.path().join("original");
     // Closed cleanly: the checkpoint covers the whole tail.
     let written = write_batches(&original, strict_config(), 30, 9, true);
+    // Without the index a clean close leaves (see below for what it changes), every batch of
+    // the tail is scanned.
+    remove_indexes(&original);
     let &(_, _, position, len) = &written[12];
     let copy = dir.path().join("flip");
     copy_dir(&original, &copy);
@@ -458,4 +461,131 @@ fn sigkill_during_fsync_always_appends_loses_no_acknowledged_record() {
         eprintln!("round {round}: {checked} acknowledged records checked, {present} records in the log");
     }
     assert!(acknowledged.len() > 10, "the child acknowledged {} batches in all", acknowledged.len());
+}
+
+/// What opening the log in `path` scanned batch by batch, its next offset, and what it
+/// answers for a few timestamp lookups (which need the index and the largest timestamps).
+fn open_scanned(path: &Path, config: LogConfig) -> (u64, u64, Vec<Option<u64>>) {
+    let path = path.to_path_buf();
+    run(move || async move {
+        let before = skein_storage::metrics::snapshot().recovery_scanned_bytes;
+        let log = Log::open(&path, config).await.unwrap();
+        let scanned = skein_storage::metrics::snapshot().recovery_scanned_bytes - before;
+        let end = log.next_offset();
+        let mut lookups = Vec::new();
+        for offset in [0, end / 3, end / 2, end - 1, end + 10] {
+            lookups.push(log.offset_for_timestamp(common::timestamp_for(offset)).await.unwrap());
+        }
+        log.close().await.unwrap();
+        (scanned, end, lookups)
+    })
+}
+
+fn remove_indexes(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "index" || e == "timeindex") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+}
+
+#[test]
+fn after_a_clean_close_the_next_open_scans_only_what_the_tails_index_does_not_cover() {
+    let dir = tmp();
+    let original = dir.path().join("original");
+    let written = write_batches(&original, strict_config(), 400, 11, true);
+    let data_end = written.last().map(|&(_, _, position, len)| position + len).unwrap();
+    let largest_batch = written.iter().map(|&(_, _, _, len)| len).max().unwrap();
+    assert!(original.join("00000000000000000000.index").exists(), "close writes the tail's index");
+    // A copy without the index is scanned whole, as every tail was before.
+    let full = dir.path().join("full");
+    copy_dir(&original, &full);
+    remove_indexes(&full);
+    let (full_scanned, full_end, full_lookups) = open_scanned(&full, strict_config());
+    assert_eq!(full_scanned, data_end - 4096, "without an index the whole tail is scanned");
+    // With it, only the last indexed batch onward (the index has an entry every 256 bytes).
+    let (scanned, end, lookups) = open_scanned(&original, strict_config());
+    assert!(scanned <= 256 + largest_batch, "scanned {scanned} of {} bytes", data_end - 4096);
+    assert_eq!(end, full_end);
+    assert_eq!(lookups, full_lookups, "timestamp lookups agree with a full scan's index");
+    // It serves everything and takes appends; closed again, its next open is cheap again.
+    let (offsets, end) = open_and_read(&original, strict_config()).unwrap();
+    assert_eq!(offsets, (0..end).collect::<Vec<_>>());
+    let (scanned, after, _) = open_scanned(&original, strict_config());
+    assert_eq!(after, end + 1, "the record open_and_read appended is there");
+    assert!(scanned <= 256 + largest_batch);
+}
+
+#[test]
+fn a_tail_index_that_does_not_match_its_log_is_not_believed() {
+    let dir = tmp();
+    let original = dir.path().join("original");
+    let written = write_batches(&original, strict_config(), 200, 12, true);
+    let stale = dir.path().join("stale-index");
+    copy_dir(&original, &stale);
+    // Truncate to the middle and append other batches (other sizes, so the batch boundaries
+    // move), close, then put the old index back: it describes bytes that are no longer there.
+    let cut = written[100].0;
+    let path = original.clone();
+    run(move || async move {
+        let log = Log::open(&path, strict_config()).await.unwrap();
+        assert_eq!(log.truncate(cut).await.unwrap(), cut);
+        assert!(!path.join("00000000000000000000.index").exists(), "a truncation removes the tail's index");
+        for i in 0..150 {
+            let first = log.next_offset();
+            log.append(batch_at(first, 7 + i % 3)).await.unwrap().ack.await.unwrap();
+        }
+        log.close().await.unwrap();
+    });
+    for name in ["00000000000000000000.index", "00000000000000000000.timeindex"] {
+        std::fs::copy(stale.join(name), original.join(name)).unwrap();
+    }
+    let file_bytes = std::fs::metadata(segment_path(&original, 0)).unwrap().len();
+    let (scanned, _, _) = open_scanned(&original, strict_config());
+    assert!(
+        scanned >= file_bytes - 4096,
+        "the stale index was dropped for a scan of the whole tail: {scanned}"
+    );
+    let (offsets, end) = open_and_read(&original, strict_config()).unwrap();
+    assert_eq!(offsets, (0..end).collect::<Vec<_>>(), "every record once, in order");
+    assert!(
+        end > written.last().map(|&(base, count, _, _)| base + count).unwrap(),
+        "the new batches are there"
+    );
+    // An index that vouches for more bytes than the file holds is not used either.
+    let short = dir.path().join("short");
+    copy_dir(&stale, &short);
+    let file = std::fs::OpenOptions::new().write(true).open(segment_path(&short, 0)).unwrap();
+    file.set_len(written[150].2).unwrap();
+    assert!(matches!(
+        open_and_read(&short, strict_config()),
+        Err(StorageError::Corruption { kind: CorruptionKind::Shorter { .. }, .. })
+    ));
+}
+
+#[test]
+fn damage_inside_what_a_clean_close_vouched_for_is_found_when_read() {
+    let dir = tmp();
+    let original = dir.path().join("original");
+    let written = write_batches(&original, strict_config(), 60, 13, true);
+    let &(base, _, position, len) = &written[10];
+    let path = segment_path(&original, 0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(position + len / 2) as usize] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    // The open trusts what the index vouches for, as it does a sealed segment's bytes (and as
+    // Kafka does after a clean shutdown); a read that checks the batches names the damage.
+    let reported = path.clone();
+    run(move || async move {
+        let log = Log::open(&original, strict_config()).await.unwrap();
+        match log.read_verified(base, 1 << 16).await {
+            Err(StorageError::Corruption { path, position: at, kind: CorruptionKind::Batch(_) }) => {
+                assert_eq!(path, reported);
+                assert_eq!(at, position, "the error names the damaged batch");
+            }
+            other => panic!("expected a corruption error, got {other:?}"),
+        }
+        log.close().await.unwrap();
+    });
 }

@@ -305,7 +305,27 @@ async fn recover_segment(
         }
         Err(error) => return Err(file.corruption(0, CorruptionKind::Format(error))),
     };
-    let outcome = segment::scan(&file, config.index_interval_bytes, crate::batch::BATCH_BYTES_LIMIT).await?;
+    let size_max = crate::batch::BATCH_BYTES_LIMIT;
+    let outcome = match tail_index_start(&file, size, strict_end).await? {
+        Some(start) => {
+            let vouched = start.verify_at.map_or(0, |(position, _)| position);
+            let outcome = segment::scan_from(&file, config.index_interval_bytes, size_max, start).await?;
+            if outcome.passed_through {
+                tracing::debug!(
+                    path = %file.path().display(), vouched, scanned = outcome.end_position.saturating_sub(vouched),
+                    "recovered the tail from the index written when it was closed"
+                );
+                outcome
+            } else {
+                tracing::warn!(
+                    path = %file.path().display(), vouched,
+                    "the tail's index does not match its log; scanning the whole segment"
+                );
+                segment::scan(&file, config.index_interval_bytes, size_max).await?
+            }
+        }
+        None => segment::scan(&file, config.index_interval_bytes, size_max).await?,
+    };
     let end = outcome.end_position;
     let mut torn = false;
     if let Some((position, kind)) = &outcome.invalid {
@@ -339,6 +359,46 @@ async fn recover_segment(
 }
 
 /// A scanned segment that is not the tail: sync its trimmed size, write its index files.
+/// Where the scan of a tail can start: the last batch that the index written when the log was
+/// last closed ([`Log::close`]) names, if that index is whole (CRC), describes no more bytes
+/// than the file holds and than the checkpoint says were synced (`strict_end`). The bytes
+/// before that batch are taken as the index describes them, as a sealed segment's are; the
+/// scan checks the rest and must pass through the end the index describes, with its next
+/// offset, or the caller scans the whole segment. A truncation removes the index first.
+async fn tail_index_start(
+    file: &SegmentFile,
+    size: u64,
+    strict_end: u64,
+) -> Result<Option<segment::ScanStart>> {
+    let paths = file.paths();
+    let (Some(offsets), Some(times)) =
+        (dio::read_small_file(&paths.index).await?, dio::read_small_file(&paths.time_index).await?)
+    else {
+        return Ok(None);
+    };
+    let (summary, mut entries) = match files::decode_indexes(&offsets, &times, file.base_offset()) {
+        Ok(decoded) => decoded,
+        Err(error) => {
+            tracing::warn!(path = %paths.index.display(), %error, "ignoring the tail's invalid index");
+            return Ok(None);
+        }
+    };
+    let Some(last) = entries.pop() else {
+        return Ok(None);
+    };
+    let vouched = summary.log_bytes;
+    if vouched > size || vouched > strict_end || u64::from(last.position) >= vouched {
+        return Ok(None);
+    }
+    Ok(Some(segment::ScanStart {
+        position: u64::from(last.position),
+        next_offset: file.base_offset() + u64::from(last.relative_offset),
+        max_timestamp: last.max_timestamp_before,
+        entries,
+        verify_at: Some((vouched, summary.next_offset)),
+    }))
+}
+
 async fn seal_recovered(recovered: RecoveredSegment) -> Result<Sealed> {
     recovered.file.sync().await?;
     let summary = SegmentSummary {
