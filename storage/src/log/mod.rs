@@ -779,9 +779,17 @@ impl Log {
         // The tail's index, so that the next open scans only what it does not vouch for
         // (`recovery::tail_index_start`) instead of every batch of the tail. Written after the
         // sync and before the checkpoint that covers the bytes it describes: without that
-        // checkpoint (a crash in between) recovery does not use it.
+        // checkpoint (a crash in between) recovery does not use it. A failed write (a full
+        // disk) costs the next open a scan of the whole tail, nothing else: it must not cost
+        // the checkpoint. A torn index fails its CRC; an older one left in place still
+        // describes bytes that have not changed (a truncation removes it).
         if !entries.is_empty() {
-            segment::write_index(&segment, &summary, &entries).await?;
+            if let Err(error) = segment::write_index(&segment, &summary, &entries).await {
+                tracing::warn!(
+                    path = %segment.path().display(), %error,
+                    "could not write the tail's index; the next open scans the whole tail"
+                );
+            }
         }
         shared.write_checkpoint(segment.base_offset(), end, true).await?;
         shared.gate.close();
