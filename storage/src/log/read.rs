@@ -485,6 +485,10 @@ fn boundary_at_or_before(index: &[IndexEntry], base: u64, limit: u64, first_end:
 /// read into the device's largest requests and issues them together (`fio` on this machine:
 /// 2 MiB reads at depth 2 as fast as 512 KiB reads at depth 8).
 async fn read_direct(segment: &SegmentFile, position: u64, len: usize) -> Result<Bytes> {
+    if len == 0 {
+        // No buffer to read into (an allocation of 0 bytes is refused).
+        return Ok(Bytes::new());
+    }
     let file = segment.file().await?;
     crate::metrics::count(|c| c.direct_read_bytes += len as u64);
     let read = file

@@ -425,7 +425,7 @@ impl DmaFile {
     /// ring's registered pool, returned as an [`OwnedDmaBuffer`] that can be kept, sliced and
     /// sent to other threads without a copy. The read is plain (not `READ_FIXED`) and is not
     /// deduplicated with other reads of the same range. Fewer bytes than `size` come back only
-    /// at the end of the file.
+    /// at the end of the file. `size` must not be 0.
     pub async fn read_at_owned(&self, pos: u64, size: usize) -> Result<OwnedDmaBuffer> {
         let eff_pos = self.align_down(pos);
         let b = (pos - eff_pos) as usize;
