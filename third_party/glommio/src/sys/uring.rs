@@ -61,10 +61,9 @@ enum UringOpDescriptor {
     Cancel(u64),
     Write(*const u8, usize, u64),
     WriteFixed(*const u8, usize, u64, u32),
-    ReadFixed(u64, usize),
-    // Skein patch 5: a direct read into a buffer of its own (not the registered pool), which the
-    // caller may then take and send to another thread.
-    ReadOwned(u64, usize),
+    // Skein patch 5: the flag asks for a buffer of the read's own (not the registered pool),
+    // which the caller may then take and send to another thread.
+    ReadFixed(u64, usize, bool),
     Read(u64, usize),
     Open(*const u8, libc::c_int, u32),
     Close,
@@ -353,21 +352,14 @@ fn fill_sqe<F>(
             UringOpDescriptor::Close => {
                 sqe.prep_close(op.fd);
             }
-            UringOpDescriptor::ReadOwned(pos, len) => {
-                let mut buf = DmaBuffer::new(len).expect("Buffer allocation failed");
-                source_map.peek_source_mut(from_user_data(op.user_data), |mut src| {
-                    match &mut src.source_type {
-                        SourceType::Read(_, slot) => {
-                            sqe.prep_read(op.fd, buf.as_bytes_mut(), pos);
-                            *slot = Some(IoBuffer::DmaSink(buf));
-                        }
-                        _ => unreachable!(),
-                    };
-                });
-            }
-
-            UringOpDescriptor::ReadFixed(pos, len) => {
-                let mut buf = buffer_allocation(len).expect("Buffer allocation failed");
+            UringOpDescriptor::ReadFixed(pos, len, own_buffer) => {
+                // An owned buffer has no registered id, so it is read with a plain READ below.
+                let buf = if own_buffer {
+                    DmaBuffer::new(len)
+                } else {
+                    buffer_allocation(len)
+                };
+                let mut buf = buf.expect("Buffer allocation failed");
                 source_map.peek_source_mut(from_user_data(op.user_data), |mut src| {
                     match &mut src.source_type {
                         SourceType::Read(PollableStatus::NonPollable(DirectIo::Disabled), slot) => {
@@ -1442,7 +1434,7 @@ impl Reactor {
     }
 
     pub(crate) fn read_dma(&self, source: &Source, pos: u64, size: usize) {
-        let op = UringOpDescriptor::ReadFixed(pos, size);
+        let op = UringOpDescriptor::ReadFixed(pos, size, false);
         queue_request_into_ring(
             &mut *self.ring_for_source(source),
             source,
@@ -1452,7 +1444,7 @@ impl Reactor {
     }
 
     pub(crate) fn read_dma_owned(&self, source: &Source, pos: u64, size: usize) {
-        let op = UringOpDescriptor::ReadOwned(pos, size);
+        let op = UringOpDescriptor::ReadFixed(pos, size, true);
         queue_request_into_ring(
             &mut *self.ring_for_source(source),
             source,
