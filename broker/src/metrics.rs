@@ -39,7 +39,7 @@
 //! | `skein_log_reads_total` | counter | source = `tail_cache` or `file` | reads by where they were answered from |
 //! | `skein_cache_hit_ratio` | gauge | | tail-cache reads / all reads (0 before any read) |
 //! | `skein_direct_read_bytes_total` | counter | | bytes read with O_DIRECT (cold reads, read-ahead) |
-//! | `skein_recovery_scanned_bytes_total` | counter | | bytes of segment files that opening the partitions scanned batch by batch (after a clean stop, only what a tail's index did not cover; after a crash, every tail) |
+//! | `skein_recovery_scanned_bytes_total` | counter | | bytes of segment files scanned batch by batch to recover a tail or rebuild an index (after a clean stop, only what a tail's index did not cover; after a crash, every tail; a sealed segment whose index is missing, at start or on its first read) |
 //! | `skein_reactor_stalls_total` | counter | shard | a 10 ms timer that fired over 25 ms late |
 //! | `skein_reactor_lag_max_seconds` | gauge | shard | the latest timer's worst lateness since start |
 //! | `skein_shard_partitions` | gauge | shard | partitions owned |
@@ -790,7 +790,7 @@ impl Collector for Merged {
         single(
             &mut encoder,
             "skein_recovery_scanned_bytes",
-            "Bytes of segment files that opening partitions scanned batch by batch.",
+            "Bytes of segment files scanned batch by batch to recover a tail or rebuild an index.",
             Counter,
             sum(&|s| s.storage.recovery_scanned_bytes),
         )?;

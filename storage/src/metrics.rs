@@ -63,8 +63,10 @@ pub struct StorageCounters {
     /// Bytes read from segment files with O_DIRECT (cold reads, read-ahead, and the header
     /// lookups that find where a read starts).
     pub direct_read_bytes: u64,
-    /// Bytes of segment files that opening logs had to scan batch by batch (a tail's bytes
-    /// after what its index vouched for; every byte of a tail without one, as after a crash).
+    /// Bytes of segment files scanned batch by batch to recover a tail or rebuild an index: on
+    /// open, a tail's bytes after what its index vouched for (every byte of a tail without one,
+    /// as after a crash); and a sealed segment's whose index files are missing or stale, at
+    /// open or when a read first needs its index.
     pub recovery_scanned_bytes: u64,
 }
 

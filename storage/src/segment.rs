@@ -372,22 +372,42 @@ pub(crate) async fn load_index(
     file_bytes: u64,
 ) -> Result<std::result::Result<(SegmentSummary, Vec<IndexEntry>), String>> {
     let paths = segment.paths();
-    let Some(offsets) = dio::read_small_file(&paths.index).await? else {
-        return Ok(Err(format!("{} is missing", paths.index.display())));
-    };
-    let Some(times) = dio::read_small_file(&paths.time_index).await? else {
-        return Ok(Err(format!("{} is missing", paths.time_index.display())));
-    };
-    match files::decode_indexes(&offsets, &times, segment.base_offset) {
-        Ok((summary, _)) if summary.log_bytes != file_bytes => Ok(Err(format!(
+    match read_index(segment).await? {
+        IndexFiles::Missing(path) => Ok(Err(format!("{} is missing", path.display()))),
+        IndexFiles::Loaded(summary, _) if summary.log_bytes != file_bytes => Ok(Err(format!(
             "{} describes {} bytes but the log holds {}",
             paths.index.display(),
             summary.log_bytes,
             file_bytes
         ))),
-        Ok(loaded) => Ok(Ok(loaded)),
-        Err(error) => Ok(Err(format!("{}: {error}", paths.index.display()))),
+        IndexFiles::Loaded(summary, entries) => Ok(Ok((summary, entries))),
+        IndexFiles::Invalid(error) => Ok(Err(format!("{}: {error}", paths.index.display()))),
     }
+}
+
+/// What [`read_index`] found.
+pub(crate) enum IndexFiles {
+    /// This one of the two files is not there.
+    Missing(PathBuf),
+    /// They do not decode, or do not agree.
+    Invalid(files::FormatError),
+    Loaded(SegmentSummary, Vec<IndexEntry>),
+}
+
+/// A segment's two index files, decoded: shared by [`load_index`] (a sealed segment's) and
+/// recovery's use of the index a tail's close wrote.
+pub(crate) async fn read_index(segment: &SegmentFile) -> Result<IndexFiles> {
+    let paths = segment.paths();
+    let Some(offsets) = dio::read_small_file(&paths.index).await? else {
+        return Ok(IndexFiles::Missing(paths.index.clone()));
+    };
+    let Some(times) = dio::read_small_file(&paths.time_index).await? else {
+        return Ok(IndexFiles::Missing(paths.time_index.clone()));
+    };
+    Ok(match files::decode_indexes(&offsets, &times, segment.base_offset) {
+        Ok((summary, entries)) => IndexFiles::Loaded(summary, entries),
+        Err(error) => IndexFiles::Invalid(error),
+    })
 }
 
 /// Writes a sealed segment's two index files.

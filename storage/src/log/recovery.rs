@@ -358,7 +358,6 @@ async fn recover_segment(
     })
 }
 
-/// A scanned segment that is not the tail: sync its trimmed size, write its index files.
 /// Where the scan of a tail can start: the last batch that the index written when the log was
 /// last closed ([`Log::close`]) names, if that index is whole (CRC), describes no more bytes
 /// than the file holds and than the checkpoint says were synced (`strict_end`). The bytes
@@ -370,16 +369,11 @@ async fn tail_index_start(
     size: u64,
     strict_end: u64,
 ) -> Result<Option<segment::ScanStart>> {
-    let paths = file.paths();
-    let (Some(offsets), Some(times)) =
-        (dio::read_small_file(&paths.index).await?, dio::read_small_file(&paths.time_index).await?)
-    else {
-        return Ok(None);
-    };
-    let (summary, mut entries) = match files::decode_indexes(&offsets, &times, file.base_offset()) {
-        Ok(decoded) => decoded,
-        Err(error) => {
-            tracing::warn!(path = %paths.index.display(), %error, "ignoring the tail's invalid index");
+    let (summary, mut entries) = match segment::read_index(file).await? {
+        segment::IndexFiles::Missing(_) => return Ok(None),
+        segment::IndexFiles::Loaded(summary, entries) => (summary, entries),
+        segment::IndexFiles::Invalid(error) => {
+            tracing::warn!(path = %file.paths().index.display(), %error, "ignoring the tail's invalid index");
             return Ok(None);
         }
     };
@@ -399,6 +393,7 @@ async fn tail_index_start(
     }))
 }
 
+/// A scanned segment that is not the tail: sync its trimmed size, write its index files.
 async fn seal_recovered(recovered: RecoveredSegment) -> Result<Sealed> {
     recovered.file.sync().await?;
     let summary = SegmentSummary {
