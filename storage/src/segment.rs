@@ -221,7 +221,7 @@ pub(crate) struct ScanOutcome {
 
 /// Where [`scan_from`] starts: at the segment's header with nothing known, or at a batch that
 /// an index already describes, with the entries and the largest timestamp before it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct ScanStart {
     pub position: u64,
     pub next_offset: u64,

@@ -497,7 +497,7 @@ fn after_a_clean_close_the_next_open_scans_only_what_the_tails_index_does_not_co
     let written = write_batches(&original, strict_config(), 400, 11, true);
     let data_end = written.last().map(|&(_, _, position, len)| position + len).unwrap();
     let largest_batch = written.iter().map(|&(_, _, _, len)| len).max().unwrap();
-    assert!(original.join("00000000000000000000.index").exists(), "close writes the tail's index");
+    assert!(segment_path(&original, 0).with_extension("index").exists(), "close writes the tail's index");
     // A copy without the index is scanned whole, as every tail was before.
     let full = dir.path().join("full");
     copy_dir(&original, &full);
@@ -531,15 +531,19 @@ fn a_tail_index_that_does_not_match_its_log_is_not_believed() {
     run(move || async move {
         let log = Log::open(&path, strict_config()).await.unwrap();
         assert_eq!(log.truncate(cut).await.unwrap(), cut);
-        assert!(!path.join("00000000000000000000.index").exists(), "a truncation removes the tail's index");
+        assert!(
+            !segment_path(&path, 0).with_extension("index").exists(),
+            "a truncation removes the tail's index"
+        );
         for i in 0..150 {
             let first = log.next_offset();
             log.append(batch_at(first, 7 + i % 3)).await.unwrap().ack.await.unwrap();
         }
         log.close().await.unwrap();
     });
-    for name in ["00000000000000000000.index", "00000000000000000000.timeindex"] {
-        std::fs::copy(stale.join(name), original.join(name)).unwrap();
+    for extension in ["index", "timeindex"] {
+        let (from, to) = (segment_path(&stale, 0), segment_path(&original, 0));
+        std::fs::copy(from.with_extension(extension), to.with_extension(extension)).unwrap();
     }
     let file_bytes = std::fs::metadata(segment_path(&original, 0)).unwrap().len();
     let (scanned, _, _) = open_scanned(&original, strict_config());
