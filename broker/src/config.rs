@@ -38,6 +38,11 @@ pub struct BrokerConfig {
     /// eighth of the memory, 16 MiB..=256 MiB per shard (see
     /// [`crate::preflight::tail_cache_budget`]).
     pub cache_bytes_max: Option<u64>,
+    /// Memory the frames of requests in progress hold at most, all shards together (split
+    /// evenly); a connection whose next frame does not fit waits, unread (see
+    /// [`crate::request_memory`]). `None`: a thirty-second of the memory, 32 MiB..=128 MiB per
+    /// shard (see [`crate::preflight::request_memory_budget`]).
+    pub request_memory_max: Option<u64>,
     /// glommio time slice: I/O is submitted and reaped between slices.
     pub preempt_timer: Duration,
     /// Segment files the whole broker keeps open at most (split evenly across shards; idle
@@ -81,6 +86,7 @@ impl BrokerConfig {
             default_max_message_bytes: 8 << 20,
             cache_bytes_per_partition: usize::MAX,
             cache_bytes_max: None,
+            request_memory_max: None,
             preempt_timer: Duration::from_micros(250),
             open_files_max: None,
             preallocate_bytes_max: 1 << 30,

@@ -69,6 +69,7 @@ pub mod producers;
 pub mod quic;
 pub mod quic_runtime;
 pub mod reconcile;
+pub mod request_memory;
 pub mod router;
 pub mod sendfile;
 pub mod server;

@@ -33,6 +33,8 @@
 //! | `skein_open_files`, `skein_open_files_max` | gauge | | segment files held open, and the budget |
 //! | `skein_tail_cache_bytes`, `skein_tail_cache_bytes_max` | gauge | | memory held by the partitions' tail caches, and the bound |
 //! | `skein_tail_cache_evictions_total` | counter | | cached batches evicted for the bound (oldest first, whichever partition) |
+//! | `skein_request_memory_bytes`, `skein_request_memory_bytes_max` | gauge | | memory held by the frames of requests in progress (those longer than a read chunk, 16 KiB), and the bound (`network.request_memory_max`) |
+//! | `skein_request_memory_waits_total` | counter | | frames whose connection waited, unread, for request memory |
 //! | `skein_segment_rolls_total` | counter | | active segments sealed |
 //! | `skein_fsync_latency_seconds` | histogram | | `fdatasync` of data segments |
 //! | `skein_write_latency_seconds` | histogram | | O_DIRECT writes of data segments, handed to the ring to completion seen (with `fsync never` a produce is acknowledged after its writes: their tail is its tail) |
@@ -218,6 +220,9 @@ pub struct ShardSnapshot {
     pub cache_bytes: u64,
     pub cache_bytes_max: u64,
     pub cache_evictions: u64,
+    pub request_memory_bytes: u64,
+    pub request_memory_bytes_max: u64,
+    pub request_memory_waits: u64,
     pub storage: StorageCounters,
     pub reactor_stalls: u64,
     pub reactor_lag_max: Duration,
@@ -278,6 +283,9 @@ impl ShardSnapshot {
             cache_bytes: handles.cache_bytes as u64,
             cache_bytes_max: handles.cache_bytes_max.unwrap_or(0) as u64,
             cache_evictions: handles.cache_evictions,
+            request_memory_bytes: shard.request_memory.in_use() as u64,
+            request_memory_bytes_max: shard.request_memory.capacity() as u64,
+            request_memory_waits: shard.request_memory.waits(),
             storage: skein_storage::metrics::snapshot(),
             reactor_stalls,
             reactor_lag_max,
@@ -750,6 +758,27 @@ impl Collector for Merged {
             "Cached batches evicted for the memory bound.",
             Counter,
             sum(&|s| s.cache_evictions),
+        )?;
+        single(
+            &mut encoder,
+            "skein_request_memory_bytes",
+            "Memory held by the frames of requests in progress (those longer than a read chunk).",
+            Gauge,
+            sum(&|s| s.request_memory_bytes),
+        )?;
+        single(
+            &mut encoder,
+            "skein_request_memory_bytes_max",
+            "Memory the frames of requests in progress hold at most.",
+            Gauge,
+            sum(&|s| s.request_memory_bytes_max),
+        )?;
+        single(
+            &mut encoder,
+            "skein_request_memory_waits",
+            "Frames whose connection waited, unread, for request memory.",
+            Counter,
+            sum(&|s| s.request_memory_waits),
         )?;
         single(
             &mut encoder,

@@ -271,6 +271,21 @@ pub fn tail_cache_budget(config: &BrokerConfig, memory: u64) -> u64 {
         .unwrap_or_else(|| (memory / 8 / cores).clamp(TAIL_CACHE_SHARD_MIN, TAIL_CACHE_SHARD_MAX) * cores)
 }
 
+/// The auto-sized request memory of each shard: a thirty-second of `memory` shared by `cores`
+/// shards, within 32 MiB..=128 MiB per shard (one producer flat out with five requests of
+/// 8 MiB in flight needs 40 MiB; 128 MiB holds two of the largest frames, 64 MiB).
+pub const REQUEST_MEMORY_SHARD_MIN: u64 = 32 << 20;
+pub const REQUEST_MEMORY_SHARD_MAX: u64 = 128 << 20;
+
+/// The memory the frames of requests in progress may hold, all shards together:
+/// `request_memory_max` if set, else sized from `memory` (see [`REQUEST_MEMORY_SHARD_MAX`]).
+pub fn request_memory_budget(config: &BrokerConfig, memory: u64) -> u64 {
+    let cores = config.cores.max(1) as u64;
+    config.request_memory_max.unwrap_or_else(|| {
+        (memory / 32 / cores).clamp(REQUEST_MEMORY_SHARD_MIN, REQUEST_MEMORY_SHARD_MAX) * cores
+    })
+}
+
 fn check_tail_cache(config: &BrokerConfig) -> Outcome {
     let memory = memory_bytes();
     let budget = tail_cache_budget(config, memory);

@@ -216,12 +216,15 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
     let preallocate_per_shard = config.preallocate_bytes_max / cores as u64;
     let cache_bytes_max = crate::preflight::tail_cache_budget(&config, crate::preflight::memory_bytes());
     let cache_per_shard = (cache_bytes_max / cores as u64) as usize;
+    let request_memory_max =
+        crate::preflight::request_memory_budget(&config, crate::preflight::memory_bytes());
     tracing::info!(
         open_files,
         files_per_shard,
         preallocate_bytes_max = config.preallocate_bytes_max,
         cache_bytes_max,
-        "budgets: segment files kept open, disk allocated ahead of data, tail caches"
+        request_memory_max,
+        "budgets: segment files kept open, disk allocated ahead of data, tail caches, request frames"
     );
     // Metrics first: `/health` answers (and `/ready` says why not) while the shards recover.
     let metrics = match config.metrics_listen {

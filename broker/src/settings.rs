@@ -25,6 +25,7 @@
 //! | `network.frame_bytes_max` | 67108864 | largest request frame |
 //! | `network.connections_max` | 10000 | client connections, all shards together |
 //! | `network.in_flight_max` | 64 | requests in flight per connection before reading stops |
+//! | `network.request_memory_max` | 0 | memory the frames of requests in progress hold, all shards together (a connection whose next frame does not fit waits, unread); 0: a thirty-second of the memory, 32–128 MiB per shard |
 //! | `network.idle_timeout_s` | 600 | idle connections are closed after this |
 //! | `network.frame_timeout_ms` | 30000 | a started frame must be complete within this |
 //! | `storage.fsync` | `never` | `always`, `never` or `interval:MS` |
@@ -92,6 +93,8 @@ pub struct NetworkSection {
     pub frame_bytes_max: usize,
     pub connections_max: usize,
     pub in_flight_max: usize,
+    /// 0: sized from memory.
+    pub request_memory_max: u64,
     pub idle_timeout_s: u64,
     pub frame_timeout_ms: u64,
 }
@@ -106,6 +109,7 @@ impl Default for NetworkSection {
             frame_bytes_max: 64 << 20,
             connections_max: 10_000,
             in_flight_max: 64,
+            request_memory_max: 0,
             idle_timeout_s: 600,
             frame_timeout_ms: 30_000,
         }
@@ -268,6 +272,8 @@ impl Settings {
         config.frame_bytes_max = self.network.frame_bytes_max;
         config.connections_max = self.network.connections_max.max(1);
         config.in_flight_max = self.network.in_flight_max.max(1);
+        config.request_memory_max =
+            (self.network.request_memory_max > 0).then_some(self.network.request_memory_max);
         config.idle_timeout = Duration::from_secs(self.network.idle_timeout_s.max(1));
         config.frame_timeout = Duration::from_millis(self.network.frame_timeout_ms.max(10));
         config.retention_check = Duration::from_millis(self.storage.retention_check_ms.max(10));

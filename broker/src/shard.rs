@@ -219,6 +219,8 @@ pub struct Shard {
     pub connections: Cell<usize>,
     /// The broker's connections against `connections_max`, every shard's together.
     pub connection_slots: std::sync::Arc<crate::config::ConnectionSlots>,
+    /// The memory this shard's connections may hold for request frames in progress.
+    pub request_memory: Rc<crate::request_memory::RequestMemory>,
     /// What this shard did, for `/metrics` (see [`crate::metrics`]).
     pub metrics: crate::metrics::ShardMetrics,
     pub shutting_down: Cell<bool>,
@@ -242,6 +244,10 @@ impl Shard {
             None => (None, None),
         };
         let member_prefix = format!("{:x}-{id}", skein_storage::now_ms());
+        let request_memory = crate::request_memory::RequestMemory::new(
+            (crate::preflight::request_memory_budget(&config, crate::preflight::memory_bytes())
+                / config.cores.max(1) as u64) as usize,
+        );
         Shard {
             id,
             shards: config.cores,
@@ -259,6 +265,7 @@ impl Shard {
             controller_gate: glommio::sync::Semaphore::new(1),
             connections: Cell::new(0),
             connection_slots,
+            request_memory,
             metrics: crate::metrics::ShardMetrics::default(),
             shutting_down: Cell::new(false),
             advertised: RefCell::new(advertised),

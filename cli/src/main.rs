@@ -182,6 +182,11 @@ struct BrokerArgs {
     /// [network.in_flight_max; default 64].
     #[arg(long)]
     in_flight_max: Option<usize>,
+    /// Memory the frames of requests in progress hold at most, bytes, all shards together
+    /// (a connection whose next frame does not fit waits, unread); 0: a thirty-second of the
+    /// memory, 32-128 MiB per shard [network.request_memory_max; default 0].
+    #[arg(long)]
+    request_memory_max: Option<u64>,
     /// Close connections idle this long, seconds [network.idle_timeout_s; default 600].
     #[arg(long)]
     idle_timeout_s: Option<u64>,
@@ -261,7 +266,7 @@ impl BrokerArgs {
         use toml::Value;
         let int = |v: u64| Value::Integer(v.min(i64::MAX as u64) as i64);
         let text = |v: &dyn std::fmt::Display| Value::String(v.to_string());
-        let given: [(&str, Option<Value>); 27] = [
+        let given: [(&str, Option<Value>); 28] = [
             ("broker.data_dir", self.data_dir.as_ref().map(|v| text(&v.display()))),
             ("network.listen", self.listen.map(|v| text(&v))),
             ("network.quic_listen", self.quic_listen.map(|v| text(&v))),
@@ -273,6 +278,7 @@ impl BrokerArgs {
             ("network.frame_bytes_max", self.frame_bytes_max.map(|v| int(v as u64))),
             ("network.connections_max", self.connections_max.map(|v| int(v as u64))),
             ("network.in_flight_max", self.in_flight_max.map(|v| int(v as u64))),
+            ("network.request_memory_max", self.request_memory_max.map(int)),
             ("network.idle_timeout_s", self.idle_timeout_s.map(int)),
             ("network.frame_timeout_ms", self.frame_timeout_ms.map(int)),
             ("storage.retention_check_ms", self.retention_check_ms.map(int)),
