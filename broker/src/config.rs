@@ -58,6 +58,10 @@ pub struct BrokerConfig {
     /// certificate, written to the data directory.
     pub quic_cert_file: Option<PathBuf>,
     pub quic_key_file: Option<PathBuf>,
+    /// The QUIC flow-control window of a connection: bytes a client may send ahead of what the
+    /// broker read, which quinn holds in the broker's memory (so connections × this at most,
+    /// beside the request memory). One stream gets at most 8 MiB of it.
+    pub quic_receive_window: u64,
     /// Where `/metrics`, `/health` and `/ready` are served (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
     /// Per-partition metric series only while the broker holds at most this many partitions
@@ -93,6 +97,7 @@ impl BrokerConfig {
             quic_listen: None,
             quic_cert_file: None,
             quic_key_file: None,
+            quic_receive_window: 8 << 20,
             metrics_listen: None,
             partition_series_max: 1000,
             log_requests: false,

@@ -522,8 +522,10 @@ impl ServerSetup {
             .max_idle_timeout(Some(idle))
             .max_concurrent_bidi_streams(quinn::VarInt::from_u32(64))
             .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
-            .stream_receive_window(quinn::VarInt::from_u32(8 << 20))
-            .receive_window(quinn::VarInt::from_u32(32 << 20))
+            .stream_receive_window(
+                quinn::VarInt::from_u64(config.quic_receive_window.min(8 << 20)).expect("within 1 GiB"),
+            )
+            .receive_window(quinn::VarInt::from_u64(config.quic_receive_window).expect("within 1 GiB"))
             .send_window(32 << 20);
         server.transport_config(Arc::new(transport));
         let reset_key = reset_key(&config.data_dir)?;

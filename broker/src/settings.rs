@@ -22,6 +22,7 @@
 //! | `network.listen` | `127.0.0.1:9400` | client address (TCP) |
 //! | `network.quic_listen` | unset | client address (QUIC over UDP); unset: no QUIC |
 //! | `network.quic_cert_file`, `network.quic_key_file` | unset | QUIC certificate chain and key (PEM); unset: a self-signed development certificate written to the data directory |
+//! | `network.quic_receive_window` | 8388608 | bytes a QUIC client may send on one connection ahead of what the broker read (quinn holds them in the broker's memory: connections × this at most); one stream gets at most 8 MiB of it |
 //! | `network.frame_bytes_max` | 67108864 | largest request frame |
 //! | `network.connections_max` | 10000 | client connections, all shards together |
 //! | `network.in_flight_max` | 64 | requests in flight per connection before reading stops |
@@ -90,6 +91,7 @@ pub struct NetworkSection {
     pub quic_listen: Option<SocketAddr>,
     pub quic_cert_file: Option<PathBuf>,
     pub quic_key_file: Option<PathBuf>,
+    pub quic_receive_window: u64,
     pub frame_bytes_max: usize,
     pub connections_max: usize,
     pub in_flight_max: usize,
@@ -106,6 +108,7 @@ impl Default for NetworkSection {
             quic_listen: None,
             quic_cert_file: None,
             quic_key_file: None,
+            quic_receive_window: 8 << 20,
             frame_bytes_max: 64 << 20,
             connections_max: 10_000,
             in_flight_max: 64,
@@ -300,6 +303,10 @@ impl Settings {
         config.quic_listen = self.network.quic_listen;
         config.quic_cert_file = self.network.quic_cert_file.clone();
         config.quic_key_file = self.network.quic_key_file.clone();
+        if !(64 << 10..=1 << 30).contains(&self.network.quic_receive_window) {
+            return Err(invalid("network.quic_receive_window", "must be within 65536..=1073741824".into()));
+        }
+        config.quic_receive_window = self.network.quic_receive_window;
         if config.quic_cert_file.is_some() != config.quic_key_file.is_some() {
             return Err(invalid(
                 "network.quic_cert_file",
@@ -440,6 +447,36 @@ mod tests {
         let settings = Settings::load(None, env(&[("SKEIN_STORAGE_FSYNC", "sometimes")]), &[]).unwrap();
         let error = settings.to_broker_config().unwrap_err().to_string();
         assert!(error.contains("storage.fsync"), "{error}");
+        let settings =
+            Settings::load(None, env(&[("SKEIN_NETWORK_QUIC_RECEIVE_WINDOW", "100")]), &[]).unwrap();
+        let error = settings.to_broker_config().unwrap_err().to_string();
+        assert!(error.contains("network.quic_receive_window"), "{error}");
+    }
+
+    #[test]
+    fn memory_bounds_reach_the_broker_config() {
+        let settings = Settings::load(
+            None,
+            env(&[
+                ("SKEIN_NETWORK_REQUEST_MEMORY_MAX", "33554432"),
+                ("SKEIN_NETWORK_QUIC_RECEIVE_WINDOW", "1048576"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        let config = settings.to_broker_config().unwrap();
+        assert_eq!(config.request_memory_max, Some(32 << 20));
+        assert_eq!(config.quic_receive_window, 1 << 20);
+        let defaults = Settings::default().to_broker_config().unwrap();
+        assert_eq!(defaults.request_memory_max, None, "0: sized from memory");
+        assert_eq!(defaults.quic_receive_window, 8 << 20);
+        // Sized from memory: a thirty-second, 32..=128 MiB per shard.
+        let mut config = defaults;
+        config.cores = 2;
+        let budget = |memory| crate::preflight::request_memory_budget(&config, memory);
+        assert_eq!(budget(1 << 30), 64 << 20, "a small machine: the floor per shard");
+        assert_eq!(budget(4 << 30), 128 << 20);
+        assert_eq!(budget(64 << 30), 256 << 20, "a large machine: the ceiling per shard");
     }
 
     #[test]

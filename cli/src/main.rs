@@ -236,6 +236,10 @@ struct BrokerArgs {
     /// QUIC private key, PEM [network.quic_key_file].
     #[arg(long)]
     quic_key_file: Option<PathBuf>,
+    /// Bytes a QUIC client may send on one connection ahead of what the broker has read
+    /// (quinn buffers them in the broker's memory) [network.quic_receive_window; default 8 MiB].
+    #[arg(long)]
+    quic_receive_window: Option<u64>,
     /// Serve Prometheus /metrics, /health and /ready on HOST:PORT [metrics.listen; default off].
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -266,12 +270,13 @@ impl BrokerArgs {
         use toml::Value;
         let int = |v: u64| Value::Integer(v.min(i64::MAX as u64) as i64);
         let text = |v: &dyn std::fmt::Display| Value::String(v.to_string());
-        let given: [(&str, Option<Value>); 28] = [
+        let given: [(&str, Option<Value>); 29] = [
             ("broker.data_dir", self.data_dir.as_ref().map(|v| text(&v.display()))),
             ("network.listen", self.listen.map(|v| text(&v))),
             ("network.quic_listen", self.quic_listen.map(|v| text(&v))),
             ("network.quic_cert_file", self.quic_cert_file.as_ref().map(|v| text(&v.display()))),
             ("network.quic_key_file", self.quic_key_file.as_ref().map(|v| text(&v.display()))),
+            ("network.quic_receive_window", self.quic_receive_window.map(int)),
             ("broker.cores", self.cores.map(|v| int(v as u64))),
             ("storage.fsync", self.fsync.as_ref().map(|v| text(v))),
             ("broker.node_id", self.node_id.map(|v| int(v.into()))),
