@@ -35,6 +35,8 @@
 //! | `skein_tail_cache_evictions_total` | counter | | cached batches evicted for the bound (oldest first, whichever partition) |
 //! | `skein_request_memory_bytes`, `skein_request_memory_bytes_max` | gauge | | memory held by the frames of requests in progress (those longer than a read chunk, 16 KiB), and the bound (`network.request_memory_max`) |
 //! | `skein_request_memory_waits_total` | counter | | frames whose connection waited, unread, for request memory |
+//! | `skein_fetch_memory_bytes` | gauge | | bytes read from disk into fetch responses not yet sent (bounded by the request memory's size per shard) |
+//! | `skein_fetch_memory_fallbacks_total` | counter | | cold file ranges sent from the page cache (`sendfile`) because that bound was reached |
 //! | `skein_segment_rolls_total` | counter | | active segments sealed |
 //! | `skein_fsync_latency_seconds` | histogram | | `fdatasync` of data segments |
 //! | `skein_write_latency_seconds` | histogram | | O_DIRECT writes of data segments, handed to the ring to completion seen (with `fsync never` a produce is acknowledged after its writes: their tail is its tail) |
@@ -106,6 +108,9 @@ pub struct ShardMetrics {
     fetch_latency: RefCell<Histogram>,
     pub connections_accepted: Cell<u64>,
     pub connections_refused: Cell<u64>,
+    /// Cold file ranges of fetches sent from the page cache because the shard's fetch memory
+    /// was taken.
+    fetch_memory_fallbacks: Cell<u64>,
 }
 
 fn add(cell: &Cell<u64>, n: u64) {
@@ -113,6 +118,11 @@ fn add(cell: &Cell<u64>, n: u64) {
 }
 
 impl ShardMetrics {
+    /// A cold range of a fetch goes out from the page cache: the fetch memory was taken.
+    pub fn fetch_memory_fallback(&self) {
+        add(&self.fetch_memory_fallbacks, 1);
+    }
+
     /// A request frame arrived.
     pub fn request(&self, api_key: u16, frame_bytes: usize) {
         add(&self.requests[api_slot(api_key)], 1);
@@ -223,6 +233,8 @@ pub struct ShardSnapshot {
     pub request_memory_bytes: u64,
     pub request_memory_bytes_max: u64,
     pub request_memory_waits: u64,
+    pub fetch_memory_bytes: u64,
+    pub fetch_memory_fallbacks: u64,
     pub storage: StorageCounters,
     pub reactor_stalls: u64,
     pub reactor_lag_max: Duration,
@@ -286,6 +298,8 @@ impl ShardSnapshot {
             request_memory_bytes: shard.request_memory.in_use() as u64,
             request_memory_bytes_max: shard.request_memory.capacity() as u64,
             request_memory_waits: shard.request_memory.waits(),
+            fetch_memory_bytes: shard.fetch_memory.load(Ordering::Relaxed) as u64,
+            fetch_memory_fallbacks: metrics.fetch_memory_fallbacks.get(),
             storage: skein_storage::metrics::snapshot(),
             reactor_stalls,
             reactor_lag_max,
@@ -779,6 +793,20 @@ impl Collector for Merged {
             "Frames whose connection waited, unread, for request memory.",
             Counter,
             sum(&|s| s.request_memory_waits),
+        )?;
+        single(
+            &mut encoder,
+            "skein_fetch_memory_bytes",
+            "Bytes read from disk into fetch responses not yet sent.",
+            Gauge,
+            sum(&|s| s.fetch_memory_bytes),
+        )?;
+        single(
+            &mut encoder,
+            "skein_fetch_memory_fallbacks",
+            "Cold file ranges of fetches sent from the page cache because the fetch memory was taken.",
+            Counter,
+            sum(&|s| s.fetch_memory_fallbacks),
         )?;
         single(
             &mut encoder,

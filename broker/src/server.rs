@@ -291,6 +291,9 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
             skein_storage::handles::set_open_files_max(Some(files_per_shard));
             skein_storage::handles::set_preallocate_bytes_max(Some(preallocate_per_shard));
             skein_storage::handles::set_cache_bytes_max(Some(cache_per_shard));
+            // Bytes read ahead of consumers: as much as the tail cache holds (the two serve
+            // readers at the tail and behind it), not a fixed 256 MiB a shard.
+            skein_storage::handles::set_read_ahead_bytes_max(cache_per_shard);
             let awake = glommio::spawn_local(keep_awake());
             let queue = glommio::executor().create_task_queue(
                 glommio::Shares::default(),
