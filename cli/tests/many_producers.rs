@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{scrape, sum_of, Broker};
+use common::{peak_rss_kib, scrape, sum_of, Broker};
 use skein_client::{
     Admin, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
 };
@@ -20,17 +20,6 @@ const RECORDS_EACH: usize = 12_000;
 const VALUE_BYTES: usize = 1000;
 const REQUEST_MEMORY: u64 = 16 << 20;
 const CACHE: u64 = 16 << 20;
-
-/// The most resident memory a process had (Linux `/proc`, VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .expect("VmHWM in /proc/PID/status")
-}
 
 fn value(producer: usize, sequence: usize) -> String {
     let mut value = format!("{producer}:{sequence}:");
