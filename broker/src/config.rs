@@ -60,7 +60,7 @@ pub struct BrokerConfig {
     pub quic_key_file: Option<PathBuf>,
     /// The QUIC flow-control window of a connection: bytes a client may send ahead of what the
     /// broker read, which quinn holds in the broker's memory (so connections × this at most,
-    /// beside the request memory). One stream gets at most 8 MiB of it.
+    /// beside the request memory). One stream gets at most half of it, and at most 8 MiB.
     pub quic_receive_window: u64,
     /// Where `/metrics`, `/health` and `/ready` are served (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
@@ -97,7 +97,7 @@ impl BrokerConfig {
             quic_listen: None,
             quic_cert_file: None,
             quic_key_file: None,
-            quic_receive_window: 8 << 20,
+            quic_receive_window: 16 << 20,
             metrics_listen: None,
             partition_series_max: 1000,
             log_requests: false,

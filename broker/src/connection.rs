@@ -5,8 +5,11 @@
 //! (the stream cannot be trusted after it); at most `in_flight_max` requests wait for their
 //! response (then the reader stops reading: back-pressure, not an unbounded queue); a frame
 //! longer than a read chunk takes its length from the shard's request memory
-//! ([`crate::request_memory`]) before it is read, and holds it until its response is ready, so
-//! the memory held for requests does not grow with the connections; a frame must
+//! ([`crate::request_memory`]) before it is read, and holds it until its response is ready
+//! (such a request runs as a task of its own, so a response queued behind one the client does
+//! not read still gives its memory back), so the memory held for requests does not grow with
+//! the connections; while others wait for that memory, a frame holding some must keep arriving
+//! ([`FRAME_STALL`]); a frame must
 //! arrive completely within `frame_timeout` once started, and an idle connection is closed after
 //! `idle_timeout`.
 
@@ -35,6 +38,13 @@ const READ_CHUNK_BYTES: usize = 16 << 10;
 /// actually arrive, never with what its length prefix claims (a slow sender announcing 64 MiB
 /// holds what it sent and one read, not 64 MiB; see `make_room`).
 const FRAME_READ_MAX_BYTES: usize = 1 << 20;
+/// While other frames wait for request memory, a frame that holds some must keep arriving: at
+/// least [`FRAME_STALL_BYTES_MIN`] in every [`FRAME_STALL`], or its connection is closed. A
+/// sender that announces a long frame and trickles it would otherwise hold its length of the
+/// shard's request memory, and every long frame queued behind it, until the frame timeout
+/// (30 s by default) cut it, one such sender after another.
+const FRAME_STALL: Duration = Duration::from_secs(2);
+const FRAME_STALL_BYTES_MIN: usize = 64 << 10;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -44,6 +54,9 @@ enum End {
     Io(std::io::Error),
     IdleTimeout,
     FrameTimeout,
+    /// A frame holding request memory that others wait for stopped arriving (see
+    /// [`FRAME_STALL`]).
+    Stalled,
     ShuttingDown,
 }
 
@@ -199,6 +212,8 @@ async fn read_loop<R: RequestStream>(
     // from it since.
     let mut allocation = buffer.capacity();
     let mut taken = false;
+    // While `grant` is held: when the current stall window started, and `buffer`'s length then.
+    let mut progress: Option<(std::time::Instant, usize)> = None;
     loop {
         // Take every whole frame already buffered.
         loop {
@@ -209,6 +224,7 @@ async fn read_loop<R: RequestStream>(
                     frame_started = None;
                     // A long frame that arrived whole with the bytes of the one before it
                     // takes its share now.
+                    progress = None;
                     let grant = match grant.take() {
                         Some(grant) => Some(grant),
                         None if len > READ_CHUNK_BYTES => match acquire(shard, len).await {
@@ -228,8 +244,15 @@ async fn read_loop<R: RequestStream>(
                     let (api_key, correlation_id) = (header.api_key, header.correlation_id);
                     let pending = handlers::handle(shard, header, whole).await;
                     let handled = std::time::Instant::now();
-                    let pending =
+                    let holds_memory = grant.is_some();
+                    let mut pending =
                         measured(shard.clone(), api_key, correlation_id, received, handled, pending, grant);
+                    if holds_memory {
+                        // Its own task: the grant goes back once the response is ready, not once
+                        // the writer gets to it, which could be never behind a response the client
+                        // does not read (the writer sends in order).
+                        pending = Box::pin(glommio::spawn_local(pending));
+                    }
                     if sender.send(pending).await.is_err() {
                         return End::Closed;
                     }
@@ -275,7 +298,19 @@ async fn read_loop<R: RequestStream>(
                 Err(end) => return end,
             }
             frame_started = Some(std::time::Instant::now());
+            progress = Some((std::time::Instant::now(), filled));
         }
+        // The stall window: a new one once the last is over, if the frame kept arriving or
+        // nobody waits; if not, the frame has stalled while others wait.
+        if let Some((since, at)) = progress {
+            if since.elapsed() >= FRAME_STALL {
+                if filled - at < FRAME_STALL_BYTES_MIN && shard.request_memory.waiting() > 0 {
+                    return End::Stalled;
+                }
+                progress = Some((std::time::Instant::now(), filled));
+            }
+        }
+        let stall = progress.map(|(since, at)| (since, filled - at));
         let (timeout, idle) = if filled == 0 {
             frame_started = None;
             (config.idle_timeout, true)
@@ -291,7 +326,7 @@ async fn read_loop<R: RequestStream>(
             allocation = fresh;
             taken = false;
         }
-        match read_with_timeout(reader, &mut buffer, wanted, timeout, idle, shard).await {
+        match read_with_timeout(reader, &mut buffer, wanted, timeout, idle, stall, shard).await {
             Ok(0) => return End::Closed,
             Ok(_) => {}
             Err(end) => return end,
@@ -397,13 +432,16 @@ fn measured(
     })
 }
 
-/// Reads once, giving up after `timeout`; wakes every second to notice a broker shutdown.
+/// Reads once, giving up after `timeout`; wakes every second to notice a broker shutdown and,
+/// for a frame that holds request memory (`stall`: when its stall window began and the bytes
+/// that arrived in it), a stall while other frames wait (see [`FRAME_STALL`]).
 async fn read_with_timeout<R: RequestStream>(
     reader: &mut R,
     buffer: &mut BytesMut,
     max: usize,
     timeout: Duration,
     idle: bool,
+    stall: Option<(std::time::Instant, usize)>,
     shard: &Shard,
 ) -> Result<usize, End> {
     let started = std::time::Instant::now();
@@ -416,6 +454,13 @@ async fn read_with_timeout<R: RequestStream>(
             Err(_) => {
                 if shard.shutting_down.get() {
                     return Err(End::ShuttingDown);
+                }
+                if stall.is_some_and(|(since, arrived)| {
+                    arrived < FRAME_STALL_BYTES_MIN
+                        && since.elapsed() >= FRAME_STALL
+                        && shard.request_memory.waiting() > 0
+                }) {
+                    return Err(End::Stalled);
                 }
                 if started.elapsed() >= timeout {
                     return Err(if idle { End::IdleTimeout } else { End::FrameTimeout });

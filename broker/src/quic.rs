@@ -522,8 +522,10 @@ impl ServerSetup {
             .max_idle_timeout(Some(idle))
             .max_concurrent_bidi_streams(quinn::VarInt::from_u32(64))
             .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+            // One stream may take half of the connection's window, so that a stream whose
+            // frame waits for request memory leaves room for the connection's other streams.
             .stream_receive_window(
-                quinn::VarInt::from_u64(config.quic_receive_window.min(8 << 20)).expect("within 1 GiB"),
+                quinn::VarInt::from_u64((config.quic_receive_window / 2).min(8 << 20)).expect("within 1 GiB"),
             )
             .receive_window(quinn::VarInt::from_u64(config.quic_receive_window).expect("within 1 GiB"))
             .send_window(32 << 20);

@@ -23,6 +23,8 @@
 //! the whole budget takes all of it, once everything before it is given back.
 
 use std::cell::RefCell;
+
+type WakerSlot = Rc<RefCell<Option<Waker>>>;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -39,8 +41,9 @@ pub struct RequestMemory {
 struct State {
     capacity: usize,
     available: usize,
-    /// Acquisitions waiting, oldest first: (ticket, the waker of its latest poll).
-    queue: VecDeque<(u64, Option<Waker>)>,
+    /// Acquisitions waiting, oldest first: (ticket, the waker of its latest poll, in a slot
+    /// the acquisition shares, so a poll updates it without searching the queue).
+    queue: VecDeque<(u64, WakerSlot)>,
     next_ticket: u64,
     /// Acquisitions that had to wait, since start.
     waits: u64,
@@ -50,8 +53,8 @@ impl State {
     /// Wakes the acquisition at the head of the queue, if any (it takes what it needs on its
     /// next poll, or waits again).
     fn wake_head(&mut self) {
-        if let Some((_, waker)) = self.queue.front_mut() {
-            if let Some(waker) = waker.take() {
+        if let Some((_, slot)) = self.queue.front() {
+            if let Some(waker) = slot.borrow_mut().take() {
                 waker.wake();
             }
         }
@@ -76,7 +79,7 @@ impl RequestMemory {
     /// earlier got its share. Given back when the [`Grant`] is dropped.
     pub fn acquire(self: &Rc<Self>, bytes: usize) -> Acquire {
         let bytes = bytes.min(self.state.borrow().capacity);
-        Acquire { memory: self.clone(), bytes, ticket: None }
+        Acquire { memory: self.clone(), bytes, ticket: None, slot: Rc::new(RefCell::new(None)) }
     }
 
     /// Bytes granted and not yet given back.
@@ -128,6 +131,7 @@ pub struct Acquire {
     bytes: usize,
     /// Its place in the queue once it had to wait.
     ticket: Option<u64>,
+    slot: WakerSlot,
 }
 
 impl Future for Acquire {
@@ -150,19 +154,13 @@ impl Future for Acquire {
             drop(state);
             return Poll::Ready(Grant { memory: this.memory.clone(), bytes: this.bytes });
         }
-        match this.ticket {
-            None => {
-                let ticket = state.next_ticket;
-                state.next_ticket += 1;
-                state.waits += 1;
-                state.queue.push_back((ticket, Some(cx.waker().clone())));
-                this.ticket = Some(ticket);
-            }
-            Some(ticket) => {
-                if let Some((_, waker)) = state.queue.iter_mut().find(|(t, _)| *t == ticket) {
-                    *waker = Some(cx.waker().clone());
-                }
-            }
+        *this.slot.borrow_mut() = Some(cx.waker().clone());
+        if this.ticket.is_none() {
+            let ticket = state.next_ticket;
+            state.next_ticket += 1;
+            state.waits += 1;
+            state.queue.push_back((ticket, this.slot.clone()));
+            this.ticket = Some(ticket);
         }
         Poll::Pending
     }

@@ -22,7 +22,7 @@
 //! | `network.listen` | `127.0.0.1:9400` | client address (TCP) |
 //! | `network.quic_listen` | unset | client address (QUIC over UDP); unset: no QUIC |
 //! | `network.quic_cert_file`, `network.quic_key_file` | unset | QUIC certificate chain and key (PEM); unset: a self-signed development certificate written to the data directory |
-//! | `network.quic_receive_window` | 8388608 | bytes a QUIC client may send on one connection ahead of what the broker read (quinn holds them in the broker's memory: connections × this at most); one stream gets at most 8 MiB of it |
+//! | `network.quic_receive_window` | 16777216 | bytes a QUIC client may send on one connection ahead of what the broker read (quinn holds them in the broker's memory: connections × this at most); one stream gets at most half of it, and at most 8 MiB |
 //! | `network.frame_bytes_max` | 67108864 | largest request frame |
 //! | `network.connections_max` | 10000 | client connections, all shards together |
 //! | `network.in_flight_max` | 64 | requests in flight per connection before reading stops |
@@ -108,7 +108,7 @@ impl Default for NetworkSection {
             quic_listen: None,
             quic_cert_file: None,
             quic_key_file: None,
-            quic_receive_window: 8 << 20,
+            quic_receive_window: 16 << 20,
             frame_bytes_max: 64 << 20,
             connections_max: 10_000,
             in_flight_max: 64,
@@ -469,7 +469,7 @@ mod tests {
         assert_eq!(config.quic_receive_window, 1 << 20);
         let defaults = Settings::default().to_broker_config().unwrap();
         assert_eq!(defaults.request_memory_max, None, "0: sized from memory");
-        assert_eq!(defaults.quic_receive_window, 8 << 20);
+        assert_eq!(defaults.quic_receive_window, 16 << 20);
         // Sized from memory: a thirty-second, 32..=128 MiB per shard.
         let mut config = defaults;
         config.cores = 2;

@@ -72,8 +72,14 @@ impl Drop for Counted {
     }
 }
 
+/// A part of a cold read shorter than this is copied out of the buffer it is a view of: a
+/// short slice of a read-ahead piece (2 MiB) would keep the whole piece alive, counted as
+/// its own length.
+const COUNTED_COPY_BELOW_BYTES: usize = 256 << 10;
+
 /// `bytes`, already counted in `held`, given back to it when the last view of them is dropped.
 fn counted(bytes: Bytes, held: &Arc<AtomicUsize>) -> Bytes {
+    let bytes = if bytes.len() < COUNTED_COPY_BELOW_BYTES { Bytes::copy_from_slice(&bytes) } else { bytes };
     Bytes::from_owner(Counted { bytes, held: held.clone() })
 }
 
@@ -934,6 +940,8 @@ impl Shard {
                                 Ok(parts) => Ok(Records::Memory(
                                     parts.into_iter().map(|part| counted(part, &self.fetch_memory)).collect(),
                                 )),
+                                // (`counted` copies a short part out of the read-ahead piece it
+                                // is a view of, so that what is counted is what is held.)
                                 Err(error) => {
                                     self.fetch_memory.fetch_sub(len, Ordering::Relaxed);
                                     Err(error)

@@ -237,7 +237,8 @@ struct BrokerArgs {
     #[arg(long)]
     quic_key_file: Option<PathBuf>,
     /// Bytes a QUIC client may send on one connection ahead of what the broker has read
-    /// (quinn buffers them in the broker's memory) [network.quic_receive_window; default 8 MiB].
+    /// (quinn buffers them in the broker's memory; one stream gets at most half, and at most
+    /// 8 MiB) [network.quic_receive_window; default 16 MiB].
     #[arg(long)]
     quic_receive_window: Option<u64>,
     /// Serve Prometheus /metrics, /health and /ready on HOST:PORT [metrics.listen; default off].

@@ -8,16 +8,15 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use common::Broker;
+use common::{good_batch, produce_frame, Broker};
 use skein_client::{
     Admin, Client, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, SeekTo,
 };
 use skein_net::frame::{self, RequestHeader};
 use skein_net::{
-    ApiVersionsRequest, ErrorCode, FetchPartition, FetchRequest, FetchResponse, ProducePartition,
-    ProduceRequest, ProduceResponse, Reader, Request, TopicData,
+    ApiVersionsRequest, ErrorCode, FetchPartition, FetchRequest, FetchResponse, ProduceResponse, Reader,
+    Request, TopicData,
 };
-use skein_storage::batch::BatchBuilder;
 
 fn connect(broker: &Broker) -> TcpStream {
     let stream = TcpStream::connect(&broker.addr).unwrap();
@@ -54,30 +53,12 @@ fn raw_header(api_key: u16, api_version: u16, flags: u16, correlation_id: u32) -
     RequestHeader { api_key, api_version, flags, correlation_id }
 }
 
-fn produce_frame(topic: &str, partition: u32, records: Bytes, acks: i8, correlation_id: u32) -> BytesMut {
-    Request::Produce(ProduceRequest {
-        acks,
-        timeout_ms: 5000,
-        topics: vec![TopicData {
-            name: topic.into(),
-            partitions: vec![ProducePartition { partition, records }],
-        }],
-    })
-    .to_frame(correlation_id, 0)
-}
-
 fn produce_error(stream: &mut TcpStream, frame: &[u8]) -> ErrorCode {
     stream.write_all(frame).unwrap();
     let (header, body) = read_response(stream).expect("a produce response");
     assert_eq!(header.error, 0);
     let response = ProduceResponse::decode(&mut Reader::new(&body)).unwrap();
     response.topics[0].partitions[0].error
-}
-
-fn good_batch(value: &[u8]) -> Bytes {
-    let mut builder = BatchBuilder::new();
-    builder.push(1, None, Some(value), &[]);
-    builder.finish().freeze()
 }
 
 /// Another client round-trips a record: the broker still serves everyone.

@@ -234,3 +234,113 @@ fn pipelined_requests_beyond_the_in_flight_limit_wait_and_are_all_answered() {
     sending.join().unwrap();
     eprintln!("RELIABILITY limits: 2,000 pipelined requests with in-flight-max 4, all answered in order");
 }
+
+/// A sender that announces a frame as long as the whole request memory and trickles it holds
+/// that memory; while a producer's long frames wait for it, the broker cuts the sender after
+/// its frame stops arriving for a stall window (2 s), not after the frame timeout (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sender_holding_request_memory_is_cut_while_others_wait() {
+    let broker =
+        Broker::start(&["--cores", "1", "--request-memory-max", "4194304", "--frame-timeout-ms", "60000"]);
+    Admin::new(broker.client().await).create_topic("slow", 1, &[]).await.unwrap();
+    let mut loris = connect(&broker);
+    let mut header = ((4u32 << 20) - 4).to_le_bytes().to_vec();
+    header.extend_from_slice(&[0x53, 1, 4, 0, 0, 0, 0, 0]);
+    header.extend_from_slice(&7u32.to_le_bytes());
+    loris.write_all(&header).unwrap();
+    let trickle = std::thread::spawn(move || {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(40) {
+            if loris.write_all(&[0x42]).is_err() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        None
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Requests of about 1 MiB: each needs request memory the slow sender holds.
+    let config = ProducerConfig::default().batch_bytes(1 << 20).linger(Duration::from_millis(5));
+    let producer = Producer::new(broker.client().await, config);
+    let started = Instant::now();
+    let mut deliveries = Vec::new();
+    for _ in 0..300 {
+        deliveries.push(producer.send(ProducerRecord::new("slow", vec![b'x'; 10_000])).await.unwrap());
+    }
+    for delivery in deliveries {
+        tokio::time::timeout(Duration::from_secs(40), delivery)
+            .await
+            .expect("acknowledged within 40 s")
+            .expect("acknowledged");
+    }
+    let acknowledged_in = started.elapsed();
+    let cut_after = trickle.join().unwrap().expect("the slow sender's connection was closed");
+    eprintln!(
+        "RELIABILITY hostile: a slow sender holding all the request memory was cut after {cut_after:?}; \
+         3 MB of 1 MiB requests acknowledged in {acknowledged_in:?}"
+    );
+    assert!(acknowledged_in < Duration::from_secs(15), "the producer waited {acknowledged_in:?}");
+    assert!(broker.log().contains("Stalled"), "the broker says why it closed the connection");
+}
+
+/// A client that asks for a large fetch and never reads the answer, then sends produce requests
+/// on the same connection: their responses queue behind the unread one, but their request
+/// memory goes back as each is done, so another producer's long requests are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_a_client_does_not_read_hold_no_request_memory() {
+    let broker = Broker::start(&["--cores", "1", "--request-memory-max", "4194304"]);
+    Admin::new(broker.client().await).create_topic("unread", 1, &[]).await.unwrap();
+    let producer = Producer::new(broker.client().await, ProducerConfig::default());
+    for _ in 0..2_000 {
+        producer.send(ProducerRecord::new("unread", vec![b'f'; 10_000])).await.unwrap();
+    }
+    producer.flush().await.unwrap();
+
+    let mut stalled = connect(&broker);
+    let fetch = Request::<bytes::Bytes>::Fetch(skein_net::FetchRequest {
+        max_wait_ms: 0,
+        min_bytes: 1,
+        max_bytes: 16 << 20,
+        topics: vec![skein_net::TopicData {
+            name: "unread".into(),
+            partitions: vec![skein_net::FetchPartition {
+                partition: 0,
+                fetch_offset: 0,
+                partition_bytes_max: 16 << 20,
+            }],
+        }],
+    })
+    .to_frame(1, 0);
+    stalled.write_all(&fetch).unwrap();
+    let batch = common::good_batch(&vec![b'p'; 1 << 20]);
+    // Bounded: a broker that stops reading this connection (its requests' memory never given
+    // back) would leave a blocking write here forever; the other producer then finds the
+    // memory taken, which fails the test below.
+    stalled.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    for i in 0..12 {
+        if stalled.write_all(&common::produce_frame("unread", 0, batch.clone(), 1, 2 + i)).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let config = ProducerConfig::default().batch_bytes(1 << 20).linger(Duration::from_millis(5));
+    let producer = Producer::new(broker.client().await, config);
+    let started = Instant::now();
+    let mut deliveries = Vec::new();
+    for _ in 0..300 {
+        deliveries.push(producer.send(ProducerRecord::new("unread", vec![b'x'; 10_000])).await.unwrap());
+    }
+    for delivery in deliveries {
+        tokio::time::timeout(Duration::from_secs(20), delivery)
+            .await
+            .expect("acknowledged within 20 s, beside the client that reads nothing")
+            .expect("acknowledged");
+    }
+    eprintln!(
+        "RELIABILITY hostile: 12 produce requests of 1 MiB behind an unread fetch response; another producer's 3 MB acknowledged in {:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+}

@@ -659,3 +659,29 @@ pub async fn requests_follow_the_partitions_after_a_restart_with_more_shards(
     assert_eq!(hops("fetch"), fetch_hops, "a fetch went to a partition's old shard");
     assert_each_partition_in_order(&records, 6, 3000);
 }
+
+/// A Produce request frame for one partition (the newest version).
+pub fn produce_frame(
+    topic: &str,
+    partition: u32,
+    records: bytes::Bytes,
+    acks: i8,
+    correlation_id: u32,
+) -> bytes::BytesMut {
+    skein_net::Request::Produce(skein_net::ProduceRequest {
+        acks,
+        timeout_ms: 5000,
+        topics: vec![skein_net::TopicData {
+            name: topic.into(),
+            partitions: vec![skein_net::ProducePartition { partition, records }],
+        }],
+    })
+    .to_frame(correlation_id, 0)
+}
+
+/// A record batch of one record.
+pub fn good_batch(value: &[u8]) -> bytes::Bytes {
+    let mut builder = skein_storage::batch::BatchBuilder::new();
+    builder.push(1, None, Some(value), &[]);
+    builder.finish().freeze()
+}
