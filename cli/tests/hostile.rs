@@ -235,6 +235,26 @@ fn pipelined_requests_beyond_the_in_flight_limit_wait_and_are_all_answered() {
     eprintln!("RELIABILITY limits: 2,000 pipelined requests with in-flight-max 4, all answered in order");
 }
 
+/// Produces 3 MB in requests of about 1 MiB (each one needs request memory) and returns how
+/// long until every record was acknowledged; fails if one is not within `limit`.
+async fn produce_large_requests(broker: &Broker, topic: &str, limit: Duration) -> Duration {
+    let config = ProducerConfig::default().batch_bytes(1 << 20).linger(Duration::from_millis(5));
+    let producer = Producer::new(broker.client().await, config);
+    let started = Instant::now();
+    let mut deliveries = Vec::new();
+    for _ in 0..300 {
+        deliveries
+            .push(producer.send(ProducerRecord::new(topic.to_owned(), vec![b'x'; 10_000])).await.unwrap());
+    }
+    for delivery in deliveries {
+        tokio::time::timeout(limit, delivery)
+            .await
+            .unwrap_or_else(|_| panic!("not acknowledged within {limit:?}"))
+            .expect("acknowledged");
+    }
+    started.elapsed()
+}
+
 /// A sender that announces a frame as long as the whole request memory and trickles it holds
 /// that memory; while a producer's long frames wait for it, the broker cuts the sender after
 /// its frame stops arriving for a stall window (2 s), not after the frame timeout (60 s here).
@@ -261,20 +281,7 @@ async fn a_slow_sender_holding_request_memory_is_cut_while_others_wait() {
     std::thread::sleep(Duration::from_millis(500));
 
     // Requests of about 1 MiB: each needs request memory the slow sender holds.
-    let config = ProducerConfig::default().batch_bytes(1 << 20).linger(Duration::from_millis(5));
-    let producer = Producer::new(broker.client().await, config);
-    let started = Instant::now();
-    let mut deliveries = Vec::new();
-    for _ in 0..300 {
-        deliveries.push(producer.send(ProducerRecord::new("slow", vec![b'x'; 10_000])).await.unwrap());
-    }
-    for delivery in deliveries {
-        tokio::time::timeout(Duration::from_secs(40), delivery)
-            .await
-            .expect("acknowledged within 40 s")
-            .expect("acknowledged");
-    }
-    let acknowledged_in = started.elapsed();
+    let acknowledged_in = produce_large_requests(&broker, "slow", Duration::from_secs(40)).await;
     let cut_after = trickle.join().unwrap().expect("the slow sender's connection was closed");
     eprintln!(
         "RELIABILITY hostile: a slow sender holding all the request memory was cut after {cut_after:?}; \
@@ -325,22 +332,9 @@ async fn responses_a_client_does_not_read_hold_no_request_memory() {
     }
     std::thread::sleep(Duration::from_millis(500));
 
-    let config = ProducerConfig::default().batch_bytes(1 << 20).linger(Duration::from_millis(5));
-    let producer = Producer::new(broker.client().await, config);
-    let started = Instant::now();
-    let mut deliveries = Vec::new();
-    for _ in 0..300 {
-        deliveries.push(producer.send(ProducerRecord::new("unread", vec![b'x'; 10_000])).await.unwrap());
-    }
-    for delivery in deliveries {
-        tokio::time::timeout(Duration::from_secs(20), delivery)
-            .await
-            .expect("acknowledged within 20 s, beside the client that reads nothing")
-            .expect("acknowledged");
-    }
+    let acknowledged_in = produce_large_requests(&broker, "unread", Duration::from_secs(20)).await;
     eprintln!(
-        "RELIABILITY hostile: 12 produce requests of 1 MiB behind an unread fetch response; another producer's 3 MB acknowledged in {:?}",
-        started.elapsed()
+        "RELIABILITY hostile: 12 produce requests of 1 MiB behind an unread fetch response; another producer's 3 MB acknowledged in {acknowledged_in:?}"
     );
     drop(stalled);
 }
