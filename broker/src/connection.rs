@@ -303,10 +303,10 @@ async fn read_loop<R: RequestStream>(
         // The stall window: a new one once the last is over, if the frame kept arriving or
         // nobody waits; if not, the frame has stalled while others wait.
         if let Some((since, at)) = progress {
+            if stalled(shard, since, filled - at) {
+                return End::Stalled;
+            }
             if since.elapsed() >= FRAME_STALL {
-                if filled - at < FRAME_STALL_BYTES_MIN && shard.request_memory.waiting() > 0 {
-                    return End::Stalled;
-                }
                 progress = Some((std::time::Instant::now(), filled));
             }
         }
@@ -371,6 +371,12 @@ fn make_room(buffer: &mut BytesMut, wanted: usize, frame_total: Option<usize>) -
     fresh.extend_from_slice(buffer);
     *buffer = fresh;
     Some(target)
+}
+
+/// Whether a frame holding request memory has stalled: under [`FRAME_STALL_BYTES_MIN`]
+/// `arrived` in a stall window begun `since`, once the window is over, while others wait.
+fn stalled(shard: &Shard, since: std::time::Instant, arrived: usize) -> bool {
+    arrived < FRAME_STALL_BYTES_MIN && since.elapsed() >= FRAME_STALL && shard.request_memory.waiting() > 0
 }
 
 /// `bytes` of the shard's request memory for a frame, waiting (and so not reading the
@@ -455,11 +461,7 @@ async fn read_with_timeout<R: RequestStream>(
                 if shard.shutting_down.get() {
                     return Err(End::ShuttingDown);
                 }
-                if stall.is_some_and(|(since, arrived)| {
-                    arrived < FRAME_STALL_BYTES_MIN
-                        && since.elapsed() >= FRAME_STALL
-                        && shard.request_memory.waiting() > 0
-                }) {
+                if stall.is_some_and(|(since, arrived)| stalled(shard, since, arrived)) {
                     return Err(End::Stalled);
                 }
                 if started.elapsed() >= timeout {

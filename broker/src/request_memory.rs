@@ -23,13 +23,13 @@
 //! the whole budget takes all of it, once everything before it is given back.
 
 use std::cell::RefCell;
-
-type WakerSlot = Rc<RefCell<Option<Waker>>>;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
+
+type WakerSlot = Rc<RefCell<Option<Waker>>>;
 
 /// The budget of one shard (see the module docs).
 #[derive(Debug)]

@@ -214,10 +214,12 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
     let files_per_shard =
         (open_files / cores as u64).max(crate::preflight::OPEN_FILES_MIN_PER_SHARD) as usize;
     let preallocate_per_shard = config.preallocate_bytes_max / cores as u64;
-    let cache_bytes_max = crate::preflight::tail_cache_budget(&config, crate::preflight::memory_bytes());
+    let memory = crate::preflight::memory_bytes();
+    let cache_bytes_max = crate::preflight::tail_cache_budget(&config, memory);
     let cache_per_shard = (cache_bytes_max / cores as u64) as usize;
-    let request_memory_max =
-        crate::preflight::request_memory_budget(&config, crate::preflight::memory_bytes());
+    let request_memory_max = crate::preflight::request_memory_budget(&config, memory);
+    // Resolved once here: each shard takes its share from the config.
+    let config = BrokerConfig { request_memory_max: Some(request_memory_max), ..config };
     tracing::info!(
         open_files,
         files_per_shard,

@@ -280,8 +280,9 @@ impl Shard {
         };
         let member_prefix = format!("{:x}-{id}", skein_storage::now_ms());
         let fetch_memory = Arc::new(AtomicUsize::new(0));
+        // `server::start` resolves the budget from memory before any shard starts.
         let request_memory = crate::request_memory::RequestMemory::new(
-            (crate::preflight::request_memory_budget(&config, crate::preflight::memory_bytes())
+            (config.request_memory_max.unwrap_or(crate::preflight::REQUEST_MEMORY_SHARD_MIN)
                 / config.cores.max(1) as u64) as usize,
         );
         Shard {

@@ -278,6 +278,9 @@ impl Broker {
     }
 
     pub fn restart(&mut self) {
+        // A running child would be replaced here and never killed (its data directory's lock
+        // then refuses every new start).
+        assert!(self.child.is_none(), "stop or kill the broker before restarting it");
         let addr = self.addr.clone();
         for attempt in 0..50 {
             self.launch_checked(&addr);
