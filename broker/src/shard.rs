@@ -938,11 +938,11 @@ impl Shard {
                                 Ok(Records::File { fd, position, len: len as u32 })
                             }
                             Ok(_) => match log.read_range_parts(&range).await {
+                                // `counted` copies a short part out of the read-ahead piece it
+                                // is a view of, so that what is counted is what is held.
                                 Ok(parts) => Ok(Records::Memory(
                                     parts.into_iter().map(|part| counted(part, &self.fetch_memory)).collect(),
                                 )),
-                                // (`counted` copies a short part out of the read-ahead piece it
-                                // is a view of, so that what is counted is what is held.)
                                 Err(error) => {
                                     self.fetch_memory.fetch_sub(len, Ordering::Relaxed);
                                     Err(error)
