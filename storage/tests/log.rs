@@ -758,6 +758,61 @@ fn a_consumer_reading_on_finds_its_batches_in_the_read_ahead_and_reads_each_byte
 }
 
 #[test]
+fn consumers_reading_at_different_places_each_keep_their_read_ahead() {
+    use skein_storage::{LogData, PartitionLog};
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        // Three consumers replay one log at once from three places (three groups, or a
+        // follower beside two consumers), one read each in turn. Each read continues its own
+        // read-ahead stream and cursor, so nothing read ahead for one is dropped by another's
+        // read, and every byte each is served comes off the disk once.
+        let log = Log::open(&path, file_read_config(1 << 20)).await.unwrap();
+        append_all(&log, &[1000; 150]).await;
+        let end = log.visible_offset();
+        let before = skein_storage::metrics::snapshot().direct_read_bytes;
+        let mut next = [0, end / 3, 2 * end / 3];
+        let mut offsets: [Vec<u64>; 3] = Default::default();
+        let mut served = 0u64;
+        while next.iter().any(|&at| at < end) {
+            for reader in 0..3 {
+                if next[reader] >= end {
+                    continue;
+                }
+                let read = PartitionLog::read(&log, next[reader], 1 << 20, u64::MAX).await.unwrap();
+                let bytes: bytes::Bytes = match read.data.clone() {
+                    LogData::File(range) => {
+                        served += range.len() as u64;
+                        log.read_range_parts(&range).await.unwrap().concat().into()
+                    }
+                    LogData::Memory(chunks) => chunks.concat().into(),
+                    LogData::Empty => panic!("an empty read below the end at {}", next[reader]),
+                };
+                let from = next[reader];
+                offsets[reader].extend(check_records(bytes).into_iter().filter(|&o| o >= from));
+                next[reader] = read.next_offset;
+            }
+        }
+        for (reader, from) in [0, end / 3, 2 * end / 3].into_iter().enumerate() {
+            assert_eq!(
+                offsets[reader],
+                (from..end).collect::<Vec<_>>(),
+                "reader {reader}: every record once, in order"
+            );
+        }
+        let read_from_disk = skein_storage::metrics::snapshot().direct_read_bytes - before;
+        assert!(served > 12 << 20, "the reads came from the file: {served} bytes");
+        // Each reader's first header lookup (up to an index interval of 1 MiB, in 64 KiB windows)
+        // and block alignment aside.
+        assert!(
+            read_from_disk <= served + 3 * (1 << 20),
+            "{read_from_disk} bytes read from the disk to serve {served}"
+        );
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
 fn file_reads_keep_their_bytes_after_the_executor_and_the_log_are_gone() {
     use skein_storage::{LogData, PartitionLog};
     let dir = tmp();

@@ -112,20 +112,18 @@ impl Log {
         len: usize,
     ) -> Result<Vec<Bytes>> {
         let end = position + len as u64;
-        let pieces: Vec<(u64, u64, SharedRead)> = {
+        let (stream, pieces): (u64, Vec<(u64, u64, SharedRead)>) = {
             let mut ahead = self.shared.read_ahead.borrow_mut();
-            let continues = ahead.front().is_some_and(|first| {
-                first.segment_base == segment.base_offset()
-                    && first.start <= position
-                    && ahead.back().is_some_and(|last| position <= last.end)
-            });
-            if !continues {
-                ahead.clear();
-            }
-            while ahead.front().is_some_and(|first| first.end <= position) {
-                ahead.pop_front();
-            }
-            ahead.iter().filter(|r| r.start < end).map(|r| (r.start, r.end, r.data.clone())).collect()
+            let stream = ahead.stream_at(segment.base_offset(), position);
+            // Set now: a read pipelined behind this one (at `end`) continues this stream.
+            stream.next = stream.next.max(end);
+            let pieces = stream
+                .pieces
+                .iter()
+                .filter(|r| r.start < end)
+                .map(|r| (r.start, r.end, r.data.clone()))
+                .collect();
+            (stream.id, pieces)
         };
         tracing::trace!(position, len, pieces = pieces.len(), "read_file");
         let mut parts: Vec<Bytes> = Vec::new();
@@ -143,7 +141,7 @@ impl Log {
         if at < end {
             parts.push(read_direct(segment, at, (end - at) as usize).await?);
         }
-        self.read_ahead(segment, end, (4 * len).clamp(READ_AHEAD_BYTES_MIN, READ_AHEAD_BYTES_MAX));
+        self.read_ahead(stream, segment, end, (4 * len).clamp(READ_AHEAD_BYTES_MIN, READ_AHEAD_BYTES_MAX));
         Ok(parts)
     }
 
@@ -164,13 +162,7 @@ impl Log {
             if position >= end {
                 return None;
             }
-            let (start, data) = {
-                let ahead = self.shared.read_ahead.borrow();
-                let piece = ahead.iter().find(|piece| {
-                    piece.segment_base == base && piece.start <= position && position < piece.end
-                })?;
-                (piece.start, piece.data.clone())
-            };
+            let (start, data) = self.shared.read_ahead.borrow().piece_at(base, position)?;
             let bytes = data.await.ok()?;
             match segment::scan_headers(&bytes[(position - start) as usize..], offset, size_max) {
                 segment::HeaderScan::Found(at, header) => return Some((position + at as u64, header)),
@@ -181,10 +173,10 @@ impl Log {
         }
     }
 
-    /// Extends what is read ahead of a consumer of `segment` to `want` bytes past `from`, in
-    /// background reads of [`READ_AHEAD_PIECE_BYTES`], within the segment's stable bytes and the
-    /// shard's read-ahead budget.
-    fn read_ahead(&self, segment: &Rc<SegmentFile>, from: u64, want: usize) {
+    /// Extends what the read-ahead stream `stream` holds of `segment` to `want` bytes past
+    /// `from`, in background reads of [`READ_AHEAD_PIECE_BYTES`], within the segment's stable
+    /// bytes and the shard's read-ahead budget. Nothing if the stream was dropped meanwhile.
+    fn read_ahead(&self, stream: u64, segment: &Rc<SegmentFile>, from: u64, want: usize) {
         let shared = &self.shared;
         let stable_end = {
             let state = shared.state.borrow();
@@ -197,7 +189,8 @@ impl Log {
         };
         let target = (from + want as u64).min(stable_end);
         let mut ahead = shared.read_ahead.borrow_mut();
-        let mut frontier = ahead.back().map_or(from, |last| last.end.max(from));
+        let Some(stream) = ahead.get(stream) else { return };
+        let mut frontier = stream.pieces.back().map_or(from, |last| last.end.max(from));
         while frontier < target {
             let len = ((target - frontier) as usize).min(READ_AHEAD_PIECE_BYTES);
             if !handles::reserve_read_ahead(len) {
@@ -207,8 +200,7 @@ impl Log {
             let start = frontier;
             let task =
                 glommio::spawn_local(async move { read_direct(&file, start, len).await.map_err(Arc::new) });
-            ahead.push_back(ReadAhead {
-                segment_base: segment.base_offset(),
+            stream.pieces.push_back(ReadAhead {
                 start,
                 end: start + len as u64,
                 data: futures::FutureExt::shared(task),
@@ -304,18 +296,20 @@ impl Log {
         // large reads took 0.81 of the 0.87 ms per partition a cold fetch spent before its bytes
         // were ready.
         let generation = shared.state.borrow().generation;
-        let start_position = match shared.read_cursor.get() {
-            Some(cursor)
-                if cursor.generation == generation
+        let index_position = start_position;
+        let start_position = shared
+            .read_cursors
+            .borrow()
+            .iter()
+            .filter(|cursor| {
+                cursor.generation == generation
                     && cursor.segment_base == base
                     && cursor.next_offset <= offset
-                    && cursor.position > start_position
-                    && cursor.position < data_end.0 =>
-            {
-                cursor.position
-            }
-            _ => start_position,
-        };
+                    && cursor.position > index_position
+                    && cursor.position < data_end.0
+            })
+            .max_by_key(|cursor| cursor.next_offset)
+            .map_or(index_position, |cursor| cursor.position);
         let found = self.find_batch_read_ahead(base, start_position, offset, data_end.0, size_max).await;
         let (position, header) = match found {
             Some(found) => found,
@@ -345,12 +339,22 @@ impl Log {
             batch_boundary(index, base, position, bytes_max, stable_end, first_end)
         });
         assert!(end.0 <= data_end.0 && end.0 <= stable, "a file range covers only readable, stable bytes");
-        shared.read_cursor.set(Some(super::ReadCursor {
-            generation,
-            segment_base: base,
-            position: end.0,
-            next_offset: end.1,
-        }));
+        {
+            // This consumer's cursor moves on (it started at one, or where its last read
+            // ended); a new consumer's goes in front, the oldest beyond the most dropped.
+            let mut cursors = shared.read_cursors.borrow_mut();
+            cursors.retain(|cursor| {
+                cursor.generation == generation
+                    && !(cursor.segment_base == base && cursor.position == start_position)
+            });
+            cursors.push_front(super::ReadCursor {
+                generation,
+                segment_base: base,
+                position: end.0,
+                next_offset: end.1,
+            });
+            cursors.truncate(super::READ_AHEAD_STREAMS_MAX);
+        }
         Ok(ReadSlice {
             first_offset: header.base_offset,
             next_offset: end.1,

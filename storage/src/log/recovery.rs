@@ -198,8 +198,8 @@ impl Log {
             preallocate_step: Cell::new(PREALLOCATE_STEP_MIN),
             preallocated_at: Cell::new(None),
             allocated_ahead: Cell::new(0),
-            read_ahead: RefCell::new(VecDeque::new()),
-            read_cursor: Cell::new(None),
+            read_ahead: RefCell::new(Default::default()),
+            read_cursors: RefCell::new(VecDeque::new()),
         });
         {
             let mut state = shared.state.borrow_mut();
