@@ -33,6 +33,7 @@
 //! | `skein_open_files`, `skein_open_files_max` | gauge | | segment files held open, and the budget |
 //! | `skein_tail_cache_bytes`, `skein_tail_cache_bytes_max` | gauge | | memory held by the partitions' tail caches, and the bound |
 //! | `skein_tail_cache_evictions_total` | counter | | cached batches evicted for the bound (oldest first, whichever partition) |
+//! | `skein_read_ahead_bytes`, `skein_read_ahead_bytes_max` | gauge | | memory read ahead of consumers that read segment files (a stream per place a partition is read at, dropped after 2 s unread), and the bound |
 //! | `skein_request_memory_bytes`, `skein_request_memory_bytes_max` | gauge | | memory held by the frames of requests in progress (those longer than a read chunk, 16 KiB), and the bound (`network.request_memory_max`) |
 //! | `skein_request_memory_waits_total` | counter | | frames whose connection waited, unread, for request memory |
 //! | `skein_fetch_memory_bytes` | gauge | | bytes read from disk into fetch responses not yet sent (bounded by the request memory's size per shard) |
@@ -230,6 +231,8 @@ pub struct ShardSnapshot {
     pub cache_bytes: u64,
     pub cache_bytes_max: u64,
     pub cache_evictions: u64,
+    pub read_ahead_bytes: u64,
+    pub read_ahead_bytes_max: u64,
     pub request_memory_bytes: u64,
     pub request_memory_bytes_max: u64,
     pub request_memory_waits: u64,
@@ -295,6 +298,8 @@ impl ShardSnapshot {
             cache_bytes: handles.cache_bytes as u64,
             cache_bytes_max: handles.cache_bytes_max.unwrap_or(0) as u64,
             cache_evictions: handles.cache_evictions,
+            read_ahead_bytes: handles.read_ahead_bytes as u64,
+            read_ahead_bytes_max: handles.read_ahead_bytes_max as u64,
             request_memory_bytes: shard.request_memory.in_use() as u64,
             request_memory_bytes_max: shard.request_memory.capacity() as u64,
             request_memory_waits: shard.request_memory.waits(),
@@ -772,6 +777,20 @@ impl Collector for Merged {
             "Cached batches evicted for the memory bound.",
             Counter,
             sum(&|s| s.cache_evictions),
+        )?;
+        single(
+            &mut encoder,
+            "skein_read_ahead_bytes",
+            "Memory read ahead of consumers that read segment files.",
+            Gauge,
+            sum(&|s| s.read_ahead_bytes),
+        )?;
+        single(
+            &mut encoder,
+            "skein_read_ahead_bytes_max",
+            "Memory read ahead of consumers at most.",
+            Gauge,
+            sum(&|s| s.read_ahead_bytes_max),
         )?;
         single(
             &mut encoder,

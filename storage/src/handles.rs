@@ -131,7 +131,9 @@ pub struct HandleStats {
     /// Opens that went beyond the budget because every open file was in use.
     pub over_budget: u64,
     pub allocated_ahead_bytes: u64,
+    /// Bytes read ahead of consumers (or being read), and the shard's bound for them.
     pub read_ahead_bytes: usize,
+    pub read_ahead_bytes_max: usize,
     /// Bytes held by the shard's tail caches, their bound, and batches evicted for the bound.
     pub cache_bytes: usize,
     pub cache_bytes_max: Option<usize>,
@@ -148,6 +150,7 @@ pub fn stats() -> HandleStats {
         over_budget: r.over_budget,
         allocated_ahead_bytes: r.ahead,
         read_ahead_bytes: r.read_ahead,
+        read_ahead_bytes_max: r.read_ahead_limit,
         cache_bytes,
         cache_bytes_max,
         cache_evictions,

@@ -100,7 +100,9 @@ pub use crate::error::{CorruptionKind, Result, StorageError};
 #[cfg(feature = "engine")]
 pub use crate::io::{free_bytes, now_ms, prime_executor, write_file_atomically};
 #[cfg(feature = "engine")]
-pub use crate::log::{AppendAck, Appended, Log, ReadData, ReadSlice, RetentionOutcome};
+pub use crate::log::{
+    AppendAck, Appended, Log, ReadData, ReadSlice, RetentionOutcome, READ_AHEAD_IDLE, READ_AHEAD_STREAMS_MAX,
+};
 #[cfg(feature = "engine")]
 pub use crate::partition_log::{EpochEntry, FileRange, LogData, LogRead, PartitionLog};
 #[cfg(feature = "engine")]

@@ -813,6 +813,49 @@ fn consumers_reading_at_different_places_each_keep_their_read_ahead() {
 }
 
 #[test]
+fn read_ahead_left_unread_is_given_back() {
+    use skein_storage::{LogData, PartitionLog};
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        // A consumer reads a third of the log from the file and stops (it left, or caught up
+        // and now reads the tail cache): what was read ahead for it goes back to the shard's
+        // budget once its stream is idle, instead of staying until the log is read again.
+        let log = Log::open(&path, file_read_config(1 << 20)).await.unwrap();
+        append_all(&log, &[1000; 60]).await;
+        let end = log.visible_offset();
+        let mut next = 0;
+        while next < end / 3 {
+            let read = PartitionLog::read(&log, next, 1 << 20, u64::MAX).await.unwrap();
+            if let LogData::File(range) = &read.data {
+                log.read_range_parts(range).await.unwrap();
+            }
+            next = read.next_offset;
+        }
+        let held = skein_storage::handles::stats().read_ahead_bytes;
+        assert!(held > 0, "the reads left bytes read ahead");
+        let stopped = std::time::Instant::now();
+        while skein_storage::handles::stats().read_ahead_bytes > 0 {
+            assert!(
+                stopped.elapsed() < skein_storage::READ_AHEAD_IDLE * 3,
+                "{} bytes still read ahead {:?} after the last read",
+                skein_storage::handles::stats().read_ahead_bytes,
+                stopped.elapsed()
+            );
+            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            stopped.elapsed() >= skein_storage::READ_AHEAD_IDLE / 2,
+            "a reader that pauses keeps it a while"
+        );
+        // The log reads on as before after that.
+        let read = PartitionLog::read(&log, next, 1 << 20, u64::MAX).await.unwrap();
+        assert!(read.next_offset > next);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
 fn file_reads_keep_their_bytes_after_the_executor_and_the_log_are_gone() {
     use skein_storage::{LogData, PartitionLog};
     let dir = tmp();

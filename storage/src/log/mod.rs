@@ -308,11 +308,18 @@ struct Shared {
 /// MiB/s between them where one alone got 1945.
 pub const READ_AHEAD_STREAMS_MAX: usize = 8;
 
+/// A read-ahead stream not read for this long is dropped, with what it holds: a consumer that
+/// caught up (now reading the tail cache), moved on or left holds no read-ahead, and the
+/// shard's budget stays for readers that read on.
+pub const READ_AHEAD_IDLE: Duration = Duration::from_secs(2);
+
 /// The read-ahead streams of a log, the most recently used first.
 #[derive(Default)]
 struct ReadAheads {
     streams: VecDeque<ReadAheadStream>,
     next_id: u64,
+    /// Whether a task is waiting to drop the streams that go idle.
+    sweeping: bool,
 }
 
 /// What is read ahead of one consumer: contiguous pieces in file order, of the segment based at
@@ -323,6 +330,8 @@ struct ReadAheadStream {
     segment_base: u64,
     next: u64,
     pieces: VecDeque<ReadAhead>,
+    /// When a read last continued it.
+    used: Instant,
 }
 
 impl ReadAheadStream {
@@ -356,16 +365,25 @@ impl ReadAheads {
                     segment_base,
                     next: position,
                     pieces: VecDeque::new(),
+                    used: Instant::now(),
                 };
                 self.streams.push_front(stream);
                 self.streams.truncate(READ_AHEAD_STREAMS_MAX);
             }
         }
         let stream = self.streams.front_mut().expect("a stream");
+        stream.used = Instant::now();
         while stream.pieces.front().is_some_and(|first| first.end <= position) {
             stream.pieces.pop_front();
         }
         stream
+    }
+
+    /// Drops the streams idle for [`READ_AHEAD_IDLE`]; returns how long until the next one
+    /// would be (`None` when none is left).
+    fn drop_idle(&mut self, now: Instant) -> Option<Duration> {
+        self.streams.retain(|stream| now.duration_since(stream.used) < READ_AHEAD_IDLE);
+        self.streams.iter().map(|stream| READ_AHEAD_IDLE - now.duration_since(stream.used)).min()
     }
 
     fn get(&mut self, id: u64) -> Option<&mut ReadAheadStream> {

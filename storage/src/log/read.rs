@@ -112,7 +112,7 @@ impl Log {
         len: usize,
     ) -> Result<Vec<Bytes>> {
         let end = position + len as u64;
-        let (stream, pieces): (u64, Vec<(u64, u64, SharedRead)>) = {
+        let (stream, pieces, start_sweeper): (u64, Vec<(u64, u64, SharedRead)>, bool) = {
             let mut ahead = self.shared.read_ahead.borrow_mut();
             let stream = ahead.stream_at(segment.base_offset(), position);
             // Set now: a read pipelined behind this one (at `end`) continues this stream.
@@ -123,8 +123,12 @@ impl Log {
                 .filter(|r| r.start < end)
                 .map(|r| (r.start, r.end, r.data.clone()))
                 .collect();
-            (stream.id, pieces)
+            let id = stream.id;
+            (id, pieces, !std::mem::replace(&mut ahead.sweeping, true))
         };
+        if start_sweeper {
+            self.sweep_read_ahead();
+        }
         tracing::trace!(position, len, pieces = pieces.len(), "read_file");
         let mut parts: Vec<Bytes> = Vec::new();
         let mut at = position;
@@ -171,6 +175,29 @@ impl Log {
                 segment::HeaderScan::Beyond(at) => position += at as u64,
             }
         }
+    }
+
+    /// Drops the log's read-ahead streams as they go idle ([`super::READ_AHEAD_IDLE`]), in a
+    /// task that ends when none is left (or the log is gone).
+    fn sweep_read_ahead(&self) {
+        let shared = Rc::downgrade(&self.shared);
+        glommio::spawn_local(async move {
+            loop {
+                let wait = {
+                    let Some(shared) = shared.upgrade() else { return };
+                    let mut ahead = shared.read_ahead.borrow_mut();
+                    match ahead.drop_idle(Instant::now()) {
+                        Some(wait) => wait,
+                        None => {
+                            ahead.sweeping = false;
+                            return;
+                        }
+                    }
+                };
+                glommio::timer::sleep(wait).await;
+            }
+        })
+        .detach();
     }
 
     /// Extends what the read-ahead stream `stream` holds of `segment` to `want` bytes past
