@@ -105,6 +105,21 @@ for i in 1 2 3; do
   three+=($!)
 done
 wait "${three[@]}"
+# A producer at a quarter of the peak while a consumer catches up beside it: restarted again
+# (cold), the producer writes a topic of its own for 10 s and the consumer reads everything
+# from the beginning, starting 3 s in. Cold reads queued in the device delay the writes behind
+# them (`storage.read_in_flight_bytes_max`).
+kill $broker_pid; wait $broker_pid 2>/dev/null || true
+start_broker
+echo "== produce-beside-catch-up"
+quarter=$(( $(json "$out/produce-never.json" 'int(d["records_per_s"])') / 4 ))
+"$bench" produce --bootstrap "$addr" --broker-fsync never --topic beside-catch-up --duration 10 --rate "$quarter" \
+  --linger-ms 0 --quiet --json "$out/produce-beside-catch-up.json" --chart "$out/produce-beside-catch-up.svg" &
+beside=$!
+sleep 3
+"$bench" consume --bootstrap "$addr" --broker-fsync never --topic consume-test --messages "$messages" \
+  --message-size 1000 --quiet --json "$out/consume-beside-producer.json"
+wait $beside
 kill $broker_pid; wait $broker_pid 2>/dev/null || true; trap - EXIT
 rm -rf "$data_dir/consume-broker"
 fio --name=limit-read --rw=read --bs=1M --iodepth=4 --direct=1 --ioengine=io_uring --size=2G \
@@ -159,6 +174,8 @@ rows = [
     ("consume from the beginning after a restart (cold: from disk)", "consume-cold", fio_read, "fio read", read_ceiling),
     ("consume it all again (re-read)", "consume-warm", fio_read, "fio read", read_ceiling),
     ("three consumers at once, each all of it from the beginning after a restart (cold; summed)", "consume-three", fio_read, "fio read", read_ceiling),
+    ("produce at 25% of peak into a broker process while a consumer catches up beside it (from 3 s on), fsync=never", "produce-beside-catch-up", None, None, None),
+    ("the consumer beside it: all of it from the beginning after a restart (cold)", "consume-beside-producer", fio_read, "fio read", read_ceiling),
     ("produce at 50% of peak, fsync=never", "latency-never", None, None, None),
     ("produce at 50% of peak, fsync=always", "latency-always", None, None, None),
     ("end-to-end at 50% of peak, fsync=never", "e2e-never", None, None, None),

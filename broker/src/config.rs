@@ -52,6 +52,11 @@ pub struct BrokerConfig {
     /// Disk space the whole broker may have allocated ahead of its partitions' data (split
     /// evenly across shards).
     pub preallocate_bytes_max: u64,
+    /// O_DIRECT reads of segment data (cold fetches, read-ahead) the whole broker keeps in
+    /// flight at most, in bytes (split evenly across shards, at least 128 KiB each; 0: no
+    /// bound). Reads queued in the device delay the writes behind them (see
+    /// `skein_storage::handles`).
+    pub read_in_flight_bytes_max: u64,
     /// Where QUIC clients connect (UDP; `None`: no QUIC).
     pub quic_listen: Option<SocketAddr>,
     /// The QUIC certificate chain and private key (PEM). Neither: a self-signed development
@@ -94,6 +99,7 @@ impl BrokerConfig {
             preempt_timer: Duration::from_micros(250),
             open_files_max: None,
             preallocate_bytes_max: 1 << 30,
+            read_in_flight_bytes_max: 4 << 20,
             quic_listen: None,
             quic_cert_file: None,
             quic_key_file: None,

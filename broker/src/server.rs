@@ -214,6 +214,8 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
     let files_per_shard =
         (open_files / cores as u64).max(crate::preflight::OPEN_FILES_MIN_PER_SHARD) as usize;
     let preallocate_per_shard = config.preallocate_bytes_max / cores as u64;
+    let reads_per_shard = (config.read_in_flight_bytes_max > 0)
+        .then(|| (config.read_in_flight_bytes_max / cores as u64).max(READ_IN_FLIGHT_MIN_PER_SHARD) as usize);
     let memory = crate::preflight::memory_bytes();
     let cache_bytes_max = crate::preflight::tail_cache_budget(&config, memory);
     let cache_per_shard = (cache_bytes_max / cores as u64) as usize;
@@ -224,9 +226,10 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         open_files,
         files_per_shard,
         preallocate_bytes_max = config.preallocate_bytes_max,
+        read_in_flight_bytes_max = config.read_in_flight_bytes_max,
         cache_bytes_max,
         request_memory_max,
-        "budgets: segment files kept open, disk allocated ahead of data, tail caches, request frames"
+        "budgets: segment files kept open, disk allocated ahead of data, tail caches, request frames, reads in flight"
     );
     // Metrics first: `/health` answers (and `/ready` says why not) while the shards recover.
     let metrics = match config.metrics_listen {
@@ -292,6 +295,7 @@ pub fn start_until(config: BrokerConfig, abort: &AtomicBool) -> Result<RunningBr
         let spawned = builder.spawn(move || async move {
             skein_storage::handles::set_open_files_max(Some(files_per_shard));
             skein_storage::handles::set_preallocate_bytes_max(Some(preallocate_per_shard));
+            skein_storage::handles::set_read_in_flight_bytes_max(reads_per_shard);
             skein_storage::handles::set_cache_bytes_max(Some(cache_per_shard));
             // Bytes read ahead of consumers: as much as the tail cache holds (the two serve
             // readers at the tail and behind it), not a fixed 256 MiB a shard.
@@ -618,6 +622,10 @@ async fn run_shard(
     tracing::info!(shard = id, "shard stopped");
     Ok(())
 }
+
+/// The least of the bound on O_DIRECT reads in flight a shard gets (`read_in_flight_bytes_max`
+/// split across many shards).
+const READ_IN_FLIGHT_MIN_PER_SHARD: u64 = 128 << 10;
 
 /// Descriptors one log's close may hold at once: its producer snapshot's temporary file and
 /// its directory, then its segment file (reopened if the budget had closed it), its recovery

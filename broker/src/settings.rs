@@ -37,6 +37,7 @@
 //! | `storage.cache_bytes` | 0 | the most one partition's tail cache holds; 0: no bound of its own |
 //! | `storage.open_files_max` | 0 | segment files kept open; 0: from `RLIMIT_NOFILE` |
 //! | `storage.preallocate_bytes_max` | 1073741824 | disk allocated ahead of data, all partitions |
+//! | `storage.read_in_flight_bytes_max` | 4194304 | O_DIRECT reads of segment data in flight while segments are written, all shards (each at least 128 KiB; 0: no bound) |
 //! | `storage.max_message_bytes` | 8388608 | default largest batch of new topics |
 //! | `metrics.listen` | unset | `HOST:PORT` for `/metrics`, `/health`, `/ready` |
 //! | `metrics.partition_series_max` | 1000 | per-partition series up to this many partitions (0: none) |
@@ -135,6 +136,8 @@ pub struct StorageSection {
     /// 0: derived from `RLIMIT_NOFILE`.
     pub open_files_max: usize,
     pub preallocate_bytes_max: u64,
+    /// 0: no bound.
+    pub read_in_flight_bytes_max: u64,
     /// Default largest batch of new topics (their `max.message.bytes`).
     pub max_message_bytes: u32,
 }
@@ -150,6 +153,7 @@ impl Default for StorageSection {
             cache_bytes_max: 0,
             open_files_max: 0,
             preallocate_bytes_max: 1 << 30,
+            read_in_flight_bytes_max: 4 << 20,
             max_message_bytes: 8 << 20,
         }
     }
@@ -291,6 +295,7 @@ impl Settings {
         config.cache_bytes_max = (self.storage.cache_bytes_max > 0).then_some(self.storage.cache_bytes_max);
         config.open_files_max = (self.storage.open_files_max > 0).then_some(self.storage.open_files_max);
         config.preallocate_bytes_max = self.storage.preallocate_bytes_max;
+        config.read_in_flight_bytes_max = self.storage.read_in_flight_bytes_max;
         if self.storage.max_message_bytes < 1024 {
             return Err(invalid("storage.max_message_bytes", "must be at least 1024".into()));
         }

@@ -220,6 +220,11 @@ struct BrokerArgs {
     /// [storage.preallocate_bytes_max; default 1 GiB].
     #[arg(long)]
     preallocate_bytes_max: Option<u64>,
+    /// O_DIRECT reads of segment data (cold fetches, read-ahead) all shards keep in flight at
+    /// most, bytes; reads queued in the device delay the writes behind them; 0: no bound
+    /// [storage.read_in_flight_bytes_max; default 4 MiB].
+    #[arg(long)]
+    read_in_flight_bytes_max: Option<u64>,
     /// Default largest batch of new topics, bytes [storage.max_message_bytes; default 8 MiB].
     #[arg(long)]
     max_message_bytes: Option<u32>,
@@ -271,7 +276,7 @@ impl BrokerArgs {
         use toml::Value;
         let int = |v: u64| Value::Integer(v.min(i64::MAX as u64) as i64);
         let text = |v: &dyn std::fmt::Display| Value::String(v.to_string());
-        let given: [(&str, Option<Value>); 29] = [
+        let given: [(&str, Option<Value>); 30] = [
             ("broker.data_dir", self.data_dir.as_ref().map(|v| text(&v.display()))),
             ("network.listen", self.listen.map(|v| text(&v))),
             ("network.quic_listen", self.quic_listen.map(|v| text(&v))),
@@ -294,6 +299,7 @@ impl BrokerArgs {
             ("storage.cache_bytes_max", self.cache_bytes_max.map(int)),
             ("storage.open_files_max", self.open_files_max.map(|v| int(v as u64))),
             ("storage.preallocate_bytes_max", self.preallocate_bytes_max.map(int)),
+            ("storage.read_in_flight_bytes_max", self.read_in_flight_bytes_max.map(int)),
             ("storage.max_message_bytes", self.max_message_bytes.map(|v| int(v.into()))),
             ("broker.preempt_timer_us", self.preempt_timer_us.map(int)),
             ("metrics.listen", self.metrics_listen.map(|v| text(&v))),

@@ -25,7 +25,18 @@
 //! All the tail caches of a shard's logs are bounded together too ([`set_cache_bytes_max`]):
 //! over it the shard's oldest cached batch goes first, whichever log holds it (see `cache`).
 //!
-//! Lives on one shard (thread-local); nothing here is shared between threads.
+//! # Reads in flight
+//! While segments are being written (any shard of the process wrote in the last
+//! [`WRITES_RECENT`]), the O_DIRECT reads of segment data (cold fetches and read-ahead) a shard
+//! has in flight are bounded in bytes ([`set_read_in_flight_bytes_max`]): a read waits for room.
+//! A read is never longer than the bound (longer ones are split, read-ahead pieces are cut to
+//! it). A device serves the reads queued ahead of a write first: on this project's test VM,
+//! 1 MiB of reads in flight left a concurrent 1 MiB write's latency at 0.8 ms (p50) and 1.4 ms
+//! (p99), 2 MiB or more at 8–11 ms (p50), while the reads ran as fast either way (fio). With
+//! no writes, reads are not held back: a catch-up read alone keeps its queue depth.
+//!
+//! Lives on one shard (thread-local); nothing here is shared between threads but the time of
+//! the last segment write (one atomic, stored at most once a millisecond).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -51,6 +62,8 @@ struct Registry {
     ahead: u64,
     read_ahead_limit: usize,
     read_ahead: usize,
+    reads_in_flight: usize,
+    reads_in_flight_peak: usize,
 }
 
 impl Default for Registry {
@@ -67,6 +80,8 @@ impl Default for Registry {
             ahead: 0,
             read_ahead_limit: READ_AHEAD_BYTES_MAX_DEFAULT,
             read_ahead: 0,
+            reads_in_flight: 0,
+            reads_in_flight_peak: 0,
         }
     }
 }
@@ -104,6 +119,91 @@ pub fn set_cache_bytes_max(limit: Option<usize>) {
     crate::cache::set_cache_bytes_max(limit);
 }
 
+/// How recent a segment write must be for reads to be bounded (see "Reads in flight").
+pub const WRITES_RECENT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Milliseconds since [`epoch`] of the last segment write, by any shard.
+static LAST_WRITE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn millis_now() -> u64 {
+    // From 1: 0 means no write yet.
+    epoch().elapsed().as_millis() as u64 + 1
+}
+
+/// A segment write is being issued (the flusher calls it for each).
+pub(crate) fn note_segment_write() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = millis_now();
+    if LAST_WRITE_MS.load(Relaxed) != now {
+        LAST_WRITE_MS.store(now, Relaxed);
+    }
+}
+
+fn writes_recent() -> bool {
+    let last = LAST_WRITE_MS.load(std::sync::atomic::Ordering::Relaxed);
+    last != 0 && millis_now().saturating_sub(last) <= WRITES_RECENT.as_millis() as u64
+}
+
+thread_local! {
+    /// The bound on reads in flight, in bytes, and its semaphore (`None`: no bound).
+    static READS_IN_FLIGHT: RefCell<Option<(usize, Rc<glommio::sync::Semaphore>)>> = const { RefCell::new(None) };
+}
+
+/// Sets how many bytes of O_DIRECT reads of segment data (cold fetches, read-ahead) this shard
+/// keeps in flight at most (`None`: no bound); rounded up to whole 4 KiB blocks.
+pub fn set_read_in_flight_bytes_max(limit: Option<usize>) {
+    let bound = limit.map(|bytes| {
+        let bytes = dio::align_up(bytes.max(1) as u64) as usize;
+        (bytes, Rc::new(glommio::sync::Semaphore::new(bytes as u64)))
+    });
+    READS_IN_FLIGHT.with(|reads| *reads.borrow_mut() = bound);
+}
+
+/// The bound on reads in flight (`None`: none); no single read is longer.
+pub(crate) fn read_in_flight_max() -> Option<usize> {
+    READS_IN_FLIGHT.try_with(|reads| reads.borrow().as_ref().map(|(bytes, _)| *bytes)).ok().flatten()
+}
+
+/// A read of segment data in flight: counted in [`HandleStats::reads_in_flight_bytes`] until
+/// dropped, with its share of the bound if it had to take one.
+pub(crate) struct ReadInFlight {
+    bytes: usize,
+    _permit: Option<glommio::sync::StaticPermit>,
+}
+
+impl Drop for ReadInFlight {
+    fn drop(&mut self) {
+        with(|registry| registry.reads_in_flight -= self.bytes);
+    }
+}
+
+/// Waits until a read of `bytes` may go to the device: at once without a bound or recent
+/// writes, otherwise once it fits in the bound on reads in flight.
+pub(crate) async fn read_in_flight(bytes: usize) -> ReadInFlight {
+    let bound = READS_IN_FLIGHT.try_with(|reads| reads.borrow().clone()).ok().flatten();
+    let permit = match bound {
+        Some((max, semaphore)) if writes_recent() => {
+            semaphore.acquire_static_permit(bytes.clamp(1, max) as u64).await.ok()
+        }
+        _ => None,
+    };
+    with(|registry| {
+        registry.reads_in_flight += bytes;
+        registry.reads_in_flight_peak = registry.reads_in_flight_peak.max(registry.reads_in_flight);
+    });
+    ReadInFlight { bytes, _permit: permit }
+}
+
+/// Starts [`HandleStats::reads_in_flight_peak_bytes`] again from what is in flight now.
+pub fn reset_reads_in_flight_peak() {
+    with(|registry| registry.reads_in_flight_peak = registry.reads_in_flight);
+}
+
 /// Takes `bytes` from the read-ahead budget; `false` (and nothing taken) if they do not fit.
 pub(crate) fn reserve_read_ahead(bytes: usize) -> bool {
     with(|registry| {
@@ -134,6 +234,10 @@ pub struct HandleStats {
     /// Bytes read ahead of consumers (or being read), and the shard's bound for them.
     pub read_ahead_bytes: usize,
     pub read_ahead_bytes_max: usize,
+    /// Bytes of O_DIRECT reads of segment data in flight now, and the most since the shard
+    /// started (or [`reset_reads_in_flight_peak`]).
+    pub reads_in_flight_bytes: usize,
+    pub reads_in_flight_peak_bytes: usize,
     /// Bytes held by the shard's tail caches, their bound, and batches evicted for the bound.
     pub cache_bytes: usize,
     pub cache_bytes_max: Option<usize>,
@@ -151,6 +255,8 @@ pub fn stats() -> HandleStats {
         allocated_ahead_bytes: r.ahead,
         read_ahead_bytes: r.read_ahead,
         read_ahead_bytes_max: r.read_ahead_limit,
+        reads_in_flight_bytes: r.reads_in_flight,
+        reads_in_flight_peak_bytes: r.reads_in_flight_peak,
         cache_bytes,
         cache_bytes_max,
         cache_evictions,

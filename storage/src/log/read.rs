@@ -143,7 +143,14 @@ impl Log {
             }
         }
         if at < end {
-            parts.push(read_direct(segment, at, (end - at) as usize).await?);
+            // In reads no longer than the bound on reads in flight, issued together: they go
+            // to the device as the bound lets them.
+            let chunk = handles::read_in_flight_max().unwrap_or(usize::MAX) as u64;
+            let reads = (at..end).step_by(chunk.min(end - at) as usize).map(|from| {
+                let len = chunk.min(end - from) as usize;
+                read_direct(segment, from, len)
+            });
+            parts.extend(futures::future::try_join_all(reads).await?);
         }
         self.read_ahead(stream, segment, end, (4 * len).clamp(READ_AHEAD_BYTES_MIN, READ_AHEAD_BYTES_MAX));
         Ok(parts)
@@ -218,8 +225,9 @@ impl Log {
         let mut ahead = shared.read_ahead.borrow_mut();
         let Some(stream) = ahead.get(stream) else { return };
         let mut frontier = stream.pieces.back().map_or(from, |last| last.end.max(from));
+        let piece_bytes = READ_AHEAD_PIECE_BYTES.min(handles::read_in_flight_max().unwrap_or(usize::MAX));
         while frontier < target {
-            let len = ((target - frontier) as usize).min(READ_AHEAD_PIECE_BYTES);
+            let len = ((target - frontier) as usize).min(piece_bytes);
             if !handles::reserve_read_ahead(len) {
                 break;
             }
@@ -520,6 +528,7 @@ async fn read_direct(segment: &SegmentFile, position: u64, len: usize) -> Result
         // No buffer to read into (an allocation of 0 bytes is refused).
         return Ok(Bytes::new());
     }
+    let _in_flight = handles::read_in_flight(len).await;
     let file = segment.file().await?;
     crate::metrics::count(|c| c.direct_read_bytes += len as u64);
     let read = file

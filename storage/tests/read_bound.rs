@@ -1,0 +1,97 @@
+//! The bound on O_DIRECT reads in flight (`handles::set_read_in_flight_bytes_max`): it holds
+//! while segments are being written, and lets reads go at their own depth when none are. A test
+//! binary of its own: the time of the last segment write is process-wide, so another test's
+//! writes would keep the bound on.
+
+mod common;
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use common::{batch_at, check_records, run, tmp};
+use skein_storage::handles;
+use skein_storage::{Log, LogConfig, LogData, PartitionLog};
+
+/// Old data comes from the file: a cache of one block, an index entry every 64 KiB.
+fn config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 64 << 20,
+        cache_bytes_max: 4096,
+        batch_bytes_max: 1 << 20,
+        write_buffer_bytes: 1 << 20,
+        write_buffered_bytes_max: 8 << 20,
+        index_interval_bytes: 64 << 10,
+        ..LogConfig::tiny()
+    }
+}
+
+/// Reads the whole log from `from` in reads of 1 MiB; every record once, in order.
+async fn read_all(log: &Log) {
+    let end = log.visible_offset();
+    let (mut next, mut offsets) = (0, Vec::new());
+    while next < end {
+        let read = PartitionLog::read(log, next, 1 << 20, u64::MAX).await.unwrap();
+        let bytes: bytes::Bytes = match read.data.clone() {
+            LogData::File(range) => log.read_range_parts(&range).await.unwrap().concat().into(),
+            LogData::Memory(chunks) => chunks.concat().into(),
+            LogData::Empty => panic!("an empty read below the end at {next}"),
+        };
+        let from = next;
+        offsets.extend(check_records(bytes).into_iter().filter(|&o| o >= from));
+        next = read.next_offset;
+    }
+    assert_eq!(offsets, (0..end).collect::<Vec<_>>(), "every record once, in order");
+}
+
+#[test]
+fn reads_in_flight_stay_within_the_bound_while_segments_are_written() {
+    const BOUND: usize = 256 << 10;
+    let dir = tmp();
+    let (read_path, write_path) = (dir.path().join("read"), dir.path().join("write"));
+    run(move || async move {
+        handles::set_read_in_flight_bytes_max(Some(BOUND));
+        let log = Log::open(&read_path, config()).await.unwrap();
+        for _ in 0..60 {
+            let first = log.next_offset();
+            log.append(batch_at(first, 1000)).await.unwrap().ack.await.unwrap();
+        }
+        // A producer writes another log all along the first pass.
+        let writer = Rc::new(Log::open(&write_path, config()).await.unwrap());
+        let stop = Rc::new(std::cell::Cell::new(false));
+        let producing = {
+            let (writer, stop) = (writer.clone(), stop.clone());
+            glommio::spawn_local(async move {
+                let mut written = 0;
+                while !stop.get() {
+                    let first = writer.next_offset();
+                    writer.append(batch_at(first, 10)).await.unwrap().ack.await.unwrap();
+                    written += 1;
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                }
+                written
+            })
+        };
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        handles::reset_reads_in_flight_peak();
+        let before = skein_storage::metrics::snapshot().direct_read_bytes;
+        read_all(&log).await;
+        let read = skein_storage::metrics::snapshot().direct_read_bytes - before;
+        let peak = handles::stats().reads_in_flight_peak_bytes;
+        stop.set(true);
+        assert!(producing.await > 0, "the other log was written meanwhile");
+        assert!(read > 4 << 20, "the pass read from the disk: {read} bytes");
+        assert!(peak <= BOUND, "{peak} bytes of reads in flight at once, over the bound of {BOUND}");
+        assert!(peak > 0);
+
+        // No writes for longer than `WRITES_RECENT`: a second reader's reads (a new read-ahead
+        // stream: the first pass's went idle) go at their own depth.
+        glommio::timer::sleep(handles::WRITES_RECENT * 3).await;
+        handles::reset_reads_in_flight_peak();
+        read_all(&log).await;
+        let peak = handles::stats().reads_in_flight_peak_bytes;
+        assert!(peak > BOUND, "with no writes the reads were held back: at most {peak} bytes in flight");
+        assert_eq!(handles::stats().reads_in_flight_bytes, 0, "every read is done");
+        log.close().await.unwrap();
+        Rc::try_unwrap(writer).ok().expect("the producer is done").close().await.unwrap();
+    });
+}
