@@ -93,7 +93,7 @@ for pass in cold warm; do
 done
 # Replay by several groups at once: restarted again (cold), three consumers each read it all
 # from the beginning at the same time; the row sums them. With one read-ahead stream per log,
-# each read at another place dropped the others' (three got 815 MiB/s between them where one
+# each read at another place dropped the others' (three got 305-361 MiB/s each where one
 # alone got 1945).
 kill $broker_pid; wait $broker_pid 2>/dev/null || true
 start_broker

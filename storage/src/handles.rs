@@ -27,10 +27,14 @@
 //!
 //! # Reads in flight
 //! While segments are being written (any shard of the process wrote in the last
-//! [`WRITES_RECENT`]), the O_DIRECT reads of segment data (cold fetches and read-ahead) a shard
-//! has in flight are bounded in bytes ([`set_read_in_flight_bytes_max`]): a read waits for room.
-//! A read is never longer than the bound (longer ones are split, read-ahead pieces are cut to
-//! it). A device serves the reads queued ahead of a write first: on this project's test VM,
+//! [`WRITES_RECENT`]), the bulk O_DIRECT reads of segment data a shard has in flight (the file
+//! ranges of cold fetches, `Log::read_file`, and their read-ahead) are bounded in bytes
+//! ([`set_read_in_flight_bytes_max`]): a read waits for room. Such a read is never longer than
+//! the bound, writes or not (longer ones are split, read-ahead pieces are cut to it), though
+//! an unaligned one reaches the device as up to two blocks more. Not bounded: the small reads
+//! of batch headers when a fetch looks for its first batch, and the read of a batch that
+//! reaches into the block the next write rewrites. Reads issued just before writes begin stay
+//! in flight beside the bound until they complete. A device serves the reads queued ahead of a write first: on this project's test VM,
 //! 1 MiB of reads in flight left a concurrent 1 MiB write's latency at 0.8 ms (p50) and 1.4 ms
 //! (p99), 2 MiB or more at 8–11 ms (p50), while the reads ran as fast either way (fio). With
 //! no writes, reads are not held back: a catch-up read alone keeps its queue depth.
@@ -120,7 +124,7 @@ pub fn set_cache_bytes_max(limit: Option<usize>) {
 }
 
 /// How recent a segment write must be for reads to be bounded (see "Reads in flight").
-pub const WRITES_RECENT: std::time::Duration = std::time::Duration::from_millis(100);
+pub const WRITES_RECENT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Milliseconds since [`epoch`] of the last segment write, by any shard.
 static LAST_WRITE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

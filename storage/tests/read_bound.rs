@@ -55,7 +55,8 @@ fn reads_in_flight_stay_within_the_bound_while_segments_are_written() {
             let first = log.next_offset();
             log.append(batch_at(first, 1000)).await.unwrap().ack.await.unwrap();
         }
-        // A producer writes another log all along the first pass.
+        // A producer writes another log all along the first pass, one small batch after the
+        // other (no pause of its own that could approach `WRITES_RECENT`).
         let writer = Rc::new(Log::open(&write_path, config()).await.unwrap());
         let stop = Rc::new(std::cell::Cell::new(false));
         let producing = {
@@ -66,7 +67,6 @@ fn reads_in_flight_stay_within_the_bound_while_segments_are_written() {
                     let first = writer.next_offset();
                     writer.append(batch_at(first, 10)).await.unwrap().ack.await.unwrap();
                     written += 1;
-                    glommio::timer::sleep(Duration::from_millis(5)).await;
                 }
                 written
             })
@@ -83,8 +83,8 @@ fn reads_in_flight_stay_within_the_bound_while_segments_are_written() {
         assert!(peak <= BOUND, "{peak} bytes of reads in flight at once, over the bound of {BOUND}");
         assert!(peak > 0);
 
-        // No writes for longer than `WRITES_RECENT`: a second reader's reads (a new read-ahead
-        // stream: the first pass's went idle) go at their own depth.
+        // No writes for longer than `WRITES_RECENT`: a second pass from the beginning (a new
+        // read-ahead stream: the first pass's ended at the log's end) goes at its own depth.
         glommio::timer::sleep(handles::WRITES_RECENT * 3).await;
         handles::reset_reads_in_flight_peak();
         read_all(&log).await;
@@ -93,5 +93,35 @@ fn reads_in_flight_stay_within_the_bound_while_segments_are_written() {
         assert_eq!(handles::stats().reads_in_flight_bytes, 0, "every read is done");
         log.close().await.unwrap();
         Rc::try_unwrap(writer).ok().expect("the producer is done").close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_read_woken_for_room_and_cancelled_before_it_runs_passes_the_room_on() {
+    // The bound is a glommio semaphore, and reads waiting on it are cancelled (read-ahead
+    // streams dropped, connections closed). A waiter that a released permit woke, cancelled
+    // before it ran, used to keep the wake: the waiters behind it slept with the room free
+    // until some new read came (glommio patch 6).
+    run(|| async {
+        let semaphore = Rc::new(glommio::sync::Semaphore::new(1));
+        let held = semaphore.acquire_static_permit(1).await.unwrap();
+        let woken = {
+            let semaphore = semaphore.clone();
+            glommio::spawn_local(async move { semaphore.acquire_static_permit(1).await.map(drop) })
+        };
+        let behind = {
+            let semaphore = semaphore.clone();
+            glommio::spawn_local(async move { semaphore.acquire_static_permit(1).await.map(drop) })
+        };
+        // Both wait in order.
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        drop(held); // wakes the first
+        drop(woken); // cancelled before it runs
+        let timeout = glommio::timer::sleep(Duration::from_secs(5));
+        let got = match futures::future::select(std::pin::pin!(behind), std::pin::pin!(timeout)).await {
+            futures::future::Either::Left((result, _)) => result.is_ok(),
+            futures::future::Either::Right(_) => false,
+        };
+        assert!(got, "the waiter behind the cancelled one never got the free room");
     });
 }

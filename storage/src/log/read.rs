@@ -143,13 +143,17 @@ impl Log {
             }
         }
         if at < end {
-            // In reads no longer than the bound on reads in flight, issued together: they go
-            // to the device as the bound lets them.
-            let chunk = handles::read_in_flight_max().unwrap_or(usize::MAX) as u64;
-            let reads = (at..end).step_by(chunk.min(end - at) as usize).map(|from| {
-                let len = chunk.min(end - from) as usize;
-                read_direct(segment, from, len)
-            });
+            // In reads no longer than the bound on reads in flight (a block multiple), cut at
+            // block-aligned positions so that no two read the same block, issued together:
+            // they go to the device as the bound lets them.
+            let chunk = handles::read_in_flight_max().map_or(u64::MAX, |max| max as u64);
+            let mut reads = Vec::new();
+            let mut from = at;
+            while from < end {
+                let to = (crate::io::align_down(from).saturating_add(chunk)).min(end);
+                reads.push(read_direct(segment, from, (to - from) as usize));
+                from = to;
+            }
             parts.extend(futures::future::try_join_all(reads).await?);
         }
         self.read_ahead(stream, segment, end, (4 * len).clamp(READ_AHEAD_BYTES_MIN, READ_AHEAD_BYTES_MAX));
@@ -227,7 +231,10 @@ impl Log {
         let mut frontier = stream.pieces.back().map_or(from, |last| last.end.max(from));
         let piece_bytes = READ_AHEAD_PIECE_BYTES.min(handles::read_in_flight_max().unwrap_or(usize::MAX));
         while frontier < target {
-            let len = ((target - frontier) as usize).min(piece_bytes);
+            // Pieces end at block-aligned positions (but the last), so no two read the same
+            // block.
+            let len = (crate::io::align_down(frontier) + piece_bytes as u64).min(target) - frontier;
+            let len = len as usize;
             if !handles::reserve_read_ahead(len) {
                 break;
             }

@@ -22,6 +22,8 @@ type Result<T> = crate::error::Result<T, ()>;
 struct Waiter<'a> {
     node: WaiterNode,
     semaphore: &'a Semaphore,
+    // Skein patch 6: whether `poll` returned `Ready` (see `Drop`).
+    finished: bool,
 }
 
 #[derive(Debug)]
@@ -112,6 +114,7 @@ impl<'a> Waiter<'a> {
                 _p: PhantomPinned,
             },
             semaphore,
+            finished: false,
         }
     }
 
@@ -158,6 +161,11 @@ impl<'a> Drop for Waiter<'a> {
             // to make it pinned directly
             let waiter_node = unsafe { Pin::new_unchecked(&mut self.node) };
             Self::remove_from_waiting_queue(waiter_node, &mut self.semaphore.state.borrow_mut())
+        } else if !self.finished {
+            // Skein patch 6: `process_wakes` unlinked and woke this waiter, counting its units
+            // as spoken for, but it is dropped before it ran: pass the wake on, or the waiters
+            // behind it are never woken while no permit is held.
+            process_wakes(self.semaphore, 0);
         }
     }
 }
@@ -175,10 +183,12 @@ impl<'a> Future for Waiter<'a> {
         match sem_state.try_acquire(units) {
             Err(x) => {
                 Self::remove_from_waiting_queue(waiter_node, &mut sem_state);
+                future_mut.finished = true;
                 Poll::Ready(Err(x))
             }
             Ok(true) => {
                 Self::remove_from_waiting_queue(waiter_node, &mut sem_state);
+                future_mut.finished = true;
                 Poll::Ready(Ok(()))
             }
             Ok(false) => {
