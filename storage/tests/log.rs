@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{batch_at, check_records, run, timestamp_for, tmp, Rng};
+use common::{batch_at, check_records, file_read_config, run, timestamp_for, tmp, Rng};
 use skein_storage::batch::{self, BatchBuilder};
 use skein_storage::{FsyncPolicy, Log, LogConfig, ReadData, StorageError};
 
@@ -661,20 +661,6 @@ fn settings_change_on_an_open_log_and_lowering_a_limit_keeps_stored_batches_read
         assert_eq!(read_everything(&log).await, (0..50).collect::<Vec<_>>());
         log.close().await.unwrap();
     });
-}
-
-/// Old data comes from the file: a cache of one block, segments larger than the data, an index
-/// entry every `index_interval_bytes`.
-fn file_read_config(index_interval_bytes: u32) -> LogConfig {
-    LogConfig {
-        segment_bytes: 64 << 20,
-        cache_bytes_max: 4096,
-        batch_bytes_max: 1 << 20,
-        write_buffer_bytes: 1 << 20,
-        write_buffered_bytes_max: 8 << 20,
-        index_interval_bytes,
-        ..LogConfig::tiny()
-    }
 }
 
 #[test]

@@ -8,22 +8,9 @@ mod common;
 use std::rc::Rc;
 use std::time::Duration;
 
-use common::{batch_at, check_records, run, tmp};
+use common::{batch_at, check_records, file_read_config, run, tmp};
 use skein_storage::handles;
-use skein_storage::{Log, LogConfig, LogData, PartitionLog};
-
-/// Old data comes from the file: a cache of one block, an index entry every 64 KiB.
-fn config() -> LogConfig {
-    LogConfig {
-        segment_bytes: 64 << 20,
-        cache_bytes_max: 4096,
-        batch_bytes_max: 1 << 20,
-        write_buffer_bytes: 1 << 20,
-        write_buffered_bytes_max: 8 << 20,
-        index_interval_bytes: 64 << 10,
-        ..LogConfig::tiny()
-    }
-}
+use skein_storage::{Log, LogData, PartitionLog};
 
 /// Reads the whole log from `from` in reads of 1 MiB; every record once, in order.
 async fn read_all(log: &Log) {
@@ -50,14 +37,14 @@ fn reads_in_flight_stay_within_the_bound_while_segments_are_written() {
     let (read_path, write_path) = (dir.path().join("read"), dir.path().join("write"));
     run(move || async move {
         handles::set_read_in_flight_bytes_max(Some(BOUND));
-        let log = Log::open(&read_path, config()).await.unwrap();
+        let log = Log::open(&read_path, file_read_config(64 << 10)).await.unwrap();
         for _ in 0..60 {
             let first = log.next_offset();
             log.append(batch_at(first, 1000)).await.unwrap().ack.await.unwrap();
         }
         // A producer writes another log all along the first pass, one small batch after the
         // other (no pause of its own that could approach `WRITES_RECENT`).
-        let writer = Rc::new(Log::open(&write_path, config()).await.unwrap());
+        let writer = Rc::new(Log::open(&write_path, file_read_config(64 << 10)).await.unwrap());
         let stop = Rc::new(std::cell::Cell::new(false));
         let producing = {
             let (writer, stop) = (writer.clone(), stop.clone());

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
 use skein_storage::batch::{Batch, BatchBuilder, BatchSplitter};
+use skein_storage::LogConfig;
 
 /// Runs `make()`'s future on a fresh glommio executor thread and returns its output. Fails the
 /// test (instead of hanging it) if the future takes longer than two minutes.
@@ -117,4 +118,18 @@ pub fn check_records(bytes: Bytes) -> Vec<u64> {
         }
     }
     offsets
+}
+
+/// Old data comes from the file: a cache of one block, segments larger than the data, an index
+/// entry every `index_interval_bytes`.
+pub fn file_read_config(index_interval_bytes: u32) -> LogConfig {
+    LogConfig {
+        segment_bytes: 64 << 20,
+        cache_bytes_max: 4096,
+        batch_bytes_max: 1 << 20,
+        write_buffer_bytes: 1 << 20,
+        write_buffered_bytes_max: 8 << 20,
+        index_interval_bytes,
+        ..LogConfig::tiny()
+    }
 }
