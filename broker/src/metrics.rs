@@ -44,6 +44,7 @@
 //! | `skein_log_reads_total` | counter | source = `tail_cache` or `file` | reads by where they were answered from |
 //! | `skein_cache_hit_ratio` | gauge | | tail-cache reads / all reads (0 before any read) |
 //! | `skein_direct_read_bytes_total` | counter | | bytes read with O_DIRECT (cold reads, read-ahead) |
+//! | `skein_read_in_flight_waits_total` | counter | | cold reads that waited for room in `storage.read_in_flight_bytes_max` while segments were being written |
 //! | `skein_recovery_scanned_bytes_total` | counter | | bytes of segment files scanned batch by batch to recover a tail or rebuild an index (after a clean stop, only what a tail's index did not cover; after a crash, every tail; a sealed segment whose index is missing, at start or on its first read) |
 //! | `skein_reactor_stalls_total` | counter | shard | a 10 ms timer that fired over 25 ms late |
 //! | `skein_reactor_lag_max_seconds` | gauge | shard | the latest timer's worst lateness since start |
@@ -862,6 +863,13 @@ impl Collector for Merged {
             "Bytes read from segment files with O_DIRECT.",
             Counter,
             sum(&|s| s.storage.direct_read_bytes),
+        )?;
+        single(
+            &mut encoder,
+            "skein_read_in_flight_waits",
+            "Cold reads that waited for room in the bound on reads in flight while segments were written.",
+            Counter,
+            sum(&|s| s.storage.read_in_flight_waits),
         )?;
         single(
             &mut encoder,

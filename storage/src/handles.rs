@@ -192,7 +192,11 @@ pub(crate) async fn read_in_flight(bytes: usize) -> ReadInFlight {
     let bound = READS_IN_FLIGHT.try_with(|reads| reads.borrow().clone()).ok().flatten();
     let permit = match bound {
         Some((max, semaphore)) if writes_recent() => {
-            semaphore.acquire_static_permit(bytes.clamp(1, max) as u64).await.ok()
+            let units = bytes.clamp(1, max) as u64;
+            if semaphore.available() < units {
+                crate::metrics::count(|c| c.read_in_flight_waits += 1);
+            }
+            semaphore.acquire_static_permit(units).await.ok()
         }
         _ => None,
     };

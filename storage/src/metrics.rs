@@ -63,6 +63,9 @@ pub struct StorageCounters {
     /// Bytes read from segment files with O_DIRECT (cold reads, read-ahead, and the header
     /// lookups that find where a read starts).
     pub direct_read_bytes: u64,
+    /// Reads that waited for room in the bound on reads in flight (segments were being
+    /// written; see `handles`).
+    pub read_in_flight_waits: u64,
     /// Bytes of segment files scanned batch by batch to recover a tail or rebuild an index: on
     /// open, a tail's bytes after what its index vouched for (every byte of a tail without one,
     /// as after a crash); and a sealed segment's whose index files are missing or stale, at
