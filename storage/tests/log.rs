@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{batch_at, check_records, file_read_config, run, timestamp_for, tmp, Rng};
+use common::{batch_at, check_records, file_read_config, read_next, run, timestamp_for, tmp, Rng};
 use skein_storage::batch::{self, BatchBuilder};
 use skein_storage::{FsyncPolicy, Log, LogConfig, ReadData, StorageError};
 
@@ -706,7 +706,6 @@ fn a_file_read_hands_back_the_read_ahead_pieces_unjoined_and_in_order() {
 
 #[test]
 fn a_consumer_reading_on_finds_its_batches_in_the_read_ahead_and_reads_each_byte_once() {
-    use skein_storage::{LogData, PartitionLog};
     let dir = tmp();
     let path = dir.path().join("p0");
     run(move || async move {
@@ -718,17 +717,10 @@ fn a_consumer_reading_on_finds_its_batches_in_the_read_ahead_and_reads_each_byte
         let before = skein_storage::metrics::snapshot().direct_read_bytes;
         let (mut next, mut served, mut offsets) = (0, 0u64, Vec::new());
         while next < end {
-            let read = PartitionLog::read(&log, next, 1 << 20, u64::MAX).await.unwrap();
-            let bytes: bytes::Bytes = match read.data.clone() {
-                LogData::File(range) => {
-                    served += range.len() as u64;
-                    log.read_range_parts(&range).await.unwrap().concat().into()
-                }
-                LogData::Memory(chunks) => chunks.concat().into(),
-                LogData::Empty => panic!("an empty read below the end at {next}"),
-            };
+            let (bytes, from_file, after) = read_next(&log, next, 1 << 20).await;
+            served += from_file;
             offsets.extend(check_records(bytes).into_iter().filter(|&o| o >= next));
-            next = read.next_offset;
+            next = after;
         }
         assert_eq!(offsets, (0..end).collect::<Vec<_>>(), "every record once, in order");
         let read_from_disk = skein_storage::metrics::snapshot().direct_read_bytes - before;
@@ -745,7 +737,6 @@ fn a_consumer_reading_on_finds_its_batches_in_the_read_ahead_and_reads_each_byte
 
 #[test]
 fn consumers_reading_at_different_places_each_keep_their_read_ahead() {
-    use skein_storage::{LogData, PartitionLog};
     let dir = tmp();
     let path = dir.path().join("p0");
     run(move || async move {
@@ -765,18 +756,11 @@ fn consumers_reading_at_different_places_each_keep_their_read_ahead() {
                 if next[reader] >= end {
                     continue;
                 }
-                let read = PartitionLog::read(&log, next[reader], 1 << 20, u64::MAX).await.unwrap();
-                let bytes: bytes::Bytes = match read.data.clone() {
-                    LogData::File(range) => {
-                        served += range.len() as u64;
-                        log.read_range_parts(&range).await.unwrap().concat().into()
-                    }
-                    LogData::Memory(chunks) => chunks.concat().into(),
-                    LogData::Empty => panic!("an empty read below the end at {}", next[reader]),
-                };
                 let from = next[reader];
+                let (bytes, from_file, after) = read_next(&log, from, 1 << 20).await;
+                served += from_file;
                 offsets[reader].extend(check_records(bytes).into_iter().filter(|&o| o >= from));
-                next[reader] = read.next_offset;
+                next[reader] = after;
             }
         }
         for (reader, from) in [0, end / 3, 2 * end / 3].into_iter().enumerate() {
@@ -800,7 +784,6 @@ fn consumers_reading_at_different_places_each_keep_their_read_ahead() {
 
 #[test]
 fn read_ahead_left_unread_is_given_back() {
-    use skein_storage::{LogData, PartitionLog};
     let dir = tmp();
     let path = dir.path().join("p0");
     run(move || async move {
@@ -812,11 +795,7 @@ fn read_ahead_left_unread_is_given_back() {
         let end = log.visible_offset();
         let mut next = 0;
         while next < end / 3 {
-            let read = PartitionLog::read(&log, next, 1 << 20, u64::MAX).await.unwrap();
-            if let LogData::File(range) = &read.data {
-                log.read_range_parts(range).await.unwrap();
-            }
-            next = read.next_offset;
+            next = read_next(&log, next, 1 << 20).await.2;
         }
         let held = skein_storage::handles::stats().read_ahead_bytes;
         assert!(held > 0, "the reads left bytes read ahead");
@@ -835,7 +814,7 @@ fn read_ahead_left_unread_is_given_back() {
             "a reader that pauses keeps it a while"
         );
         // The log reads on as before after that.
-        let read = PartitionLog::read(&log, next, 1 << 20, u64::MAX).await.unwrap();
+        let read = skein_storage::PartitionLog::read(&log, next, 1 << 20, u64::MAX).await.unwrap();
         assert!(read.next_offset > next);
         log.close().await.unwrap();
     });

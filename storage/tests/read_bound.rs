@@ -8,24 +8,19 @@ mod common;
 use std::rc::Rc;
 use std::time::Duration;
 
-use common::{batch_at, check_records, file_read_config, run, tmp};
+use common::{batch_at, check_records, file_read_config, read_next, run, tmp};
 use skein_storage::handles;
-use skein_storage::{Log, LogData, PartitionLog};
+use skein_storage::Log;
 
-/// Reads the whole log from `from` in reads of 1 MiB; every record once, in order.
+/// Reads the whole log in reads of 1 MiB; every record once, in order.
 async fn read_all(log: &Log) {
     let end = log.visible_offset();
     let (mut next, mut offsets) = (0, Vec::new());
     while next < end {
-        let read = PartitionLog::read(log, next, 1 << 20, u64::MAX).await.unwrap();
-        let bytes: bytes::Bytes = match read.data.clone() {
-            LogData::File(range) => log.read_range_parts(&range).await.unwrap().concat().into(),
-            LogData::Memory(chunks) => chunks.concat().into(),
-            LogData::Empty => panic!("an empty read below the end at {next}"),
-        };
+        let (bytes, _, after) = read_next(log, next, 1 << 20).await;
         let from = next;
         offsets.extend(check_records(bytes).into_iter().filter(|&o| o >= from));
-        next = read.next_offset;
+        next = after;
     }
     assert_eq!(offsets, (0..end).collect::<Vec<_>>(), "every record once, in order");
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
 use skein_storage::batch::{Batch, BatchBuilder, BatchSplitter};
-use skein_storage::LogConfig;
+use skein_storage::{Log, LogConfig};
 
 /// Runs `make()`'s future on a fresh glommio executor thread and returns its output. Fails the
 /// test (instead of hanging it) if the future takes longer than two minutes.
@@ -132,4 +132,20 @@ pub fn file_read_config(index_interval_bytes: u32) -> LogConfig {
         index_interval_bytes,
         ..LogConfig::tiny()
     }
+}
+
+/// One read of `log` from `offset` (whole batches, at most `bytes_max`) as a fetch makes it:
+/// the bytes handed out (a file range read with `read_range_parts`), how many of them came
+/// from a file range (0: from memory), and where the next read starts.
+pub async fn read_next(log: &Log, offset: u64, bytes_max: usize) -> (Bytes, u64, u64) {
+    use skein_storage::{LogData, PartitionLog};
+    let read = PartitionLog::read(log, offset, bytes_max, u64::MAX).await.unwrap();
+    let (bytes, from_file) = match read.data.clone() {
+        LogData::File(range) => {
+            (log.read_range_parts(&range).await.unwrap().concat().into(), range.len() as u64)
+        }
+        LogData::Memory(chunks) => (chunks.concat().into(), 0),
+        LogData::Empty => panic!("an empty read below the end at {offset}"),
+    };
+    (bytes, from_file, read.next_offset)
 }
