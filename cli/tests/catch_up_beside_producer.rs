@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{scrape, sum_of, Broker};
-use skein_client::{Admin, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord};
+use skein_client::{Admin, Producer, ProducerConfig, ProducerRecord};
 
 const OLD: &str = "old";
 const NEW: &str = "new";
@@ -67,12 +67,7 @@ async fn a_catch_up_read_beside_a_producer_keeps_within_the_read_bound_and_loses
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let started = Instant::now();
-    let mut consumer = Consumer::new(
-        broker.client().await,
-        ConsumerConfig::default().fetch_wait_max(Duration::from_millis(50)),
-    );
-    consumer.assign_all(OLD).await.unwrap();
-    let records = common::read_all(&mut consumer, RECORDS as usize).await;
+    let records = common::read_topic(broker.client().await, OLD, RECORDS as usize).await;
     let read_in = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = producing.await.unwrap();

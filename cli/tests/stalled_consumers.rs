@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{rss_kib, scrape, sum_of, Broker};
-use skein_client::{Admin, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord};
+use skein_client::{Admin, Producer, ProducerConfig, ProducerRecord};
 use skein_net::{FetchPartition, FetchRequest, Request, TopicData};
 
 const TOPIC: &str = "cold";
@@ -91,12 +91,7 @@ async fn consumers_that_stop_reading_do_not_grow_the_broker() {
 
     // A normal consumer reads the whole topic meanwhile.
     let started = Instant::now();
-    let mut consumer = Consumer::new(
-        broker.client().await,
-        ConsumerConfig::default().fetch_wait_max(Duration::from_millis(50)),
-    );
-    consumer.assign_all(TOPIC).await.unwrap();
-    let records = common::read_all(&mut consumer, RECORDS as usize).await;
+    let records = common::read_topic(broker.client().await, TOPIC, RECORDS as usize).await;
     assert_eq!(records.len(), RECORDS as usize, "a consumer that reads gets every record");
     let read_in = started.elapsed();
     let peak = rss_kib(pid).max(held);

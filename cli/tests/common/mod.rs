@@ -491,6 +491,17 @@ pub async fn read_all(consumer: &mut Consumer, expected: usize) -> Vec<ConsumerR
     records
 }
 
+/// A consumer of every partition of `topic` (short long-polls) reads it from the beginning
+/// until `expected` records arrived (or 30 s passed).
+pub async fn read_topic(client: Client, topic: &str, expected: usize) -> Vec<ConsumerRecord> {
+    let mut consumer = Consumer::new(
+        client,
+        skein_client::ConsumerConfig::default().fetch_wait_max(Duration::from_millis(50)),
+    );
+    consumer.assign_all(topic).await.unwrap();
+    read_all(&mut consumer, expected).await
+}
+
 /// A plain HTTP/1.1 GET: the status and the body.
 pub fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
