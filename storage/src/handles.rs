@@ -134,15 +134,20 @@ fn epoch() -> std::time::Instant {
     *EPOCH.get_or_init(std::time::Instant::now)
 }
 
-fn millis_now() -> u64 {
-    // From 1: 0 means no write yet.
-    epoch().elapsed().as_millis() as u64 + 1
+/// `at` in milliseconds since [`epoch`], from 1 (0 means no write yet).
+fn millis(at: std::time::Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_millis() as u64 + 1
 }
 
-/// A segment write is being issued (the flusher calls it for each).
-pub(crate) fn note_segment_write() {
+fn millis_now() -> u64 {
+    millis(std::time::Instant::now())
+}
+
+/// A segment write is being issued at `issued` (the flusher calls it for each, with the time
+/// it takes for the write's latency anyway).
+pub(crate) fn note_segment_write(issued: std::time::Instant) {
     use std::sync::atomic::Ordering::Relaxed;
-    let now = millis_now();
+    let now = millis(issued);
     if LAST_WRITE_MS.load(Relaxed) != now {
         LAST_WRITE_MS.store(now, Relaxed);
     }

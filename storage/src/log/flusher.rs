@@ -211,7 +211,7 @@ impl Flusher {
             });
             let (segment, dma) = (segment.clone(), dma.clone());
             let issued = std::time::Instant::now();
-            crate::handles::note_segment_write();
+            crate::handles::note_segment_write(issued);
             self.writes.push(Box::pin(async move {
                 let expected = write.len();
                 let (result, shared) = match write.buffer {

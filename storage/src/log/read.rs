@@ -150,7 +150,7 @@ impl Log {
             let mut reads = Vec::new();
             let mut from = at;
             while from < end {
-                let to = (crate::io::align_down(from).saturating_add(chunk)).min(end);
+                let to = cut_after(from, chunk, end);
                 reads.push(read_direct(segment, from, (to - from) as usize));
                 from = to;
             }
@@ -231,10 +231,7 @@ impl Log {
         let mut frontier = stream.pieces.back().map_or(from, |last| last.end.max(from));
         let piece_bytes = READ_AHEAD_PIECE_BYTES.min(handles::read_in_flight_max().unwrap_or(usize::MAX));
         while frontier < target {
-            // Pieces end at block-aligned positions (but the last), so no two read the same
-            // block.
-            let len = (crate::io::align_down(frontier) + piece_bytes as u64).min(target) - frontier;
-            let len = len as usize;
+            let len = (cut_after(frontier, piece_bytes as u64, target) - frontier) as usize;
             if !handles::reserve_read_ahead(len) {
                 break;
             }
@@ -530,6 +527,12 @@ fn boundary_at_or_before(index: &[IndexEntry], base: u64, limit: u64, first_end:
 /// keep: no copy out of the DMA buffer, and the bytes may cross shards. The kernel splits the
 /// read into the device's largest requests and issues them together (`fio` on this machine:
 /// 2 MiB reads at depth 2 as fast as 512 KiB reads at depth 8).
+/// Where a read of at most `bytes` (a block multiple) from `from` ends, `end` at the latest: on
+/// a block boundary unless at `end`, so that consecutive reads never read the same block.
+fn cut_after(from: u64, bytes: u64, end: u64) -> u64 {
+    crate::io::align_down(from).saturating_add(bytes).min(end)
+}
+
 async fn read_direct(segment: &SegmentFile, position: u64, len: usize) -> Result<Bytes> {
     if len == 0 {
         // No buffer to read into (an allocation of 0 bytes is refused).
