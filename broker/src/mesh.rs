@@ -100,10 +100,11 @@ pub struct WaitForData {
     pub timeout_ms: u32,
 }
 
+/// The offsets of a request's partitions that one shard owns, each at a timestamp (or the
+/// earliest or latest): one call per shard, not one per partition.
 #[derive(Debug)]
 pub struct ListOffsets {
-    pub tp: TopicPartition,
-    pub timestamp: i64,
+    pub partitions: Vec<(TopicPartition, i64)>,
 }
 
 /// To the controller shard: create topics.
@@ -179,7 +180,7 @@ pub enum Reply {
     Produce(ProducePartitionResponse),
     Fetch(Vec<FetchOutcome>),
     DataArrived,
-    ListOffsets(ListOffsetsPartitionResponse),
+    ListOffsets(Vec<ListOffsetsPartitionResponse>),
     Topics(Vec<TopicResult>),
     /// Metadata applied (or why not); also the answer to [`DropPrepared`].
     Applied(Result<(), String>),
@@ -212,7 +213,7 @@ macro_rules! calls {
 calls! {
     Produce => Produce(response) -> ProducePartitionResponse = response;
     Fetch => Fetch(outcomes) -> Vec<FetchOutcome> = outcomes;
-    ListOffsets => ListOffsets(response) -> ListOffsetsPartitionResponse = response;
+    ListOffsets => ListOffsets(responses) -> Vec<ListOffsetsPartitionResponse> = responses;
     CreateTopics => Topics(results) -> Vec<TopicResult> = results;
     DeleteTopics => Topics(results) -> Vec<TopicResult> = results;
     CreatePartitions => Topics(results) -> Vec<TopicResult> = results;

@@ -153,6 +153,10 @@ pub fn spend_budget<'a>(outcomes: impl IntoIterator<Item = &'a mut FetchOutcome>
     }
 }
 
+/// Offset lookups of one ListOffsets call a shard runs at once (a lookup by timestamp may read
+/// a time index from disk).
+const OFFSET_LOOKUPS_AT_ONCE: usize = 64;
+
 /// A partition this shard owns: its log and its idempotent-producer table.
 pub struct Partition {
     pub log: Rc<Log>,
@@ -653,8 +657,17 @@ impl Shard {
                 shard.wait_for_data(partitions, Duration::from_millis(timeout_ms.into())).await;
                 Reply::DataArrived
             }),
-            Op::ListOffsets(mesh::ListOffsets { tp, timestamp }) => Box::pin(async move {
-                Reply::ListOffsets(shard.list_offsets(&tp.topic, tp.partition, timestamp).await)
+            Op::ListOffsets(mesh::ListOffsets { partitions }) => Box::pin(async move {
+                use futures::StreamExt;
+                // A lookup by timestamp may read a time index from disk: several at once.
+                let answers = futures::stream::iter(partitions.into_iter().map(|(tp, timestamp)| {
+                    let shard = shard.clone();
+                    async move { shard.list_offsets(&tp.topic, tp.partition, timestamp).await }
+                }))
+                .buffered(OFFSET_LOOKUPS_AT_ONCE)
+                .collect()
+                .await;
+                Reply::ListOffsets(answers)
             }),
             Op::CreateTopics(mesh::CreateTopics(topics)) => {
                 Box::pin(async move { Reply::Topics(shard.create_topics(topics).await) })

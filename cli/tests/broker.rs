@@ -296,3 +296,71 @@ async fn a_clean_restart_scans_little_of_the_active_segments_and_a_crash_scans_w
     assert_eq!(records.len(), 12000, "every record after the crash");
     assert!(records.iter().all(|r| r.value.as_deref() == Some(&[b'r'; 1000][..])));
 }
+
+/// One ListOffsets request naming partitions of both shards in no particular order, twice the
+/// same partition, a partition past the topic's count and a topic that does not exist: every
+/// partition gets its own answer, in the order asked (the broker asks each owning shard once
+/// for all of its partitions and puts the answers back in place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_offsets_answers_every_partition_in_the_order_asked() {
+    use skein_net::{
+        wire::Reader, ErrorCode, ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, Request,
+        TopicData, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
+    };
+    let broker = Broker::start(&[]);
+    let client = broker.client().await;
+    Admin::new(client.clone()).create_topic("spread", 12, &[]).await.unwrap();
+    let owners: Vec<usize> = (0..12).map(|p| skein_broker::router::place("spread", p, 2).index()).collect();
+    assert!(owners.contains(&0) && owners.contains(&1), "{owners:?}");
+    // Partition p holds p + 1 records, stamped 1,000,000 + 10 × offset.
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    for p in 0..12u32 {
+        for offset in 0..=i64::from(p) {
+            let record = ProducerRecord::new("spread", format!("{p}:{offset}"))
+                .partition(p)
+                .timestamp(1_000_000 + offset * 10);
+            producer.send(record).await.unwrap();
+        }
+    }
+    producer.flush().await.unwrap();
+
+    let mut asked: Vec<(u32, i64)> = (0..12u32).rev().map(|p| (p, LATEST_TIMESTAMP)).collect();
+    asked.extend([
+        (7, EARLIEST_TIMESTAMP),
+        (12, LATEST_TIMESTAMP),
+        (9, 1_000_000 + 45),
+        (7, LATEST_TIMESTAMP),
+    ]);
+    // At or after a time past every record: none.
+    asked.push((4, 2_000_000));
+    let partitions = |list: &[(u32, i64)]| {
+        list.iter().map(|&(partition, timestamp)| ListOffsetsPartition { partition, timestamp }).collect()
+    };
+    let request = Request::ListOffsets(ListOffsetsRequest {
+        topics: vec![
+            TopicData { name: "spread".into(), partitions: partitions(&asked) },
+            TopicData { name: "absent".into(), partitions: partitions(&[(0, LATEST_TIMESTAMP)]) },
+        ],
+    });
+    let body = client.request(&request).await.unwrap();
+    let response = ListOffsetsResponse::decode(&mut Reader::new(&body)).unwrap();
+    assert_eq!(response.topics.len(), 2);
+    assert_eq!(response.topics[0].name, "spread");
+    let answers = &response.topics[0].partitions;
+    assert_eq!(answers.len(), asked.len());
+    for (answer, &(partition, timestamp)) in answers.iter().zip(&asked) {
+        assert_eq!(answer.partition, partition, "answers in the order asked");
+        let expected = match (partition, timestamp) {
+            (12, _) => (ErrorCode::UnknownTopicOrPartition, -1),
+            (p, LATEST_TIMESTAMP) => (ErrorCode::None, i64::from(p) + 1),
+            (_, EARLIEST_TIMESTAMP) => (ErrorCode::None, 0),
+            // The first record at or after 1,000,045: offset 5 (stamped 1,000,050).
+            (9, _) => (ErrorCode::None, 5),
+            _ => (ErrorCode::None, -1),
+        };
+        assert_eq!((answer.error, answer.offset), expected, "partition {partition} at {timestamp}");
+    }
+    assert_eq!(response.topics[1].name, "absent");
+    assert_eq!(response.topics[1].partitions.len(), 1);
+    assert_eq!(response.topics[1].partitions[0].error, ErrorCode::UnknownTopicOrPartition);
+}
