@@ -426,6 +426,7 @@ async fn drive(mode: Mode, workload: Arc<Workload>, quiet: bool) -> Result<Measu
         let consumers = workload.consumers.max(1).min(partition_ids.len());
         for c in 0..consumers {
             let mine: Vec<u32> = partition_ids.iter().copied().skip(c).step_by(consumers).collect();
+            let mine_set: std::collections::HashSet<u32> = mine.iter().copied().collect();
             let until = match mode {
                 Mode::Consume => {
                     // The ends as they are now (pre-filling moved them).
@@ -438,7 +439,7 @@ async fn drive(mode: Mode, workload: Arc<Workload>, quiet: bool) -> Result<Measu
                         fresh
                             .partitions
                             .iter()
-                            .filter(|p| mine.contains(&p.partition))
+                            .filter(|p| mine_set.contains(&p.partition))
                             .map(|p| (p.partition, p.end_offset))
                             .collect(),
                     )

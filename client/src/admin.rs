@@ -1,5 +1,7 @@
 //! Topic and consumer-group administration.
 
+use std::collections::HashMap;
+
 use skein_net::{
     AlterConfigsRequest, AlterTopicConfig, CommitPartition, CreatePartitionsRequest, CreateTopicsRequest,
     DeleteGroupRequest, DeleteGroupResponse, DeleteTopicsRequest, DescribeGroupRequest,
@@ -145,14 +147,18 @@ impl Admin {
             decode(&self.client.request(&query(EARLIEST_TIMESTAMP)).await?, ListOffsetsResponse::decode)?;
         let ends =
             decode(&self.client.request(&query(LATEST_TIMESTAMP)).await?, ListOffsetsResponse::decode)?;
-        let offset = |response: &ListOffsetsResponse, partition: u32| {
-            response
-                .topics
-                .iter()
-                .flat_map(|t| t.partitions.iter())
-                .find(|p| p.partition == partition && p.error.is_ok())
-                .map_or(0, |p| p.offset.max(0) as u64)
+        // Each answer by partition, looked up once per partition: a search of the answers for
+        // each partition took seconds for a topic of 10,000 partitions.
+        let by_partition = |response: &ListOffsetsResponse| -> HashMap<u32, u64> {
+            let mut offsets = HashMap::new();
+            for p in response.topics.iter().flat_map(|t| t.partitions.iter()).filter(|p| p.error.is_ok()) {
+                offsets.entry(p.partition).or_insert(p.offset.max(0) as u64);
+            }
+            offsets
         };
+        let (starts, ends) = (by_partition(&starts), by_partition(&ends));
+        let offset =
+            |offsets: &HashMap<u32, u64>, partition: u32| offsets.get(&partition).copied().unwrap_or(0);
         Ok(TopicDescription {
             name: topic.name,
             partitions: topic
@@ -207,18 +213,19 @@ impl Admin {
                 Err(ClientError::UnknownTopic(_)) => Vec::new(),
                 Err(error) => return Err(error),
             };
+            let ends: HashMap<u32, u64> = ends.iter().map(|p| (p.partition, p.end_offset)).collect();
+            // The first member that lists a partition owns it.
+            let mut owners: HashMap<u32, &str> = HashMap::new();
+            for member in &response.members {
+                for assigned in member.assigned.iter().filter(|t| t.topic == topic.name) {
+                    for &partition in &assigned.partitions {
+                        owners.entry(partition).or_insert(&member.member_id);
+                    }
+                }
+            }
             for committed in &topic.partitions {
-                let end_offset =
-                    ends.iter().find(|p| p.partition == committed.partition).map(|p| p.end_offset);
-                let owner = response
-                    .members
-                    .iter()
-                    .find(|m| {
-                        m.assigned
-                            .iter()
-                            .any(|t| t.topic == topic.name && t.partitions.contains(&committed.partition))
-                    })
-                    .map(|m| m.member_id.clone());
+                let end_offset = ends.get(&committed.partition).copied();
+                let owner = owners.get(&committed.partition).map(|member| (*member).to_owned());
                 let offset = committed.offset.max(0) as u64;
                 offsets.push(PartitionLag {
                     topic: topic.name.clone(),

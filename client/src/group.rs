@@ -34,7 +34,7 @@
 //! # }
 //! ```
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -520,13 +520,18 @@ impl GroupState {
 /// What can be committed for each partition: the position, or the first record fetched but
 /// not yet returned by `poll` (never past a record the caller did not get).
 fn committable(fetcher: &Fetcher, partitions: &[TopicPartition]) -> Vec<(TopicPartition, u64)> {
+    // Each partition's first buffered record, found in one pass over the buffer (a search of it
+    // for each partition was partitions × buffered records).
+    let mut first_buffered: HashMap<(&str, u32), u64> = HashMap::new();
+    for record in &fetcher.buffered {
+        first_buffered.entry((&*record.topic, record.partition)).or_insert(record.offset);
+    }
     partitions
         .iter()
         .filter_map(|key| {
             let position = *fetcher.positions.get(key)?;
-            let buffered =
-                fetcher.buffered.iter().find(|r| *r.topic == *key.topic && r.partition == key.partition);
-            Some((key.clone(), buffered.map_or(position, |r| r.offset.min(position))))
+            let buffered = first_buffered.get(&(key.topic(), key.partition));
+            Some((key.clone(), buffered.map_or(position, |&offset| offset.min(position))))
         })
         .collect()
 }
@@ -588,16 +593,18 @@ pub(crate) async fn fetch_committed(
     if !response.error.is_ok() {
         return Err(ClientError::broker(response.error, format!("fetching the offsets of group {group_id}")));
     }
+    let mut answers: HashMap<(&str, u32), i64> = HashMap::new();
+    for t in &response.topics {
+        for p in &t.partitions {
+            answers.entry((t.name.as_str(), p.partition)).or_insert(p.offset);
+        }
+    }
     Ok(partitions
         .iter()
         .map(|tp| {
-            response
-                .topics
-                .iter()
-                .filter(|t| t.name == tp.topic())
-                .flat_map(|t| t.partitions.iter())
-                .find(|p| p.partition == tp.partition)
-                .and_then(|p| (p.offset >= 0).then_some(p.offset as u64))
+            answers
+                .get(&(tp.topic(), tp.partition))
+                .and_then(|&offset| (offset >= 0).then_some(offset as u64))
         })
         .collect())
 }
