@@ -6,11 +6,12 @@ use skein_net::{
     AlterConfigsRequest, AlterTopicConfig, CommitPartition, CreatePartitionsRequest, CreateTopicsRequest,
     DeleteGroupRequest, DeleteGroupResponse, DeleteTopicsRequest, DescribeGroupRequest,
     DescribeGroupResponse, ErrorCode, GroupListing, ListGroupsResponse, ListOffsetsPartition,
-    ListOffsetsRequest, ListOffsetsResponse, MemberDescription, NewTopic, OffsetCommitRequest,
-    OffsetCommitResponse, Request, TopicData, TopicResults, ADMIN_EPOCH, EARLIEST_TIMESTAMP,
-    LATEST_TIMESTAMP,
+    ListOffsetsPartitionResponse, ListOffsetsRequest, ListOffsetsResponse, MemberDescription, NewTopic,
+    OffsetCommitRequest, OffsetCommitResponse, Request, TopicData, TopicResults, ADMIN_EPOCH,
+    EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
 };
 
+use crate::fetcher::by_partition;
 use crate::{decode, Client, ClientError, Consumer, ConsumerConfig, Result, SeekTo, TopicPartition};
 
 /// Creates, deletes, lists and describes topics; lists, describes and resets consumer groups.
@@ -147,18 +148,11 @@ impl Admin {
             decode(&self.client.request(&query(EARLIEST_TIMESTAMP)).await?, ListOffsetsResponse::decode)?;
         let ends =
             decode(&self.client.request(&query(LATEST_TIMESTAMP)).await?, ListOffsetsResponse::decode)?;
-        // Each answer by partition, looked up once per partition: a search of the answers for
-        // each partition took seconds for a topic of 10,000 partitions.
-        let by_partition = |response: &ListOffsetsResponse| -> HashMap<u32, u64> {
-            let mut offsets = HashMap::new();
-            for p in response.topics.iter().flat_map(|t| t.partitions.iter()).filter(|p| p.error.is_ok()) {
-                offsets.entry(p.partition).or_insert(p.offset.max(0) as u64);
-            }
-            offsets
+        let (starts, ends) =
+            (by_partition(&starts.topics, |p| p.partition), by_partition(&ends.topics, |p| p.partition));
+        let offset = |answers: &HashMap<(&str, u32), &ListOffsetsPartitionResponse>, partition: u32| {
+            answers.get(&(name, partition)).filter(|p| p.error.is_ok()).map_or(0, |p| p.offset.max(0) as u64)
         };
-        let (starts, ends) = (by_partition(&starts), by_partition(&ends));
-        let offset =
-            |offsets: &HashMap<u32, u64>, partition: u32| offsets.get(&partition).copied().unwrap_or(0);
         Ok(TopicDescription {
             name: topic.name,
             partitions: topic

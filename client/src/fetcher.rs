@@ -149,14 +149,7 @@ impl Fetcher {
         }
         let body = self.client.request(&Request::ListOffsets(ListOffsetsRequest { topics })).await?;
         let response = decode(&body, ListOffsetsResponse::decode)?;
-        // The answers by partition, each looked up once: searching them for each partition took
-        // seconds for a topic of 10,000 partitions.
-        let mut answers = HashMap::new();
-        for t in &response.topics {
-            for p in &t.partitions {
-                answers.entry((t.name.as_str(), p.partition)).or_insert(p);
-            }
-        }
+        let answers = by_partition(&response.topics, |p| p.partition);
         let mut offsets = Vec::with_capacity(partitions.len());
         for tp in partitions {
             let (topic, partition) = (tp.topic(), tp.partition);
@@ -447,6 +440,22 @@ impl Fetcher {
 
 /// Adds `entry` to `topic`'s partitions in `topics`, the topic's entry made if missing (a
 /// request lists each topic once).
+/// The entries of a response's topics by (topic, partition), the first of each: one lookup per
+/// partition asked for, where a search of the response for each partition was quadratic in them
+/// (seconds for a topic of 10,000 partitions).
+pub(crate) fn by_partition<P>(
+    topics: &[TopicData<P>],
+    partition: impl Fn(&P) -> u32,
+) -> HashMap<(&str, u32), &P> {
+    let mut entries = HashMap::new();
+    for topic in topics {
+        for entry in &topic.partitions {
+            entries.entry((topic.name.as_str(), partition(entry))).or_insert(entry);
+        }
+    }
+    entries
+}
+
 pub(crate) fn push_to_topic<T>(topics: &mut Vec<TopicData<T>>, topic: &str, entry: T) {
     match topics.iter_mut().find(|t| t.name == topic) {
         Some(t) => t.partitions.push(entry),

@@ -593,18 +593,11 @@ pub(crate) async fn fetch_committed(
     if !response.error.is_ok() {
         return Err(ClientError::broker(response.error, format!("fetching the offsets of group {group_id}")));
     }
-    let mut answers: HashMap<(&str, u32), i64> = HashMap::new();
-    for t in &response.topics {
-        for p in &t.partitions {
-            answers.entry((t.name.as_str(), p.partition)).or_insert(p.offset);
-        }
-    }
+    let answers = crate::fetcher::by_partition(&response.topics, |p| p.partition);
     Ok(partitions
         .iter()
         .map(|tp| {
-            answers
-                .get(&(tp.topic(), tp.partition))
-                .and_then(|&offset| (offset >= 0).then_some(offset as u64))
+            answers.get(&(tp.topic(), tp.partition)).and_then(|p| (p.offset >= 0).then_some(p.offset as u64))
         })
         .collect())
 }
