@@ -481,56 +481,57 @@ async fn read_pass(shard: &Rc<Shard>, slots: &[FetchSlot], max_bytes: u32) -> Ve
 /// per partition, one after another, took half a second for a topic of 10,000 partitions on 2
 /// shards, and a consumer's start or `skein topic describe` asks twice).
 async fn list_offsets(shard: &Rc<Shard>, request: ListOffsetsRequest) -> ListOffsetsResponse {
-    let failed = |partition, error| ListOffsetsPartitionResponse { partition, error, offset: -1 };
-    let mut answers: Vec<Vec<Option<ListOffsetsPartitionResponse>>> =
-        request.topics.iter().map(|t| (0..t.partitions.len()).map(|_| None).collect()).collect();
+    // Every answer starts as "unknown"; the owners' answers replace those of the partitions
+    // they own.
+    let mut topics: Vec<TopicData<ListOffsetsPartitionResponse>> = request
+        .topics
+        .iter()
+        .map(|topic| TopicData {
+            name: topic.name.clone(),
+            partitions: topic
+                .partitions
+                .iter()
+                .map(|p| ListOffsetsPartitionResponse {
+                    partition: p.partition,
+                    error: ErrorCode::UnknownTopicOrPartition,
+                    offset: -1,
+                })
+                .collect(),
+        })
+        .collect();
     // Per owning shard: where each answer goes (topic, partition index) and what to ask.
     type Asked = (Vec<(usize, usize)>, Vec<(skein_net::TopicPartition, i64)>);
     let mut by_owner: BTreeMap<usize, Asked> = BTreeMap::new();
     for (t, topic) in request.topics.iter().enumerate() {
         for (p, partition) in topic.partitions.iter().enumerate() {
-            let route = partition_exists(shard, &topic.name, partition.partition)
-                .then(|| shard.route(&topic.name, partition.partition))
-                .flatten();
-            match route {
-                None => answers[t][p] = Some(failed(partition.partition, ErrorCode::UnknownTopicOrPartition)),
-                Some((owner, tp)) => {
-                    let (slots, asked) = by_owner.entry(owner).or_default();
-                    slots.push((t, p));
-                    asked.push((tp, partition.timestamp));
-                }
+            if !partition_exists(shard, &topic.name, partition.partition) {
+                continue;
+            }
+            if let Some((owner, tp)) = shard.route(&topic.name, partition.partition) {
+                let (slots, asked) = by_owner.entry(owner).or_default();
+                slots.push((t, p));
+                asked.push((tp, partition.timestamp));
             }
         }
     }
     let calls = by_owner.into_iter().map(|(owner, (slots, asked))| async move {
-        let partitions: Vec<u32> = asked.iter().map(|(tp, _)| tp.partition).collect();
-        // The owner answers every partition, in order.
-        let answered = match shard.call(owner, mesh::ListOffsets { partitions: asked }).await {
-            Ok(answered) => answered,
-            Err(error) => partitions.iter().map(|&p| failed(p, error.code())).collect(),
-        };
-        (slots, answered)
+        (slots, shard.call(owner, mesh::ListOffsets { partitions: asked }).await)
     });
     for (slots, answered) in futures::future::join_all(calls).await {
-        for ((t, p), answer) in slots.into_iter().zip(answered) {
-            answers[t][p] = Some(answer);
+        match answered {
+            // The owner answers every partition, in order.
+            Ok(answered) => {
+                for ((t, p), answer) in slots.into_iter().zip(answered) {
+                    topics[t].partitions[p] = answer;
+                }
+            }
+            Err(error) => {
+                for (t, p) in slots {
+                    topics[t].partitions[p].error = error.code();
+                }
+            }
         }
     }
-    let topics = request
-        .topics
-        .into_iter()
-        .zip(answers)
-        .map(|(topic, answers)| TopicData {
-            partitions: answers
-                .into_iter()
-                .zip(&topic.partitions)
-                .map(|(answer, asked)| {
-                    answer.unwrap_or_else(|| failed(asked.partition, ErrorCode::RequestTimedOut))
-                })
-                .collect(),
-            name: topic.name,
-        })
-        .collect();
     ListOffsetsResponse { topics }
 }
 
