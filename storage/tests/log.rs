@@ -859,3 +859,34 @@ fn file_reads_keep_their_bytes_after_the_executor_and_the_log_are_gone() {
     assert!(offsets.len() as u64 > end / 2, "most records came from file reads: {} of {end}", offsets.len());
     assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "the file reads' records are whole and in order");
 }
+
+#[test]
+fn a_cold_tail_of_small_batches_is_read_in_few_reads_not_one_per_batch() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    let path2 = path.clone();
+    run(move || async move {
+        let log = Log::open(&path, file_read_config(4096)).await.unwrap();
+        append_all(&log, &[6; 12]).await;
+        log.close().await.unwrap();
+    });
+    run(move || async move {
+        // Reopened: nothing is in the tail cache, and the sparse index (an entry every 4 KiB)
+        // has none past the first batches, so the tail is only known by scanning headers.
+        let log = Log::open(&path2, file_read_config(4096)).await.unwrap();
+        let end = log.visible_offset();
+        assert_eq!(end, 72);
+        let (mut next, mut reads, mut offsets) = (0, 0, Vec::new());
+        while next < end {
+            let (bytes, _, after) = read_next(&log, next, 1 << 20).await;
+            reads += 1;
+            assert!(after > next, "reads make progress");
+            offsets.extend(check_records(bytes).into_iter().filter(|&o| o >= next));
+            next = after;
+            assert!(reads <= 72, "bounded");
+        }
+        assert_eq!(offsets, (0..end).collect::<Vec<_>>(), "every record once, in order");
+        assert!(reads <= 2, "a tail of 12 small batches that fits one fetch took {reads} reads");
+        log.close().await.unwrap();
+    });
+}

@@ -369,6 +369,25 @@ impl Log {
                 data: ReadData::Memory(vec![bytes]),
             });
         }
+        if first_end.0 < data_end.0
+            && data_end.0 > stable
+            && data_end.0 <= position.saturating_add(bytes_max as u64)
+        {
+            // The rest of the data fits this read and ends in the block the next write will
+            // rewrite, and the sparse index knows no batch start past the first batch below
+            // the stable end (small batches since its last entry): a file range could only
+            // cover the first batch, so a cold tail of small batches would go out one batch per
+            // fetch. Read it all with O_DIRECT instead, as for a batch that reaches that block.
+            let known = with_index(&mut |index| boundary_at_or_before(index, base, stable, first_end));
+            if known == first_end {
+                let bytes = segment.read(position, (data_end.0 - position) as usize).await?;
+                return Ok(ReadSlice {
+                    first_offset: header.base_offset,
+                    next_offset: data_end.1,
+                    data: ReadData::Memory(vec![bytes]),
+                });
+            }
+        }
         let end = with_index(&mut |index| {
             let stable_end = if data_end.0 <= stable {
                 data_end
