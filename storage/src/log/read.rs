@@ -349,6 +349,21 @@ impl Log {
             })
             .max_by_key(|cursor| cursor.next_offset)
             .map_or(index_position, |cursor| cursor.position);
+        // Cold (nothing read ahead holds the start): the bytes from there on are read as the
+        // start of a read-ahead stream, in which the header scan below finds the first batch and
+        // which the fetch's range then comes from. A scan of the disk read the blocks at the
+        // start on their own, and the range's read read them again: twice the bytes of a
+        // partition of a few KiB (a consumer of 10,000 of them after a restart).
+        if start_position < stable && self.shared.read_ahead.borrow().piece_at(base, start_position).is_none()
+        {
+            let stream = self.shared.read_ahead.borrow_mut().stream_at(base, start_position).id;
+            self.read_ahead(
+                stream,
+                &segment,
+                start_position,
+                bytes_max.clamp(READ_AHEAD_BYTES_MIN, READ_AHEAD_BYTES_MAX),
+            );
+        }
         let found = self.find_batch_read_ahead(base, start_position, offset, data_end.0, size_max).await;
         let (position, header) = match found {
             Some(found) => found,
@@ -377,14 +392,17 @@ impl Log {
             // rewrite, and the sparse index knows no batch start past the first batch below
             // the stable end (small batches since its last entry): a file range could only
             // cover the first batch, so a cold tail of small batches would go out one batch per
-            // fetch. Read it all with O_DIRECT instead, as for a batch that reaches that block.
+            // fetch. Read it all with O_DIRECT instead, as for a batch that reaches that block,
+            // taking what the read-ahead already holds from there (the read of the range before
+            // read ahead to the stable end: reading it again doubled the bytes read).
             let known = with_index(&mut |index| boundary_at_or_before(index, base, stable, first_end));
             if known == first_end {
-                let bytes = segment.read(position, (data_end.0 - position) as usize).await?;
+                let parts =
+                    self.read_file_parts(&segment, position, (data_end.0 - position) as usize).await?;
                 return Ok(ReadSlice {
                     first_offset: header.base_offset,
                     next_offset: data_end.1,
-                    data: ReadData::Memory(vec![bytes]),
+                    data: ReadData::Memory(parts),
                 });
             }
         }
