@@ -897,3 +897,34 @@ fn a_cold_tail_of_small_batches_is_read_in_few_reads_not_one_per_batch() {
         log.close().await.unwrap();
     });
 }
+
+#[test]
+fn a_log_closed_for_removal_refuses_use_and_gives_back_its_space_ahead() {
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    run(move || async move {
+        let log = Log::open(&path, LogConfig::tiny()).await.unwrap();
+        let before = skein_storage::handles::stats().allocated_ahead_bytes;
+        // Appended and not yet synced (fsync on its interval): closing for removal still lets
+        // the writes in flight finish, and makes nothing durable.
+        for _ in 0..20 {
+            let first = log.next_offset();
+            log.append(batch_at(first, 5)).await.unwrap();
+        }
+        assert!(
+            skein_storage::handles::stats().allocated_ahead_bytes > before,
+            "the log allocated disk ahead of its data"
+        );
+        log.shutdown_for_removal().await.unwrap();
+        assert_eq!(
+            skein_storage::handles::stats().allocated_ahead_bytes,
+            before,
+            "the space allocated ahead is no longer counted"
+        );
+        assert!(matches!(log.append(batch_at(100, 1)).await, Err(StorageError::Closed)));
+        assert!(matches!(log.shutdown().await, Err(StorageError::Closed)), "closed once");
+        assert!(matches!(log.shutdown_for_removal().await, Err(StorageError::Closed)));
+        drop(log);
+        std::fs::remove_dir_all(&path).unwrap();
+    });
+}

@@ -843,22 +843,7 @@ impl Log {
     pub async fn shutdown(&self) -> Result<()> {
         let shared = self.shared.clone();
         let permit = shared.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
-        let flushed = shared.barrier().await;
-        shared.finish_index_writes().await;
-        {
-            let mut state = shared.state.borrow_mut();
-            state.closing = true;
-        }
-        shared.wake_flusher.notify_all();
-        while !shared.state.borrow().flusher_exited || shared.checkpoint_busy.get() {
-            let progress = shared.progress.notified();
-            if shared.state.borrow().flusher_exited && !shared.checkpoint_busy.get() {
-                break;
-            }
-            let sleep = std::pin::pin!(glommio::timer::sleep(Duration::from_millis(5)));
-            futures::future::select(std::pin::pin!(progress), sleep).await;
-        }
-        flushed?;
+        self.stop_writing().await?;
         let (segment, end, summary, entries) = {
             let state = shared.state.borrow();
             let segment = state.active.file.clone();
@@ -895,6 +880,43 @@ impl Log {
         shared.gate.close();
         drop(permit);
         Ok(())
+    }
+
+    /// Closes a log whose files are about to be deleted (its topic was): the writes in flight
+    /// finish and its tasks stop, but nothing is made durable (no truncation of the space
+    /// allocated ahead, no sync, no tail index, no checkpoint), which [`Log::shutdown`] does
+    /// for a log that opens again. Other tasks get [`StorageError::Closed`] from then on.
+    /// Deleting a topic of 10,000 partitions closed each with a sync and a checkpoint, one
+    /// after another: 16.9 s.
+    pub async fn shutdown_for_removal(&self) -> Result<()> {
+        let permit = self.shared.gate.acquire_permit(1).await.map_err(|_| StorageError::Closed)?;
+        let stopped = self.stop_writing().await;
+        self.shared.account_ahead(0);
+        self.shared.gate.close();
+        drop(permit);
+        stopped
+    }
+
+    /// Waits for everything appended to be written and for the index writer, then stops the
+    /// flusher (and its checkpoints); the first write error, if any.
+    async fn stop_writing(&self) -> Result<()> {
+        let shared = &self.shared;
+        let flushed = shared.barrier().await;
+        shared.finish_index_writes().await;
+        {
+            let mut state = shared.state.borrow_mut();
+            state.closing = true;
+        }
+        shared.wake_flusher.notify_all();
+        while !shared.state.borrow().flusher_exited || shared.checkpoint_busy.get() {
+            let progress = shared.progress.notified();
+            if shared.state.borrow().flusher_exited && !shared.checkpoint_busy.get() {
+                break;
+            }
+            let sleep = std::pin::pin!(glommio::timer::sleep(Duration::from_millis(5)));
+            futures::future::select(std::pin::pin!(progress), sleep).await;
+        }
+        flushed
     }
 }
 
