@@ -928,3 +928,56 @@ fn a_log_closed_for_removal_refuses_use_and_gives_back_its_space_ahead() {
         std::fs::remove_dir_all(&path).unwrap();
     });
 }
+
+#[test]
+fn a_cold_read_during_a_truncation_leaves_no_stale_bytes_for_the_records_that_replace_the_cut() {
+    use skein_storage::batch::{Batch, BatchSplitter};
+    let dir = tmp();
+    let path = dir.path().join("p0");
+    let path2 = path.clone();
+    run(move || async move {
+        let log = Log::open(&path, file_read_config(4096)).await.unwrap();
+        append_all(&log, &[50; 40]).await;
+        log.close().await.unwrap();
+    });
+    run(move || async move {
+        // Reopened: every read is cold. A read runs while the log is being truncated (the two
+        // interleave at the truncation's awaits), so it may read ahead the bytes being cut.
+        let log = Log::open(&path2, file_read_config(4096)).await.unwrap();
+        let (truncated, _) = futures::join!(log.truncate(1000), async {
+            let _ = log.read(1000, 1 << 20).await;
+            let _ = log.read(1200, 1 << 20).await;
+        });
+        assert_eq!(truncated.unwrap(), 1000);
+        // New records at the offsets cut, more than the tail cache holds (one block), so they
+        // are read back from the file.
+        for first in (1000..1400).step_by(50) {
+            let mut builder = BatchBuilder::new();
+            for offset in first..first + 50 {
+                builder.push(timestamp_for(offset), None, Some(format!("new {offset}").as_bytes()), &[]);
+            }
+            log.append(builder.finish()).await.unwrap().ack.await.unwrap();
+        }
+        let mut next = 1000;
+        while next < 1400 {
+            let (bytes, _, after) = read_next(&log, next, 1 << 20).await;
+            for batch in BatchSplitter::new(bytes, 1 << 24) {
+                let batch: Batch = batch.expect("valid batch");
+                for record in batch.records() {
+                    let record = record.expect("valid record");
+                    if record.offset >= next {
+                        assert_eq!(
+                            record.value.as_deref(),
+                            Some(format!("new {}", record.offset).as_bytes()),
+                            "offset {}: a record of the cut, not the one written after it",
+                            record.offset
+                        );
+                    }
+                }
+            }
+            assert!(after > next, "reads make progress");
+            next = after;
+        }
+        log.close().await.unwrap();
+    });
+}

@@ -145,6 +145,9 @@ impl Log {
         state.cache.truncate(new_next);
         state.epochs.truncate_from_end(new_next);
         state.generation += 1;
+        // And again now: a cold read since the clear above may have read ahead bytes past
+        // the cut, which new appends will replace at the same offsets.
+        shared.read_ahead.borrow_mut().clear();
         tracing::info!(dir = %shared.dir.display(), offset = new_next, "log truncated");
         Ok(new_next)
     }
@@ -220,6 +223,9 @@ impl Log {
         state.cache.truncate(0);
         state.epochs.clear();
         state.generation += 1;
+        // And again now: a read since the clear above may have read ahead bytes of the
+        // segments removed.
+        shared.read_ahead.borrow_mut().clear();
         tracing::info!(dir = %shared.dir.display(), offset = start, segments = doomed.len(), "log reset");
         Ok(())
     }
