@@ -356,7 +356,15 @@ impl Log {
         // partition of a few KiB (a consumer of 10,000 of them after a restart).
         if start_position < stable && self.shared.read_ahead.borrow().piece_at(base, start_position).is_none()
         {
-            let stream = self.shared.read_ahead.borrow_mut().stream_at(base, start_position).id;
+            let (stream, start_sweeper) = {
+                let mut ahead = self.shared.read_ahead.borrow_mut();
+                let id = ahead.stream_at(base, start_position).id;
+                (id, !std::mem::replace(&mut ahead.sweeping, true))
+            };
+            // Dropped when idle like any stream, whether or not a range read follows.
+            if start_sweeper {
+                self.sweep_read_ahead();
+            }
             self.read_ahead(
                 stream,
                 &segment,
@@ -397,12 +405,24 @@ impl Log {
             // read ahead to the stable end: reading it again doubled the bytes read).
             let known = with_index(&mut |index| boundary_at_or_before(index, base, stable, first_end));
             if known == first_end {
-                let parts =
+                let mut parts =
                     self.read_file_parts(&segment, position, (data_end.0 - position) as usize).await?;
+                // Memory chunks hold whole batches (a reader below an upper bound parses each
+                // one); the parts are cut at blocks, so they are joined (the first batch and the
+                // few KiB after it: the index knows no batch start in between).
+                let bytes = if parts.len() == 1 {
+                    parts.pop().expect("one part")
+                } else {
+                    let mut joined = BytesMut::with_capacity((data_end.0 - position) as usize);
+                    for part in &parts {
+                        joined.extend_from_slice(part);
+                    }
+                    joined.freeze()
+                };
                 return Ok(ReadSlice {
                     first_offset: header.base_offset,
                     next_offset: data_end.1,
-                    data: ReadData::Memory(parts),
+                    data: ReadData::Memory(vec![bytes]),
                 });
             }
         }
