@@ -112,7 +112,7 @@ impl Log {
         len: usize,
     ) -> Result<Vec<Bytes>> {
         let end = position + len as u64;
-        let (stream, pieces, start_sweeper): (u64, Vec<(u64, u64, SharedRead)>, bool) = {
+        let (stream, pieces): (u64, Vec<(u64, u64, SharedRead)>) = {
             let mut ahead = self.shared.read_ahead.borrow_mut();
             let stream = ahead.stream_at(segment.base_offset(), position);
             // Set now: a read pipelined behind this one (at `end`) continues this stream.
@@ -123,12 +123,8 @@ impl Log {
                 .filter(|r| r.start < end)
                 .map(|r| (r.start, r.end, r.data.clone()))
                 .collect();
-            let id = stream.id;
-            (id, pieces, !std::mem::replace(&mut ahead.sweeping, true))
+            (stream.id, pieces)
         };
-        if start_sweeper {
-            self.sweep_read_ahead();
-        }
         tracing::trace!(position, len, pieces = pieces.len(), "read_file");
         let mut parts: Vec<Bytes> = Vec::new();
         let mut at = position;
@@ -246,6 +242,13 @@ impl Log {
             });
             frontier += len as u64;
         }
+        // Whatever asked for them (a range read, or a cold read's start), the stream and its
+        // pieces are dropped once idle, so they give their budget back.
+        let start_sweeper = !std::mem::replace(&mut ahead.sweeping, true);
+        drop(ahead);
+        if start_sweeper {
+            self.sweep_read_ahead();
+        }
     }
 
     async fn read_once(&self, offset: u64, bytes_max: usize) -> Result<ReadSlice> {
@@ -356,15 +359,7 @@ impl Log {
         // partition of a few KiB (a consumer of 10,000 of them after a restart).
         if start_position < stable && self.shared.read_ahead.borrow().piece_at(base, start_position).is_none()
         {
-            let (stream, start_sweeper) = {
-                let mut ahead = self.shared.read_ahead.borrow_mut();
-                let id = ahead.stream_at(base, start_position).id;
-                (id, !std::mem::replace(&mut ahead.sweeping, true))
-            };
-            // Dropped when idle like any stream, whether or not a range read follows.
-            if start_sweeper {
-                self.sweep_read_ahead();
-            }
+            let stream = self.shared.read_ahead.borrow_mut().stream_at(base, start_position).id;
             self.read_ahead(
                 stream,
                 &segment,
@@ -405,20 +400,10 @@ impl Log {
             // read ahead to the stable end: reading it again doubled the bytes read).
             let known = with_index(&mut |index| boundary_at_or_before(index, base, stable, first_end));
             if known == first_end {
-                let mut parts =
-                    self.read_file_parts(&segment, position, (data_end.0 - position) as usize).await?;
-                // Memory chunks hold whole batches (a reader below an upper bound parses each
-                // one); the parts are cut at blocks, so they are joined (the first batch and the
-                // few KiB after it: the index knows no batch start in between).
-                let bytes = if parts.len() == 1 {
-                    parts.pop().expect("one part")
-                } else {
-                    let mut joined = BytesMut::with_capacity((data_end.0 - position) as usize);
-                    for part in &parts {
-                        joined.extend_from_slice(part);
-                    }
-                    joined.freeze()
-                };
+                // Joined (`read_file`), not parts cut at blocks: memory chunks hold whole batches
+                // (a reader below an upper bound parses each one). A copy of the first batch and
+                // the few KiB after it at most: the index knows no batch start in between.
+                let bytes = self.read_file(&segment, position, (data_end.0 - position) as usize).await?;
                 return Ok(ReadSlice {
                     first_offset: header.base_offset,
                     next_offset: data_end.1,
