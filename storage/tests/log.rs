@@ -22,6 +22,17 @@ async fn append_all(log: &Log, batches: &[u64]) -> Vec<(u64, u64)> {
     ranges
 }
 
+/// A log at `path` with `batches` (record counts) appended and closed: opened again, nothing is
+/// in memory.
+fn written_and_closed(path: &std::path::Path, config: LogConfig, batches: &[u64]) {
+    let (path, batches) = (path.to_owned(), batches.to_vec());
+    run(move || async move {
+        let log = Log::open(&path, config).await.unwrap();
+        append_all(&log, &batches).await;
+        log.close().await.unwrap();
+    });
+}
+
 async fn read_everything(log: &Log) -> Vec<u64> {
     let mut offsets = Vec::new();
     let mut next = log.start_offset();
@@ -864,16 +875,11 @@ fn file_reads_keep_their_bytes_after_the_executor_and_the_log_are_gone() {
 fn a_cold_tail_of_small_batches_is_read_in_few_reads_not_one_per_batch() {
     let dir = tmp();
     let path = dir.path().join("p0");
-    let path2 = path.clone();
-    run(move || async move {
-        let log = Log::open(&path, file_read_config(4096)).await.unwrap();
-        append_all(&log, &[6; 12]).await;
-        log.close().await.unwrap();
-    });
+    written_and_closed(&path, file_read_config(4096), &[6; 12]);
     run(move || async move {
         // Reopened: nothing is in the tail cache, and the sparse index (an entry every 4 KiB)
         // has none past the first batches, so the tail is only known by scanning headers.
-        let log = Log::open(&path2, file_read_config(4096)).await.unwrap();
+        let log = Log::open(&path, file_read_config(4096)).await.unwrap();
         let end = log.visible_offset();
         assert_eq!(end, 72);
         let before = skein_storage::metrics::snapshot().direct_read_bytes;
@@ -934,16 +940,11 @@ fn a_cold_read_during_a_truncation_leaves_no_stale_bytes_for_the_records_that_re
     use skein_storage::batch::{Batch, BatchSplitter};
     let dir = tmp();
     let path = dir.path().join("p0");
-    let path2 = path.clone();
-    run(move || async move {
-        let log = Log::open(&path, file_read_config(4096)).await.unwrap();
-        append_all(&log, &[50; 40]).await;
-        log.close().await.unwrap();
-    });
+    written_and_closed(&path, file_read_config(4096), &[50; 40]);
     run(move || async move {
         // Reopened: every read is cold. A read runs while the log is being truncated (the two
         // interleave at the truncation's awaits), so it may read ahead the bytes being cut.
-        let log = Log::open(&path2, file_read_config(4096)).await.unwrap();
+        let log = Log::open(&path, file_read_config(4096)).await.unwrap();
         let (truncated, _) = futures::join!(log.truncate(1000), async {
             let _ = log.read(1000, 1 << 20).await;
             let _ = log.read(1200, 1 << 20).await;
