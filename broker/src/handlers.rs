@@ -447,7 +447,8 @@ async fn read_pass(shard: &Rc<Shard>, slots: &[FetchSlot], max_bytes: u32) -> Ve
     // (their disk reads overlap), and the budget is then spent over the groups in the order a
     // sequential pass would have used (`spend_budget`: a batch larger than its partition's
     // limit cannot take the response past the budget). Otherwise one shard group after
-    // another, each given what is left.
+    // another, each given what is left (each shard reads its group with many reads in flight,
+    // `shard::read_within_budget`; this shard cannot bound what another's partitions hold).
     let wanted: u64 = slots.iter().map(|s| u64::from(s.partition_bytes_max)).sum();
     if wanted <= u64::from(max_bytes) {
         let calls = reads.into_iter().map(|((_, owner), group)| {

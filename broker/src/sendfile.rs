@@ -26,8 +26,11 @@
 //! than its partition's limit. One partition after another made the disk wait for each
 //! range's copy and send: cold reads of 4 partitions on 2 shards went from 700–790 MiB/s to
 //! 980–1120 MiB/s in the same hour, with fio's sequential O_DIRECT read at 1040–1090 MiB/s on
-//! that disk. When the budget binds, partitions are read one after another, each given what is
-//! left.
+//! that disk. When the budget binds, each partition is given what the ones before it leave, as
+//! if read one after another, but with up to 32 reads in flight on each shard: a read starts
+//! once the budget not held by the reads in flight covers the most it can return
+//! (`shard::read_within_budget`). Partitions of different shards are still read one shard
+//! after another then (the connection's shard first).
 //!
 //! When the socket's send buffer is full (`EAGAIN`), the next few KiB of the range are read and
 //! written through glommio, which waits for the socket to become writable; then `sendfile`

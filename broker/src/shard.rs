@@ -153,6 +153,64 @@ pub fn spend_budget<'a>(outcomes: impl IntoIterator<Item = &'a mut FetchOutcome>
     }
 }
 
+/// What reading `reads` one after another returns, each with its own limit or what the reads
+/// before it left of `budget` if less, with up to `at_once` reads in flight.
+///
+/// `bound` gives a read's own limit, the most its log could return (the bytes it holds) and
+/// its largest batch; `len` the bytes a read returned, which may exceed its limit (a first
+/// batch is returned whole). Each read in flight holds a share of the budget, the most it can
+/// return (its limit, or a first batch if larger, and never more than its log holds), which
+/// its actual length replaces once it is done. A read starts once what is not held
+/// covers its own limit or its whole log (it then returns what the sequential pass would
+/// have), or once nothing is in flight (what is left is then exactly what the sequential pass
+/// would give it). One read at a time made a fetch of thousands of small cold partitions wait
+/// for each disk read in turn: 10,000 partitions of 10 KiB on 2 shards, read cold, took
+/// 1.5-1.7 s, and 0.7-0.8 s this way.
+pub async fn read_within_budget<T, R, Read, Fut>(
+    reads: Vec<T>,
+    budget: usize,
+    at_once: usize,
+    bound: impl Fn(&T) -> (usize, usize, usize),
+    read: Read,
+    len: impl Fn(&R) -> usize,
+) -> Vec<R>
+where
+    Read: Fn(T, usize) -> Fut,
+    Fut: Future<Output = R>,
+{
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut outcomes: Vec<Option<R>> = (0..reads.len()).map(|_| None).collect();
+    let mut in_flight = FuturesUnordered::new();
+    // Bytes of the budget held: shares of the reads in flight, lengths of the reads done.
+    let mut held = 0usize;
+    let mut reads = reads.into_iter().enumerate().peekable();
+    loop {
+        while let Some((_, next)) = reads.peek() {
+            let left = budget.saturating_sub(held);
+            let (own_limit, log_bytes, batch_max) = bound(next);
+            let fits = own_limit.min(log_bytes) <= left;
+            if !(in_flight.is_empty() || (fits && in_flight.len() < at_once.max(1))) {
+                break;
+            }
+            let (index, next) = reads.next().expect("peeked");
+            let limit = own_limit.min(left);
+            let share = if limit == 0 { 0 } else { limit.max(batch_max).min(log_bytes) };
+            held += share;
+            let reading = read(next, limit);
+            in_flight.push(async move { (index, share, reading.await) });
+        }
+        let Some((index, share, outcome)) = in_flight.next().await else {
+            break;
+        };
+        held = held - share + len(&outcome);
+        outcomes[index] = Some(outcome);
+    }
+    outcomes.into_iter().map(|o| o.expect("every read answered")).collect()
+}
+
+/// Reads of one budget-bound fetch a shard has in flight at once ([`Shard::fetch`]).
+const FETCH_READS_AT_ONCE: usize = 32;
+
 /// Offset lookups of one ListOffsets call a shard runs at once (a lookup by timestamp may read
 /// a time index from disk).
 const OFFSET_LOOKUPS_AT_ONCE: usize = 64;
@@ -890,7 +948,8 @@ impl Shard {
     /// partitions' own limits together fit the budget (a consumer's usual fetch: 4 partitions
     /// of 4 MiB in 32 MiB), they are read at once, so the disk reads of cold ranges overlap,
     /// and then [`spend_budget`] drops what a read of a batch larger than its limit would
-    /// carry past the budget; otherwise one after another, each given what is left.
+    /// carry past the budget; otherwise each is given what the ones before it leave, as if read
+    /// one after another, with many in flight at once ([`read_within_budget`]).
     pub async fn fetch(&self, reads: Vec<mesh::FetchRead>, bytes_max: u32) -> Vec<FetchOutcome> {
         let wanted: u64 = reads.iter().map(|r| u64::from(r.partition_bytes_max)).sum();
         if wanted <= u64::from(bytes_max) {
@@ -902,14 +961,34 @@ impl Shard {
             spend_budget(outcomes.iter_mut(), bytes_max as usize);
             return outcomes;
         }
-        let mut outcomes = Vec::with_capacity(reads.len());
-        let mut budget = bytes_max as usize;
-        for read in reads {
-            let limit = (read.partition_bytes_max as usize).min(budget);
-            let outcome = self.fetch_partition(read, limit).await;
-            budget = budget.saturating_sub(outcome.records.len());
-            outcomes.push(outcome);
-        }
+        self.fetch_within_budget(reads, bytes_max as usize).await
+    }
+
+    /// The reads of a fetch whose partitions' limits together exceed its budget
+    /// ([`read_within_budget`]).
+    async fn fetch_within_budget(&self, reads: Vec<mesh::FetchRead>, budget: usize) -> Vec<FetchOutcome> {
+        // A log's batches are at most its topic's `max.message.bytes`, unless that was lowered
+        // after larger ones were written: a read may then return more than its share, and the
+        // reads after it start with more than the sequential pass would give them, within the
+        // budget all the same (`spend_budget` below).
+        let bound = |read: &mesh::FetchRead| {
+            let log = self.log(read.tp.topic(), read.tp.partition);
+            let log_bytes =
+                log.as_ref().map_or(0, |log| usize::try_from(log.size_bytes()).unwrap_or(usize::MAX));
+            let batch_max = log.map_or(0, |log| log.config().batch_bytes_max);
+            (read.partition_bytes_max as usize, log_bytes, batch_max)
+        };
+        let mut outcomes = read_within_budget(
+            reads,
+            budget,
+            FETCH_READS_AT_ONCE,
+            bound,
+            |read, limit| self.fetch_partition(read, limit),
+            |outcome| outcome.records.len(),
+        )
+        .await;
+        // A log that grew during its read may have carried the total past the budget.
+        spend_budget(outcomes.iter_mut(), budget);
         outcomes
     }
 
@@ -1469,5 +1548,122 @@ mod budget_tests {
         assert_eq!(spent(&[50, 5], 20), vec![50, 0], "a first batch larger than the budget stays");
         assert_eq!(spent(&[0, 50, 5], 20), vec![0, 50, 0], "first non-empty");
         assert_eq!(spent(&[8, 8, 8, 8], 16), vec![8, 8, 0, 0]);
+    }
+
+    /// A partition as the fetch sees it: its batches' sizes from the fetch offset on. A read
+    /// returns the whole batches that fit its limit, and at least the first one if the limit
+    /// is not 0.
+    fn read_model(batches: &[usize], limit: usize) -> usize {
+        if limit == 0 {
+            return 0;
+        }
+        let mut taken = 0;
+        for &batch in batches {
+            if taken + batch > limit && taken > 0 {
+                break;
+            }
+            taken += batch;
+            if taken >= limit {
+                break;
+            }
+        }
+        taken
+    }
+
+    fn sequential(partitions: &[(usize, Vec<usize>)], budget: usize) -> Vec<usize> {
+        let mut left = budget;
+        partitions
+            .iter()
+            .map(|(own_limit, batches)| {
+                let len = read_model(batches, (*own_limit).min(left));
+                left = left.saturating_sub(len);
+                len
+            })
+            .collect()
+    }
+
+    /// Runs `read_within_budget` over the model partitions, each read finishing after a number
+    /// of polls of its own (so they finish out of order); returns the lengths and the most
+    /// reads that were in flight at once.
+    fn windowed(partitions: &[(usize, Vec<usize>)], budget: usize, at_once: usize) -> (Vec<usize>, usize) {
+        let in_flight = Cell::new(0usize);
+        let most = Cell::new(0usize);
+        let reads: Vec<usize> = (0..partitions.len()).collect();
+        let lens = futures::executor::block_on(read_within_budget(
+            reads,
+            budget,
+            at_once,
+            |&i| (partitions[i].0, partitions[i].1.iter().sum(), 3000),
+            |i, limit| {
+                // Counted when started, not when first polled.
+                in_flight.set(in_flight.get() + 1);
+                most.set(most.get().max(in_flight.get()));
+                let in_flight = &in_flight;
+                async move {
+                    for _ in 0..(i * 7919) % 5 {
+                        yield_now().await;
+                    }
+                    in_flight.set(in_flight.get() - 1);
+                    read_model(&partitions[i].1, limit)
+                }
+            },
+            |&len| len,
+        ));
+        (lens, most.get())
+    }
+
+    /// Gives the executor back once (waking itself, so `block_on` polls again).
+    async fn yield_now() {
+        let mut yielded = false;
+        std::future::poll_fn(|cx| {
+            if yielded {
+                return std::task::Poll::Ready(());
+            }
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    #[test]
+    fn reads_within_a_budget_return_what_one_after_another_would_with_many_in_flight() {
+        // Many small partitions (10 KiB in batches of 1 KiB), limits of 4 MiB, 16 MiB budget:
+        // everything fits, and up to `at_once` reads run together.
+        let small: Vec<(usize, Vec<usize>)> = (0..300).map(|_| (4 << 20, vec![1024; 10])).collect();
+        let (lens, most) = windowed(&small, 16 << 20, 32);
+        assert_eq!(lens, sequential(&small, 16 << 20));
+        assert!(lens.iter().all(|&len| len == 10 * 1024));
+        assert_eq!(most, 32, "reads overlap, up to the bound");
+        // Large partitions (8 MiB each): the budget holds four limits; the fifth read would
+        // depend on what the ones in flight return, so it waits, and gets nothing.
+        let large: Vec<(usize, Vec<usize>)> = (0..8).map(|_| (4 << 20, vec![1 << 20; 8])).collect();
+        let (lens, most) = windowed(&large, 16 << 20, 32);
+        assert_eq!(lens, sequential(&large, 16 << 20));
+        assert_eq!(lens, vec![4 << 20, 4 << 20, 4 << 20, 4 << 20, 0, 0, 0, 0]);
+        assert!(most <= 4, "never more in flight than the budget holds limits: {most}");
+        // Mixed sizes, batches larger than limits, empty partitions and tight budgets, against
+        // the sequential pass.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |below: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % below as u64) as usize
+        };
+        for _ in 0..300 {
+            let partitions: Vec<(usize, Vec<usize>)> = (0..1 + next(40))
+                .map(|_| {
+                    let own_limit = [0, 100, 1000, 5000, 1 << 20][next(5)];
+                    let batches = (0..next(6)).map(|_| 1 + next(3000)).collect();
+                    (own_limit, batches)
+                })
+                .collect();
+            let budget = [1, 500, 2000, 10_000, 50_000][next(5)];
+            let at_once = 1 + next(8);
+            let (lens, most) = windowed(&partitions, budget, at_once);
+            assert_eq!(lens, sequential(&partitions, budget), "{partitions:?} budget {budget}");
+            assert!(most <= at_once);
+        }
     }
 }
