@@ -82,11 +82,16 @@ pub fn in_page_cache(fd: RawFd, position: u64, len: usize) -> bool {
 }
 
 /// Whether all pages of the range are in the page cache, per `mincore(2)`, which starts no
-/// read. The kernel counts pages cached by others only for the file's owner or a writer of it
-/// (otherwise only pages this process has mapped): the broker owns its segment files, and a
-/// wrong "no" only sends the range through the cold path.
+/// read. Only for a file this process's user owns: for anyone else who cannot write the file,
+/// the kernel answers "resident" for every page without looking (Linux 5.0 on, so that mincore
+/// cannot spy on others' reads), and a cold range would then go out through a `sendfile` that
+/// reads it synchronously. The broker owns its segment files; for others this answers "no",
+/// which only sends the range through the cold path.
 fn resident(fd: RawFd, position: u64, len: usize) -> bool {
-    let page = 4096u64;
+    if !owned_by_us(fd) {
+        return false;
+    }
+    let page = page_bytes();
     let start = position / page * page;
     let map_len = (position + len as u64 - start) as usize;
     // SAFETY: a shared read-only mapping of an open file, never touched (mincore reads no page
@@ -111,6 +116,26 @@ fn resident(fd: RawFd, position: u64, len: usize) -> bool {
     }
 }
 
+/// Whether the file behind `fd` belongs to this process's effective user.
+fn owned_by_us(fd: RawFd) -> bool {
+    // SAFETY: fstat writes a stat into the zeroed local; geteuid cannot fail.
+    unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        libc::fstat(fd, &mut stat) == 0 && stat.st_uid == libc::geteuid()
+    }
+}
+
+/// The kernel's page size (4 KiB here; 16 or 64 KiB on some arm64 and POWER kernels).
+fn page_bytes() -> u64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 {
+        page as u64
+    } else {
+        4096
+    }
+}
+
 /// `cachestat(2)`'s number: the same on every architecture (new system calls share one table).
 const SYS_CACHESTAT: libc::c_long = 451;
 
@@ -131,9 +156,10 @@ struct Cachestat {
 }
 
 /// Whether all pages of the range are cached, per `cachestat(2)`; `None` where the kernel lacks
-/// it.
+/// it. Any other failure (`EPERM`: the kernel counts only for the file's owner or a writer of
+/// it, as for mincore) answers "no": the range then goes through the cold path.
 fn cachestat(fd: RawFd, position: u64, len: usize) -> Option<bool> {
-    let page = 4096u64;
+    let page = page_bytes();
     let first = position / page;
     let last = (position + len as u64 - 1) / page;
     let range = CachestatRange { off: first * page, len: (last - first + 1) * page };
@@ -142,7 +168,11 @@ fn cachestat(fd: RawFd, position: u64, len: usize) -> Option<bool> {
     let result = unsafe {
         libc::syscall(SYS_CACHESTAT, fd, &range as *const CachestatRange, &mut stat as *mut Cachestat, 0u32)
     };
-    (result == 0).then(|| stat.nr_cache > last - first)
+    if result != 0 {
+        let lacking = io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS);
+        return if lacking { None } else { Some(false) };
+    }
+    Some(stat.nr_cache > last - first)
 }
 
 /// Whether the byte at `position` of `fd` is in the page cache. A page that is not starts
@@ -314,6 +344,31 @@ mod tests {
             assert_eq!(libc::mincore(map, len, pages.as_mut_ptr()), 0);
             libc::munmap(map, len);
             pages.iter().filter(|&&page| page & 1 != 0).count()
+        }
+    }
+
+    /// The mincore fallback trusts the kernel only for files this process's user owns: for
+    /// others the kernel may answer "resident" for every page without looking.
+    #[test]
+    fn the_mincore_count_answers_no_for_a_file_of_another_user() {
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap();
+        let path = dir.path().join("segment");
+        std::fs::write(&path, vec![7u8; 64 << 10]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let fd = file.as_raw_fd();
+        assert_eq!(std::fs::read(&path).unwrap().len(), 64 << 10);
+        assert!(owned_by_us(fd));
+        assert!(resident(fd, 0, 64 << 10), "a file just written and read is resident");
+        let nobody = 65534;
+        // SAFETY: chown of a path this test made; a CString keeps it NUL-terminated.
+        let path_c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let changed = unsafe { libc::chown(path_c.as_ptr(), nobody, nobody) } == 0;
+        if changed {
+            assert!(!owned_by_us(fd));
+            assert!(!resident(fd, 0, 64 << 10), "another user's file: no, whatever is cached");
+        } else {
+            // Not root: only root may give a file away.
+            assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
         }
     }
 

@@ -173,6 +173,7 @@ pub async fn read_within_budget<T, R, Read, Fut>(
     bound: impl Fn(&T) -> (usize, usize, usize),
     read: Read,
     len: impl Fn(&R) -> usize,
+    empty: impl Fn(&mut R),
 ) -> Vec<R>
 where
     Read: Fn(T, usize) -> Fut,
@@ -180,6 +181,8 @@ where
 {
     use futures::stream::{FuturesUnordered, StreamExt};
     let mut outcomes: Vec<Option<R>> = (0..reads.len()).map(|_| None).collect();
+    // Each read's own limit and the limit it was started with.
+    let mut limits = vec![(0usize, 0usize); reads.len()];
     let mut in_flight = FuturesUnordered::new();
     // Bytes of the budget held: shares of the reads in flight, lengths of the reads done.
     let mut held = 0usize;
@@ -196,6 +199,7 @@ where
             let limit = own_limit.min(left);
             let share = if limit == 0 { 0 } else { limit.max(batch_max).min(log_bytes) };
             held += share;
+            limits[index] = (own_limit, limit);
             let reading = read(next, limit);
             in_flight.push(async move { (index, share, reading.await) });
         }
@@ -205,7 +209,22 @@ where
         held = held - share + len(&outcome);
         outcomes[index] = Some(outcome);
     }
-    outcomes.into_iter().map(|o| o.expect("every read answered")).collect()
+    let mut outcomes: Vec<R> = outcomes.into_iter().map(|o| o.expect("every read answered")).collect();
+    // Where a read returned more than its share (its log grew during the read, or holds
+    // batches larger than `batch_max`), the reads after it may have started with more than the
+    // sequential pass would give them. Replayed in order against that pass's budget, such a
+    // read's outcome is dropped if it goes past what is left, so the response stays within the
+    // budget (and one first batch) as that pass's does.
+    let mut left = budget;
+    for (outcome, &(own_limit, started_with)) in outcomes.iter_mut().zip(&limits) {
+        let bytes = len(outcome);
+        if bytes > left && started_with > own_limit.min(left) {
+            empty(outcome);
+            continue;
+        }
+        left = left.saturating_sub(bytes);
+    }
+    outcomes
 }
 
 /// Reads of one budget-bound fetch a shard has in flight at once ([`Shard::fetch`]).
@@ -968,9 +987,9 @@ impl Shard {
     /// ([`read_within_budget`]).
     async fn fetch_within_budget(&self, reads: Vec<mesh::FetchRead>, budget: usize) -> Vec<FetchOutcome> {
         // A log's batches are at most its topic's `max.message.bytes`, unless that was lowered
-        // after larger ones were written: a read may then return more than its share, and the
-        // reads after it start with more than the sequential pass would give them, within the
-        // budget all the same (`spend_budget` below).
+        // after larger ones were written (or a follower took larger ones from its leader): a
+        // read may then return more than its share, and `read_within_budget` keeps the
+        // response within the budget all the same.
         let bound = |read: &mesh::FetchRead| {
             let log = self.log(read.tp.topic(), read.tp.partition);
             let log_bytes =
@@ -978,18 +997,16 @@ impl Shard {
             let batch_max = log.map_or(0, |log| log.config().batch_bytes_max);
             (read.partition_bytes_max as usize, log_bytes, batch_max)
         };
-        let mut outcomes = read_within_budget(
+        read_within_budget(
             reads,
             budget,
             FETCH_READS_AT_ONCE,
             bound,
             |read, limit| self.fetch_partition(read, limit),
             |outcome| outcome.records.len(),
+            |outcome| outcome.records = Records::Memory(Vec::new()),
         )
-        .await;
-        // A log that grew during its read may have carried the total past the budget.
-        spend_budget(outcomes.iter_mut(), budget);
-        outcomes
+        .await
     }
 
     /// One partition's part of a fetch: at most `limit` bytes from `offset`.
@@ -1585,7 +1602,13 @@ mod budget_tests {
     /// Runs `read_within_budget` over the model partitions, each read finishing after a number
     /// of polls of its own (so they finish out of order); returns the lengths and the most
     /// reads that were in flight at once.
-    fn windowed(partitions: &[(usize, Vec<usize>)], budget: usize, at_once: usize) -> (Vec<usize>, usize) {
+    /// `batch_max` is what the scheduler is told of the largest batch: `None` for the truth.
+    fn windowed(
+        partitions: &[(usize, Vec<usize>)],
+        budget: usize,
+        at_once: usize,
+        batch_max: Option<usize>,
+    ) -> (Vec<usize>, usize) {
         let in_flight = Cell::new(0usize);
         let most = Cell::new(0usize);
         let reads: Vec<usize> = (0..partitions.len()).collect();
@@ -1593,7 +1616,11 @@ mod budget_tests {
             reads,
             budget,
             at_once,
-            |&i| (partitions[i].0, partitions[i].1.iter().sum(), 3000),
+            |&i| {
+                let batches = &partitions[i].1;
+                let largest = batches.iter().copied().max().unwrap_or(0);
+                (partitions[i].0, batches.iter().sum(), batch_max.unwrap_or(largest))
+            },
             |i, limit| {
                 // Counted when started, not when first polled.
                 in_flight.set(in_flight.get() + 1);
@@ -1608,6 +1635,7 @@ mod budget_tests {
                 }
             },
             |&len| len,
+            |len| *len = 0,
         ));
         (lens, most.get())
     }
@@ -1631,14 +1659,14 @@ mod budget_tests {
         // Many small partitions (10 KiB in batches of 1 KiB), limits of 4 MiB, 16 MiB budget:
         // everything fits, and up to `at_once` reads run together.
         let small: Vec<(usize, Vec<usize>)> = (0..300).map(|_| (4 << 20, vec![1024; 10])).collect();
-        let (lens, most) = windowed(&small, 16 << 20, 32);
+        let (lens, most) = windowed(&small, 16 << 20, 32, None);
         assert_eq!(lens, sequential(&small, 16 << 20));
         assert!(lens.iter().all(|&len| len == 10 * 1024));
         assert_eq!(most, 32, "reads overlap, up to the bound");
         // Large partitions (8 MiB each): the budget holds four limits; the fifth read would
         // depend on what the ones in flight return, so it waits, and gets nothing.
         let large: Vec<(usize, Vec<usize>)> = (0..8).map(|_| (4 << 20, vec![1 << 20; 8])).collect();
-        let (lens, most) = windowed(&large, 16 << 20, 32);
+        let (lens, most) = windowed(&large, 16 << 20, 32, None);
         assert_eq!(lens, sequential(&large, 16 << 20));
         assert_eq!(lens, vec![4 << 20, 4 << 20, 4 << 20, 4 << 20, 0, 0, 0, 0]);
         assert!(most <= 4, "never more in flight than the budget holds limits: {most}");
@@ -1661,9 +1689,20 @@ mod budget_tests {
                 .collect();
             let budget = [1, 500, 2000, 10_000, 50_000][next(5)];
             let at_once = 1 + next(8);
-            let (lens, most) = windowed(&partitions, budget, at_once);
+            let (lens, most) = windowed(&partitions, budget, at_once, None);
             assert_eq!(lens, sequential(&partitions, budget), "{partitions:?} budget {budget}");
             assert!(most <= at_once);
+            // Told batches are smaller than they are (a lowered max.message.bytes): reads may
+            // return more than their shares, and the response still stays within the budget
+            // and one first batch, each partition within its limit or one whole first batch.
+            let (lens, _) = windowed(&partitions, budget, at_once, Some(1));
+            let largest = partitions.iter().flat_map(|(_, b)| b.iter().copied()).max().unwrap_or(0);
+            let total: usize = lens.iter().sum();
+            assert!(total <= budget + largest, "{lens:?} over {budget} + {largest}: {partitions:?}");
+            assert!(lens
+                .iter()
+                .zip(&partitions)
+                .all(|(&len, (own_limit, batches))| { len <= *own_limit || batches.first() == Some(&len) }));
         }
     }
 }
