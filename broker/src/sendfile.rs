@@ -88,9 +88,13 @@ pub fn in_page_cache(fd: RawFd, position: u64, len: usize) -> bool {
 /// reads it synchronously. The broker owns its segment files; for others this answers "no",
 /// which only sends the range through the cold path.
 fn resident(fd: RawFd, position: u64, len: usize) -> bool {
-    if !owned_by_us(fd) {
-        return false;
-    }
+    owned_by_us(fd) && resident_pages(fd, position, len).is_some_and(|(resident, pages)| resident == pages)
+}
+
+/// Pages of `[position, position + len)` in the page cache, and pages of the range, by
+/// `mincore(2)` on a read-only mapping made for the call; `None` if the kernel refused. The
+/// kernel's count for a file of another user may be made up (see [`resident`]).
+fn resident_pages(fd: RawFd, position: u64, len: usize) -> Option<(usize, usize)> {
     let page = page_bytes();
     let start = position / page * page;
     let map_len = (position + len as u64 - start) as usize;
@@ -107,12 +111,12 @@ fn resident(fd: RawFd, position: u64, len: usize) -> bool {
             start as libc::off_t,
         );
         if map == libc::MAP_FAILED {
-            return false;
+            return None;
         }
         let mut pages = vec![0u8; map_len.div_ceil(page as usize)];
         let answered = libc::mincore(map, map_len, pages.as_mut_ptr()) == 0;
         libc::munmap(map, map_len);
-        answered && pages.iter().all(|&resident| resident & 1 != 0)
+        answered.then(|| (pages.iter().filter(|&&page| page & 1 != 0).count(), pages.len()))
     }
 }
 
@@ -332,19 +336,10 @@ mod tests {
 
     const LEN: usize = 4 << 20;
 
-    /// Pages of the file's first `len` bytes in the page cache, by `mincore`, which (unlike a
-    /// probe read) never starts a read itself.
-    fn resident_pages(fd: RawFd, len: usize) -> usize {
-        // SAFETY: a shared read-only mapping of an open file, unmapped before returning; the
-        // vector has one byte per page, as mincore writes.
-        unsafe {
-            let map = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0);
-            assert_ne!(map, libc::MAP_FAILED);
-            let mut pages = vec![0u8; len.div_ceil(4096)];
-            assert_eq!(libc::mincore(map, len, pages.as_mut_ptr()), 0);
-            libc::munmap(map, len);
-            pages.iter().filter(|&&page| page & 1 != 0).count()
-        }
+    /// Pages of the file's first `len` bytes in the page cache (by `mincore`, which never
+    /// starts a read itself).
+    fn cached_pages(fd: RawFd, len: usize) -> usize {
+        resident_pages(fd, 0, len).expect("mincore answers").0
     }
 
     /// The mincore fallback trusts the kernel only for files this process's user owns: for
@@ -397,7 +392,7 @@ mod tests {
         loop {
             // SAFETY: advice on an open descriptor.
             assert_eq!(unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
-            if resident_pages(fd, LEN) == 0 {
+            if cached_pages(fd, LEN) == 0 {
                 break;
             }
             assert!(
@@ -429,6 +424,6 @@ mod tests {
             assert!(!resident(fd, 4096, 4096), "mincore: the second page is not");
             assert!(!resident(fd, 4095, 2), "mincore: a range across a cached and a cold page");
         }
-        assert_eq!(resident_pages(fd, LEN), 2, "nothing but the two pages read was cached");
+        assert_eq!(cached_pages(fd, LEN), 2, "nothing but the two pages read was cached");
     }
 }
